@@ -1,0 +1,97 @@
+//! Command line, with kube-proxy's flag names where one exists (CONTRACT.md).
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "proxy-agent",
+    version,
+    about = "Kubernetes Service dataplane replacing kube-proxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// More logging (repeat for more).
+    #[arg(short, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DataplaneKind {
+    Auto,
+    Ebpf,
+    Nftables,
+    None,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch the cluster and program this node's dataplane.
+    Run(RunArgs),
+    /// Print what would be programmed for a node, without touching the kernel.
+    Render(RenderArgs),
+    /// Remove everything the agent installs.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KernelPaths {
+    /// cgroup v2 directory where socket load balancing attaches.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Directory on a bpf filesystem where maps and links are pinned.
+    #[arg(long, default_value = "/sys/fs/bpf/proxy-agent")]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The node this agent serves.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Read the cluster from a directory of manifests instead of the API server.
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// API server credentials.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Which backend programs the kernel.
+    #[arg(long, value_enum, default_value_t = DataplaneKind::Auto)]
+    pub dataplane: DataplaneKind,
+    #[command(flatten)]
+    pub paths: KernelPaths,
+    /// `/healthz` turns 503 when a pending change waits this long (seconds).
+    #[arg(long, default_value_t = 60)]
+    pub healthz_stale_after: u64,
+    /// Where `/healthz` and `/livez` are served.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[arg(long)]
+    pub node_name: String,
+    #[arg(long, value_enum, default_value_t = DataplaneKind::Ebpf)]
+    pub dataplane: DataplaneKind,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    #[arg(long, value_enum, default_value_t = DataplaneKind::Auto)]
+    pub dataplane: DataplaneKind,
+    #[command(flatten)]
+    pub paths: KernelPaths,
+}

@@ -1,0 +1,129 @@
+//! The subcommands: `run` wires source → sync → dataplane; `render` and `cleanup` are
+//! one-shot.
+use std::{path::Path, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    cli::{CleanupArgs, DataplaneKind, RenderArgs, RunArgs},
+    dataplane::{ebpf, system, Dataplane, DataplaneError},
+    health::{self, Health},
+    model::{self, DesiredState, NodeInfo, Plan},
+    source::{self, manifests::ManifestsDir, SourceUpdate},
+    sync,
+};
+
+/// A dataplane that programs nothing (`--dataplane none`: DNS only).
+struct NoDataplane;
+
+impl Dataplane for NoDataplane {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn programmed(&mut self) -> Result<DesiredState, DataplaneError> {
+        Ok(DesiredState::default())
+    }
+    fn apply(&mut self, _plan: &Plan) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+}
+
+fn node_name(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    })
+}
+
+fn start_dataplane(args: &RunArgs) -> Result<Box<dyn Dataplane>> {
+    match args.dataplane {
+        DataplaneKind::None => Ok(Box::new(NoDataplane)),
+        DataplaneKind::Nftables => {
+            bail!("the nftables dataplane is not built yet; use --dataplane ebpf")
+        }
+        DataplaneKind::Ebpf | DataplaneKind::Auto => {
+            system::ensure_bpffs(&args.paths.bpffs)?;
+            let cgroup = match &args.paths.cgroup_root {
+                Some(path) => path.clone(),
+                None => system::default_cgroup_root()?,
+            };
+            let dataplane = ebpf::EbpfDataplane::start(&args.paths.bpffs, &cgroup)
+                .context("starting the eBPF dataplane")?;
+            info!(
+                dataplane = "ebpf",
+                reason = if args.dataplane == DataplaneKind::Auto {
+                    "auto: eBPF programs loaded"
+                } else {
+                    "requested"
+                },
+                "dataplane chosen"
+            );
+            Ok(Box::new(dataplane))
+        }
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let Some(dir) = args.manifests.clone() else {
+        bail!("the Kubernetes API source is not built yet; pass --manifests DIR");
+    };
+    let node = NodeInfo {
+        name: node_name(args.node_name.clone()),
+    };
+    let dataplane = start_dataplane(&args)?;
+    let health = Arc::new(Health::new(
+        dataplane.name(),
+        Duration::from_secs(args.healthz_stale_after),
+    ));
+    let server = tokio::spawn(health::serve(args.healthz_bind_address, health.clone()));
+    let (tx, rx) = watch::channel(SourceUpdate::default());
+    let source = tokio::spawn(source::manifests::run(dir, tx));
+    let sync = tokio::spawn(sync::run(rx, dataplane, node.clone(), health));
+    info!(node = %node.name, "agent running");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: exiting, programmed state left in place"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: exiting, programmed state left in place"),
+        result = source => bail!("source stopped: {:?}", result?),
+        result = server => bail!("health server stopped: {:?}", result?),
+        result = sync => bail!("sync loop stopped: {:?}", result),
+    }
+    Ok(())
+}
+
+pub fn render(args: &RenderArgs) -> Result<()> {
+    let mut dir = ManifestsDir::new(&args.manifests);
+    dir.reload()?;
+    let desired = model::build(
+        &dir.snapshot(),
+        &NodeInfo {
+            name: args.node_name.clone(),
+        },
+    );
+    match args.dataplane {
+        DataplaneKind::Ebpf | DataplaneKind::Auto => {
+            let mut writer = ebpf::MapWriter::restore(ebpf::store::MapContents::default())?;
+            writer.apply(&model::diff(&DesiredState::default(), &desired))?;
+            println!("{}", ebpf::render::to_json(writer.store(), &desired));
+        }
+        DataplaneKind::None => print!("{desired}"),
+        DataplaneKind::Nftables => bail!("the nftables dataplane is not built yet"),
+    }
+    Ok(())
+}
+
+pub fn cleanup(args: &CleanupArgs) -> Result<()> {
+    if matches!(args.dataplane, DataplaneKind::Auto | DataplaneKind::Ebpf) {
+        let bpffs: &Path = &args.paths.bpffs;
+        let removed = ebpf::loader::cleanup(bpffs)
+            .with_context(|| format!("cleaning {}", bpffs.display()))?;
+        info!(bpffs = %bpffs.display(), removed, "eBPF programs detached and maps removed");
+    }
+    if args.dataplane == DataplaneKind::Nftables {
+        warn!("nothing to clean for nftables yet");
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! `MapStore` over the pinned kernel maps.
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue};
+
+use super::{store::MapContents, store::MapStore, EbpfError};
+
+pub struct KernelMaps {
+    services: HashMap<MapData, Service4Key, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend4>,
+    revnat: HashMap<MapData, u16, RevNat4>,
+}
+
+impl KernelMaps {
+    pub fn new(services: Map, backends: Map, revnat: Map) -> Result<Self, EbpfError> {
+        Ok(Self {
+            services: HashMap::try_from(services)?,
+            backends: HashMap::try_from(backends)?,
+            revnat: HashMap::try_from(revnat)?,
+        })
+    }
+
+    /// Opens the maps a running (or exited) agent pinned, for `dump` and tests.
+    pub fn from_pins(dir: &std::path::Path) -> Result<Self, EbpfError> {
+        let open = |name: &str| -> Result<Map, EbpfError> {
+            let data = MapData::from_pin(dir.join(name))?;
+            Ok(Map::HashMap(data))
+        };
+        Self::new(
+            open(proxy_common::MAP_SERVICES4)?,
+            open(proxy_common::MAP_BACKENDS4)?,
+            open(proxy_common::MAP_REVNAT4)?,
+        )
+    }
+}
+
+/// A missing key on delete is not an error: the goal (no entry) holds.
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), EbpfError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl MapStore for KernelMaps {
+    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError> {
+        Ok(self.backends.insert(id, backend, 0)?)
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), EbpfError> {
+        ignore_missing(self.backends.remove(&id))
+    }
+    fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError> {
+        Ok(self.services.insert(key, value, 0)?)
+    }
+    fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError> {
+        ignore_missing(self.services.remove(key))
+    }
+    fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError> {
+        Ok(self.revnat.insert(index, revnat, 0)?)
+    }
+    fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
+        ignore_missing(self.revnat.remove(&index))
+    }
+    fn read_all(&self) -> Result<MapContents, EbpfError> {
+        Ok(MapContents {
+            services: self.services.iter().collect::<Result<_, _>>()?,
+            backends: self.backends.iter().collect::<Result<_, _>>()?,
+            revnat: self.revnat.iter().collect::<Result<_, _>>()?,
+        })
+    }
+}

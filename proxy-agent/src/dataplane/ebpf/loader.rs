@@ -1,0 +1,112 @@
+//! Loads the embedded eBPF object, pins its maps under `--bpffs`, and attaches the
+//! socket programs to `--cgroup-root` through pinned links, so an exiting agent leaves
+//! them in place and a new one swaps its own in without a gap.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr},
+    Ebpf, EbpfLoader,
+};
+use tracing::{debug, info};
+
+use super::{kernel::KernelMaps, EbpfError};
+
+/// The object `cargo xtask build` compiled, embedded at build time.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+/// The socket-LB programs, by the names the object gives them.
+pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
+/// Where pinned links live below `--bpffs`.
+#[must_use]
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
+}
+
+/// Loads, pins and attaches; returns the maps to write.
+pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<KernelMaps, EbpfError> {
+    if OBJECT.is_empty() {
+        return Err(EbpfError::NoObject);
+    }
+    fs::create_dir_all(links_dir(bpffs)).map_err(|e| EbpfError::Io(bpffs.to_owned(), e))?;
+    // BPF memory is charged to the cgroup on current kernels; an old kernel without
+    // that needs the rlimit, which a missing CAP_SYS_RESOURCE forbids raising.
+    if let Err(error) = nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_MEMLOCK,
+        nix::sys::resource::RLIM_INFINITY,
+        nix::sys::resource::RLIM_INFINITY,
+    ) {
+        tracing::warn!(%error, "cannot raise the memlock rlimit; going on");
+    }
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(bpffs)
+        .load(OBJECT)?;
+    let cgroup =
+        fs::File::open(cgroup_root).map_err(|e| EbpfError::Io(cgroup_root.to_owned(), e))?;
+    for name in SOCKET_PROGRAMS {
+        attach(&mut ebpf, name, &cgroup, bpffs)?;
+    }
+    info!(cgroup = %cgroup_root.display(), bpffs = %bpffs.display(), "socket load balancing attached");
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or(EbpfError::MissingMap(name.to_owned()))
+    };
+    KernelMaps::new(
+        take(proxy_common::MAP_SERVICES4)?,
+        take(proxy_common::MAP_BACKENDS4)?,
+        take(proxy_common::MAP_REVNAT4)?,
+    )
+}
+
+/// Attaches one program next to any previous agent's, then retires the old link: both
+/// read the same maps, so for an instant either may translate a connect, never neither.
+fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File, bpffs: &Path) -> Result<(), EbpfError> {
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or_else(|| EbpfError::MissingProgram(name.to_owned()))?
+        .try_into()?;
+    program.load()?;
+    // A cgroup bpf_link takes no flags (the kernel rejects them) and is always
+    // multi-attach, which is what lets the old and new programs overlap.
+    let link_id = program.attach(cgroup, CgroupAttachMode::Single)?;
+    let link = FdLink::try_from(program.take_link(link_id)?)?;
+    let pin = links_dir(bpffs).join(name);
+    // bpffs refuses names with a dot (reserved), hence `_new`.
+    let fresh = links_dir(bpffs).join(format!("{name}_new"));
+    let _ = fs::remove_file(&fresh);
+    link.pin(&fresh)?;
+    if pin.exists() {
+        // Unpinning the last reference detaches the previous agent's program.
+        fs::remove_file(&pin).map_err(|e| EbpfError::Io(pin.clone(), e))?;
+        debug!(program = name, "replaced the previous agent's link");
+    }
+    fs::rename(&fresh, &pin).map_err(|e| EbpfError::Io(pin.clone(), e))?;
+    Ok(())
+}
+
+/// Detaches every program (by unpinning its link) and removes every pinned map.
+pub fn cleanup(bpffs: &Path) -> Result<usize, EbpfError> {
+    let mut removed = 0;
+    let links = links_dir(bpffs);
+    for dir in [links.as_path(), bpffs] {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.is_file() {
+                fs::remove_file(&path).map_err(|e| EbpfError::Io(path.clone(), e))?;
+                removed += 1;
+            }
+        }
+    }
+    for dir in [links.as_path(), bpffs] {
+        if dir.exists() {
+            fs::remove_dir(dir).map_err(|e| EbpfError::Io(dir.to_owned(), e))?;
+        }
+    }
+    Ok(removed)
+}

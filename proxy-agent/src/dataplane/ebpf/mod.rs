@@ -1,0 +1,71 @@
+//! eBPF dataplane: socket-level load balancing programs and the maps they read.
+mod ids;
+pub mod kernel;
+pub mod loader;
+pub mod render;
+pub mod store;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub use writer::MapWriter;
+
+use crate::model::{DesiredState, Plan};
+
+#[derive(Debug, Error)]
+pub enum EbpfError {
+    #[error("this binary was built without the eBPF object; build it with `cargo xtask build`")]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program failed: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("link is not a bpf_link: {0}")]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error("pinning a link failed: {0}")]
+    Pin(#[from] aya::pin::PinError),
+    #[error("eBPF map operation failed: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(String),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(String),
+    #[error("{0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+    #[error("no free {0} id left")]
+    Exhausted(&'static str),
+    #[error("backend {0} is not IPv4")]
+    Family(String),
+}
+
+/// The eBPF dataplane as the sync loop drives it.
+pub struct EbpfDataplane {
+    writer: MapWriter<kernel::KernelMaps>,
+}
+
+impl EbpfDataplane {
+    /// Loads and attaches the programs and takes over the state pinned by a previous run.
+    pub fn start(bpffs: &Path, cgroup_root: &Path) -> Result<Self, EbpfError> {
+        let maps = loader::load(bpffs, cgroup_root)?;
+        let writer = MapWriter::restore(maps)?;
+        Ok(Self { writer })
+    }
+}
+
+impl super::Dataplane for EbpfDataplane {
+    fn name(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn programmed(&mut self) -> Result<DesiredState, super::DataplaneError> {
+        Ok(self.writer.programmed())
+    }
+
+    fn apply(&mut self, plan: &Plan) -> Result<(), super::DataplaneError> {
+        Ok(self.writer.apply(plan)?)
+    }
+}

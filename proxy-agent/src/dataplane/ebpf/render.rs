@@ -1,0 +1,101 @@
+//! JSON view of the LB maps, for `render --dataplane ebpf` (and later `dump`).
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use super::store::MapContents;
+use crate::model::{DesiredState, FrontendKey, Protocol};
+
+#[derive(Serialize)]
+struct ServiceEntry {
+    address: Ipv4Addr,
+    port: u16,
+    protocol: String,
+    slot: u16,
+    backend_id: u32,
+    count: u16,
+    rev_nat_index: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BackendEntry {
+    id: u32,
+    address: Ipv4Addr,
+    port: u16,
+    protocol: String,
+}
+
+#[derive(Serialize)]
+struct RevNatEntry {
+    index: u16,
+    address: Ipv4Addr,
+    port: u16,
+}
+
+#[derive(Serialize)]
+struct Maps {
+    lb4_services: Vec<ServiceEntry>,
+    lb4_backends: Vec<BackendEntry>,
+    lb4_revnat: Vec<RevNatEntry>,
+}
+
+fn protocol_name(n: u8) -> String {
+    Protocol::from_number(n).map_or_else(|| n.to_string(), |p| p.to_string())
+}
+
+fn ip(address_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(address_be.to_ne_bytes())
+}
+
+/// Pretty JSON of `contents`; frontends are named from `state` where it knows them.
+#[must_use]
+pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
+    let name_of = |address_be: u32, port: u16, proto: u8| {
+        let key = FrontendKey {
+            ip: ip(address_be).into(),
+            port,
+            protocol: Protocol::from_number(proto)?,
+        };
+        state.frontends.get(&key).map(|f| f.service.to_string())
+    };
+    let maps = Maps {
+        lb4_services: contents
+            .services
+            .iter()
+            .map(|(k, v)| ServiceEntry {
+                address: ip(k.address_be),
+                port: u16::from_be(k.dport_be),
+                protocol: protocol_name(k.proto),
+                slot: k.backend_slot,
+                backend_id: v.backend_id,
+                count: v.count,
+                rev_nat_index: v.rev_nat_index,
+                service: (k.backend_slot == 0)
+                    .then(|| name_of(k.address_be, u16::from_be(k.dport_be), k.proto))
+                    .flatten(),
+            })
+            .collect(),
+        lb4_backends: contents
+            .backends
+            .iter()
+            .map(|(id, b)| BackendEntry {
+                id: *id,
+                address: ip(b.address_be),
+                port: u16::from_be(b.port_be),
+                protocol: protocol_name(b.proto),
+            })
+            .collect(),
+        lb4_revnat: contents
+            .revnat
+            .iter()
+            .map(|(index, r)| RevNatEntry {
+                index: *index,
+                address: ip(r.address_be),
+                port: u16::from_be(r.port_be),
+            })
+            .collect(),
+    };
+    serde_json::to_string_pretty(&maps).unwrap_or_default()
+}

@@ -1,0 +1,56 @@
+//! The three LB maps as a key/value store: in memory (render, tests) or the pinned
+//! kernel maps (`kernel.rs`), behind one trait so both take the same write sequence.
+use std::collections::BTreeMap;
+
+use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue};
+
+use super::EbpfError;
+
+pub trait MapStore {
+    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError>;
+    fn del_backend(&mut self, id: u32) -> Result<(), EbpfError>;
+    fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError>;
+    fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError>;
+    fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError>;
+    fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError>;
+    /// Everything the maps hold now, for restoring ids after a restart.
+    fn read_all(&self) -> Result<MapContents, EbpfError>;
+}
+
+/// A copy of the maps' content; also the in-memory store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: BTreeMap<Service4Key, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend4>,
+    pub revnat: BTreeMap<u16, RevNat4>,
+}
+
+impl MapStore for MapContents {
+    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError> {
+        self.backends.insert(id, *backend);
+        Ok(())
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), EbpfError> {
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError> {
+        self.services.insert(*key, *value);
+        Ok(())
+    }
+    fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError> {
+        self.services.remove(key);
+        Ok(())
+    }
+    fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError> {
+        self.revnat.insert(index, *revnat);
+        Ok(())
+    }
+    fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
+        self.revnat.remove(&index);
+        Ok(())
+    }
+    fn read_all(&self) -> Result<MapContents, EbpfError> {
+        Ok(self.clone())
+    }
+}

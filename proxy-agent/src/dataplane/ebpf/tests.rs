@@ -1,0 +1,170 @@
+//! Map writer: contents, restore, and the "never half-written" invariant checked after
+//! every single map operation.
+use std::net::{IpAddr, Ipv4Addr};
+
+use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue};
+
+use super::{
+    store::{MapContents, MapStore},
+    EbpfError, MapWriter,
+};
+use crate::model::{diff, Backend, DesiredState, Frontend, FrontendKey, Protocol};
+
+/// An in-memory store that checks, after every operation, what a packet could see.
+#[derive(Default)]
+struct CheckedStore {
+    maps: MapContents,
+    ops: usize,
+}
+
+impl CheckedStore {
+    fn check(&mut self) -> Result<(), EbpfError> {
+        self.ops += 1;
+        for (key, value) in self
+            .maps
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot == 0)
+        {
+            assert!(
+                self.maps.revnat.contains_key(&value.rev_nat_index),
+                "frontend without reverse NAT"
+            );
+            for slot in 1..=value.count {
+                let slot_key = Service4Key {
+                    backend_slot: slot,
+                    ..*key
+                };
+                let Some(slot_value) = self.maps.services.get(&slot_key) else {
+                    panic!(
+                        "frontend {key:?} counts {} slots but slot {slot} is missing",
+                        value.count
+                    );
+                };
+                assert!(
+                    self.maps.backends.contains_key(&slot_value.backend_id),
+                    "slot points at a missing backend"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MapStore for CheckedStore {
+    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError> {
+        self.maps.put_backend(id, backend)?;
+        self.check()
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), EbpfError> {
+        self.maps.del_backend(id)?;
+        self.check()
+    }
+    fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError> {
+        self.maps.put_service(key, value)?;
+        self.check()
+    }
+    fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError> {
+        self.maps.del_service(key)?;
+        self.check()
+    }
+    fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError> {
+        self.maps.put_revnat(index, revnat)?;
+        self.check()
+    }
+    fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
+        self.maps.del_revnat(index)?;
+        self.check()
+    }
+    fn read_all(&self) -> Result<MapContents, EbpfError> {
+        Ok(self.maps.clone())
+    }
+}
+
+fn key(last: u8, protocol: Protocol) -> FrontendKey {
+    FrontendKey {
+        ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
+        port: 80,
+        protocol,
+    }
+}
+
+fn state(frontends: &[(FrontendKey, &[u8])]) -> DesiredState {
+    let mut state = DesiredState::default();
+    for (key, pods) in frontends {
+        let backends = pods
+            .iter()
+            .map(|&p| Backend {
+                ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, p)),
+                port: 8080,
+            })
+            .collect();
+        state.frontends.insert(
+            *key,
+            Frontend {
+                service: Default::default(),
+                backends,
+            },
+        );
+    }
+    state
+}
+
+fn step(writer: &mut MapWriter<CheckedStore>, from: &DesiredState, to: &DesiredState) {
+    writer.apply(&diff(from, to)).unwrap();
+    assert_eq!(&writer.programmed(), to);
+}
+
+#[test]
+fn every_intermediate_map_state_is_a_complete_service() {
+    let a = key(1, Protocol::Tcp);
+    let b = key(1, Protocol::Udp);
+    let empty = DesiredState::default();
+    let s1 = state(&[(a, &[1, 2, 3]), (b, &[1])]);
+    let s2 = state(&[(a, &[3, 4]), (b, &[])]);
+    let s3 = state(&[(a, &[5, 6, 7, 8])]);
+    let mut writer = MapWriter::restore(CheckedStore::default()).unwrap();
+    step(&mut writer, &empty, &s1);
+    step(&mut writer, &s1, &s2);
+    step(&mut writer, &s2, &s3);
+    step(&mut writer, &s3, &empty);
+    let left = &writer.store().maps;
+    assert!(left.services.is_empty() && left.backends.is_empty() && left.revnat.is_empty());
+}
+
+#[test]
+fn shared_backends_are_written_once_and_removed_with_their_last_user() {
+    let a = key(1, Protocol::Tcp);
+    let c = key(2, Protocol::Tcp);
+    let mut writer = MapWriter::restore(CheckedStore::default()).unwrap();
+    let both = state(&[(a, &[1, 2]), (c, &[2])]);
+    step(&mut writer, &DesiredState::default(), &both);
+    assert_eq!(writer.store().maps.backends.len(), 2);
+    let only_c = state(&[(c, &[2])]);
+    step(&mut writer, &both, &only_c);
+    assert_eq!(writer.store().maps.backends.len(), 1);
+}
+
+#[test]
+fn a_restarted_writer_keeps_ids_and_rewrites_nothing() {
+    let a = key(1, Protocol::Tcp);
+    let desired = state(&[(a, &[1, 2])]);
+    let mut first = MapWriter::restore(CheckedStore::default()).unwrap();
+    first
+        .apply(&diff(&DesiredState::default(), &desired))
+        .unwrap();
+    let store = CheckedStore {
+        maps: first.store().maps.clone(),
+        ops: 0,
+    };
+    let mut second = MapWriter::restore(store).unwrap();
+    assert_eq!(second.programmed(), desired);
+    second.apply(&diff(&second.programmed(), &desired)).unwrap();
+    assert_eq!(second.store().ops, 0);
+    // A change after restart reuses the restored ids instead of colliding with them.
+    let grown = state(&[(a, &[1, 2, 3]), (key(2, Protocol::Tcp), &[3])]);
+    second.apply(&diff(&desired, &grown)).unwrap();
+    assert_eq!(second.programmed(), grown);
+    assert_eq!(second.store().maps.backends.len(), 3);
+    assert_eq!(second.store().maps.revnat.len(), 2);
+}

@@ -1,0 +1,23 @@
+//! Dataplane backends: idempotent reconcilers that program a plan into the kernel.
+pub mod ebpf;
+pub mod system;
+
+use thiserror::Error;
+
+use crate::model::{DesiredState, Plan};
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::EbpfError),
+}
+
+/// One backend as the sync loop sees it.
+pub trait Dataplane: Send {
+    /// What `--dataplane auto` picked, for logs, `/healthz` and metrics.
+    fn name(&self) -> &'static str;
+    /// What the kernel holds now; a restart or a failed sync starts from this.
+    fn programmed(&mut self) -> Result<DesiredState, DataplaneError>;
+    /// Programs the plan; on error the caller re-reads `programmed` and retries.
+    fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError>;
+}

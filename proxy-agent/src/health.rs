@@ -1,0 +1,132 @@
+//! `/healthz` and `/livez` with kube-proxy's semantics: healthy once the first sync is
+//! programmed, unhealthy when a pending change waits longer than `--healthz-stale-after`.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
+use serde::Serialize;
+
+#[derive(Debug, Default)]
+struct Inner {
+    last_updated: Option<SystemTime>,
+    source_generation: u64,
+    programmed_generation: u64,
+    pending_since: Option<Instant>,
+}
+
+/// Shared between the sync loop (writer) and the HTTP server (reader).
+#[derive(Debug)]
+pub struct Health {
+    dataplane: &'static str,
+    stale_after: Duration,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body {
+    last_updated: String,
+    current_time: String,
+    dataplane: &'static str,
+    source_generation: u64,
+    programmed_generation: u64,
+}
+
+impl Health {
+    #[must_use]
+    pub fn new(dataplane: &'static str, stale_after: Duration) -> Self {
+        Self {
+            dataplane,
+            stale_after,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The source delivered `generation`.
+    pub fn source_changed(&self, generation: u64) {
+        let mut inner = self.lock();
+        if generation > inner.source_generation {
+            inner.source_generation = generation;
+            inner.pending_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// The kernel now reflects `generation`.
+    pub fn programmed(&self, generation: u64) {
+        let mut inner = self.lock();
+        inner.programmed_generation = generation;
+        inner.last_updated = Some(SystemTime::now());
+        if generation >= inner.source_generation {
+            inner.pending_since = None;
+        }
+    }
+
+    fn status(&self) -> (StatusCode, Body) {
+        let inner = self.lock();
+        let stale = inner
+            .pending_since
+            .is_some_and(|t| t.elapsed() > self.stale_after);
+        let healthy = inner.last_updated.is_some() && !stale;
+        let body = Body {
+            last_updated: inner.last_updated.map(rfc3339).unwrap_or_default(),
+            current_time: rfc3339(SystemTime::now()),
+            dataplane: self.dataplane,
+            source_generation: inner.source_generation,
+            programmed_generation: inner.programmed_generation,
+        };
+        let code = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (code, body)
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, Json<Body>) {
+    let (code, body) = health.status();
+    (code, Json(body))
+}
+
+/// Serves until the process exits.
+pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
+        .with_state(health);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthy_only_after_first_sync_and_until_a_change_waits_too_long() {
+        let health = Health::new("ebpf", Duration::from_millis(20));
+        health.source_changed(1);
+        assert_eq!(health.status().0, StatusCode::SERVICE_UNAVAILABLE);
+        health.programmed(1);
+        assert_eq!(health.status().0, StatusCode::OK);
+        health.source_changed(2);
+        assert_eq!(health.status().0, StatusCode::OK);
+        std::thread::sleep(Duration::from_millis(30));
+        let (code, body) = health.status();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!((body.source_generation, body.programmed_generation), (2, 1));
+        health.programmed(2);
+        assert_eq!(health.status().0, StatusCode::OK);
+    }
+}

@@ -1,0 +1,10 @@
+//! proxy-agent: watch → model (pure) → sync → dataplane backends.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod commands;
+pub mod dataplane;
+pub mod health;
+pub mod model;
+pub mod source;
+pub mod sync;

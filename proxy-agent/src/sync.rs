@@ -1,0 +1,69 @@
+//! When to program: wait for the source's initial load, then turn every snapshot into a
+//! plan against what the kernel holds and apply it; a failed apply re-reads the kernel
+//! and retries with backoff.
+use std::{sync::Arc, time::Duration, time::Instant};
+
+use tokio::sync::watch;
+use tracing::{error, info, info_span};
+
+use crate::{
+    dataplane::Dataplane,
+    health::Health,
+    model::{self, NodeInfo},
+    source::SourceUpdate,
+};
+
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Runs until the source goes away.
+pub async fn run(
+    mut updates: watch::Receiver<SourceUpdate>,
+    mut dataplane: Box<dyn Dataplane>,
+    node: NodeInfo,
+    health: Arc<Health>,
+) {
+    let mut programmed = None;
+    let mut retry = RETRY_MIN;
+    loop {
+        let update = updates.borrow_and_update().clone();
+        health.source_changed(update.generation);
+        if let Some(snapshot) = update.snapshot {
+            let _span = info_span!("sync", generation = update.generation).entered();
+            let started = Instant::now();
+            let current = match programmed.take() {
+                Some(state) => Ok(state),
+                None => dataplane.programmed(),
+            };
+            let desired = model::build(&snapshot, &node);
+            let result = current.and_then(|current| {
+                let plan = model::diff(&current, &desired);
+                dataplane.apply(&plan).map(|()| plan)
+            });
+            match result {
+                Ok(plan) => {
+                    info!(
+                        frontends = desired.frontends.len(),
+                        upserted = plan.upsert.len(),
+                        removed = plan.remove.len(),
+                        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "synced"
+                    );
+                    programmed = Some(desired);
+                    health.programmed(update.generation);
+                    retry = RETRY_MIN;
+                }
+                Err(error) => {
+                    error!(%error, retry_in_ms = retry.as_millis(), "sync failed; will re-read the kernel state and retry");
+                    drop(_span);
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                    continue;
+                }
+            }
+        }
+        if updates.changed().await.is_err() {
+            return;
+        }
+    }
+}

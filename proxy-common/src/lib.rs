@@ -1,0 +1,142 @@
+//! Map keys and values shared by the eBPF programs and the agent.
+//!
+//! Layout follows Cilium's `bpf/lib/lb.h`: a service is a set of entries in one hash map,
+//! slot 0 being the frontend (holding the backend count) and slots 1..=count pointing at
+//! backends by id; backends and reverse-NAT entries live in maps of their own. Fields
+//! suffixed `_be` hold network byte order in memory (as the kernel hands them over).
+#![no_std]
+
+use core::mem::size_of;
+
+/// IANA protocol numbers used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// Capacity of the pinned maps. Hash maps are created without preallocation, so an
+/// idle agent pays only for the entries it writes.
+pub const MAX_SERVICE_ENTRIES: u32 = 1 << 20;
+pub const MAX_BACKENDS: u32 = 1 << 19;
+pub const MAX_REVNAT: u32 = 1 << 16;
+pub const MAX_SOCK_REVNAT: u32 = 1 << 17;
+
+/// `BPF_F_NO_PREALLOC`.
+pub const MAP_NO_PREALLOC: u32 = 1;
+
+/// Names of the pinned maps, as the eBPF object declares them.
+pub const MAP_SERVICES4: &str = "LB4_SERVICES";
+pub const MAP_BACKENDS4: &str = "LB4_BACKENDS";
+pub const MAP_REVNAT4: &str = "LB4_REVNAT";
+pub const MAP_SOCK_REVNAT4: &str = "LB4_SK_REVNAT";
+
+/// Key of `LB4_SERVICES`: one entry per (frontend, slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Service4Key {
+    pub address_be: u32,
+    pub dport_be: u16,
+    /// 0 for the frontend itself, 1..=count for its backend slots.
+    pub backend_slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Service4Key>() == 12);
+
+/// Key of `LB6_SERVICES` (IPv6 frontends; same slot scheme).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Service6Key {
+    pub address: [u8; 16],
+    pub dport_be: u16,
+    pub backend_slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Service6Key>() == 24);
+
+/// Value of a services map entry. In slot 0, `count` is the number of backend slots
+/// and `backend_id` is unused; in slot N, `backend_id` names the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u16,
+    pub rev_nat_index: u16,
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(size_of::<ServiceValue>() == 12);
+
+/// Value of `LB4_BACKENDS`, keyed by backend id (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend4 {
+    pub address_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<Backend4>() == 8);
+
+/// Value of `LB6_BACKENDS`, keyed by backend id (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend6 {
+    pub address: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<Backend6>() == 20);
+
+/// Value of `LB4_REVNAT`, keyed by the service's `rev_nat_index` (`u16`): the frontend
+/// address a reply must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat4 {
+    pub address_be: u32,
+    pub port_be: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<RevNat4>() == 8);
+
+/// Key of `LB4_SK_REVNAT`: which backend a given socket was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat4Key {
+    pub cookie: u64,
+    pub address_be: u32,
+    pub port_be: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<SockRevNat4Key>() == 16);
+
+/// Value of `LB4_SK_REVNAT`: the frontend the socket originally asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat4 {
+    pub address_be: u32,
+    pub port_be: u16,
+    pub rev_nat_index: u16,
+}
+const _: () = assert!(size_of::<SockRevNat4>() == 8);
+
+#[cfg(feature = "user")]
+mod user {
+    #![allow(
+        unsafe_code,
+        reason = "aya::Pod is an unsafe marker trait for plain-data types"
+    )]
+    // SAFETY (all impls): repr(C) structs of integers with explicit padding fields, so
+    // every byte pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::Service4Key {}
+    unsafe impl aya::Pod for super::Service6Key {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::Backend4 {}
+    unsafe impl aya::Pod for super::Backend6 {}
+    unsafe impl aya::Pod for super::RevNat4 {}
+    unsafe impl aya::Pod for super::SockRevNat4Key {}
+    unsafe impl aya::Pod for super::SockRevNat4 {}
+}

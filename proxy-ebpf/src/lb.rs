@@ -1,0 +1,52 @@
+//! Frontend lookup and backend selection over the services map.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use proxy_common::{Backend4, Service4Key, ServiceValue};
+
+use crate::maps::{LB4_BACKENDS, LB4_SERVICES};
+
+/// The frontend entry (slot 0) for a destination, if it is a Service.
+#[inline(always)]
+pub fn lookup_service4(address_be: u32, dport_be: u16, proto: u8) -> Option<ServiceValue> {
+    let key = Service4Key {
+        address_be,
+        dport_be,
+        backend_slot: 0,
+        proto,
+        scope: 0,
+        pad: [0; 2],
+    };
+    // SAFETY: the value is copied out at once; the agent never rewrites a slot-0 entry
+    // in place with a count its slots do not back (write order in the agent).
+    unsafe { LB4_SERVICES.get(&key) }.copied()
+}
+
+/// A uniformly random backend of a frontend with `svc.count > 0`, or `None` if the
+/// slot or backend is missing (only possible while the agent deletes the service).
+#[inline(always)]
+pub fn select_backend4(
+    address_be: u32,
+    dport_be: u16,
+    proto: u8,
+    svc: &ServiceValue,
+) -> Option<Backend4> {
+    let count = u32::from(svc.count);
+    if count == 0 {
+        return None;
+    }
+    // SAFETY: helper call with no arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    // `count` is non-zero and at most u16::MAX, so the slot fits in u16.
+    let slot = (random % count) as u16 + 1;
+    let key = Service4Key {
+        address_be,
+        dport_be,
+        backend_slot: slot,
+        proto,
+        scope: 0,
+        pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    let slot_value = unsafe { LB4_SERVICES.get(&key) }.copied()?;
+    // SAFETY: copied out at once.
+    unsafe { LB4_BACKENDS.get(&slot_value.backend_id) }.copied()
+}

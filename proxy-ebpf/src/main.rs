@@ -1,0 +1,45 @@
+//! Kernel side of proxy-agent: socket-level Service load balancing on cgroup hooks.
+//! Entry points only; the work lives in `sock.rs` and `lb.rs`.
+#![no_std]
+#![no_main]
+
+mod lb;
+mod maps;
+mod sock;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+/// Verdicts of cgroup sock_addr programs.
+const SYS_PROCEED: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    sock::xlate_fwd4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::xlate_fwd4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::xlate_rev4(&ctx);
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::xlate_rev4(&ctx);
+    SYS_PROCEED
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,25 @@
+//! The pinned maps the agent writes and the programs read (layout in proxy-common).
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
+use proxy_common::{
+    Backend4, RevNat4, Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key, MAP_NO_PREALLOC,
+    MAX_BACKENDS, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT,
+};
+
+#[map]
+pub static LB4_SERVICES: HashMap<Service4Key, ServiceValue> =
+    HashMap::pinned(MAX_SERVICE_ENTRIES, MAP_NO_PREALLOC);
+
+#[map]
+pub static LB4_BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(MAX_BACKENDS, MAP_NO_PREALLOC);
+
+#[map]
+pub static LB4_REVNAT: HashMap<u16, RevNat4> = HashMap::pinned(MAX_REVNAT, MAP_NO_PREALLOC);
+
+/// Per-socket memory of which backend replaced which frontend; LRU so a flood of
+/// short-lived sockets can never fill it.
+#[map]
+pub static LB4_SK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4> =
+    LruHashMap::pinned(MAX_SOCK_REVNAT, 0);

@@ -1,0 +1,86 @@
+//! Socket-level translation: rewrite a Service destination to a backend at connect or
+//! sendmsg time, and rewrite the backend back to the Service for recvmsg and getpeername.
+use aya_ebpf::{
+    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use proxy_common::{SockRevNat4, SockRevNat4Key};
+
+use crate::{lb, maps::LB4_SK_REVNAT, SYS_PROCEED};
+
+const SYS_REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// connect4/sendmsg4: a Service destination becomes one of its backends; a Service with
+/// no backends fails the call at once with ECONNREFUSED.
+#[inline(always)]
+pub fn xlate_fwd4(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable in
+    // connect4 and sendmsg4.
+    let (address_be, port_u32, proto) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port, sa.protocol)
+    };
+    // user_port holds the network-order port in its low 16 bits.
+    let dport_be = port_u32 as u16;
+    let proto = proto as u8;
+    let Some(svc) = lb::lookup_service4(address_be, dport_be, proto) else {
+        return SYS_PROCEED;
+    };
+    let Some(backend) = lb::select_backend4(address_be, dport_be, proto, &svc) else {
+        // SAFETY: bpf_set_retval is allowed in connect4 and sendmsg4.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return SYS_REJECT;
+    };
+    // SAFETY: valid context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNat4Key {
+        cookie,
+        address_be: backend.address_be,
+        port_be: backend.port_be,
+        pad: 0,
+    };
+    let value = SockRevNat4 {
+        address_be,
+        port_be: dport_be,
+        rev_nat_index: svc.rev_nat_index,
+    };
+    // A full LRU map evicts the oldest entry, so insertion cannot fail for lack of room;
+    // any other failure only loses the reverse mapping, never the connection.
+    let _ = LB4_SK_REVNAT.insert(&key, &value, 0);
+    // SAFETY: user_ip4 and user_port are writable in connect4 and sendmsg4.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = backend.address_be;
+        (*ctx.sock_addr).user_port = u32::from(backend.port_be);
+    }
+    SYS_PROCEED
+}
+
+/// recvmsg4/getpeername4: a peer that is a backend this socket was sent to shows up
+/// as the Service address it asked for.
+#[inline(always)]
+pub fn xlate_rev4(ctx: &SockAddrContext) {
+    // SAFETY: valid context pointer; user_ip4/user_port are readable in these hooks.
+    let (address_be, port_u32) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.user_ip4, sa.user_port)
+    };
+    // SAFETY: valid context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNat4Key {
+        cookie,
+        address_be,
+        port_be: port_u32 as u16,
+        pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { LB4_SK_REVNAT.get(&key) }).copied() else {
+        return;
+    };
+    // SAFETY: user_ip4 and user_port are writable in recvmsg4 and getpeername4.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = orig.address_be;
+        (*ctx.sock_addr).user_port = u32::from(orig.port_be);
+    }
+}

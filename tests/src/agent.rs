@@ -1,0 +1,142 @@
+//! Starting the real `proxy-agent` binary for a node of a simulated cluster, and
+//! waiting for what it has programmed.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use crate::cluster::Cluster;
+
+/// The release agent binary `cargo xtask build` produced (or `PROXY_AGENT_BIN`).
+#[must_use]
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("PROXY_AGENT_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/proxy-agent"),
+        PathBuf::from,
+    )
+}
+
+/// The `testpod` helper built beside the running test or demo binary.
+#[must_use]
+pub fn testpod_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("TESTPOD_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("testpod"))
+        .find(|p| p.exists())
+        .expect("testpod binary next to the test binary")
+}
+
+/// An agent serving one node; its log is kept for assertions and failure output.
+pub struct Agent {
+    pub node: String,
+    pub log: PathBuf,
+    pub bpffs: PathBuf,
+    pub cgroup_root: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent on `node` reading `manifests`, and waits for `/healthz` 200.
+    pub fn start(cluster: &mut Cluster, node: &str, manifests: &Path) -> Self {
+        let bin = agent_bin();
+        assert!(
+            bin.exists(),
+            "{} is missing: run `cargo xtask build`",
+            bin.display()
+        );
+        let log = cluster.scratch().join(format!("agent-{node}.log"));
+        let bpffs = cluster.bpffs_dir(node);
+        let cgroup_root = cluster.node(node).cgroup.clone();
+        let agent = Self {
+            node: node.to_owned(),
+            log,
+            bpffs,
+            cgroup_root,
+        };
+        agent.spawn(cluster, manifests);
+        agent.wait_healthy(cluster);
+        agent
+    }
+
+    /// Starts another agent process for the same node (a restart or upgrade).
+    pub fn spawn(&self, cluster: &mut Cluster, manifests: &Path) {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let (bpffs, cgroup) = (
+            self.bpffs.display().to_string(),
+            self.cgroup_root.display().to_string(),
+        );
+        let args = [
+            agent_bin().display().to_string(),
+            "run".into(),
+            "--node-name".into(),
+            self.node.clone(),
+            "--manifests".into(),
+            manifests.display().to_string(),
+            "--cgroup-root".into(),
+            cgroup,
+            "--bpffs".into(),
+            bpffs,
+            "--healthz-bind-address".into(),
+            "127.0.0.1:10256".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cluster.spawn_on_node(&self.node, "agent", &args, Stdio::from(file));
+    }
+
+    /// The `/healthz` status code and body, read from inside the node.
+    #[must_use]
+    pub fn healthz(&self, cluster: &Cluster) -> (u16, String) {
+        let bin = testpod_bin().display().to_string();
+        let out = cluster.run_on_node(
+            &self.node,
+            &[&bin, "http-get", "127.0.0.1:10256", "/healthz"],
+        );
+        let (code, body) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
+        (code.parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// Waits (up to 20 s) until `/healthz` answers 200 with every source change programmed.
+    pub fn wait_healthy(&self, cluster: &Cluster) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, body) = self.healthz(cluster);
+            if code == 200 && generations_equal(&body) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent on {} not healthy: {code} {body}\n{}",
+                self.node,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn generations_equal(body: &str) -> bool {
+    let field = |name: &str| {
+        let start = body.find(&format!("\"{name}\":"))? + name.len() + 3;
+        body[start..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse::<u64>()
+            .ok()
+    };
+    matches!((field("sourceGeneration"), field("programmedGeneration")), (Some(a), Some(b)) if a == b)
+}

@@ -1,0 +1,124 @@
+//! Runs inside a simulated pod: `serve` answers every TCP connection and UDP datagram
+//! with the pod's name and the peer address it saw; `request` is the client, printing
+//! one line per attempt; `http-get` reads the agent's health endpoint from its node.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod http-get IP:PORT PATH"
+    );
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") if args.len() >= 3 => serve(&args[1], &args[2..]),
+        Some("request") if args.len() == 4 => {
+            let to: SocketAddr = args[2].parse().unwrap_or_else(|_| usage());
+            let count: usize = args[3].parse().unwrap_or_else(|_| usage());
+            for _ in 0..count {
+                println!("{}", request(&args[1], to));
+            }
+        }
+        Some("http-get") if args.len() == 3 => http_get(&args[1], &args[2]),
+        _ => usage(),
+    }
+}
+
+fn serve(name: &str, listeners: &[String]) {
+    let mut threads = Vec::new();
+    for spec in listeners {
+        let (proto, port) = spec.split_once(':').unwrap_or_else(|| usage());
+        let addr = SocketAddr::from(([0, 0, 0, 0], port.parse().unwrap_or_else(|_| usage())));
+        let name = name.to_owned();
+        match proto {
+            "tcp" => {
+                let listener = TcpListener::bind(addr).expect("bind tcp");
+                threads.push(thread::spawn(move || {
+                    for stream in listener.incoming().flatten() {
+                        let peer = stream
+                            .peer_addr()
+                            .map(|p| p.to_string())
+                            .unwrap_or_default();
+                        let mut stream = stream;
+                        let _ = stream.write_all(format!("{name} {peer}\n").as_bytes());
+                    }
+                }));
+            }
+            "udp" => {
+                let socket = UdpSocket::bind(addr).expect("bind udp");
+                threads.push(thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+                    }
+                }));
+            }
+            _ => usage(),
+        }
+    }
+    println!("ready");
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// One attempt: `ok <pod> <peer the server saw> <address the client saw>` or
+/// `err <error kind> <milliseconds>`.
+fn request(proto: &str, to: SocketAddr) -> String {
+    let started = Instant::now();
+    let result = match proto {
+        "tcp" => tcp_request(to),
+        "udp" => udp_request(to, false),
+        "udp-connected" => udp_request(to, true),
+        _ => usage(),
+    };
+    match result {
+        Ok((reply, seen)) => format!("ok {} {seen}", reply.trim()),
+        Err(e) => format!("err {:?} {}", e.kind(), started.elapsed().as_millis()),
+    }
+}
+
+fn tcp_request(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let seen = stream.peer_addr()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok((reply, seen))
+}
+
+fn udp_request(to: SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    if connected {
+        socket.connect(to)?;
+        socket.send(b"hi")?;
+    } else {
+        socket.send_to(b"hi", to)?;
+    }
+    let mut buf = [0u8; 1500];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    let seen = if connected { socket.peer_addr()? } else { from };
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), seen))
+}
+
+fn http_get(addr: &str, path: &str) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        println!("000");
+        return;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response.split_whitespace().nth(1).unwrap_or("000");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    println!("{status} {body}");
+}

@@ -1,0 +1,416 @@
+//! A simulated cluster in network namespaces: a LAN namespace with a bridge (also the
+//! sink router every node defaults to), node namespaces on it, and pod namespaces joined
+//! to their node by veth pairs (ptp style, /32 per pod). Every process runs in a cgroup v2
+//! subtree of the node it belongs to. Everything is recorded and removed on drop, and a
+//! later run removes what a killed one left behind.
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Where each run records what it created.
+const RECORDS: &str = "/run/proxy-agent-tests";
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+const BPFFS: &str = "/sys/fs/bpf";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A node of the simulated cluster.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub index: u8,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub cgroup: PathBuf,
+}
+
+/// A pod: its own namespace, a /32 address, processes in its node's cgroup.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+}
+
+pub struct Cluster {
+    pub id: String,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+    children: Vec<Child>,
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn sh_in(netns: &str, args: &[&str]) -> String {
+    let target = format!("--net=/run/netns/{netns}");
+    let mut full = vec!["nsenter", target.as_str(), "--"];
+    full.extend_from_slice(args);
+    sh(&full)
+}
+
+fn sysctl(netns: &str, key: &str, value: &str) {
+    sh_in(netns, &["sysctl", "-qw", &format!("{key}={value}")]);
+}
+
+impl Cluster {
+    /// A new, empty cluster; removes leftovers of earlier runs whose process is gone.
+    #[must_use]
+    pub fn new(tag: &str) -> Self {
+        assert!(
+            nix_is_root(),
+            "the end-to-end tests need root (network namespaces, cgroups, eBPF)"
+        );
+        reap_leftovers();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("pa{}{}{}", std::process::id() % 100_000, tag, n);
+        fs::create_dir_all(RECORDS).expect("records dir");
+        fs::write(Path::new(RECORDS).join(&id), std::process::id().to_string()).expect("record");
+        fs::create_dir_all(cgroup_base(&id)).expect("test cgroup");
+        let cluster = Self {
+            id,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            children: Vec::new(),
+        };
+        let lan = cluster.lan();
+        sh(&["ip", "netns", "add", &lan]);
+        sh_in(&lan, &["ip", "link", "set", "lo", "up"]);
+        sh_in(&lan, &["ip", "link", "add", "br0", "type", "bridge"]);
+        sh_in(
+            &lan,
+            &["ip", "addr", "add", "10.100.0.254/24", "dev", "br0"],
+        );
+        sh_in(&lan, &["ip", "link", "set", "br0", "up"]);
+        // The sink router: knows the LAN only and answers everything else unreachable,
+        // so no test packet can leave the simulated cluster.
+        sh_in(&lan, &["ip", "route", "add", "unreachable", "default"]);
+        cluster
+    }
+
+    fn lan(&self) -> String {
+        format!("{}-lan", self.id)
+    }
+
+    /// Adds node `index` (1-based): address 10.100.0.index, pod CIDR 10.244.index.0/24.
+    pub fn add_node(&mut self, name: &str, index: u8) -> Node {
+        let netns = format!("{}-{name}", self.id);
+        let ip = Ipv4Addr::new(10, 100, 0, index);
+        let lan = self.lan();
+        sh(&["ip", "netns", "add", &netns]);
+        let lan_side = format!("n{index}");
+        sh(&[
+            "ip", "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name",
+            &lan_side, "netns", &lan,
+        ]);
+        sh_in(
+            &lan,
+            &["ip", "link", "set", &lan_side, "master", "br0", "up"],
+        );
+        sh_in(&netns, &["ip", "link", "set", "lo", "up"]);
+        sh_in(
+            &netns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        );
+        sh_in(&netns, &["ip", "link", "set", "eth0", "up"]);
+        sh_in(
+            &netns,
+            &["ip", "route", "add", "default", "via", "10.100.0.254"],
+        );
+        sysctl(&netns, "net.ipv4.ip_forward", "1");
+        sysctl(&netns, "net.ipv4.icmp_ratelimit", "0");
+        for other in &self.nodes {
+            let (cidr, via) = (format!("10.244.{}.0/24", other.index), other.ip.to_string());
+            sh_in(&netns, &["ip", "route", "add", &cidr, "via", &via]);
+            let (cidr, via) = (format!("10.244.{index}.0/24"), ip.to_string());
+            sh_in(&other.netns, &["ip", "route", "add", &cidr, "via", &via]);
+        }
+        let cgroup = cgroup_base(&self.id).join(name);
+        fs::create_dir_all(&cgroup).expect("node cgroup");
+        let node = Node {
+            name: name.to_owned(),
+            index,
+            ip,
+            netns,
+            cgroup,
+        };
+        self.nodes.push(node.clone());
+        node
+    }
+
+    #[must_use]
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    #[must_use]
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// Adds a pod on `node` with address 10.244.<node index>.<host>.
+    pub fn add_pod(&mut self, node: &str, name: &str, host: u8) -> Pod {
+        let node = self.node(node).clone();
+        let netns = format!("{}-{name}", self.id);
+        let ip = Ipv4Addr::new(10, 244, node.index, host);
+        let node_side = format!("v{host}");
+        sh(&["ip", "netns", "add", &netns]);
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &node_side,
+            "netns",
+            &node.netns,
+        ]);
+        sh_in(&netns, &["ip", "link", "set", "lo", "up"]);
+        sh_in(
+            &netns,
+            &["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
+        );
+        sh_in(&netns, &["ip", "link", "set", "eth0", "up"]);
+        let gateway = node.ip.to_string();
+        sh_in(
+            &netns,
+            &[
+                "ip", "route", "add", "default", "via", &gateway, "dev", "eth0", "onlink",
+            ],
+        );
+        sh_in(&node.netns, &["ip", "link", "set", &node_side, "up"]);
+        sh_in(
+            &node.netns,
+            &["ip", "route", "add", &format!("{ip}/32"), "dev", &node_side],
+        );
+        let pod = Pod {
+            name: name.to_owned(),
+            node: node.name,
+            ip,
+            netns,
+        };
+        self.pods.push(pod.clone());
+        pod
+    }
+
+    /// A command line that runs `args` in `netns` as a member of `cgroup`.
+    fn wrapped(netns: &str, cgroup: &Path, args: &[&str]) -> Command {
+        let mut script = format!(
+            "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{netns} --",
+            cgroup.display()
+        );
+        for arg in args {
+            script.push_str(&format!(" '{}'", arg.replace('\'', "'\\''")));
+        }
+        let mut command = Command::new("sh");
+        command.args(["-c", &script]);
+        command
+    }
+
+    /// Starts a long-running process in a pod (in its node's cgroup); killed on drop.
+    pub fn spawn_in_pod(&mut self, pod: &str, args: &[&str]) {
+        let pod = self.pod(pod).clone();
+        let cgroup = self.node(&pod.node).cgroup.clone();
+        let child = Self::wrapped(&pod.netns, &cgroup, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn pod process");
+        self.children.push(child);
+    }
+
+    /// Runs a command to completion in a pod (in its node's cgroup) and returns stdout.
+    #[must_use]
+    pub fn run_in_pod(&self, pod: &str, args: &[&str]) -> String {
+        let pod = self.pod(pod);
+        let cgroup = &self.node(&pod.node).cgroup;
+        let output = Self::wrapped(&pod.netns, cgroup, args)
+            .output()
+            .expect("run in pod");
+        assert!(
+            output.status.success(),
+            "{args:?} in {}: {}",
+            pod.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs a command in a node's namespace, outside the node's cgroup.
+    #[must_use]
+    pub fn run_on_node(&self, node: &str, args: &[&str]) -> String {
+        sh_in(&self.node(node).netns, args)
+    }
+
+    /// Starts a long-running process in a node's namespace, in a cgroup of its own
+    /// (not below the node's socket-LB cgroup); killed on drop.
+    pub fn spawn_on_node(
+        &mut self,
+        node: &str,
+        role: &str,
+        args: &[&str],
+        stderr: Stdio,
+    ) -> &mut Child {
+        let netns = self.node(node).netns.clone();
+        let cgroup = cgroup_base(&self.id).join(format!("{role}-{node}"));
+        fs::create_dir_all(&cgroup).expect("role cgroup");
+        let child = Self::wrapped(&netns, &cgroup, args)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn node process");
+        self.children.push(child);
+        self.children.last_mut().expect("just pushed")
+    }
+
+    /// Sends SIGTERM to the processes of `role` on `node` and returns their exit statuses.
+    pub fn terminate(&mut self, node: &str, role: &str) -> Vec<std::process::ExitStatus> {
+        let cgroup = cgroup_base(&self.id).join(format!("{role}-{node}"));
+        let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<u32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        for pid in &pids {
+            sh(&["kill", "-TERM", &pid.to_string()]);
+        }
+        let (mine, others): (Vec<Child>, Vec<Child>) = self
+            .children
+            .drain(..)
+            .partition(|c| pids.contains(&c.id()));
+        self.children = others;
+        mine.into_iter()
+            .map(|mut c| c.wait().expect("wait for terminated process"))
+            .collect()
+    }
+
+    /// A scratch directory (manifests, logs) removed with the cluster.
+    #[must_use]
+    pub fn scratch(&self) -> PathBuf {
+        let dir = std::env::temp_dir().join(&self.id);
+        fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    /// A directory on bpffs private to this cluster.
+    #[must_use]
+    pub fn bpffs_dir(&self, node: &str) -> PathBuf {
+        Path::new(BPFFS).join(&self.id).join(node)
+    }
+}
+
+fn cgroup_base(id: &str) -> PathBuf {
+    Path::new(CGROUP2).join("proxy-agent-tests").join(id)
+}
+
+fn nix_is_root() -> bool {
+    fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .is_some_and(|l| l.split_whitespace().nth(1) == Some("0"))
+    })
+}
+
+/// Kills every process below `cgroup` and removes the subtree.
+fn remove_cgroup(cgroup: &Path) {
+    if !cgroup.exists() {
+        return;
+    }
+    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        let populated = fs::read_to_string(cgroup.join("cgroup.events"))
+            .map(|e| e.contains("populated 1"))
+            .unwrap_or(false);
+        if !populated {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    collect_dirs(cgroup, &mut dirs);
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    for dir in dirs {
+        let _ = fs::remove_dir(dir);
+    }
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_owned());
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&entry.path(), out);
+            }
+        }
+    }
+}
+
+/// Removes everything a cluster with this id created.
+fn teardown(id: &str) {
+    remove_cgroup(&cgroup_base(id));
+    let _ = fs::remove_dir_all(Path::new(BPFFS).join(id));
+    if std::env::var_os("KEEP_TEST_LOGS").is_none() {
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(id));
+    }
+    if let Ok(list) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name.starts_with(&format!("{id}-")) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    let _ = fs::remove_file(Path::new(RECORDS).join(id));
+}
+
+/// Tears down the clusters of runs whose process no longer exists (killed with -9).
+fn reap_leftovers() {
+    let Ok(entries) = fs::read_dir(RECORDS) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let owner = fs::read_to_string(entry.path()).unwrap_or_default();
+        let alive = Path::new("/proc").join(owner.trim()).exists() && !owner.trim().is_empty();
+        if !alive {
+            teardown(&entry.file_name().to_string_lossy());
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        teardown(&self.id);
+    }
+}

@@ -1,0 +1,5 @@
+//! Test bed for proxy-agent: simulated clusters in network namespaces, the real agent
+//! binary, and manifest writers. Used by the end-to-end tests and `cargo xtask demo`.
+pub mod agent;
+pub mod cluster;
+pub mod manifests;
