@@ -105,9 +105,7 @@ pub fn render(args: &RenderArgs) -> Result<()> {
     );
     match args.dataplane {
         DataplaneKind::Ebpf | DataplaneKind::Auto => {
-            let mut writer = ebpf::MapWriter::restore(ebpf::store::MapContents::default())?;
-            writer.apply(&model::diff(&DesiredState::default(), &desired))?;
-            println!("{}", ebpf::render::to_json(writer.store(), &desired));
+            println!("{}", ebpf::render::render(&desired)?)
         }
         DataplaneKind::None => print!("{desired}"),
         DataplaneKind::Nftables => bail!("the nftables dataplane is not built yet"),

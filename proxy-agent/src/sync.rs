@@ -29,7 +29,7 @@ pub async fn run(
         let update = updates.borrow_and_update().clone();
         health.source_changed(update.generation);
         if let Some(snapshot) = update.snapshot {
-            let _span = info_span!("sync", generation = update.generation).entered();
+            let span = info_span!("sync", generation = update.generation).entered();
             let started = Instant::now();
             let current = match programmed.take() {
                 Some(state) => Ok(state),
@@ -55,7 +55,7 @@ pub async fn run(
                 }
                 Err(error) => {
                     error!(%error, retry_in_ms = retry.as_millis(), "sync failed; will re-read the kernel state and retry");
-                    drop(_span);
+                    drop(span);
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(RETRY_MAX);
                     continue;

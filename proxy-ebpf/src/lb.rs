@@ -17,7 +17,7 @@ pub fn lookup_service4(address_be: u32, dport_be: u16, proto: u8) -> Option<Serv
     };
     // SAFETY: the value is copied out at once; the agent never rewrites a slot-0 entry
     // in place with a count its slots do not back (write order in the agent).
-    unsafe { LB4_SERVICES.get(&key) }.copied()
+    unsafe { LB4_SERVICES.get(key) }.copied()
 }
 
 /// A uniformly random backend of a frontend with `svc.count > 0`, or `None` if the
@@ -46,7 +46,7 @@ pub fn select_backend4(
         pad: [0; 2],
     };
     // SAFETY: copied out at once.
-    let slot_value = unsafe { LB4_SERVICES.get(&key) }.copied()?;
+    let slot_value = unsafe { LB4_SERVICES.get(key) }.copied()?;
     // SAFETY: copied out at once.
-    unsafe { LB4_BACKENDS.get(&slot_value.backend_id) }.copied()
+    unsafe { LB4_BACKENDS.get(slot_value.backend_id) }.copied()
 }

@@ -48,7 +48,7 @@ pub fn xlate_fwd4(ctx: &SockAddrContext) -> i32 {
     };
     // A full LRU map evicts the oldest entry, so insertion cannot fail for lack of room;
     // any other failure only loses the reverse mapping, never the connection.
-    let _ = LB4_SK_REVNAT.insert(&key, &value, 0);
+    let _ = LB4_SK_REVNAT.insert(key, value, 0);
     // SAFETY: user_ip4 and user_port are writable in connect4 and sendmsg4.
     unsafe {
         (*ctx.sock_addr).user_ip4 = backend.address_be;
@@ -75,7 +75,7 @@ pub fn xlate_rev4(ctx: &SockAddrContext) {
         pad: 0,
     };
     // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { LB4_SK_REVNAT.get(&key) }).copied() else {
+    let Some(orig) = (unsafe { LB4_SK_REVNAT.get(key) }).copied() else {
         return;
     };
     // SAFETY: user_ip4 and user_port are writable in recvmsg4 and getpeername4.

@@ -4,6 +4,7 @@
 //! subtree of the node it belongs to. Everything is recorded and removed on drop, and a
 //! later run removes what a killed one left behind.
 use std::{
+    fmt::Write as _,
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -45,6 +46,10 @@ pub struct Cluster {
 }
 
 /// Runs a command and panics with its output if it fails.
+#[allow(
+    clippy::must_use_candidate,
+    reason = "most callers run it for its effect only"
+)]
 pub fn sh(args: &[&str]) -> String {
     let output = Command::new(args[0])
         .args(&args[1..])
@@ -228,7 +233,7 @@ impl Cluster {
             cgroup.display()
         );
         for arg in args {
-            script.push_str(&format!(" '{}'", arg.replace('\'', "'\\''")));
+            let _ = write!(script, " '{}'", arg.replace('\'', "'\\''"));
         }
         let mut command = Command::new("sh");
         command.args(["-c", &script]);
@@ -347,8 +352,7 @@ fn remove_cgroup(cgroup: &Path) {
     let _ = fs::write(cgroup.join("cgroup.kill"), "1");
     for _ in 0..100 {
         let populated = fs::read_to_string(cgroup.join("cgroup.events"))
-            .map(|e| e.contains("populated 1"))
-            .unwrap_or(false);
+            .is_ok_and(|e| e.contains("populated 1"));
         if !populated {
             break;
         }

@@ -1,4 +1,4 @@
-//! Writing Service and EndpointSlice manifests for a simulated cluster.
+//! Writing Service and `EndpointSlice` manifests for a simulated cluster.
 use std::{fmt::Write, fs, path::Path};
 
 /// One endpoint of a slice.
@@ -8,7 +8,7 @@ pub struct Endpoint<'a> {
     pub node: &'a str,
 }
 
-/// A ClusterIP Service with `(name, protocol, port, targetPort name)` ports.
+/// A `ClusterIP` Service with `(name, protocol, port, targetPort name)` ports.
 #[must_use]
 pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, &str, u16)]) -> String {
     let mut text = format!(
@@ -20,7 +20,7 @@ pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, &str, u16)]) -> Str
     text
 }
 
-/// An EndpointSlice for `service` with `(name, protocol, port)` ports.
+/// An `EndpointSlice` for `service` with `(name, protocol, port)` ports.
 #[must_use]
 pub fn slice(
     name: &str,

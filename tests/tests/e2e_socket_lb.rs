@@ -1,5 +1,5 @@
 //! End to end: the real agent on a simulated two-node cluster, real packets from a client
-//! pod to a ClusterIP through the socket-level load balancer.
+//! pod to a `ClusterIP` through the socket-level load balancer.
 use std::{
     collections::BTreeMap,
     path::PathBuf,

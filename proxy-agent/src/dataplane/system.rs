@@ -62,7 +62,7 @@ pub fn default_cgroup_root() -> Result<PathBuf, SystemError> {
 
 fn on_bpffs(path: &Path) -> bool {
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
-    statfs(existing).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
+    statfs(existing).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure `path` is (or will be, once created) on a bpf filesystem, mounting one at

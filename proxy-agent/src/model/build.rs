@@ -9,7 +9,7 @@ use super::{
     types::{Backend, DesiredState, Frontend, FrontendKey, Protocol, ServicePortName},
 };
 
-/// Label joining an EndpointSlice to its Service.
+/// Label joining an `EndpointSlice` to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Services carrying this label belong to another proxy (kube-proxy skips them too).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";

@@ -179,7 +179,7 @@ pub async fn run(dir: PathBuf, tx: watch::Sender<SourceUpdate>) -> Result<(), So
             Ok(true) => publish(&tx, &manifests),
             Ok(false) => {}
             Err(error) => {
-                warn!(%error, "manifests directory unreadable; keeping the last good state")
+                warn!(%error, "manifests directory unreadable; keeping the last good state");
             }
         }
         if tx.is_closed() {

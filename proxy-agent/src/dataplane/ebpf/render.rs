@@ -36,9 +36,12 @@ struct RevNatEntry {
 
 #[derive(Serialize)]
 struct Maps {
-    lb4_services: Vec<ServiceEntry>,
-    lb4_backends: Vec<BackendEntry>,
-    lb4_revnat: Vec<RevNatEntry>,
+    #[serde(rename = "lb4_services")]
+    services: Vec<ServiceEntry>,
+    #[serde(rename = "lb4_backends")]
+    backends: Vec<BackendEntry>,
+    #[serde(rename = "lb4_revnat")]
+    revnat: Vec<RevNatEntry>,
 }
 
 fn protocol_name(n: u8) -> String {
@@ -61,7 +64,7 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
         state.frontends.get(&key).map(|f| f.service.to_string())
     };
     let maps = Maps {
-        lb4_services: contents
+        services: contents
             .services
             .iter()
             .map(|(k, v)| ServiceEntry {
@@ -77,7 +80,7 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
                     .flatten(),
             })
             .collect(),
-        lb4_backends: contents
+        backends: contents
             .backends
             .iter()
             .map(|(id, b)| BackendEntry {
@@ -87,7 +90,7 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
                 protocol: protocol_name(b.proto),
             })
             .collect(),
-        lb4_revnat: contents
+        revnat: contents
             .revnat
             .iter()
             .map(|(index, r)| RevNatEntry {
@@ -97,5 +100,16 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
             })
             .collect(),
     };
+    let mut maps = maps;
+    // Keys sort by their raw (network-order) bytes; people read addresses in order.
+    maps.services.sort_by_key(|e| (e.address, e.port, e.protocol.clone(), e.slot));
+    maps.revnat.sort_by_key(|e| e.index);
     serde_json::to_string_pretty(&maps).unwrap_or_default()
+}
+
+/// The JSON of the maps a fresh agent would write for `desired`.
+pub fn render(desired: &DesiredState) -> Result<String, super::EbpfError> {
+    let mut writer = super::MapWriter::restore(MapContents::default())?;
+    writer.apply(&crate::model::diff(&DesiredState::default(), desired))?;
+    Ok(to_json(writer.store(), desired))
 }

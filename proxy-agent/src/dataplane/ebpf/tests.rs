@@ -8,7 +8,7 @@ use super::{
     store::{MapContents, MapStore},
     EbpfError, MapWriter,
 };
-use crate::model::{diff, Backend, DesiredState, Frontend, FrontendKey, Protocol};
+use crate::model::{diff, Backend, DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
 
 /// An in-memory store that checks, after every operation, what a packet could see.
 #[derive(Default)]
@@ -18,7 +18,7 @@ struct CheckedStore {
 }
 
 impl CheckedStore {
-    fn check(&mut self) -> Result<(), EbpfError> {
+    fn check(&mut self) {
         self.ops += 1;
         for (key, value) in self
             .maps
@@ -47,34 +47,39 @@ impl CheckedStore {
                 );
             }
         }
-        Ok(())
     }
 }
 
 impl MapStore for CheckedStore {
     fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError> {
         self.maps.put_backend(id, backend)?;
-        self.check()
+        self.check();
+        Ok(())
     }
     fn del_backend(&mut self, id: u32) -> Result<(), EbpfError> {
         self.maps.del_backend(id)?;
-        self.check()
+        self.check();
+        Ok(())
     }
     fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError> {
         self.maps.put_service(key, value)?;
-        self.check()
+        self.check();
+        Ok(())
     }
     fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError> {
         self.maps.del_service(key)?;
-        self.check()
+        self.check();
+        Ok(())
     }
     fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError> {
         self.maps.put_revnat(index, revnat)?;
-        self.check()
+        self.check();
+        Ok(())
     }
     fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
         self.maps.del_revnat(index)?;
-        self.check()
+        self.check();
+        Ok(())
     }
     fn read_all(&self) -> Result<MapContents, EbpfError> {
         Ok(self.maps.clone())
@@ -102,7 +107,7 @@ fn state(frontends: &[(FrontendKey, &[u8])]) -> DesiredState {
         state.frontends.insert(
             *key,
             Frontend {
-                service: Default::default(),
+                service: ServicePortName::default(),
                 backends,
             },
         );

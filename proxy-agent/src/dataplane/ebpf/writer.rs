@@ -10,7 +10,7 @@ use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, MAX_BACKENDS, M
 use tracing::debug;
 
 use super::{ids::IdAllocator, store::MapStore, EbpfError};
-use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Plan, Protocol};
+use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Plan, Protocol, ServicePortName};
 
 /// A backend as the maps identify it.
 type BackendKey = (Ipv4Addr, u16, u8);
@@ -45,7 +45,7 @@ impl<S: MapStore> MapWriter<S> {
         };
         for (&id, backend) in &contents.backends {
             writer.backend_alloc.take(id);
-            writer.backend_ids.insert(backend_key(backend), id);
+            writer.backend_ids.insert(backend_key(*backend), id);
             writer.backends.insert(id, (*backend, 0));
         }
         for (key, value) in contents
@@ -101,7 +101,7 @@ impl<S: MapStore> MapWriter<S> {
                 (
                     *key,
                     Frontend {
-                        service: Default::default(),
+                        service: ServicePortName::default(),
                         backends,
                     },
                 )
@@ -179,7 +179,7 @@ impl<S: MapStore> MapWriter<S> {
                 ..base
             })?;
         }
-        for id in old_slots.to_vec() {
+        for &id in old_slots {
             self.release_backend(id)?;
         }
         self.frontends.insert(
@@ -262,7 +262,7 @@ impl<S: MapStore> MapWriter<S> {
         };
         *refs = refs.saturating_sub(1);
         if *refs == 0 {
-            let key = backend_key(backend);
+            let key = backend_key(*backend);
             self.backends.remove(&id);
             self.backend_ids.remove(&key);
             self.backend_alloc.release(id);
@@ -287,7 +287,7 @@ fn service_key(ip: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Service4Key {
     }
 }
 
-fn backend_key(b: &Backend4) -> BackendKey {
+fn backend_key(b: Backend4) -> BackendKey {
     (
         Ipv4Addr::from(b.address_be.to_ne_bytes()),
         u16::from_be(b.port_be),

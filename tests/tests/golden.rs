@@ -1,0 +1,62 @@
+//! Golden cases: a directory of manifests in, the desired state and the eBPF maps out.
+//! `cargo xtask bless` rewrites the expected files.
+use std::{fs, path::Path};
+
+use proxy_agent::{
+    dataplane::ebpf::render,
+    model::{self, NodeInfo},
+    source::manifests::ManifestsDir,
+};
+
+fn check(case: &Path, file: &str, actual: &str) -> Option<String> {
+    let path = case.join(file);
+    if std::env::var_os("BLESS").is_some() {
+        fs::write(&path, actual).unwrap();
+        return None;
+    }
+    let expected = fs::read_to_string(&path).unwrap_or_default();
+    (expected != actual).then(|| {
+        format!(
+            "{}:\n--- expected\n{expected}\n--- actual\n{actual}",
+            path.display()
+        )
+    })
+}
+
+#[test]
+fn golden_cases() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden");
+    let mut cases: Vec<_> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 4, "golden cases missing");
+    let mut failures = Vec::new();
+    for case in &cases {
+        let mut dir = ManifestsDir::new(&case.join("manifests"));
+        dir.reload().unwrap();
+        let desired = model::build(
+            &dir.snapshot(),
+            &NodeInfo {
+                name: "node1".into(),
+            },
+        );
+        failures.extend(check(case, "desired.txt", &desired.to_string()));
+        failures.extend(check(
+            case,
+            "ebpf.json",
+            &(render::render(&desired).unwrap() + "\n"),
+        ));
+        println!(
+            "golden case {} checked",
+            case.file_name().unwrap().to_string_lossy()
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} golden mismatches (bless with `cargo xtask bless`):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
