@@ -102,7 +102,8 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
     };
     let mut maps = maps;
     // Keys sort by their raw (network-order) bytes; people read addresses in order.
-    maps.services.sort_by_key(|e| (e.address, e.port, e.protocol.clone(), e.slot));
+    maps.services
+        .sort_by_key(|e| (e.address, e.port, e.protocol.clone(), e.slot));
     maps.revnat.sort_by_key(|e| e.index);
     serde_json::to_string_pretty(&maps).unwrap_or_default()
 }
