@@ -105,7 +105,7 @@ pub fn render(args: &RenderArgs) -> Result<()> {
     );
     match args.dataplane {
         DataplaneKind::Ebpf | DataplaneKind::Auto => {
-            println!("{}", ebpf::render::render(&desired)?)
+            println!("{}", ebpf::render::render(&desired)?);
         }
         DataplaneKind::None => print!("{desired}"),
         DataplaneKind::Nftables => bail!("the nftables dataplane is not built yet"),

@@ -4,8 +4,9 @@
 mod toolchain;
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::Instant,
 };
 
@@ -21,9 +22,10 @@ fn usage() -> ! {
 fn main() -> Result<()> {
     let command = std::env::args().nth(1).unwrap_or_else(|| usage());
     let started = Instant::now();
+    let mut summary = None;
     match command.as_str() {
         "build" => build()?,
-        "test" => test()?,
+        "test" => summary = Some(test()?),
         "demo" => demo()?,
         "bless" => bless()?,
         "clippy" => {
@@ -36,6 +38,10 @@ fn main() -> Result<()> {
         "xtask {command}: done in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    if let Some(summary) = summary {
+        // The closing line CI reads: every test of the workspace, added up.
+        println!("tests: {summary}");
+    }
     Ok(())
 }
 
@@ -103,22 +109,67 @@ fn clippy() -> Result<()> {
     ))
 }
 
-fn test() -> Result<()> {
+/// Everything CI checks; returns the test totals line.
+fn test() -> Result<String> {
     build()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["fmt", "--check", "--manifest-path", "proxy-ebpf/Cargo.toml"]))?;
     clippy()?;
-    run(cargo()
-        .args([
-            "test",
-            "--workspace",
-            "--release",
-            "--",
-            "--test-threads",
-            "2",
-        ])
-        .env("PROXY_EBPF_OBJECT", ebpf_object())
-        .env("PROXY_AGENT_BIN", root().join("target/release/proxy-agent")))
+    let (passed, failed) = run_tests(
+        cargo()
+            .args([
+                "test",
+                "--workspace",
+                "--release",
+                "--lib",
+                "--bins",
+                "--tests",
+            ])
+            .args(["--", "--test-threads", "2"])
+            .env("PROXY_EBPF_OBJECT", ebpf_object())
+            .env("PROXY_AGENT_BIN", root().join("target/release/proxy-agent")),
+    )?;
+    Ok(format!("{passed} passed, {failed} failed"))
+}
+
+/// Runs `cargo test`, echoing its output, and adds up every `test result:` line.
+fn run_tests(command: &mut Command) -> Result<(u64, u64)> {
+    eprintln!("+ {command:?}");
+    let mut child = command
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {command:?}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().context("test output")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count(result, " passed");
+            failed += count(result, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("tests failed ({passed} passed, {failed} failed)");
+    }
+    Ok((passed, failed))
+}
+
+/// The number before `label` in `ok. 5 passed; 0 failed; ...`.
+fn count(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find(|part| part.ends_with(label))
+        .and_then(|part| {
+            part.trim_end_matches(label)
+                .split_whitespace()
+                .last()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 fn demo() -> Result<()> {

@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: brings up the simulated cluster the bundled manifests describe
-//! (nodes from `v1/Node`, pods from EndpointSlice endpoints), runs the agent on the
-//! first node, sends requests to each ClusterIP from a client pod there, and prints
+//! (nodes from `v1/Node`, pods from `EndpointSlice` endpoints), runs the agent on the
+//! first node, sends requests to each `ClusterIP` from a client pod there, and prints
 //! which pod answered.
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
@@ -17,7 +17,7 @@ fn last_octet(ip: &str) -> Option<u8> {
     ip.parse::<Ipv4Addr>().ok().map(|ip| ip.octets()[3])
 }
 
-/// (node name, index) from each Node's InternalIP.
+/// (node name, index) from each Node's `InternalIP`.
 fn nodes(snapshot: &Snapshot) -> Vec<(String, u8)> {
     snapshot
         .nodes
@@ -30,7 +30,7 @@ fn nodes(snapshot: &Snapshot) -> Vec<(String, u8)> {
         .collect()
 }
 
-/// (pod, node, host octet, listeners) from the EndpointSlices.
+/// (pod, node, host octet, listeners) from the `EndpointSlice`s.
 fn pods(snapshot: &Snapshot) -> BTreeMap<String, (String, u8, Vec<String>)> {
     let mut pods = BTreeMap::new();
     for slice in snapshot.endpoint_slices.values() {
