@@ -73,6 +73,9 @@ pub struct RunArgs {
     /// `/healthz` turns 503 when a pending change waits this long (seconds).
     #[arg(long, default_value_t = 60)]
     pub healthz_stale_after: u64,
+    /// Where Prometheus `/metrics` is served.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_bind_address: SocketAddr,
     /// Where `/healthz` and `/livez` are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: SocketAddr,

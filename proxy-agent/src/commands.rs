@@ -10,6 +10,7 @@ use crate::{
     cli::{CleanupArgs, DataplaneKind, RenderArgs, RunArgs},
     dataplane::{ebpf, system, Dataplane, DataplaneError},
     health::{self, Health},
+    metrics::{self, Metrics},
     model::{self, DesiredState, NodeInfo, Plan},
     source::{self, manifests::ManifestsDir, SourceUpdate},
     sync,
@@ -78,10 +79,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         dataplane.name(),
         Duration::from_secs(args.healthz_stale_after),
     ));
+    let metrics = Arc::new(Metrics::new(dataplane.name()));
     let server = tokio::spawn(health::serve(args.healthz_bind_address, health.clone()));
+    let metrics_server = tokio::spawn(metrics::serve(args.metrics_bind_address, metrics.clone()));
     let (tx, rx) = watch::channel(SourceUpdate::default());
     let source = tokio::spawn(source::manifests::run(dir, tx));
-    let sync = tokio::spawn(sync::run(rx, dataplane, node.clone(), health));
+    let sync = tokio::spawn(sync::run(rx, dataplane, node.clone(), health, metrics));
     info!(node = %node.name, "agent running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -89,6 +92,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         _ = tokio::signal::ctrl_c() => info!("interrupted: exiting, programmed state left in place"),
         result = source => bail!("source stopped: {:?}", result?),
         result = server => bail!("health server stopped: {:?}", result?),
+        result = metrics_server => bail!("metrics server stopped: {:?}", result?),
         result = sync => bail!("sync loop stopped: {:?}", result),
     }
     Ok(())

@@ -9,6 +9,7 @@ use tracing::{error, info, info_span};
 use crate::{
     dataplane::Dataplane,
     health::Health,
+    metrics::Metrics,
     model::{self, NodeInfo},
     source::SourceUpdate,
 };
@@ -22,6 +23,7 @@ pub async fn run(
     mut dataplane: Box<dyn Dataplane>,
     node: NodeInfo,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
 ) {
     let mut programmed = None;
     let mut retry = RETRY_MIN;
@@ -49,11 +51,21 @@ pub async fn run(
                         elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
                         "synced"
                     );
+                    metrics
+                        .sync_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    metrics.sync_last_timestamp.set(unix_seconds());
+                    metrics
+                        .programmed_frontends
+                        .set(gauge(desired.frontends.len()));
+                    let slots = desired.frontends.values().map(|f| f.backends.len()).sum();
+                    metrics.programmed_backends.set(gauge(slots));
                     programmed = Some(desired);
                     health.programmed(update.generation);
                     retry = RETRY_MIN;
                 }
                 Err(error) => {
+                    metrics.sync_errors.inc();
                     error!(%error, retry_in_ms = retry.as_millis(), "sync failed; will re-read the kernel state and retry");
                     drop(span);
                     tokio::time::sleep(retry).await;
@@ -66,4 +78,14 @@ pub async fn run(
             return;
         }
     }
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -96,11 +96,14 @@ impl Agent {
     /// The `/healthz` status code and body, read from inside the node.
     #[must_use]
     pub fn healthz(&self, cluster: &Cluster) -> (u16, String) {
+        self.http_get(cluster, "127.0.0.1:10256", "/healthz")
+    }
+
+    /// An HTTP GET from inside the node: status code and body.
+    #[must_use]
+    pub fn http_get(&self, cluster: &Cluster, addr: &str, path: &str) -> (u16, String) {
         let bin = testpod_bin().display().to_string();
-        let out = cluster.run_on_node(
-            &self.node,
-            &[&bin, "http-get", "127.0.0.1:10256", "/healthz"],
-        );
+        let out = cluster.run_on_node(&self.node, &[&bin, "http-get", addr, path]);
         let (code, body) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
         (code.parse().unwrap_or(0), body.to_owned())
     }

@@ -83,6 +83,7 @@ impl Cluster {
             nix_is_root(),
             "the end-to-end tests need root (network namespaces, cgroups, eBPF)"
         );
+        ensure_bpffs();
         reap_leftovers();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("pa{}{}{}", std::process::id() % 100_000, tag, n);
@@ -252,6 +253,14 @@ impl Cluster {
         self.children.push(child);
     }
 
+    /// A command that runs in a pod (in its node's cgroup), for callers that need to
+    /// start it and do other things while it runs.
+    #[must_use]
+    pub fn command_in_pod(&self, pod: &str, args: &[&str]) -> Command {
+        let pod = self.pod(pod);
+        Self::wrapped(&pod.netns, &self.node(&pod.node).cgroup, args)
+    }
+
     /// Runs a command to completion in a pod (in its node's cgroup) and returns stdout.
     #[must_use]
     pub fn run_in_pod(&self, pod: &str, args: &[&str]) -> String {
@@ -330,6 +339,18 @@ impl Cluster {
     pub fn bpffs_dir(&self, node: &str) -> PathBuf {
         Path::new(BPFFS).join(&self.id).join(node)
     }
+}
+
+/// Mounts bpffs at /sys/fs/bpf once per process if nothing is mounted there, so agents
+/// started in parallel never race to mount it (a second mount would hide the first's pins).
+fn ensure_bpffs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let fs_type = sh(&["stat", "-f", "-c", "%T", BPFFS]);
+        if fs_type.trim() != "bpf_fs" {
+            sh(&["mount", "-t", "bpf", "bpffs", BPFFS]);
+        }
+    });
 }
 
 fn cgroup_base(id: &str) -> PathBuf {

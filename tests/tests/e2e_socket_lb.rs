@@ -153,6 +153,20 @@ fn tcp_and_udp_to_a_cluster_ip_reach_every_ready_backend() {
         assert_eq!(names(&udp), ["web-a", "web-b"], "{mode} spread: {udp:?}");
     }
     println!("TCP {tcp:?}");
+    let (code, metrics) = bed
+        .agent
+        .http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "proxyagent_dataplane_info{dataplane=\"ebpf\"} 1",
+        "proxyagent_programmed_frontends 3",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+    ] {
+        assert!(
+            metrics.contains(want),
+            "{want} missing from /metrics:\n{metrics}"
+        );
+    }
 }
 
 #[test]
@@ -285,4 +299,39 @@ fn a_restarted_agent_takes_over_and_cleanup_removes_everything() {
         after[0].starts_with("err"),
         "still translated after cleanup: {after:?}"
     );
+}
+
+#[test]
+fn replacing_the_agent_fails_no_connection() {
+    let mut bed = setup("zd");
+    let testpod = testpod_bin().display().to_string();
+    let to = format!("{ECHO_IP}:80");
+    let client = bed
+        .cluster
+        .command_in_pod("client", &[&testpod, "request-for", "tcp", &to, "3000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // An upgrade: the old agent exits on SIGTERM, a new one takes over its pins.
+    let exits = bed.cluster.terminate("node1", "agent");
+    assert!(
+        exits.iter().all(std::process::ExitStatus::success),
+        "{exits:?}"
+    );
+    bed.agent.spawn(&mut bed.cluster, &bed.dir);
+    bed.agent.wait_healthy(&bed.cluster);
+    let output = client.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    let ok: u64 = report
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("ok="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    println!("during the restart: {}", report.trim());
+    assert!(
+        report.contains(" err=0"),
+        "connections failed during the restart: {report}"
+    );
+    assert!(ok > 100, "too few connections to prove anything: {report}");
 }

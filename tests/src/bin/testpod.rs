@@ -10,7 +10,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod http-get IP:PORT PATH"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH"
     );
     std::process::exit(2)
 }
@@ -25,6 +25,11 @@ fn main() {
             for _ in 0..count {
                 println!("{}", request(&args[1], to));
             }
+        }
+        Some("request-for") if args.len() == 4 => {
+            let to: SocketAddr = args[2].parse().unwrap_or_else(|_| usage());
+            let millis: u64 = args[3].parse().unwrap_or_else(|_| usage());
+            request_for(&args[1], to, Duration::from_millis(millis));
         }
         Some("http-get") if args.len() == 3 => http_get(&args[1], &args[2]),
         _ => usage(),
@@ -66,6 +71,24 @@ fn serve(name: &str, listeners: &[String]) {
     println!("ready");
     for t in threads {
         let _ = t.join();
+    }
+}
+
+/// Requests back to back for a while; prints `ok=N err=M` and the first errors.
+fn request_for(proto: &str, to: SocketAddr, duration: Duration) {
+    let started = Instant::now();
+    let (mut ok, mut errors) = (0u64, Vec::new());
+    while started.elapsed() < duration {
+        let line = request(proto, to);
+        if line.starts_with("ok ") {
+            ok += 1;
+        } else {
+            errors.push(line);
+        }
+    }
+    println!("ok={ok} err={}", errors.len());
+    for line in errors.iter().take(5) {
+        println!("{line}");
     }
 }
 

@@ -1,0 +1,135 @@
+//! Prometheus metrics, under kube-proxy's names where one exists so existing dashboards
+//! keep working, plus the agent's own (`proxyagent_*`).
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{extract::State, http::header, routing::get, Router};
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DataplaneLabel {
+    dataplane: String,
+}
+
+/// Every metric the agent exports; cheap to clone (shared handles).
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub sync_last_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub sync_errors: Counter,
+    pub programmed_frontends: Gauge,
+    pub programmed_backends: Gauge,
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new(dataplane: &str) -> Self {
+        let mut registry = Registry::default();
+        // kube-proxy's buckets for sync duration: 1 ms doubling to ~16 s.
+        let sync_duration = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            sync_duration.clone(),
+        );
+        let sync_last_timestamp = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            sync_last_timestamp.clone(),
+        );
+        let sync_errors = Counter::default();
+        registry.register(
+            "proxyagent_sync_errors",
+            "Syncs that failed to program the dataplane",
+            sync_errors.clone(),
+        );
+        let programmed_frontends = Gauge::default();
+        registry.register(
+            "proxyagent_programmed_frontends",
+            "Service frontends (IP, port, protocol) the dataplane holds",
+            programmed_frontends.clone(),
+        );
+        let programmed_backends = Gauge::default();
+        registry.register(
+            "proxyagent_programmed_backends",
+            "Backend slots across all programmed frontends",
+            programmed_backends.clone(),
+        );
+        let info = Family::<DataplaneLabel, Gauge>::default();
+        info.get_or_create(&DataplaneLabel {
+            dataplane: dataplane.to_owned(),
+        })
+        .set(1);
+        registry.register(
+            "proxyagent_dataplane_info",
+            "The dataplane this agent programs",
+            info,
+        );
+        Self {
+            registry,
+            sync_duration,
+            sync_last_timestamp,
+            sync_errors,
+            programmed_frontends,
+            programmed_backends,
+        }
+    }
+
+    /// The registry in Prometheus text format.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+async fn metrics(
+    State(metrics): State<Arc<Metrics>>,
+) -> ([(header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+/// Serves `/metrics` until the process exits.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(self::metrics))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn exports_kube_proxy_names_and_the_dataplane() {
+        let metrics = Metrics::new("ebpf");
+        metrics.sync_duration.observe(0.002);
+        metrics.programmed_frontends.set(3);
+        let text = metrics.render();
+        for want in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "proxyagent_dataplane_info{dataplane=\"ebpf\"} 1",
+            "proxyagent_programmed_frontends 3",
+            "proxyagent_sync_errors_total 0",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+}
