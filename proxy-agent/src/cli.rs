@@ -2,6 +2,9 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::model::NodeInfo;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +57,28 @@ pub struct KernelPaths {
     pub bpffs: PathBuf,
 }
 
+/// What the model needs to know about this node besides the cluster.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Pod CIDRs; traffic to a Service from outside them is masqueraded.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidr: Vec<IpNet>,
+    /// Node addresses that accept NodePort traffic (default: all but loopback).
+    #[arg(long, value_delimiter = ',')]
+    pub nodeport_addresses: Vec<IpNet>,
+}
+
+impl NodeArgs {
+    #[must_use]
+    pub fn node_info(&self, name: &str) -> NodeInfo {
+        NodeInfo {
+            cluster_cidrs: self.cluster_cidr.clone(),
+            nodeport_cidrs: self.nodeport_addresses.clone(),
+            ..NodeInfo::named(name)
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The node this agent serves.
@@ -70,6 +95,8 @@ pub struct RunArgs {
     pub dataplane: DataplaneKind,
     #[command(flatten)]
     pub paths: KernelPaths,
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// `/healthz` turns 503 when a pending change waits this long (seconds).
     #[arg(long, default_value_t = 60)]
     pub healthz_stale_after: u64,
@@ -89,6 +116,8 @@ pub struct RenderArgs {
     pub node_name: String,
     #[arg(long, value_enum, default_value_t = DataplaneKind::Ebpf)]
     pub dataplane: DataplaneKind,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 #[derive(Debug, Args)]

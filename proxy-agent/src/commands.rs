@@ -11,7 +11,7 @@ use crate::{
     dataplane::{ebpf, system, Dataplane, DataplaneError},
     health::{self, Health},
     metrics::{self, Metrics},
-    model::{self, DesiredState, NodeInfo, Plan},
+    model::{self, DesiredState, Plan},
     source::{self, manifests::ManifestsDir, SourceUpdate},
     sync,
 };
@@ -26,8 +26,8 @@ impl Dataplane for NoDataplane {
     fn programmed(&mut self) -> Result<DesiredState, DataplaneError> {
         Ok(DesiredState::default())
     }
-    fn apply(&mut self, _plan: &Plan) -> Result<(), DataplaneError> {
-        Ok(())
+    fn apply(&mut self, _plan: &Plan) -> Result<usize, DataplaneError> {
+        Ok(0)
     }
 }
 
@@ -71,9 +71,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let Some(dir) = args.manifests.clone() else {
         bail!("the Kubernetes API source is not built yet; pass --manifests DIR");
     };
-    let node = NodeInfo {
-        name: node_name(args.node_name.clone()),
-    };
+    let node = args.node.node_info(&node_name(args.node_name.clone()));
     let dataplane = start_dataplane(&args)?;
     let health = Arc::new(Health::new(
         dataplane.name(),
@@ -101,12 +99,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
 pub fn render(args: &RenderArgs) -> Result<()> {
     let mut dir = ManifestsDir::new(&args.manifests);
     dir.reload()?;
-    let desired = model::build(
-        &dir.snapshot(),
-        &NodeInfo {
-            name: args.node_name.clone(),
-        },
-    );
+    let snapshot = dir.snapshot();
+    let node = args
+        .node
+        .node_info(&args.node_name)
+        .with_node_object(&snapshot);
+    let desired = model::build(&snapshot, &node);
     match args.dataplane {
         DataplaneKind::Ebpf | DataplaneKind::Auto => {
             println!("{}", ebpf::render::render(&desired)?);

@@ -37,17 +37,19 @@ pub async fn run(
                 Some(state) => Ok(state),
                 None => dataplane.programmed(),
             };
+            let node = node.clone().with_node_object(&snapshot);
             let desired = model::build(&snapshot, &node);
             let result = current.and_then(|current| {
                 let plan = model::diff(&current, &desired);
-                dataplane.apply(&plan).map(|()| plan)
+                dataplane.apply(&plan).map(|writes| (plan, writes))
             });
             match result {
-                Ok(plan) => {
+                Ok((plan, writes)) => {
                     info!(
                         frontends = desired.frontends.len(),
                         upserted = plan.upsert.len(),
                         removed = plan.remove.len(),
+                        kernel_writes = writes,
                         elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
                         "synced"
                     );
@@ -58,7 +60,11 @@ pub async fn run(
                     metrics
                         .programmed_frontends
                         .set(gauge(desired.frontends.len()));
-                    let slots = desired.frontends.values().map(|f| f.backends.len()).sum();
+                    let slots = desired
+                        .frontends
+                        .values()
+                        .map(|f| f.pod.backends.len())
+                        .sum();
                     metrics.programmed_backends.set(gauge(slots));
                     programmed = Some(desired);
                     health.programmed(update.generation);

@@ -2,4 +2,5 @@
 //! binary, and manifest writers. Used by the end-to-end tests and `cargo xtask demo`.
 pub mod agent;
 pub mod cluster;
+pub mod flows;
 pub mod manifests;

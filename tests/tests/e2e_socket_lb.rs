@@ -265,7 +265,7 @@ fn a_restarted_agent_takes_over_and_cleanup_removes_everything() {
         ["web-a", "web-b"]
     );
     assert!(
-        bed.agent.log_text().contains("upserted=0"),
+        bed.agent.log_text().contains("kernel_writes=0"),
         "restart rewrote the maps:\n{}",
         bed.agent.log_text()
     );

@@ -2,11 +2,8 @@
 //! `cargo xtask bless` rewrites the expected files.
 use std::{fs, path::Path};
 
-use proxy_agent::{
-    dataplane::ebpf::render,
-    model::{self, NodeInfo},
-    source::manifests::ManifestsDir,
-};
+use proxy_agent::{dataplane::ebpf::render, model, source::manifests::ManifestsDir};
+use proxy_agent_tests::flows;
 
 fn check(case: &Path, file: &str, actual: &str) -> Option<String> {
     let path = case.join(file);
@@ -36,12 +33,8 @@ fn golden_cases() {
     for case in &cases {
         let mut dir = ManifestsDir::new(&case.join("manifests"));
         dir.reload().unwrap();
-        let desired = model::build(
-            &dir.snapshot(),
-            &NodeInfo {
-                name: "node1".into(),
-            },
-        );
+        let snapshot = dir.snapshot();
+        let desired = model::build(&snapshot, &flows::node(&snapshot, "node1"));
         failures.extend(check(case, "desired.txt", &desired.to_string()));
         failures.extend(check(
             case,

@@ -18,6 +18,7 @@ pub trait Dataplane: Send {
     fn name(&self) -> &'static str;
     /// What the kernel holds now; a restart or a failed sync starts from this.
     fn programmed(&mut self) -> Result<DesiredState, DataplaneError>;
-    /// Programs the plan; on error the caller re-reads `programmed` and retries.
-    fn apply(&mut self, plan: &Plan) -> Result<(), DataplaneError>;
+    /// Programs the plan and returns how many kernel operations it took; on error the
+    /// caller re-reads `programmed` and retries.
+    fn apply(&mut self, plan: &Plan) -> Result<usize, DataplaneError>;
 }

@@ -1,36 +1,65 @@
-//! Snapshot + node → desired state, following kube-proxy's choice of frontends and
-//! endpoints. Pure: no I/O, no clock.
-use std::{collections::BTreeSet, net::IpAddr};
+//! Snapshot + node → desired state, following kube-proxy's choice of frontends, endpoint
+//! sets and masquerading per class of client. Pure: no I/O, no clock.
+use std::{net::IpAddr, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use ipnet::IpNet;
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort, ServiceSpec, ServiceStatus},
+    discovery::v1::EndpointSlice,
+};
 
 use super::{
-    snapshot::{NodeInfo, ObjectKey, Snapshot},
-    types::{Backend, DesiredState, Frontend, FrontendKey, Protocol, ServicePortName},
+    endpoints::{self, Categorized, Policies},
+    node::NodeInfo,
+    snapshot::{ObjectKey, Snapshot},
+    types::{
+        DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
+        ServicePortName,
+    },
 };
 
 /// Label joining an `EndpointSlice` to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Services carrying this label belong to another proxy (kube-proxy skips them too).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Opt-in to zone hints before `trafficDistribution` existed.
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+const ANNOTATION_TOPOLOGY_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 /// Computes what `node` must program for the cluster in `snapshot`.
 #[must_use]
-pub fn build(snapshot: &Snapshot, _node: &NodeInfo) -> DesiredState {
+pub fn build(snapshot: &Snapshot, node: &NodeInfo) -> DesiredState {
     let mut state = DesiredState::default();
     for ((namespace, name), service) in &snapshot.services {
-        if !is_proxied(service) {
+        let Some(spec) = service.spec.as_ref().filter(|_| is_proxied(service)) else {
             continue;
-        }
+        };
         let slices = slices_of(snapshot, namespace, name);
-        for ip in cluster_ips(service) {
-            add_frontends(&mut state, (namespace, name), service, ip, &slices);
+        let policies = policies(service, spec);
+        for ip in cluster_ips(spec) {
+            for port in spec.ports.iter().flatten() {
+                let ctx = PortContext {
+                    service: (namespace, name),
+                    spec,
+                    status: service.status.as_ref(),
+                    port,
+                    policies,
+                    family: ip,
+                    node,
+                };
+                ctx.add_frontends(&mut state, ip, &slices);
+            }
         }
     }
     state
 }
 
-fn is_proxied(service: &Service) -> bool {
+/// Whether kube-proxy would program this Service at all (headless and ExternalName
+/// Services stay in the snapshot for DNS).
+#[must_use]
+pub fn is_proxied(service: &Service) -> bool {
     let labelled_away = service
         .metadata
         .labels
@@ -41,10 +70,7 @@ fn is_proxied(service: &Service) -> bool {
 }
 
 /// The Service's cluster IPs (`clusterIPs`, else `clusterIP`); none when headless.
-fn cluster_ips(service: &Service) -> Vec<IpAddr> {
-    let Some(spec) = &service.spec else {
-        return Vec::new();
-    };
+fn cluster_ips(spec: &ServiceSpec) -> Vec<IpAddr> {
     let listed = spec
         .cluster_ips
         .clone()
@@ -52,6 +78,24 @@ fn cluster_ips(service: &Service) -> Vec<IpAddr> {
         .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
         .unwrap_or_default();
     listed.iter().filter_map(|ip| ip.parse().ok()).collect()
+}
+
+fn policies(service: &Service, spec: &ServiceSpec) -> Policies {
+    let annotations = service.metadata.annotations.as_ref();
+    let annotation = |key| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    let auto = |value: Option<&str>| matches!(value, Some("Auto" | "auto"));
+    Policies {
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        externally_accessible: matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
+            || spec
+                .external_ips
+                .as_ref()
+                .is_some_and(|ips| !ips.is_empty()),
+        topology_opt_in: spec.traffic_distribution.as_deref() == Some("PreferClose")
+            || auto(annotation(ANNOTATION_TOPOLOGY_MODE))
+            || auto(annotation(ANNOTATION_TOPOLOGY_HINTS)),
+    }
 }
 
 fn slices_of<'a>(snapshot: &'a Snapshot, namespace: &str, name: &str) -> Vec<&'a EndpointSlice> {
@@ -71,94 +115,190 @@ fn slices_of<'a>(snapshot: &'a Snapshot, namespace: &str, name: &str) -> Vec<&'a
         .collect()
 }
 
-fn add_frontends(
-    state: &mut DesiredState,
-    (namespace, name): (&str, &str),
-    service: &Service,
-    ip: IpAddr,
-    slices: &[&EndpointSlice],
-) {
-    let ports = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.as_deref())
-        .unwrap_or_default();
-    for port in ports {
-        let (Some(protocol), Ok(number)) = (
-            Protocol::from_k8s(port.protocol.as_deref()),
-            u16::try_from(port.port),
-        ) else {
-            continue;
-        };
-        let port_name = port.name.clone().unwrap_or_default();
-        let key = FrontendKey {
-            ip,
-            port: number,
-            protocol,
-        };
-        let frontend = Frontend {
-            service: ServicePortName {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                port: port_name.clone(),
-            },
-            backends: ready_backends(slices, &port_name, protocol, ip),
-        };
-        state.frontends.insert(key, frontend);
-    }
-}
-
-/// Ready endpoints of the slices of the frontend's address family, with the target
-/// port each slice gives the Service port's name. Sorted; duplicates across slices
-/// counted once.
-fn ready_backends(
-    slices: &[&EndpointSlice],
-    port_name: &str,
-    protocol: Protocol,
+/// One Service port of one IP family, on one node.
+struct PortContext<'a> {
+    service: (&'a str, &'a str),
+    spec: &'a ServiceSpec,
+    status: Option<&'a ServiceStatus>,
+    port: &'a ServicePort,
+    policies: Policies,
     family: IpAddr,
-) -> Vec<Backend> {
-    let address_type = if family.is_ipv4() { "IPv4" } else { "IPv6" };
-    let mut backends = BTreeSet::new();
-    for slice in slices.iter().filter(|s| s.address_type == address_type) {
-        let Some(target) = slice_port(slice, port_name, protocol) else {
-            continue;
-        };
-        for endpoint in &slice.endpoints {
-            // kube-proxy: a missing `ready` condition means ready.
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            if !ready {
-                continue;
-            }
-            backends.extend(
-                endpoint
-                    .addresses
-                    .iter()
-                    .filter_map(|a| a.parse::<IpAddr>().ok())
-                    .filter(|a| a.is_ipv4() == family.is_ipv4())
-                    .map(|ip| Backend { ip, port: target }),
-            );
-        }
-    }
-    backends.into_iter().collect()
+    node: &'a NodeInfo,
 }
 
-/// The slice's port for a Service port name (`""` matches an unnamed port).
-fn slice_port(slice: &EndpointSlice, port_name: &str, protocol: Protocol) -> Option<u16> {
-    slice.ports.as_deref()?.iter().find_map(|p| {
-        let same_name = p.name.as_deref().unwrap_or_default() == port_name;
-        let same_proto = Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol);
-        if same_name && same_proto {
-            p.port
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|&n| n != 0)
-        } else {
-            None
+impl PortContext<'_> {
+    fn add_frontends(
+        &self,
+        state: &mut DesiredState,
+        cluster_ip: IpAddr,
+        slices: &[&EndpointSlice],
+    ) {
+        let (Some(protocol), Ok(port)) = (
+            Protocol::from_k8s(self.port.protocol.as_deref()),
+            u16::try_from(self.port.port),
+        ) else {
+            return;
+        };
+        let port_name = self.port.name.clone().unwrap_or_default();
+        let candidates = endpoints::candidates(slices, &port_name, protocol, self.family);
+        let sets = endpoints::categorize(&candidates, self.policies, self.node);
+        let mut add = |ip: IpAddr, port: u16, kind: FrontendKind| {
+            let key = FrontendKey { ip, port, protocol };
+            state
+                .frontends
+                .insert(key, self.frontend(kind, &port_name, &sets));
+        };
+        add(cluster_ip, port, FrontendKind::ClusterIp);
+        if let Some(node_port) = self
+            .port
+            .node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p != 0)
+        {
+            for address in self
+                .node
+                .nodeport_addresses()
+                .filter(|a| a.is_ipv4() == self.family.is_ipv4())
+            {
+                add(address, node_port, FrontendKind::NodePort);
+            }
         }
-    })
+        for ip in self.external_ips() {
+            add(ip, port, FrontendKind::ExternalIp);
+        }
+        for ip in self.load_balancer_ips() {
+            add(ip, port, FrontendKind::LoadBalancer);
+        }
+    }
+
+    fn same_family(&self, ip: &IpAddr) -> bool {
+        ip.is_ipv4() == self.family.is_ipv4()
+    }
+
+    fn external_ips(&self) -> Vec<IpAddr> {
+        let listed = self.spec.external_ips.iter().flatten();
+        listed
+            .filter_map(|ip| ip.parse().ok())
+            .filter(|ip| self.same_family(ip))
+            .collect()
+    }
+
+    /// `status.loadBalancer.ingress[].ip`, except those in `ipMode: Proxy` (the load
+    /// balancer proxies to node ports itself, so the node must not capture its IP).
+    fn load_balancer_ips(&self) -> Vec<IpAddr> {
+        let ingress = self
+            .status
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        ingress
+            .into_iter()
+            .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_deref()?.parse().ok())
+            .filter(|ip| self.same_family(ip))
+            .collect()
+    }
+
+    fn frontend(&self, kind: FrontendKind, port_name: &str, sets: &Categorized) -> Frontend {
+        let (pod, node, external) = if kind == FrontendKind::ClusterIp {
+            self.cluster_ip_routes(sets)
+        } else {
+            self.external_routes(sets)
+        };
+        let affinity_timeout =
+            (self.spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                self.spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+            });
+        let source_ranges = if kind == FrontendKind::LoadBalancer {
+            self.source_ranges()
+        } else {
+            Vec::new()
+        };
+        Frontend {
+            service: ServicePortName {
+                namespace: self.service.0.to_owned(),
+                name: self.service.1.to_owned(),
+                port: port_name.to_owned(),
+            },
+            kind,
+            pod,
+            node,
+            external,
+            affinity_timeout,
+            source_ranges,
+            health_check_node_port: self
+                .spec
+                .health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|_| self.policies.externally_accessible && self.policies.external_local),
+        }
+    }
+
+    fn source_ranges(&self) -> Vec<IpNet> {
+        let listed = self.spec.load_balancer_source_ranges.iter().flatten();
+        listed
+            .filter_map(|r| r.trim().parse::<IpNet>().ok())
+            .filter(|r| r.addr().is_ipv4() == self.family.is_ipv4())
+            .collect()
+    }
+
+    fn verdict(local_policy: bool, sets: &Categorized) -> EmptyVerdict {
+        if local_policy && sets.has_any {
+            EmptyVerdict::Drop
+        } else {
+            EmptyVerdict::Reject
+        }
+    }
+
+    /// ClusterIP: the internal policy's endpoints for everyone; traffic from outside
+    /// the cluster CIDR is masqueraded (when the CIDR is known).
+    fn cluster_ip_routes(&self, sets: &Categorized) -> (Route, Route, Route) {
+        let local = self.policies.internal_local;
+        let backends = if local {
+            sets.local.clone()
+        } else {
+            sets.cluster.clone()
+        };
+        let verdict = Self::verdict(local, sets);
+        let off_cluster = self.node.knows_cluster_cidr();
+        (
+            Route::new(backends.clone(), false, verdict),
+            Route::new(backends.clone(), off_cluster, verdict),
+            Route::new(backends, off_cluster, verdict),
+        )
+    }
+
+    /// NodePort, external IPs and load-balancer IPs (kube-proxy's KUBE-EXT chain):
+    /// with `externalTrafficPolicy: Cluster` everyone gets every endpoint, masqueraded;
+    /// with `Local` external clients get this node's endpoints with their source kept,
+    /// while pods and the node itself are short-circuited to the cluster endpoints.
+    fn external_routes(&self, sets: &Categorized) -> (Route, Route, Route) {
+        if !self.policies.external_local {
+            let route = Route::new(sets.cluster.clone(), true, EmptyVerdict::Reject);
+            return (route.clone(), route.clone(), route);
+        }
+        let external = Route::new(sets.local.clone(), false, Self::verdict(true, sets));
+        let short_circuit = !sets.cluster.is_empty() && self.policies.uses_cluster_endpoints();
+        let cluster =
+            |masquerade| Route::new(Arc::clone(&sets.cluster), masquerade, EmptyVerdict::Reject);
+        let pod = if short_circuit && self.node.knows_cluster_cidr() {
+            cluster(false)
+        } else {
+            external.clone()
+        };
+        let node = if short_circuit {
+            cluster(true)
+        } else {
+            external.clone()
+        };
+        (pod, node, external)
+    }
 }
 
 /// The key a Kubernetes object is stored under.

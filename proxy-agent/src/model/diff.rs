@@ -28,7 +28,7 @@ pub fn diff(programmed: &DesiredState, desired: &DesiredState) -> Plan {
             programmed
                 .frontends
                 .get(key)
-                .is_none_or(|have| have.backends != want.backends)
+                .is_none_or(|have| !have.same_programming(want))
         })
         .map(|(key, want)| (*key, want.clone()))
         .collect();
@@ -57,16 +57,15 @@ mod tests {
     }
 
     fn frontend(ports: &[u16]) -> Frontend {
-        Frontend {
-            service: crate::model::ServicePortName::default(),
-            backends: ports
+        Frontend::backends_only(
+            ports
                 .iter()
                 .map(|&port| Backend {
                     ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, 1)),
                     port,
                 })
                 .collect(),
-        }
+        )
     }
 
     #[test]

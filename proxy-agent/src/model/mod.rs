@@ -1,12 +1,23 @@
-//! Pure model: snapshot of the cluster + this node → desired dataplane state, and the
-//! plan between two states. No I/O; imports neither kube nor aya.
+//! Pure model: snapshot of the cluster + this node → desired dataplane state, the plan
+//! between two states, and the packet-flow oracle every backend is checked against.
+//! No I/O; imports neither kube nor aya.
 mod build;
 mod diff;
+pub mod endpoints;
+pub mod flow;
+mod node;
 mod snapshot;
 mod types;
 pub mod validate;
 
-pub use build::{build, object_key, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
+pub use build::{
+    build, is_proxied, object_key, ANNOTATION_TOPOLOGY_MODE, DEFAULT_AFFINITY_TIMEOUT,
+    LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+};
 pub use diff::{diff, Plan};
-pub use snapshot::{NodeInfo, ObjectKey, Snapshot};
-pub use types::{Backend, DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
+pub use node::{NodeInfo, LABEL_ZONE};
+pub use snapshot::{ObjectKey, Snapshot};
+pub use types::{
+    Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
+    ServicePortName, SourceClass,
+};

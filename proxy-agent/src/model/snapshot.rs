@@ -13,9 +13,3 @@ pub struct Snapshot {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     pub nodes: BTreeMap<String, Node>,
 }
-
-/// The node a desired state is computed for.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeInfo {
-    pub name: String,
-}

@@ -1,6 +1,8 @@
 //! The desired state: what every dataplane programs and DNS reads, keyed and sorted so
 //! that renders and golden files are deterministic.
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
+
+use ipnet::IpNet;
 
 use serde::Serialize;
 
@@ -110,11 +112,124 @@ impl fmt::Display for ServicePortName {
     }
 }
 
-/// One programmed frontend: its Service and its backends, sorted and unique.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// How traffic reached a frontend's address (kube-proxy's chain kinds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::ExternalIp => "ExternalIP",
+            Self::LoadBalancer => "LoadBalancer",
+        })
+    }
+}
+
+/// What a packet gets when its route has no endpoints: kube-proxy REJECTs for a Service
+/// with no endpoints at all, and DROPs where a Local policy leaves none on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum EmptyVerdict {
+    Reject,
+    Drop,
+}
+
+/// The endpoints one class of client may reach through a frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Sorted and unique.
+    pub backends: Arc<[Backend]>,
+    /// Source NAT to the node (kube-proxy's KUBE-MARK-MASQ) for this class of client.
+    pub masquerade: bool,
+    /// The verdict when `backends` is empty.
+    pub when_empty: EmptyVerdict,
+}
+
+impl Route {
+    #[must_use]
+    pub fn new(backends: Arc<[Backend]>, masquerade: bool, when_empty: EmptyVerdict) -> Self {
+        Self {
+            backends,
+            masquerade,
+            when_empty,
+        }
+    }
+}
+
+/// Who is sending: decides which route applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum SourceClass {
+    /// An address in `--cluster-cidr`.
+    Pod,
+    /// One of this node's own addresses (or loopback).
+    Node,
+    /// Anything else.
+    External,
+}
+
+/// One programmed frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub service: ServicePortName,
-    pub backends: Vec<Backend>,
+    pub kind: FrontendKind,
+    pub pod: Route,
+    pub node: Route,
+    pub external: Route,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` (load-balancer frontends only); empty means any source.
+    pub source_ranges: Vec<IpNet>,
+    /// `healthCheckNodePort` of an `externalTrafficPolicy: Local` Service.
+    pub health_check_node_port: Option<u16>,
+}
+
+impl Frontend {
+    /// The route a class of client takes.
+    #[must_use]
+    pub fn route(&self, class: SourceClass) -> &Route {
+        match class {
+            SourceClass::Pod => &self.pod,
+            SourceClass::Node => &self.node,
+            SourceClass::External => &self.external,
+        }
+    }
+
+    /// Whether a dataplane must reprogram to go from `self` to `other` (names are not
+    /// programmed, so they do not count).
+    #[must_use]
+    pub fn same_programming(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && self.pod == other.pod
+            && self.node == other.node
+            && self.external == other.external
+            && self.affinity_timeout == other.affinity_timeout
+            && self.source_ranges == other.source_ranges
+            && self.health_check_node_port == other.health_check_node_port
+    }
+
+    /// The same frontend with every route going to `backends`, no masquerade, REJECT
+    /// when empty: what a dataplane that keeps only backends (the socket LB maps)
+    /// restores after a restart.
+    #[must_use]
+    pub fn backends_only(backends: Vec<Backend>) -> Self {
+        let route = Route::new(backends.into(), false, EmptyVerdict::Reject);
+        Self {
+            service: ServicePortName::default(),
+            kind: FrontendKind::ClusterIp,
+            pod: route.clone(),
+            node: route.clone(),
+            external: route,
+            affinity_timeout: None,
+            source_ranges: Vec::new(),
+            health_check_node_port: None,
+        }
+    }
 }
 
 /// Everything a dataplane must program on one node.
@@ -123,15 +238,45 @@ pub struct DesiredState {
     pub frontends: BTreeMap<FrontendKey, Frontend>,
 }
 
+fn write_route(f: &mut fmt::Formatter<'_>, who: &str, route: &Route) -> fmt::Result {
+    write!(f, "  {who:<8}")?;
+    if route.masquerade {
+        write!(f, " masquerade")?;
+    }
+    if route.backends.is_empty() {
+        return writeln!(f, " {:?} (no endpoints)", route.when_empty);
+    }
+    for backend in route.backends.iter() {
+        write!(f, " {backend}")?;
+    }
+    writeln!(f)
+}
+
 impl fmt::Display for DesiredState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (key, frontend) in &self.frontends {
-            writeln!(f, "{key} {}", frontend.service)?;
-            if frontend.backends.is_empty() {
-                writeln!(f, "  (no backends: reject)")?;
+            write!(f, "{key} {} {}", frontend.kind, frontend.service)?;
+            if let Some(timeout) = frontend.affinity_timeout {
+                write!(f, " affinity={timeout}s")?;
             }
-            for backend in &frontend.backends {
-                writeln!(f, "  -> {backend}")?;
+            if !frontend.source_ranges.is_empty() {
+                let ranges: Vec<String> = frontend
+                    .source_ranges
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                write!(f, " sourceRanges={}", ranges.join(","))?;
+            }
+            if let Some(port) = frontend.health_check_node_port {
+                write!(f, " healthCheckNodePort={port}")?;
+            }
+            writeln!(f)?;
+            if frontend.pod == frontend.node && frontend.node == frontend.external {
+                write_route(f, "all", &frontend.pod)?;
+            } else {
+                write_route(f, "pod", &frontend.pod)?;
+                write_route(f, "node", &frontend.node)?;
+                write_route(f, "external", &frontend.external)?;
             }
         }
         Ok(())

@@ -65,7 +65,7 @@ impl super::Dataplane for EbpfDataplane {
         Ok(self.writer.programmed())
     }
 
-    fn apply(&mut self, plan: &Plan) -> Result<(), super::DataplaneError> {
+    fn apply(&mut self, plan: &Plan) -> Result<usize, super::DataplaneError> {
         Ok(self.writer.apply(plan)?)
     }
 }

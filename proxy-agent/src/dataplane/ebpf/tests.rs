@@ -8,7 +8,7 @@ use super::{
     store::{MapContents, MapStore},
     EbpfError, MapWriter,
 };
-use crate::model::{diff, Backend, DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
+use crate::model::{diff, Backend, DesiredState, Frontend, FrontendKey, Protocol};
 
 /// An in-memory store that checks, after every operation, what a packet could see.
 #[derive(Default)]
@@ -104,13 +104,9 @@ fn state(frontends: &[(FrontendKey, &[u8])]) -> DesiredState {
                 port: 8080,
             })
             .collect();
-        state.frontends.insert(
-            *key,
-            Frontend {
-                service: ServicePortName::default(),
-                backends,
-            },
-        );
+        state
+            .frontends
+            .insert(*key, Frontend::backends_only(backends));
     }
     state
 }

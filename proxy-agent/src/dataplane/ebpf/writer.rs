@@ -10,7 +10,7 @@ use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, MAX_BACKENDS, M
 use tracing::debug;
 
 use super::{ids::IdAllocator, store::MapStore, EbpfError};
-use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Plan, Protocol, ServicePortName};
+use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Plan, Protocol};
 
 /// A backend as the maps identify it.
 type BackendKey = (Ipv4Addr, u16, u8);
@@ -29,6 +29,8 @@ pub struct MapWriter<S> {
     backends: HashMap<u32, (Backend4, u32)>,
     backend_alloc: IdAllocator,
     revnat_alloc: IdAllocator,
+    /// Map operations performed so far.
+    writes: usize,
 }
 
 impl<S: MapStore> MapWriter<S> {
@@ -42,6 +44,7 @@ impl<S: MapStore> MapWriter<S> {
             backends: HashMap::new(),
             backend_alloc: IdAllocator::new(MAX_BACKENDS),
             revnat_alloc: IdAllocator::new(MAX_REVNAT - 1),
+            writes: 0,
         };
         for (&id, backend) in &contents.backends {
             writer.backend_alloc.take(id);
@@ -98,19 +101,21 @@ impl<S: MapStore> MapWriter<S> {
                         port: u16::from_be(b.port_be),
                     })
                     .collect();
-                (
-                    *key,
-                    Frontend {
-                        service: ServicePortName::default(),
-                        backends,
-                    },
-                )
+                (*key, Frontend::backends_only(backends))
             })
             .collect();
         DesiredState { frontends }
     }
 
-    pub fn apply(&mut self, plan: &Plan) -> Result<(), EbpfError> {
+    /// The store, counting one more map operation.
+    fn write(&mut self) -> &mut S {
+        self.writes += 1;
+        &mut self.store
+    }
+
+    /// Programs the plan; returns how many map operations it took.
+    pub fn apply(&mut self, plan: &Plan) -> Result<usize, EbpfError> {
+        let before = self.writes;
         for key in &plan.remove {
             self.remove(key)?;
         }
@@ -121,7 +126,7 @@ impl<S: MapStore> MapWriter<S> {
                 debug!(frontend = %key, "IPv6 frontends are not programmed by the eBPF dataplane yet");
             }
         }
-        Ok(())
+        Ok(self.writes - before)
     }
 
     #[must_use]
@@ -135,11 +140,11 @@ impl<S: MapStore> MapWriter<S> {
         };
         let proto = key.protocol.number();
         let limit = usize::from(u16::MAX);
-        if frontend.backends.len() > limit {
-            tracing::warn!(frontend = %key, backends = frontend.backends.len(), limit, "too many backends; extra ones ignored");
+        if frontend.pod.backends.len() > limit {
+            tracing::warn!(frontend = %key, backends = frontend.pod.backends.len(), limit, "too many backends; extra ones ignored");
         }
-        let mut ids = Vec::with_capacity(frontend.backends.len().min(limit));
-        for backend in frontend.backends.iter().take(limit) {
+        let mut ids = Vec::with_capacity(frontend.pod.backends.len().min(limit));
+        for backend in frontend.pod.backends.iter().take(limit) {
             ids.push(self.acquire_backend(backend, proto)?);
         }
         let old = self.frontends.get(key).cloned();
@@ -155,7 +160,7 @@ impl<S: MapStore> MapWriter<S> {
                     backend_slot: slot_number(i + 1),
                     ..base
                 };
-                self.store.put_service(
+                self.write().put_service(
                     &slot,
                     &ServiceValue {
                         backend_id: *id,
@@ -171,10 +176,10 @@ impl<S: MapStore> MapWriter<S> {
                 rev_nat_index: rev_nat,
                 ..Default::default()
             };
-            self.store.put_service(&base, &front)?;
+            self.write().put_service(&base, &front)?;
         }
         for i in ids.len()..old_slots.len() {
-            self.store.del_service(&Service4Key {
+            self.write().del_service(&Service4Key {
                 backend_slot: slot_number(i + 1),
                 ..base
             })?;
@@ -197,14 +202,14 @@ impl<S: MapStore> MapWriter<S> {
             return Ok(());
         };
         let base = service_key(ip, key.port, key.protocol.number(), 0);
-        self.store.del_service(&base)?;
+        self.write().del_service(&base)?;
         for i in 0..old.slots.len() {
-            self.store.del_service(&Service4Key {
+            self.write().del_service(&Service4Key {
                 backend_slot: slot_number(i + 1),
                 ..base
             })?;
         }
-        self.store.del_revnat(old.rev_nat)?;
+        self.write().del_revnat(old.rev_nat)?;
         self.revnat_alloc.release(u32::from(old.rev_nat));
         for id in old.slots {
             self.release_backend(id)?;
@@ -223,7 +228,7 @@ impl<S: MapStore> MapWriter<S> {
             port_be: port.to_be(),
             pad: 0,
         };
-        self.store.put_revnat(index, &value)?;
+        self.write().put_revnat(index, &value)?;
         Ok(index)
     }
 
@@ -249,7 +254,7 @@ impl<S: MapStore> MapWriter<S> {
             proto,
             flags: 0,
         };
-        self.store.put_backend(id, &value)?;
+        self.write().put_backend(id, &value)?;
         self.backend_ids.insert(key, id);
         self.backends.insert(id, (value, 1));
         Ok(id)
@@ -266,7 +271,7 @@ impl<S: MapStore> MapWriter<S> {
             self.backends.remove(&id);
             self.backend_ids.remove(&key);
             self.backend_alloc.release(id);
-            self.store.del_backend(id)?;
+            self.write().del_backend(id)?;
         }
         Ok(())
     }
