@@ -45,6 +45,27 @@ pub enum Command {
     Render(RenderArgs),
     /// Remove everything the agent installs.
     Cleanup(CleanupArgs),
+    /// Explain what happens to a connection: the frontend, each endpoint, the verdict.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Client address.
+    #[arg(long)]
+    pub from: std::net::IpAddr,
+    /// Destination as IP:PORT[/tcp|udp|sctp] (IPv6 as [IP]:PORT).
+    #[arg(long)]
+    pub to: String,
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[arg(long)]
+    pub node_name: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    cli::{CleanupArgs, DataplaneKind, RenderArgs, RunArgs},
+    cli::{CleanupArgs, DataplaneKind, RenderArgs, RunArgs, TraceArgs},
     dataplane::{ebpf, system, Dataplane, DataplaneError},
     health::{self, Health},
     metrics::{self, Metrics},
@@ -111,6 +111,39 @@ pub fn render(args: &RenderArgs) -> Result<()> {
         }
         DataplaneKind::None => print!("{desired}"),
         DataplaneKind::Nftables => bail!("the nftables dataplane is not built yet"),
+    }
+    Ok(())
+}
+
+pub fn trace(args: &TraceArgs) -> Result<()> {
+    let (address, protocol) = match args.to.rsplit_once('/') {
+        Some((address, proto)) => (address, proto.to_uppercase()),
+        None => (args.to.as_str(), "TCP".to_owned()),
+    };
+    let destination: std::net::SocketAddr = address
+        .parse()
+        .with_context(|| format!("--to {address}: want IP:PORT or [IP]:PORT"))?;
+    let protocol = model::Protocol::from_k8s(Some(&protocol))
+        .with_context(|| format!("--to protocol {protocol}: want tcp, udp or sctp"))?;
+    let mut dir = ManifestsDir::new(&args.manifests);
+    dir.reload()?;
+    let snapshot = dir.snapshot();
+    let node = args
+        .node
+        .node_info(&args.node_name)
+        .with_node_object(&snapshot);
+    let state = model::build(&snapshot, &node);
+    let packet = model::flow::Packet {
+        source: args.from,
+        protocol,
+        destination: destination.ip(),
+        port: destination.port(),
+    };
+    let trace = model::explain::trace(&snapshot, &state, &node, packet);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&trace)?);
+    } else {
+        print!("{trace}");
     }
     Ok(())
 }

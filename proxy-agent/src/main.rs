@@ -36,5 +36,6 @@ fn main() -> anyhow::Result<()> {
             .block_on(commands::run(args)),
         Command::Render(args) => commands::render(&args),
         Command::Cleanup(args) => commands::cleanup(&args),
+        Command::Trace(args) => commands::trace(&args),
     }
 }

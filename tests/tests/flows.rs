@@ -45,3 +45,93 @@ fn the_model_passes_every_packet_flow_case() {
     assert!(outcomes.contains("PASS") && outcomes.contains("REJECT") && outcomes.contains("DROP"));
     println!("{} packet-flow cases pass", cases.len());
 }
+
+#[test]
+fn trace_explains_every_packet_flow_case() {
+    let snapshot = flows::snapshot();
+    let cases = flows::cases();
+    let nodes = flows::nodes(&snapshot, &cases);
+    let mut explained = 0;
+    for case in &cases {
+        let node = &nodes[&case.node];
+        let state = model::build(&snapshot, node);
+        let trace = model::explain::trace(&snapshot, &state, node, case.packet);
+        let text = trace.to_string();
+        assert_eq!(
+            trace.verdict, case.expected,
+            "cases.txt:{}:\n{text}",
+            case.line
+        );
+        assert!(
+            !trace.reason.is_empty(),
+            "cases.txt:{}: no reason\n{text}",
+            case.line
+        );
+        for endpoint in &trace.endpoints {
+            let why = endpoint.excluded_because.as_deref().unwrap_or("eligible");
+            assert!(
+                !why.starts_with("not in the endpoint set"),
+                "cases.txt:{}: unexplained exclusion\n{text}",
+                case.line
+            );
+        }
+        if trace.frontend.is_some() {
+            assert!(
+                text.contains("endpoints\n") && text.contains("verdict"),
+                "cases.txt:{}:\n{text}",
+                case.line
+            );
+            explained += 1;
+        }
+    }
+    println!("{explained} frontends explained over {} cases", cases.len());
+}
+
+#[test]
+fn the_trace_command_prints_the_decision() {
+    let out = std::process::Command::new(proxy_agent_tests::agent::agent_bin())
+        .args([
+            "trace",
+            "--from",
+            "203.0.113.5",
+            "--to",
+            "10.100.0.1:30008/tcp",
+            "--node-name",
+            "node1",
+        ])
+        .args(["--cluster-cidr", "10.244.0.0/16", "--json", "--manifests"])
+        .arg(flows::dir().join("cluster"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["verdict"], "DROP");
+    assert_eq!(json["service"], "default/np-remote:http");
+    assert_eq!(
+        json["endpoints"][0]["excluded_because"],
+        "on node2, not node1, and externalTrafficPolicy is Local"
+    );
+    let text = std::process::Command::new(proxy_agent_tests::agent::agent_bin())
+        .args([
+            "trace",
+            "--from",
+            "10.244.1.50",
+            "--to",
+            "[fd00:10:96::20]:80",
+            "--node-name",
+            "node1",
+            "--manifests",
+        ])
+        .arg(flows::dir().join("cluster"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("[fd00:10:244:2::21]:8080") && text.contains("eligible"),
+        "{text}"
+    );
+}

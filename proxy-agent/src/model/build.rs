@@ -14,7 +14,7 @@ use super::{
     snapshot::{ObjectKey, Snapshot},
     types::{
         DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
-        ServicePortName,
+        ServicePortName, SourceClass,
     },
 };
 
@@ -37,7 +37,7 @@ pub fn build(snapshot: &Snapshot, node: &NodeInfo) -> DesiredState {
             continue;
         };
         let slices = slices_of(snapshot, namespace, name);
-        let policies = policies(service, spec);
+        let policies = policies_of(service, spec);
         for ip in cluster_ips(spec) {
             for port in spec.ports.iter().flatten() {
                 let ctx = PortContext {
@@ -80,7 +80,8 @@ fn cluster_ips(spec: &ServiceSpec) -> Vec<IpAddr> {
     listed.iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
-fn policies(service: &Service, spec: &ServiceSpec) -> Policies {
+/// The Service-level settings endpoint choice depends on.
+pub(super) fn policies_of(service: &Service, spec: &ServiceSpec) -> Policies {
     let annotations = service.metadata.annotations.as_ref();
     let annotation = |key| annotations.and_then(|a| a.get(key)).map(String::as_str);
     let auto = |value: Option<&str>| matches!(value, Some("Auto" | "auto"));
@@ -98,7 +99,12 @@ fn policies(service: &Service, spec: &ServiceSpec) -> Policies {
     }
 }
 
-fn slices_of<'a>(snapshot: &'a Snapshot, namespace: &str, name: &str) -> Vec<&'a EndpointSlice> {
+/// The `EndpointSlice`s of a Service, joined by the service-name label.
+pub(super) fn slices_of<'a>(
+    snapshot: &'a Snapshot,
+    namespace: &str,
+    name: &str,
+) -> Vec<&'a EndpointSlice> {
     snapshot
         .endpoint_slices
         .iter()
@@ -200,11 +206,9 @@ impl PortContext<'_> {
     }
 
     fn frontend(&self, kind: FrontendKind, port_name: &str, sets: &Categorized) -> Frontend {
-        let (pod, node, external) = if kind == FrontendKind::ClusterIp {
-            self.cluster_ip_routes(sets)
-        } else {
-            self.external_routes(sets)
-        };
+        let pod = self.route(kind, SourceClass::Pod, sets);
+        let node = self.route(kind, SourceClass::Node, sets);
+        let external = self.route(kind, SourceClass::External, sets);
         let affinity_timeout =
             (self.spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
                 self.spec
@@ -256,48 +260,47 @@ impl PortContext<'_> {
         }
     }
 
-    /// ClusterIP: the internal policy's endpoints for everyone; traffic from outside
-    /// the cluster CIDR is masqueraded (when the CIDR is known).
-    fn cluster_ip_routes(&self, sets: &Categorized) -> (Route, Route, Route) {
-        let local = self.policies.internal_local;
+    /// The route one class of client takes (kube-proxy's KUBE-SVC / KUBE-SVL / KUBE-EXT).
+    fn route(&self, kind: FrontendKind, class: SourceClass, sets: &Categorized) -> Route {
+        let local = uses_local_set(kind, class, self.policies, sets, self.node);
         let backends = if local {
-            sets.local.clone()
+            Arc::clone(&sets.local)
         } else {
-            sets.cluster.clone()
+            Arc::clone(&sets.cluster)
         };
-        let verdict = Self::verdict(local, sets);
-        let off_cluster = self.node.knows_cluster_cidr();
-        (
-            Route::new(backends.clone(), false, verdict),
-            Route::new(backends.clone(), off_cluster, verdict),
-            Route::new(backends, off_cluster, verdict),
-        )
+        let masquerade = match kind {
+            // Traffic to a ClusterIP from outside the cluster CIDR (when it is known).
+            FrontendKind::ClusterIp => class != SourceClass::Pod && self.node.knows_cluster_cidr(),
+            // externalTrafficPolicy Cluster masquerades everyone; Local keeps client
+            // addresses, but the node's own traffic sent to every endpoint is masqueraded.
+            _ => !self.policies.external_local || (class == SourceClass::Node && !local),
+        };
+        Route::new(backends, masquerade, Self::verdict(local, sets))
     }
+}
 
-    /// NodePort, external IPs and load-balancer IPs (kube-proxy's KUBE-EXT chain):
-    /// with `externalTrafficPolicy: Cluster` everyone gets every endpoint, masqueraded;
-    /// with `Local` external clients get this node's endpoints with their source kept,
-    /// while pods and the node itself are short-circuited to the cluster endpoints.
-    fn external_routes(&self, sets: &Categorized) -> (Route, Route, Route) {
-        if !self.policies.external_local {
-            let route = Route::new(sets.cluster.clone(), true, EmptyVerdict::Reject);
-            return (route.clone(), route.clone(), route);
-        }
-        let external = Route::new(sets.local.clone(), false, Self::verdict(true, sets));
-        let short_circuit = !sets.cluster.is_empty() && self.policies.uses_cluster_endpoints();
-        let cluster =
-            |masquerade| Route::new(Arc::clone(&sets.cluster), masquerade, EmptyVerdict::Reject);
-        let pod = if short_circuit && self.node.knows_cluster_cidr() {
-            cluster(false)
-        } else {
-            external.clone()
-        };
-        let node = if short_circuit {
-            cluster(true)
-        } else {
-            external.clone()
-        };
-        (pod, node, external)
+/// Whether a class of client is served from this node's endpoints only. ClusterIP
+/// follows `internalTrafficPolicy`; the external kinds follow `externalTrafficPolicy`,
+/// except that with `Local` pods and the node itself are short-circuited to every
+/// endpoint when the Service uses cluster-wide endpoints at all.
+pub(super) fn uses_local_set(
+    kind: FrontendKind,
+    class: SourceClass,
+    policies: Policies,
+    sets: &Categorized,
+    node: &NodeInfo,
+) -> bool {
+    if kind == FrontendKind::ClusterIp {
+        return policies.internal_local;
+    }
+    if !policies.external_local {
+        return false;
+    }
+    let short_circuit = !sets.cluster.is_empty() && policies.uses_cluster_endpoints();
+    match class {
+        SourceClass::External => true,
+        SourceClass::Pod => !(short_circuit && node.knows_cluster_cidr()),
+        SourceClass::Node => !short_circuit,
     }
 }
 

@@ -4,6 +4,7 @@
 mod build;
 mod diff;
 pub mod endpoints;
+pub mod explain;
 pub mod flow;
 mod node;
 mod snapshot;
