@@ -108,9 +108,13 @@ pub struct RunArgs {
     /// Read the cluster from a directory of manifests instead of the API server.
     #[arg(long)]
     pub manifests: Option<PathBuf>,
-    /// API server credentials.
+    /// API server credentials (default: in-cluster config, else `~/.kube/config`).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// How long a change from the API server waits for others before it is programmed,
+    /// so a burst costs one sync.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub min_sync_period: std::time::Duration,
     /// Which backend programs the kernel.
     #[arg(long, value_enum, default_value_t = DataplaneKind::Auto)]
     pub dataplane: DataplaneKind,

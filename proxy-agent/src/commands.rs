@@ -68,9 +68,6 @@ fn start_dataplane(args: &RunArgs) -> Result<Box<dyn Dataplane>> {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    let Some(dir) = args.manifests.clone() else {
-        bail!("the Kubernetes API source is not built yet; pass --manifests DIR");
-    };
     let node = args.node.node_info(&node_name(args.node_name.clone()));
     let dataplane = start_dataplane(&args)?;
     let health = Arc::new(Health::new(
@@ -81,7 +78,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let server = tokio::spawn(health::serve(args.healthz_bind_address, health.clone()));
     let metrics_server = tokio::spawn(metrics::serve(args.metrics_bind_address, metrics.clone()));
     let (tx, rx) = watch::channel(SourceUpdate::default());
-    let source = tokio::spawn(source::manifests::run(dir, tx));
+    let source = if let Some(dir) = args.manifests.clone() {
+        tokio::spawn(source::manifests::run(dir, tx))
+    } else {
+        let client = source::kube::client(args.kubeconfig.as_deref()).await?;
+        info!(node = %node.name, "watching the Kubernetes API");
+        tokio::spawn(source::kube::run(
+            client,
+            node.name.clone(),
+            tx,
+            args.min_sync_period,
+        ))
+    };
     let sync = tokio::spawn(sync::run(rx, dataplane, node.clone(), health, metrics));
     info!(node = %node.name, "agent running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -39,11 +39,22 @@ pub struct Agent {
     pub log: PathBuf,
     pub bpffs: PathBuf,
     pub cgroup_root: PathBuf,
+    source: Vec<String>,
 }
 
 impl Agent {
     /// Starts the agent on `node` reading `manifests`, and waits for `/healthz` 200.
     pub fn start(cluster: &mut Cluster, node: &str, manifests: &Path) -> Self {
+        Self::start_with(
+            cluster,
+            node,
+            &["--manifests".into(), manifests.display().to_string()],
+        )
+    }
+
+    /// Starts the agent on `node` with `source` arguments (`--manifests DIR` or
+    /// `--kubeconfig FILE`), and waits for `/healthz` 200.
+    pub fn start_with(cluster: &mut Cluster, node: &str, source: &[String]) -> Self {
         let bin = agent_bin();
         assert!(
             bin.exists(),
@@ -58,37 +69,34 @@ impl Agent {
             log,
             bpffs,
             cgroup_root,
+            source: source.to_vec(),
         };
-        agent.spawn(cluster, manifests);
+        agent.respawn(cluster);
         agent.wait_healthy(cluster);
         agent
     }
 
-    /// Starts another agent process for the same node (a restart or upgrade).
-    pub fn spawn(&self, cluster: &mut Cluster, manifests: &Path) {
+    /// Starts another agent process for the same node with the same source (a restart
+    /// or upgrade).
+    pub fn respawn(&self, cluster: &mut Cluster) {
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let (bpffs, cgroup) = (
-            self.bpffs.display().to_string(),
-            self.cgroup_root.display().to_string(),
-        );
-        let args = [
+        let mut args = vec![
             agent_bin().display().to_string(),
             "run".into(),
             "--node-name".into(),
             self.node.clone(),
-            "--manifests".into(),
-            manifests.display().to_string(),
             "--cgroup-root".into(),
-            cgroup,
+            self.cgroup_root.display().to_string(),
             "--bpffs".into(),
-            bpffs,
+            self.bpffs.display().to_string(),
             "--healthz-bind-address".into(),
             "127.0.0.1:10256".into(),
         ];
+        args.extend(self.source.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         cluster.spawn_on_node(&self.node, "agent", &args, Stdio::from(file));
     }

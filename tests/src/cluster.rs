@@ -326,6 +326,21 @@ impl Cluster {
             .collect()
     }
 
+    /// A TCP listener bound to `addr` inside the LAN namespace (the sink router, reachable
+    /// from every node), for servers the test process runs itself.
+    #[must_use]
+    pub fn listen_on_lan(&self, addr: &str) -> std::net::TcpListener {
+        let netns = fs::File::open(format!("/run/netns/{}", self.lan())).expect("lan netns");
+        let addr = addr.to_owned();
+        // A fresh thread enters the namespace; the socket keeps it after the thread ends.
+        std::thread::spawn(move || {
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            std::net::TcpListener::bind(addr).expect("bind in lan")
+        })
+        .join()
+        .expect("listener thread")
+    }
+
     /// A scratch directory (manifests, logs) removed with the cluster.
     #[must_use]
     pub fn scratch(&self) -> PathBuf {

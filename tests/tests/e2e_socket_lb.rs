@@ -11,12 +11,10 @@ use proxy_agent_tests::{
     agent::{agent_bin, testpod_bin, Agent},
     cluster::Cluster,
     manifests::{self, Endpoint},
+    scenarios::{self, ECHO_IP, POD_PORTS, SVC_PORTS},
 };
 
-const ECHO_IP: &str = "10.96.0.50";
 const EMPTY_IP: &str = "10.96.0.51";
-const SVC_PORTS: [(&str, &str, u16); 2] = [("http", "TCP", 80), ("dns", "UDP", 53)];
-const POD_PORTS: [(&str, &str, u16); 2] = [("http", "TCP", 8080), ("dns", "UDP", 5353)];
 
 struct Bed {
     cluster: Cluster,
@@ -31,22 +29,10 @@ fn endpoints(ready: &[(&'static str, bool, &'static str)]) -> Vec<Endpoint<'stat
         .collect()
 }
 
-/// Two nodes; web-a on node1 and web-b on node2 ready, web-c on node2 not ready; the
-/// client pod on node1; the agent serving node1.
+/// The echo cluster with the agent serving node1 from a manifests directory: web-a
+/// and web-b ready, web-c not ready.
 fn setup(tag: &str) -> Bed {
-    let mut cluster = Cluster::new(tag);
-    cluster.add_node("node1", 1);
-    cluster.add_node("node2", 2);
-    let testpod = testpod_bin().display().to_string();
-    for (node, pod, host) in [
-        ("node1", "web-a", 2),
-        ("node2", "web-b", 2),
-        ("node2", "web-c", 3),
-    ] {
-        cluster.add_pod(node, pod, host);
-        cluster.spawn_in_pod(pod, &[&testpod, "serve", pod, "tcp:8080", "udp:5353"]);
-    }
-    cluster.add_pod("node1", "client", 10);
+    let mut cluster = scenarios::echo_cluster(tag);
     let dir = cluster.scratch().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     manifests::write(
@@ -83,17 +69,8 @@ fn write_echo_slice(dir: &std::path::Path, eps: &[(&'static str, bool, &'static 
     );
 }
 
-/// `count` requests from the client pod; one output line each.
 fn requests(bed: &Bed, proto: &str, to: &str, count: usize) -> Vec<String> {
-    let testpod = testpod_bin().display().to_string();
-    bed.cluster
-        .run_in_pod(
-            "client",
-            &[&testpod, "request", proto, to, &count.to_string()],
-        )
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    scenarios::requests(&bed.cluster, proto, to, count)
 }
 
 /// Pods that answered, with counts; panics on any failed request.
@@ -258,7 +235,7 @@ fn a_restarted_agent_takes_over_and_cleanup_removes_everything() {
         ["web-a", "web-b"]
     );
     // A new agent restores the maps and replaces the links without a gap.
-    bed.agent.spawn(&mut bed.cluster, &bed.dir);
+    bed.agent.respawn(&mut bed.cluster);
     bed.agent.wait_healthy(&bed.cluster);
     assert_eq!(
         names(&answered_by(&requests(&bed, "tcp", &to, 20), &to)),
@@ -319,7 +296,7 @@ fn replacing_the_agent_fails_no_connection() {
         exits.iter().all(std::process::ExitStatus::success),
         "{exits:?}"
     );
-    bed.agent.spawn(&mut bed.cluster, &bed.dir);
+    bed.agent.respawn(&mut bed.cluster);
     bed.agent.wait_healthy(&bed.cluster);
     let output = client.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&output.stdout);

@@ -1,5 +1,6 @@
 //! Sources fill a snapshot of the cluster and signal each change; the snapshot, not
 //! the event stream, is the truth.
+pub mod kube;
 pub mod manifests;
 pub mod parse;
 
@@ -21,6 +22,8 @@ pub struct SourceUpdate {
 pub enum SourceError {
     #[error("cannot read manifests directory {0}: {1}")]
     ReadDir(PathBuf, #[source] std::io::Error),
+    #[error("Kubernetes API client: {0}")]
+    Kube(String),
     #[error("cannot watch manifests directory: {0}")]
     Watch(#[source] notify::Error),
 }

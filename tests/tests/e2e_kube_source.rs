@@ -1,0 +1,88 @@
+//! End to end through the Kubernetes API source: the real agent on node1 watches the
+//! fake API server (served from the LAN namespace), and real packets follow its changes.
+use std::time::{Duration, Instant};
+
+use proxy_agent_tests::{
+    agent::Agent,
+    fake_api::{FakeApi, ENDPOINT_SLICES, NODES, SERVICES},
+    scenarios::{self, ECHO_IP},
+};
+use serde_json::{json, Value};
+
+fn echo_service() -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
+           "spec": {"clusterIP": ECHO_IP, "clusterIPs": [ECHO_IP], "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}})
+}
+
+fn echo_slice(ready: &[&str]) -> Value {
+    let endpoints: Vec<Value> = ready
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "echo-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "echo"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+}
+
+fn answered(cluster: &proxy_agent_tests::cluster::Cluster) -> Vec<String> {
+    let mut pods: Vec<String> = scenarios::requests(cluster, "tcp", &format!("{ECHO_IP}:80"), 20)
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_owned())
+        .collect();
+    pods.sort();
+    pods.dedup();
+    pods
+}
+
+#[test]
+fn the_agent_follows_the_api_server() {
+    let mut cluster = scenarios::echo_cluster("kube");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = cluster.listen_on_lan("10.100.0.254:0");
+    let api = runtime.block_on(async { FakeApi::start_on(listener) });
+    api.upsert(SERVICES, echo_service());
+    api.upsert(ENDPOINT_SLICES, echo_slice(&["10.244.1.2", "10.244.2.2"]));
+    api.upsert(
+        NODES,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}}),
+    );
+    let kubeconfig = cluster.scratch().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let agent = Agent::start_with(
+        &mut cluster,
+        "node1",
+        &["--kubeconfig".into(), kubeconfig.display().to_string()],
+    );
+    assert_eq!(
+        answered(&cluster),
+        ["web-a", "web-b"],
+        "{}",
+        agent.log_text()
+    );
+    // An EndpointSlice change on the API server reaches new connections within a second.
+    api.upsert(ENDPOINT_SLICES, echo_slice(&["10.244.2.3"]));
+    let started = Instant::now();
+    while answered(&cluster) != ["web-c"] {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "change not live after 1 s:\n{}",
+            agent.log_text()
+        );
+    }
+    println!("API change live after {:?}", started.elapsed());
+    // A dropped watch with compacted history forces a relist; the state still converges.
+    api.compact();
+    api.upsert(ENDPOINT_SLICES, echo_slice(&["10.244.1.2"]));
+    api.disconnect_watches();
+    let started = Instant::now();
+    while answered(&cluster) != ["web-a"] {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no convergence after relist:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(api.counters().watches >= 4, "{:?}", api.counters());
+    drop(runtime);
+}
