@@ -57,12 +57,17 @@ pub struct TraceArgs {
     /// Destination as IP:PORT[/tcp|udp|sctp] (IPv6 as [IP]:PORT).
     #[arg(long)]
     pub to: String,
+    /// Explain offline from a manifests directory (with `--node-name`) instead of
+    /// asking the running agent.
+    #[arg(long, requires = "node_name")]
+    pub manifests: Option<PathBuf>,
     #[arg(long)]
-    pub manifests: PathBuf,
-    #[arg(long)]
-    pub node_name: String,
+    pub node_name: Option<String>,
     #[command(flatten)]
     pub node: NodeArgs,
+    /// The running agent's metrics address, asked when `--manifests` is absent.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub agent: std::net::SocketAddr,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -10,6 +10,7 @@ use crate::{
     cli::{CleanupArgs, DataplaneKind, RenderArgs, RunArgs, TraceArgs},
     dataplane::{ebpf, system, Dataplane, DataplaneError},
     health::{self, Health},
+    introspect::{self, Live},
     metrics::{self, Metrics},
     model::{self, DesiredState, Plan},
     source::{self, manifests::ManifestsDir, SourceUpdate},
@@ -75,8 +76,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         Duration::from_secs(args.healthz_stale_after),
     ));
     let metrics = Arc::new(Metrics::new(dataplane.name()));
+    let live = Arc::new(Live::default());
     let server = tokio::spawn(health::serve(args.healthz_bind_address, health.clone()));
-    let metrics_server = tokio::spawn(metrics::serve(args.metrics_bind_address, metrics.clone()));
+    let metrics_server = tokio::spawn(metrics::serve(
+        args.metrics_bind_address,
+        metrics.clone(),
+        live.clone(),
+    ));
     let (tx, rx) = watch::channel(SourceUpdate::default());
     let source = if let Some(dir) = args.manifests.clone() {
         tokio::spawn(source::manifests::run(dir, tx))
@@ -90,7 +96,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.min_sync_period,
         ))
     };
-    let sync = tokio::spawn(sync::run(rx, dataplane, node.clone(), health, metrics));
+    let sync = tokio::spawn(sync::run(
+        rx,
+        dataplane,
+        node.clone(),
+        health,
+        metrics,
+        live,
+    ));
     info!(node = %node.name, "agent running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -124,36 +137,72 @@ pub fn render(args: &RenderArgs) -> Result<()> {
 }
 
 pub fn trace(args: &TraceArgs) -> Result<()> {
-    let (address, protocol) = match args.to.rsplit_once('/') {
-        Some((address, proto)) => (address, proto.to_uppercase()),
-        None => (args.to.as_str(), "TCP".to_owned()),
+    let trace = match (&args.manifests, &args.node_name) {
+        (Some(dir), Some(node_name)) => trace_offline(args, dir, node_name)?,
+        _ => trace_live(args)?,
     };
-    let destination: std::net::SocketAddr = address
-        .parse()
-        .with_context(|| format!("--to {address}: want IP:PORT or [IP]:PORT"))?;
-    let protocol = model::Protocol::from_k8s(Some(&protocol))
-        .with_context(|| format!("--to protocol {protocol}: want tcp, udp or sctp"))?;
-    let mut dir = ManifestsDir::new(&args.manifests);
-    dir.reload()?;
-    let snapshot = dir.snapshot();
-    let node = args
-        .node
-        .node_info(&args.node_name)
-        .with_node_object(&snapshot);
-    let state = model::build(&snapshot, &node);
-    let packet = model::flow::Packet {
-        source: args.from,
-        protocol,
-        destination: destination.ip(),
-        port: destination.port(),
-    };
-    let trace = model::explain::trace(&snapshot, &state, &node, packet);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&trace)?);
     } else {
         print!("{trace}");
     }
     Ok(())
+}
+
+fn trace_offline(args: &TraceArgs, dir: &Path, node_name: &str) -> Result<model::explain::Trace> {
+    let (destination, port, protocol) =
+        introspect::parse_destination(&args.to).map_err(anyhow::Error::msg)?;
+    let mut manifests = ManifestsDir::new(dir);
+    manifests.reload()?;
+    let snapshot = manifests.snapshot();
+    let node = args.node.node_info(node_name).with_node_object(&snapshot);
+    let state = model::build(&snapshot, &node);
+    let packet = model::flow::Packet {
+        source: args.from,
+        protocol,
+        destination,
+        port,
+    };
+    Ok(model::explain::trace(&snapshot, &state, &node, packet))
+}
+
+/// Asks the running agent's `/debug/trace` (plain HTTP/1.0 on its metrics address).
+fn trace_live(args: &TraceArgs) -> Result<model::explain::Trace> {
+    use std::io::{Read, Write};
+    let encode = |s: &str| {
+        s.replace('[', "%5B")
+            .replace(']', "%5D")
+            .replace('/', "%2F")
+            .replace(':', "%3A")
+    };
+    let path = format!(
+        "/debug/trace?from={}&to={}",
+        encode(&args.from.to_string()),
+        encode(&args.to)
+    );
+    let mut stream = std::net::TcpStream::connect(args.agent).with_context(|| {
+        format!(
+            "no agent at {} (or pass --manifests DIR --node-name N)",
+            args.agent
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n",
+        args.agent
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!(
+            "agent answered: {} {}",
+            head.lines().next().unwrap_or_default(),
+            body.trim()
+        );
+    }
+    Ok(serde_json::from_str(body)?)
 }
 
 pub fn cleanup(args: &CleanupArgs) -> Result<()> {

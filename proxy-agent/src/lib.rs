@@ -5,6 +5,7 @@ pub mod cli;
 pub mod commands;
 pub mod dataplane;
 pub mod health;
+pub mod introspect;
 pub mod metrics;
 pub mod model;
 pub mod source;

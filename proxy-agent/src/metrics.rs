@@ -3,6 +3,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{extract::State, http::header, routing::get, Router};
+
+use crate::introspect::{self, Live};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -103,11 +105,20 @@ async fn metrics(
     )
 }
 
-/// Serves `/metrics` until the process exits.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+/// Serves `/metrics` (and `/debug/trace` from the live state) until the process exits.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    live: Arc<Live>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(self::metrics))
-        .with_state(metrics);
+        .with_state(metrics)
+        .merge(
+            Router::new()
+                .route("/debug/trace", get(introspect::trace))
+                .with_state(live),
+        );
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }

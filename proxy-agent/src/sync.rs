@@ -9,6 +9,7 @@ use tracing::{error, info, info_span};
 use crate::{
     dataplane::Dataplane,
     health::Health,
+    introspect::{Live, Programmed},
     metrics::Metrics,
     model::{self, NodeInfo},
     source::SourceUpdate,
@@ -24,6 +25,7 @@ pub async fn run(
     node: NodeInfo,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    live: Arc<Live>,
 ) {
     let mut programmed = None;
     let mut retry = RETRY_MIN;
@@ -66,6 +68,11 @@ pub async fn run(
                         .map(|f| f.pod.backends.len())
                         .sum();
                     metrics.programmed_backends.set(gauge(slots));
+                    live.set(Programmed {
+                        snapshot: Arc::clone(&snapshot),
+                        node: node.clone(),
+                        desired: desired.clone(),
+                    });
                     programmed = Some(desired);
                     health.programmed(update.generation);
                     retry = RETRY_MIN;

@@ -130,6 +130,24 @@ fn tcp_and_udp_to_a_cluster_ip_reach_every_ready_backend() {
         assert_eq!(names(&udp), ["web-a", "web-b"], "{mode} spread: {udp:?}");
     }
     println!("TCP {tcp:?}");
+    // The running agent explains the same connection from its live state.
+    let bin = agent_bin().display().to_string();
+    let to = format!("{ECHO_IP}:80/tcp");
+    let trace = bed.cluster.run_on_node(
+        "node1",
+        &[&bin, "trace", "--from", "10.244.1.10", "--to", &to],
+    );
+    for want in [
+        "default/echo:http",
+        "10.244.2.3:8080",
+        "excluded: not ready",
+        "10.244.1.2:8080,10.244.2.2:8080",
+    ] {
+        assert!(
+            trace.contains(want),
+            "{want} missing from live trace:\n{trace}"
+        );
+    }
     let (code, metrics) = bed
         .agent
         .http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");

@@ -14,7 +14,7 @@ use super::{
 };
 
 /// One endpoint of the Service port and what became of it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct EndpointNote {
     pub endpoint: String,
     pub node: Option<String>,
@@ -25,7 +25,7 @@ pub struct EndpointNote {
 }
 
 /// Everything `trace` prints.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Trace {
     pub packet: String,
     pub node: String,

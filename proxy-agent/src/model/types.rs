@@ -113,7 +113,9 @@ impl fmt::Display for ServicePortName {
 }
 
 /// How traffic reached a frontend's address (kube-proxy's chain kinds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 pub enum FrontendKind {
     ClusterIp,
     NodePort,
@@ -163,7 +165,9 @@ impl Route {
 }
 
 /// Who is sending: decides which route applies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 pub enum SourceClass {
     /// An address in `--cluster-cidr`.
     Pod,

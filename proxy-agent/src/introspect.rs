@@ -1,0 +1,97 @@
+//! The live agent's last programmed state, kept for questions asked of the running
+//! agent (`trace` without `--manifests`), answered over HTTP beside `/metrics`.
+use std::{
+    net::IpAddr,
+    sync::{Arc, PoisonError, RwLock},
+};
+
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+    Json,
+};
+
+use crate::model::{self, flow::Packet, DesiredState, NodeInfo, Protocol, Snapshot};
+
+/// What the kernel was last programmed from.
+pub struct Programmed {
+    pub snapshot: Arc<Snapshot>,
+    pub node: NodeInfo,
+    pub desired: DesiredState,
+}
+
+/// Shared between the sync loop (writer) and the debug endpoint (reader).
+#[derive(Default)]
+pub struct Live {
+    state: RwLock<Option<Arc<Programmed>>>,
+}
+
+impl Live {
+    pub fn set(&self, programmed: Programmed) {
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(programmed));
+    }
+
+    fn get(&self) -> Option<Arc<Programmed>> {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Parses `IP:PORT[/proto]` (IPv6 as `[IP]:PORT`).
+pub fn parse_destination(to: &str) -> Result<(IpAddr, u16, Protocol), String> {
+    let (address, protocol) = match to.rsplit_once('/') {
+        Some((address, proto)) => (address, proto.to_uppercase()),
+        None => (to, "TCP".to_owned()),
+    };
+    let destination: std::net::SocketAddr = address
+        .parse()
+        .map_err(|_| format!("{address}: want IP:PORT or [IP]:PORT"))?;
+    let protocol = Protocol::from_k8s(Some(&protocol))
+        .ok_or_else(|| format!("protocol {protocol}: want tcp, udp or sctp"))?;
+    Ok((destination.ip(), destination.port(), protocol))
+}
+
+/// The query of `/debug/trace`.
+#[derive(serde::Deserialize)]
+pub struct TraceQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `GET /debug/trace?from=IP&to=IP:PORT[/proto]`: the `trace` JSON for that connection.
+pub async fn trace(
+    State(live): State<Arc<Live>>,
+    Query(query): Query<TraceQuery>,
+) -> Result<Json<model::explain::Trace>, (StatusCode, String)> {
+    let bad = |message: String| (StatusCode::BAD_REQUEST, message);
+    let from: IpAddr = query
+        .from
+        .as_deref()
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| bad("from=IP is required".into()))?;
+    let to = query
+        .to
+        .as_ref()
+        .ok_or_else(|| bad("to=IP:PORT[/proto] is required".into()))?;
+    let (destination, port, protocol) = parse_destination(to).map_err(bad)?;
+    let programmed = live.get().ok_or_else(|| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "nothing programmed yet".to_owned(),
+        )
+    })?;
+    let packet = Packet {
+        source: from,
+        protocol,
+        destination,
+        port,
+    };
+    Ok(Json(model::explain::trace(
+        &programmed.snapshot,
+        &programmed.desired,
+        &programmed.node,
+        packet,
+    )))
+}
