@@ -4,11 +4,11 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     cli::{CleanupArgs, DataplaneKind, RenderArgs, RunArgs, TraceArgs},
-    dataplane::{ebpf, system, Dataplane, DataplaneError},
+    dataplane::{ebpf, nftables, system, Dataplane, DataplaneError},
     health::{self, Health},
     introspect::{self, Live},
     metrics::{self, Metrics},
@@ -27,7 +27,7 @@ impl Dataplane for NoDataplane {
     fn programmed(&mut self) -> Result<DesiredState, DataplaneError> {
         Ok(DesiredState::default())
     }
-    fn apply(&mut self, _plan: &Plan) -> Result<usize, DataplaneError> {
+    fn apply(&mut self, _plan: &Plan, _desired: &DesiredState) -> Result<usize, DataplaneError> {
         Ok(0)
     }
 }
@@ -40,32 +40,51 @@ fn node_name(given: Option<String>) -> String {
     })
 }
 
-fn start_dataplane(args: &RunArgs) -> Result<Box<dyn Dataplane>> {
-    match args.dataplane {
-        DataplaneKind::None => Ok(Box::new(NoDataplane)),
-        DataplaneKind::Nftables => {
-            bail!("the nftables dataplane is not built yet; use --dataplane ebpf")
-        }
-        DataplaneKind::Ebpf | DataplaneKind::Auto => {
-            system::ensure_bpffs(&args.paths.bpffs)?;
-            let cgroup = match &args.paths.cgroup_root {
-                Some(path) => path.clone(),
-                None => system::default_cgroup_root()?,
-            };
-            let dataplane = ebpf::EbpfDataplane::start(&args.paths.bpffs, &cgroup)
-                .context("starting the eBPF dataplane")?;
-            info!(
-                dataplane = "ebpf",
-                reason = if args.dataplane == DataplaneKind::Auto {
-                    "auto: eBPF programs loaded"
-                } else {
-                    "requested"
-                },
-                "dataplane chosen"
-            );
-            Ok(Box::new(dataplane))
-        }
+fn start_ebpf(args: &RunArgs) -> Result<ebpf::EbpfDataplane> {
+    system::ensure_bpffs(&args.paths.bpffs)?;
+    let cgroup = match &args.paths.cgroup_root {
+        Some(path) => path.clone(),
+        None => system::default_cgroup_root()?,
+    };
+    Ok(ebpf::EbpfDataplane::start(&args.paths.bpffs, &cgroup)?)
+}
+
+fn start_nftables(args: &RunArgs, reason: &str) -> Result<Box<dyn Dataplane>> {
+    let dataplane = nftables::NftablesDataplane::start(args.node.cluster_cidr.clone())
+        .context("starting the nftables dataplane")?;
+    // A previous eBPF agent's socket programs would translate before our rules see a packet.
+    if let Err(error) = ebpf::loader::cleanup(&args.paths.bpffs) {
+        warn!(%error, "could not remove a previous eBPF dataplane's pins");
     }
+    info!(dataplane = "nftables", reason, "dataplane chosen");
+    Ok(Box::new(dataplane))
+}
+
+fn start_dataplane(args: &RunArgs) -> Result<Box<dyn Dataplane>> {
+    let ebpf = match args.dataplane {
+        DataplaneKind::None => return Ok(Box::new(NoDataplane)),
+        DataplaneKind::Nftables => return start_nftables(args, "requested"),
+        DataplaneKind::Ebpf => start_ebpf(args).context("starting the eBPF dataplane")?,
+        DataplaneKind::Auto => match start_ebpf(args) {
+            Ok(dataplane) => dataplane,
+            Err(error) => {
+                let reason = format!("auto: the eBPF programs could not load ({error:#})");
+                warn!(%reason, "falling back to nftables");
+                return start_nftables(args, &reason);
+            }
+        },
+    };
+    // A previous nftables agent's rules would translate what the socket LB leaves alone.
+    if let Err(error) = nftables::cleanup() {
+        debug!(%error, "no nftables tables to remove");
+    }
+    let reason = if args.dataplane == DataplaneKind::Auto {
+        "auto: eBPF programs loaded"
+    } else {
+        "requested"
+    };
+    info!(dataplane = "ebpf", reason, "dataplane chosen");
+    Ok(Box::new(ebpf))
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -131,7 +150,10 @@ pub fn render(args: &RenderArgs) -> Result<()> {
             println!("{}", ebpf::render::render(&desired)?);
         }
         DataplaneKind::None => print!("{desired}"),
-        DataplaneKind::Nftables => bail!("the nftables dataplane is not built yet"),
+        DataplaneKind::Nftables => print!(
+            "{}",
+            nftables::ruleset::render(&desired, &node.cluster_cidrs)
+        ),
     }
     Ok(())
 }
@@ -212,8 +234,17 @@ pub fn cleanup(args: &CleanupArgs) -> Result<()> {
             .with_context(|| format!("cleaning {}", bpffs.display()))?;
         info!(bpffs = %bpffs.display(), removed, "eBPF programs detached and maps removed");
     }
-    if args.dataplane == DataplaneKind::Nftables {
-        warn!("nothing to clean for nftables yet");
+    if matches!(
+        args.dataplane,
+        DataplaneKind::Auto | DataplaneKind::Nftables
+    ) {
+        match nftables::cleanup() {
+            Ok(()) => info!(table = nftables::ruleset::TABLE, "nftables tables removed"),
+            Err(error) if args.dataplane == DataplaneKind::Auto => {
+                warn!(%error, "nftables cleanup skipped");
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
     Ok(())
 }

@@ -43,7 +43,9 @@ pub async fn run(
             let desired = model::build(&snapshot, &node);
             let result = current.and_then(|current| {
                 let plan = model::diff(&current, &desired);
-                dataplane.apply(&plan).map(|writes| (plan, writes))
+                dataplane
+                    .apply(&plan, &desired)
+                    .map(|writes| (plan, writes))
             });
             match result {
                 Ok((plan, writes)) => {

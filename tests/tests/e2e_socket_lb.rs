@@ -32,6 +32,11 @@ fn endpoints(ready: &[(&'static str, bool, &'static str)]) -> Vec<Endpoint<'stat
 /// The echo cluster with the agent serving node1 from a manifests directory: web-a
 /// and web-b ready, web-c not ready.
 fn setup(tag: &str) -> Bed {
+    setup_on(tag, "ebpf")
+}
+
+/// The same with the agent on `dataplane`.
+fn setup_on(tag: &str, dataplane: &str) -> Bed {
     let mut cluster = scenarios::echo_cluster(tag);
     let dir = cluster.scratch().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
@@ -53,7 +58,16 @@ fn setup(tag: &str) -> Bed {
             ("10.244.2.3", false, "node2"),
         ],
     );
-    let agent = Agent::start(&mut cluster, "node1", &dir);
+    let agent = Agent::start_with(
+        &mut cluster,
+        "node1",
+        &[
+            "--manifests".into(),
+            dir.display().to_string(),
+            "--dataplane".into(),
+            dataplane.into(),
+        ],
+    );
     Bed {
         cluster,
         agent,
@@ -120,7 +134,16 @@ fn wait_for_backends(bed: &Bed, want: &[&str], limit: Duration) -> Duration {
 
 #[test]
 fn tcp_and_udp_to_a_cluster_ip_reach_every_ready_backend() {
-    let bed = setup("rd");
+    spread("ebpf");
+}
+
+#[test]
+fn tcp_and_udp_to_a_cluster_ip_reach_every_ready_backend_with_nftables() {
+    spread("nftables");
+}
+
+fn spread(dataplane: &str) {
+    let bed = setup_on(&format!("rd{}", &dataplane[..1]), dataplane);
     let tcp_to = format!("{ECHO_IP}:80");
     let tcp = answered_by(&requests(&bed, "tcp", &tcp_to, 40), &tcp_to);
     assert_eq!(names(&tcp), ["web-a", "web-b"], "TCP spread: {tcp:?}");
@@ -152,8 +175,9 @@ fn tcp_and_udp_to_a_cluster_ip_reach_every_ready_backend() {
         .agent
         .http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");
     assert_eq!(code, 200);
+    let info = format!("proxyagent_dataplane_info{{dataplane=\"{dataplane}\"}} 1");
     for want in [
-        "proxyagent_dataplane_info{dataplane=\"ebpf\"} 1",
+        info.as_str(),
         "proxyagent_programmed_frontends 3",
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
     ] {
@@ -166,7 +190,16 @@ fn tcp_and_udp_to_a_cluster_ip_reach_every_ready_backend() {
 
 #[test]
 fn a_service_without_endpoints_is_refused_at_once() {
-    let bed = setup("ref");
+    refused("ebpf");
+}
+
+#[test]
+fn a_service_without_endpoints_is_refused_at_once_with_nftables() {
+    refused("nftables");
+}
+
+fn refused(dataplane: &str) {
+    let bed = setup_on(&format!("ref{}", &dataplane[..1]), dataplane);
     for line in requests(&bed, "tcp", &format!("{EMPTY_IP}:80"), 5) {
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(fields[..2], ["err", "ConnectionRefused"], "{line}");
@@ -177,7 +210,16 @@ fn a_service_without_endpoints_is_refused_at_once() {
 
 #[test]
 fn endpoint_changes_reach_new_connections_within_a_second() {
-    let bed = setup("chg");
+    changes("ebpf");
+}
+
+#[test]
+fn endpoint_changes_reach_new_connections_within_a_second_with_nftables() {
+    changes("nftables");
+}
+
+fn changes(dataplane: &str) {
+    let bed = setup_on(&format!("chg{}", &dataplane[..1]), dataplane);
     write_echo_slice(
         &bed.dir,
         &[
@@ -298,7 +340,16 @@ fn a_restarted_agent_takes_over_and_cleanup_removes_everything() {
 
 #[test]
 fn replacing_the_agent_fails_no_connection() {
-    let mut bed = setup("zd");
+    replace_agent("ebpf");
+}
+
+#[test]
+fn replacing_the_agent_fails_no_connection_with_nftables() {
+    replace_agent("nftables");
+}
+
+fn replace_agent(dataplane: &str) {
+    let mut bed = setup_on(&format!("zd{}", &dataplane[..1]), dataplane);
     let testpod = testpod_bin().display().to_string();
     let to = format!("{ECHO_IP}:80");
     let client = bed
@@ -329,4 +380,36 @@ fn replacing_the_agent_fails_no_connection() {
         "connections failed during the restart: {report}"
     );
     assert!(ok > 100, "too few connections to prove anything: {report}");
+}
+
+#[test]
+fn cleanup_removes_the_nftables_tables() {
+    let mut bed = setup_on("cln", "nftables");
+    let tables = bed.cluster.run_on_node("node1", &["nft", "list", "tables"]);
+    assert!(
+        tables.contains("table ip proxy-agent") && tables.contains("table ip6 proxy-agent"),
+        "{tables}"
+    );
+    assert!(bed
+        .cluster
+        .terminate("node1", "agent")
+        .iter()
+        .all(std::process::ExitStatus::success));
+    // SIGTERM left the rules in place: the Service still works without the agent.
+    let to = format!("{ECHO_IP}:80");
+    assert_eq!(
+        names(&answered_by(&requests(&bed, "tcp", &to, 20), &to)),
+        ["web-a", "web-b"]
+    );
+    let bin = agent_bin().display().to_string();
+    let _ = bed
+        .cluster
+        .run_on_node("node1", &[&bin, "cleanup", "--dataplane", "nftables"]);
+    let tables = bed.cluster.run_on_node("node1", &["nft", "list", "tables"]);
+    assert!(!tables.contains("proxy-agent"), "tables left: {tables}");
+    let after = requests(&bed, "tcp", &to, 1);
+    assert!(
+        after[0].starts_with("err"),
+        "still translated after cleanup: {after:?}"
+    );
 }

@@ -2,7 +2,11 @@
 //! `cargo xtask bless` rewrites the expected files.
 use std::{fs, path::Path};
 
-use proxy_agent::{dataplane::ebpf::render, model, source::manifests::ManifestsDir};
+use proxy_agent::{
+    dataplane::{ebpf::render, nftables::ruleset::render as render_nft},
+    model,
+    source::manifests::ManifestsDir,
+};
 use proxy_agent_tests::flows;
 
 fn check(case: &Path, file: &str, actual: &str) -> Option<String> {
@@ -18,6 +22,30 @@ fn check(case: &Path, file: &str, actual: &str) -> Option<String> {
             path.display()
         )
     })
+}
+
+/// The real `nft` parser and kernel check the ruleset (`-c`: nothing is committed).
+fn nft_accepts(case: &Path, ruleset: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-c", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(ruleset.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: nft rejects the ruleset: {}",
+        case.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -41,6 +69,10 @@ fn golden_cases() {
             "ebpf.json",
             &(render::render(&desired).unwrap() + "\n"),
         ));
+        let node = flows::node(&snapshot, "node1");
+        let ruleset = render_nft(&desired, &node.cluster_cidrs);
+        nft_accepts(case, &ruleset);
+        failures.extend(check(case, "nftables.nft", &ruleset));
         println!(
             "golden case {} checked",
             case.file_name().unwrap().to_string_lossy()

@@ -1,5 +1,6 @@
 //! Dataplane backends: idempotent reconcilers that program a plan into the kernel.
 pub mod ebpf;
+pub mod nftables;
 pub mod system;
 
 use thiserror::Error;
@@ -10,6 +11,8 @@ use crate::model::{DesiredState, Plan};
 pub enum DataplaneError {
     #[error(transparent)]
     Ebpf(#[from] ebpf::EbpfError),
+    #[error(transparent)]
+    Nftables(#[from] nftables::NftError),
 }
 
 /// One backend as the sync loop sees it.
@@ -20,5 +23,6 @@ pub trait Dataplane: Send {
     fn programmed(&mut self) -> Result<DesiredState, DataplaneError>;
     /// Programs the plan and returns how many kernel operations it took; on error the
     /// caller re-reads `programmed` and retries.
-    fn apply(&mut self, plan: &Plan) -> Result<usize, DataplaneError>;
+    /// `desired` is the whole state the plan leads to, for backends that render it whole.
+    fn apply(&mut self, plan: &Plan, desired: &DesiredState) -> Result<usize, DataplaneError>;
 }

@@ -275,7 +275,7 @@ impl PortContext<'_> {
             // addresses, but the node's own traffic sent to every endpoint is masqueraded.
             _ => !self.policies.external_local || (class == SourceClass::Node && !local),
         };
-        Route::new(backends, masquerade, Self::verdict(local, sets))
+        Route::new(backends, masquerade, Self::verdict(local, sets), local)
     }
 }
 

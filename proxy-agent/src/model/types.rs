@@ -151,15 +151,24 @@ pub struct Route {
     pub masquerade: bool,
     /// The verdict when `backends` is empty.
     pub when_empty: EmptyVerdict,
+    /// Whether `backends` is this node's endpoints only (a Local traffic policy; kube-proxy's
+    /// KUBE-SVL chain) rather than the cluster-wide set (KUBE-SVC).
+    pub local: bool,
 }
 
 impl Route {
     #[must_use]
-    pub fn new(backends: Arc<[Backend]>, masquerade: bool, when_empty: EmptyVerdict) -> Self {
+    pub fn new(
+        backends: Arc<[Backend]>,
+        masquerade: bool,
+        when_empty: EmptyVerdict,
+        local: bool,
+    ) -> Self {
         Self {
             backends,
             masquerade,
             when_empty,
+            local,
         }
     }
 }
@@ -222,7 +231,7 @@ impl Frontend {
     /// restores after a restart.
     #[must_use]
     pub fn backends_only(backends: Vec<Backend>) -> Self {
-        let route = Route::new(backends.into(), false, EmptyVerdict::Reject);
+        let route = Route::new(backends.into(), false, EmptyVerdict::Reject, false);
         Self {
             service: ServicePortName::default(),
             kind: FrontendKind::ClusterIp,

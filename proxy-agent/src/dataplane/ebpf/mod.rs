@@ -65,7 +65,11 @@ impl super::Dataplane for EbpfDataplane {
         Ok(self.writer.programmed())
     }
 
-    fn apply(&mut self, plan: &Plan) -> Result<usize, super::DataplaneError> {
+    fn apply(
+        &mut self,
+        plan: &Plan,
+        _desired: &DesiredState,
+    ) -> Result<usize, super::DataplaneError> {
         Ok(self.writer.apply(plan)?)
     }
 }
