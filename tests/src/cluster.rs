@@ -64,7 +64,12 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn sh_in(netns: &str, args: &[&str]) -> String {
+/// Runs a command in a network namespace and panics with its output if it fails.
+#[allow(
+    clippy::must_use_candidate,
+    reason = "most callers run it for its effect only"
+)]
+pub fn sh_in(netns: &str, args: &[&str]) -> String {
     let target = format!("--net=/run/netns/{netns}");
     let mut full = vec!["nsenter", target.as_str(), "--"];
     full.extend_from_slice(args);
@@ -339,6 +344,27 @@ impl Cluster {
         })
         .join()
         .expect("listener thread")
+    }
+
+    /// A bare namespace `<id>-<suffix>` (loopback up), removed with the cluster.
+    #[must_use]
+    pub fn add_netns(&self, suffix: &str) -> String {
+        let netns = format!("{}-{suffix}", self.id);
+        sh(&["ip", "netns", "add", &netns]);
+        sh_in(&netns, &["ip", "link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// Starts a long-running process in `netns` (in a cgroup of its own); killed on drop.
+    pub fn spawn_in_netns(&mut self, netns: &str, args: &[&str]) {
+        let cgroup = cgroup_base(&self.id).join("misc");
+        fs::create_dir_all(&cgroup).expect("misc cgroup");
+        let child = Self::wrapped(netns, &cgroup, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn");
+        self.children.push(child);
     }
 
     /// A scratch directory (manifests, logs) removed with the cluster.

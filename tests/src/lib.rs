@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod fake_api;
+pub mod flowbed;
 pub mod flows;
 pub mod manifests;
 pub mod scenarios;

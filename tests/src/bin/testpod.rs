@@ -10,7 +10,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS"
     );
     std::process::exit(2)
 }
@@ -32,6 +32,16 @@ fn main() {
             request_for(&args[1], to, Duration::from_millis(millis));
         }
         Some("http-get") if args.len() == 3 => http_get(&args[1], &args[2]),
+        Some("serve-each") if args.len() >= 2 => serve_each(&args[1..]),
+        Some("probe") if args.len() == 6 => {
+            let source: std::net::IpAddr = args[2].parse().unwrap_or_else(|_| usage());
+            let to: SocketAddr = args[3].parse().unwrap_or_else(|_| usage());
+            let count: usize = args[4].parse().unwrap_or_else(|_| usage());
+            let timeout = Duration::from_millis(args[5].parse().unwrap_or_else(|_| usage()));
+            for _ in 0..count {
+                println!("{}", probe(&args[1], source, to, timeout));
+            }
+        }
         _ => usage(),
     }
 }
@@ -144,4 +154,85 @@ fn http_get(addr: &str, path: &str) {
     let status = response.split_whitespace().nth(1).unwrap_or("000");
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
     println!("{status} {body}");
+}
+
+/// One listener per endpoint address, each answering `<its own address> <peer>`: a
+/// probe then sees which endpoint a translated connection reached and from where.
+fn serve_each(listeners: &[String]) {
+    let mut threads = Vec::new();
+    for spec in listeners {
+        let (proto, addr) = spec.split_once(':').unwrap_or_else(|| usage());
+        let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+        if proto == "tcp" {
+            let listener = TcpListener::bind(addr).expect("bind tcp");
+            threads.push(thread::spawn(move || {
+                for mut stream in listener.incoming().flatten() {
+                    let peer = stream
+                        .peer_addr()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default();
+                    let _ = stream.write_all(format!("{addr} {peer}\n").as_bytes());
+                }
+            }));
+        } else {
+            let socket = UdpSocket::bind(addr).expect("bind udp");
+            threads.push(thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(format!("{addr} {peer}\n").as_bytes(), peer);
+                }
+            }));
+        }
+    }
+    println!("ready");
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// One connection from `source` (a fresh port each time): `ok <endpoint> <peer it saw>`
+/// or `err <kind>`.
+fn probe(proto: &str, source: std::net::IpAddr, to: SocketAddr, timeout: Duration) -> String {
+    let result = match proto {
+        "tcp" => probe_tcp(source, to, timeout),
+        "udp" => probe_udp(source, to, timeout),
+        _ => usage(),
+    };
+    match result {
+        Ok(reply) => format!("ok {}", reply.trim()),
+        Err(e) => format!("err {:?}", e.kind()),
+    }
+}
+
+fn probe_tcp(
+    source: std::net::IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<String> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&to.into(), timeout)?;
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(timeout))?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+fn probe_udp(
+    source: std::net::IpAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<String> {
+    let socket = UdpSocket::bind(SocketAddr::new(source, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect(to)?;
+    socket.send(b"probe")?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
