@@ -1,6 +1,6 @@
 //! Snapshot + node → desired state, following kube-proxy's choice of frontends, endpoint
 //! sets and masquerading per class of client. Pure: no I/O, no clock.
-use std::{net::IpAddr, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use k8s_openapi::api::{
@@ -32,11 +32,14 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 #[must_use]
 pub fn build(snapshot: &Snapshot, node: &NodeInfo) -> DesiredState {
     let mut state = DesiredState::default();
+    let mut by_service = slices_by_service(snapshot);
     for ((namespace, name), service) in &snapshot.services {
         let Some(spec) = service.spec.as_ref().filter(|_| is_proxied(service)) else {
             continue;
         };
-        let slices = slices_of(snapshot, namespace, name);
+        let slices = by_service
+            .remove(&(namespace.as_str(), name.as_str()))
+            .unwrap_or_default();
         let policies = policies_of(service, spec);
         for ip in cluster_ips(spec) {
             for port in spec.ports.iter().flatten() {
@@ -99,7 +102,31 @@ pub(super) fn policies_of(service: &Service, spec: &ServiceSpec) -> Policies {
     }
 }
 
-/// The `EndpointSlice`s of a Service, joined by the service-name label.
+/// The service-name label of a slice, when it has one.
+fn service_of(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_SERVICE_NAME)
+        .map(String::as_str)
+}
+
+/// Every `EndpointSlice` grouped by (namespace, Service) in one pass, so a build costs
+/// O(Services + slices), not their product.
+fn slices_by_service(snapshot: &Snapshot) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut out: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for ((namespace, _), slice) in &snapshot.endpoint_slices {
+        if let Some(service) = service_of(slice) {
+            out.entry((namespace.as_str(), service))
+                .or_default()
+                .push(slice);
+        }
+    }
+    out
+}
+
+/// The `EndpointSlice`s of one Service, joined by the service-name label.
 pub(super) fn slices_of<'a>(
     snapshot: &'a Snapshot,
     namespace: &str,
@@ -108,15 +135,7 @@ pub(super) fn slices_of<'a>(
     snapshot
         .endpoint_slices
         .iter()
-        .filter(|((ns, _), slice)| {
-            ns == namespace
-                && slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(LABEL_SERVICE_NAME))
-                    .is_some_and(|svc| svc == name)
-        })
+        .filter(|((ns, _), slice)| ns == namespace && service_of(slice) == Some(name))
         .map(|(_, slice)| slice)
         .collect()
 }
