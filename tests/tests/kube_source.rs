@@ -64,6 +64,10 @@ async fn wait_for(
     result.expect("snapshot not reached in time")
 }
 
+fn service_names(snapshot: &Snapshot) -> Vec<&str> {
+    snapshot.services.keys().map(|k| k.1.as_str()).collect()
+}
+
 fn cluster_ip(snapshot: &Snapshot, name: &str) -> Option<String> {
     snapshot
         .services
@@ -170,14 +174,7 @@ async fn malformed_objects_are_skipped_and_keep_their_last_good_version() {
     api.upsert(NODES, node("node1"));
     let mut rx = start(&api);
     let (_, snapshot) = wait_for(&mut rx, Duration::from_secs(5), |_| true).await;
-    assert_eq!(
-        snapshot
-            .services
-            .keys()
-            .map(|k| k.1.as_str())
-            .collect::<Vec<_>>(),
-        ["good"]
-    );
+    assert_eq!(service_names(&snapshot), ["good"]);
     // A bad update keeps the last good version; a good one after it applies.
     api.upsert(SERVICES, service("good", "not-an-ip"));
     api.upsert(SERVICES, service("other", "10.96.0.20"));
@@ -203,12 +200,5 @@ async fn objects_of_another_proxy_are_not_watched() {
     api.upsert(NODES, node("node1"));
     let mut rx = start(&api);
     let (_, snapshot) = wait_for(&mut rx, Duration::from_secs(5), |_| true).await;
-    assert_eq!(
-        snapshot
-            .services
-            .keys()
-            .map(|k| k.1.as_str())
-            .collect::<Vec<_>>(),
-        ["ours"]
-    );
+    assert_eq!(service_names(&snapshot), ["ours"]);
 }
