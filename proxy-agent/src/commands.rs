@@ -7,12 +7,12 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    cli::{CleanupArgs, DataplaneKind, RenderArgs, RunArgs, TraceArgs},
+    cli::{CleanupArgs, DataplaneKind, NodeArgs, RenderArgs, RunArgs, TraceArgs},
     dataplane::{ebpf, nftables, system, Dataplane, DataplaneError},
     health::{self, Health},
     introspect::{self, Live},
     metrics::{self, Metrics},
-    model::{self, DesiredState, Plan},
+    model::{self, DesiredState, NodeInfo, Plan, Snapshot},
     source::{self, manifests::ManifestsDir, SourceUpdate},
     sync,
 };
@@ -136,15 +136,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn render(args: &RenderArgs) -> Result<()> {
-    let mut dir = ManifestsDir::new(&args.manifests);
-    dir.reload()?;
-    let snapshot = dir.snapshot();
-    let node = args
-        .node
-        .node_info(&args.node_name)
-        .with_node_object(&snapshot);
+/// A manifests directory as `node` would program it: the offline input of `render`
+/// and `trace`.
+fn offline_state(
+    dir: &Path,
+    node: &NodeArgs,
+    node_name: &str,
+) -> Result<(Snapshot, NodeInfo, DesiredState)> {
+    let mut manifests = ManifestsDir::new(dir);
+    manifests.reload()?;
+    let snapshot = manifests.snapshot();
+    let node = node.node_info(node_name).with_node_object(&snapshot);
     let desired = model::build(&snapshot, &node);
+    Ok((snapshot, node, desired))
+}
+
+pub fn render(args: &RenderArgs) -> Result<()> {
+    let (_, node, desired) = offline_state(&args.manifests, &args.node, &args.node_name)?;
     match args.dataplane {
         DataplaneKind::Ebpf | DataplaneKind::Auto => {
             println!("{}", ebpf::render::render(&desired)?);
@@ -174,11 +182,7 @@ pub fn trace(args: &TraceArgs) -> Result<()> {
 fn trace_offline(args: &TraceArgs, dir: &Path, node_name: &str) -> Result<model::explain::Trace> {
     let (destination, port, protocol) =
         introspect::parse_destination(&args.to).map_err(anyhow::Error::msg)?;
-    let mut manifests = ManifestsDir::new(dir);
-    manifests.reload()?;
-    let snapshot = manifests.snapshot();
-    let node = args.node.node_info(node_name).with_node_object(&snapshot);
-    let state = model::build(&snapshot, &node);
+    let (snapshot, node, state) = offline_state(dir, &args.node, node_name)?;
     let packet = model::flow::Packet {
         source: args.from,
         protocol,

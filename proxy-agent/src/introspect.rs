@@ -17,7 +17,7 @@ use crate::model::{self, flow::Packet, DesiredState, NodeInfo, Protocol, Snapsho
 pub struct Programmed {
     pub snapshot: Arc<Snapshot>,
     pub node: NodeInfo,
-    pub desired: DesiredState,
+    pub desired: Arc<DesiredState>,
 }
 
 /// Shared between the sync loop (writer) and the debug endpoint (reader).

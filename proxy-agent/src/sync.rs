@@ -37,7 +37,7 @@ pub async fn run(
             let started = Instant::now();
             let current = match programmed.take() {
                 Some(state) => Ok(state),
-                None => dataplane.programmed(),
+                None => dataplane.programmed().map(Arc::new),
             };
             let node = node.clone().with_node_object(&snapshot);
             let desired = model::build(&snapshot, &node);
@@ -70,10 +70,11 @@ pub async fn run(
                         .map(|f| f.pod.backends.len())
                         .sum();
                     metrics.programmed_backends.set(gauge(slots));
+                    let desired = Arc::new(desired);
                     live.set(Programmed {
                         snapshot: Arc::clone(&snapshot),
                         node: node.clone(),
-                        desired: desired.clone(),
+                        desired: Arc::clone(&desired),
                     });
                     programmed = Some(desired);
                     health.programmed(update.generation);
