@@ -8,7 +8,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     cli::{CleanupArgs, DataplaneKind, NodeArgs, RenderArgs, RunArgs, TraceArgs},
-    dataplane::{ebpf, nftables, system, Dataplane, DataplaneError},
+    dataplane::{ebpf, nftables, system, Applied, Dataplane, DataplaneError},
     health::{self, Health},
     introspect::{self, Live},
     metrics::{self, Metrics},
@@ -27,8 +27,11 @@ impl Dataplane for NoDataplane {
     fn programmed(&mut self) -> Result<DesiredState, DataplaneError> {
         Ok(DesiredState::default())
     }
-    fn apply(&mut self, _plan: &Plan, _desired: &DesiredState) -> Result<usize, DataplaneError> {
-        Ok(0)
+    fn apply(&mut self, _plan: &Plan, _desired: &DesiredState) -> Result<Applied, DataplaneError> {
+        Ok(Applied {
+            writes: 0,
+            full: false,
+        })
     }
 }
 
@@ -243,7 +246,7 @@ pub fn cleanup(args: &CleanupArgs) -> Result<()> {
         DataplaneKind::Auto | DataplaneKind::Nftables
     ) {
         match nftables::cleanup() {
-            Ok(()) => info!(table = nftables::ruleset::TABLE, "nftables tables removed"),
+            Ok(()) => info!(table = nftables::table::TABLE, "nftables tables removed"),
             Err(error) if args.dataplane == DataplaneKind::Auto => {
                 warn!(%error, "nftables cleanup skipped");
             }

@@ -20,6 +20,8 @@ struct DataplaneLabel {
 pub struct Metrics {
     registry: Registry,
     pub sync_duration: Histogram,
+    pub sync_full_duration: Histogram,
+    pub sync_partial_duration: Histogram,
     pub sync_last_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub sync_errors: Counter,
     pub programmed_frontends: Gauge,
@@ -38,6 +40,22 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
             sync_duration.clone(),
+        );
+        let sync_full_duration = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        );
+        registry.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            sync_full_duration.clone(),
+        );
+        let sync_partial_duration = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        );
+        registry.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            sync_partial_duration.clone(),
         );
         let sync_last_timestamp = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
@@ -76,6 +94,8 @@ impl Metrics {
         Self {
             registry,
             sync_duration,
+            sync_full_duration,
+            sync_partial_duration,
             sync_last_timestamp,
             sync_errors,
             programmed_frontends,
@@ -136,6 +156,8 @@ mod tests {
         for want in [
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_full_proxy_rules_duration_seconds_count 0",
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0",
             "proxyagent_dataplane_info{dataplane=\"ebpf\"} 1",
             "proxyagent_programmed_frontends 3",
             "proxyagent_sync_errors_total 0",

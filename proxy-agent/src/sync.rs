@@ -45,21 +45,26 @@ pub async fn run(
                 let plan = model::diff(&current, &desired);
                 dataplane
                     .apply(&plan, &desired)
-                    .map(|writes| (plan, writes))
+                    .map(|applied| (plan, applied))
             });
             match result {
-                Ok((plan, writes)) => {
+                Ok((plan, applied)) => {
+                    let elapsed = started.elapsed().as_secs_f64();
                     info!(
                         frontends = desired.frontends.len(),
                         upserted = plan.upsert.len(),
                         removed = plan.remove.len(),
-                        kernel_writes = writes,
-                        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        kernel_writes = applied.writes,
+                        full = applied.full,
+                        elapsed_ms = elapsed * 1000.0,
                         "synced"
                     );
-                    metrics
-                        .sync_duration
-                        .observe(started.elapsed().as_secs_f64());
+                    metrics.sync_duration.observe(elapsed);
+                    if applied.full {
+                        metrics.sync_full_duration.observe(elapsed);
+                    } else {
+                        metrics.sync_partial_duration.observe(elapsed);
+                    }
                     metrics.sync_last_timestamp.set(unix_seconds());
                     metrics
                         .programmed_frontends

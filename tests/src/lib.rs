@@ -6,4 +6,5 @@ pub mod fake_api;
 pub mod flowbed;
 pub mod flows;
 pub mod manifests;
+pub mod scale;
 pub mod scenarios;

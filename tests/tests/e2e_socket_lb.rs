@@ -254,6 +254,71 @@ fn changes(dataplane: &str) {
 }
 
 #[test]
+fn a_udp_flow_moves_off_a_removed_endpoint_with_nftables() {
+    udp_flow_moves("nftables");
+}
+
+/// One UDP flow (fixed source port) pinned to a backend; the backend leaves the
+/// Service but keeps running; the flow's next datagrams reach the remaining backend
+/// (kube-proxy deletes the stale conntrack entry; the socket LB picks afresh).
+fn udp_flow_moves(dataplane: &str) {
+    let bed = setup_on(&format!("udp{}", &dataplane[..1]), dataplane);
+    let testpod = testpod_bin().display().to_string();
+    let to = format!("{ECHO_IP}:53");
+    let flow = |count: usize| -> Vec<String> {
+        let out = bed.cluster.run_in_pod(
+            "client",
+            &[&testpod, "udp-from", "40053", &to, &count.to_string()],
+        );
+        out.lines()
+            .map(|l| {
+                assert!(l.starts_with("ok "), "datagram lost: {l}");
+                l.split_whitespace().nth(1).unwrap().to_owned()
+            })
+            .collect()
+    };
+    let first = flow(5);
+    assert!(
+        first.iter().all(|p| *p == first[0]),
+        "one flow, one backend: {first:?}"
+    );
+    let (gone, stays) = if first[0] == "web-a" {
+        (("10.244.1.2", "node1"), ("10.244.2.2", "node2"))
+    } else {
+        (("10.244.2.2", "node2"), ("10.244.1.2", "node1"))
+    };
+    write_echo_slice(
+        &bed.dir,
+        &[(gone.0, false, gone.1), (stays.0, true, stays.1)],
+    );
+    let survivor = if first[0] == "web-a" {
+        "web-b"
+    } else {
+        "web-a"
+    };
+    wait_for_backends(&bed, &[survivor], Duration::from_secs(2));
+    // The conntrack entry goes right after the ruleset changes, within the same sync.
+    let started = Instant::now();
+    while flow(1)[0] != survivor {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the flow still reaches the removed endpoint {} after 2 s\n{}",
+            first[0],
+            bed.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = flow(5);
+    assert!(
+        after.iter().all(|p| p == survivor),
+        "the flow still reaches the removed endpoint {}: {after:?}\n{}",
+        first[0],
+        bed.agent.log_text()
+    );
+    println!("flow moved from {} to {survivor}", first[0]);
+}
+
+#[test]
 fn malformed_manifests_change_nothing() {
     let bed = setup("bad");
     manifests::write(

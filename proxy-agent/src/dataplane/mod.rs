@@ -1,4 +1,5 @@
 //! Dataplane backends: idempotent reconcilers that program a plan into the kernel.
+pub mod conntrack;
 pub mod ebpf;
 pub mod nftables;
 pub mod system;
@@ -13,6 +14,17 @@ pub enum DataplaneError {
     Ebpf(#[from] ebpf::EbpfError),
     #[error(transparent)]
     Nftables(#[from] nftables::NftError),
+    #[error(transparent)]
+    Conntrack(#[from] conntrack::ConntrackError),
+}
+
+/// What one `apply` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Kernel operations (map writes, nftables statements).
+    pub writes: usize,
+    /// Whether everything was rewritten rather than only what changed.
+    pub full: bool,
 }
 
 /// One backend as the sync loop sees it.
@@ -21,8 +33,8 @@ pub trait Dataplane: Send {
     fn name(&self) -> &'static str;
     /// What the kernel holds now; a restart or a failed sync starts from this.
     fn programmed(&mut self) -> Result<DesiredState, DataplaneError>;
-    /// Programs the plan and returns how many kernel operations it took; on error the
-    /// caller re-reads `programmed` and retries.
-    /// `desired` is the whole state the plan leads to, for backends that render it whole.
-    fn apply(&mut self, plan: &Plan, desired: &DesiredState) -> Result<usize, DataplaneError>;
+    /// Programs the plan; on error the caller re-reads `programmed` and retries.
+    /// `desired` is the whole state the plan leads to, for backends that compare whole
+    /// renderings rather than frontends.
+    fn apply(&mut self, plan: &Plan, desired: &DesiredState) -> Result<Applied, DataplaneError>;
 }

@@ -10,7 +10,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT"
     );
     std::process::exit(2)
 }
@@ -30,6 +30,29 @@ fn main() {
             let to: SocketAddr = args[2].parse().unwrap_or_else(|_| usage());
             let millis: u64 = args[3].parse().unwrap_or_else(|_| usage());
             request_for(&args[1], to, Duration::from_millis(millis));
+        }
+        Some("udp-from") if args.len() == 4 => {
+            // Every datagram from one fixed source port: one flow for conntrack.
+            let sport: u16 = args[1].parse().unwrap_or_else(|_| usage());
+            let to: SocketAddr = args[2].parse().unwrap_or_else(|_| usage());
+            let count: usize = args[3].parse().unwrap_or_else(|_| usage());
+            let started = Instant::now();
+            let socket = UdpSocket::bind(("0.0.0.0", sport)).expect("bind source port");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+            let mut buf = [0u8; 1500];
+            for _ in 0..count {
+                let reply = socket
+                    .send_to(b"hi", to)
+                    .and_then(|_| socket.recv_from(&mut buf));
+                match reply {
+                    Ok((n, from)) => {
+                        println!("ok {} {from}", String::from_utf8_lossy(&buf[..n]).trim());
+                    }
+                    Err(e) => println!("err {:?} {}", e.kind(), started.elapsed().as_millis()),
+                }
+            }
         }
         Some("http-get") if args.len() == 3 => http_get(&args[1], &args[2]),
         Some("serve-each") if args.len() >= 2 => serve_each(&args[1..]),

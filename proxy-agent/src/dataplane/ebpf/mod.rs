@@ -69,7 +69,11 @@ impl super::Dataplane for EbpfDataplane {
         &mut self,
         plan: &Plan,
         _desired: &DesiredState,
-    ) -> Result<usize, super::DataplaneError> {
-        Ok(self.writer.apply(plan)?)
+    ) -> Result<super::Applied, super::DataplaneError> {
+        let writes = self.writer.apply(plan)?;
+        Ok(super::Applied {
+            writes,
+            full: false,
+        })
     }
 }

@@ -1,17 +1,25 @@
 //! nftables dataplane: the ruleset of `ruleset.rs` in our own `ip`/`ip6` tables, loaded
-//! with `nft -f` as one atomic transaction per sync (tables replaced whole for now;
-//! established connections keep their conntrack NAT).
+//! with `nft -f` as one atomic transaction per sync: whole at start and after any
+//! failure, otherwise only what changed (`delta.rs`); then stale UDP conntrack goes.
+pub mod delta;
 pub mod names;
 pub mod ruleset;
+pub mod table;
 
 use std::{
+    collections::BTreeSet,
     io::Write,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use ipnet::IpNet;
 use thiserror::Error;
 
+use tracing::{debug, warn};
+
+use self::table::Table;
+use super::{conntrack, Applied};
 use crate::model::{DesiredState, Plan};
 
 #[derive(Debug, Error)]
@@ -23,8 +31,27 @@ pub enum NftError {
 }
 
 /// Runs `nft -f -` on `text` in the current network namespace.
+///
+/// # Errors
+/// When `nft` cannot run or refuses the text.
 pub fn load(text: &str) -> Result<(), NftError> {
-    let mut child = Command::new("nft")
+    load_in(None, text)
+}
+
+/// Runs `nft -f -` on `text` in `netns` (a `/run/netns/NAME` path) or the current one.
+///
+/// # Errors
+/// When `nft` cannot run or refuses the text.
+pub fn load_in(netns: Option<&Path>, text: &str) -> Result<(), NftError> {
+    let mut command = match netns {
+        Some(netns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", netns.display())).arg("nft");
+            c
+        }
+        None => Command::new("nft"),
+    };
+    let mut child = command
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -49,18 +76,99 @@ pub fn cleanup() -> Result<(), NftError> {
     load(&ruleset::removal())
 }
 
+/// What the kernel holds, as far as this process knows.
+struct Programmed {
+    tables: [Table; 2],
+    /// Chains flushed by the last sync, deleted by the next.
+    stale: [BTreeSet<String>; 2],
+    udp: conntrack::UdpServices,
+}
+
+/// One sync's transaction and what the kernel holds once it is loaded.
+pub struct Pending {
+    /// `nft -f` input.
+    pub text: String,
+    /// Statements in it (a full load counts its lines).
+    pub ops: usize,
+    pub full: bool,
+    tables: [Table; 2],
+    stale: [BTreeSet<String>; 2],
+}
+
 pub struct NftablesDataplane {
     cluster_cidrs: Vec<IpNet>,
+    kernel: Option<Programmed>,
+    /// Another network namespace to program (tests and the bench); conntrack is then
+    /// left alone.
+    netns: Option<PathBuf>,
 }
 
 impl NftablesDataplane {
     /// Checks that nftables works here (the `nft` tool and the kernel's `nf_tables`).
+    ///
+    /// # Errors
+    /// When `nft` is missing or the kernel refuses the table.
     pub fn start(cluster_cidrs: Vec<IpNet>) -> Result<Self, NftError> {
-        load(&format!(
-            "add table ip {0}\nadd table ip6 {0}\n",
-            ruleset::TABLE
-        ))?;
-        Ok(Self { cluster_cidrs })
+        Self::start_in(cluster_cidrs, None)
+    }
+
+    /// [`Self::start`] for the network namespace at `netns` (`None`: this one).
+    ///
+    /// # Errors
+    /// When `nft` is missing or the kernel refuses the table.
+    pub fn start_in(cluster_cidrs: Vec<IpNet>, netns: Option<PathBuf>) -> Result<Self, NftError> {
+        let tables = format!("add table ip {0}\nadd table ip6 {0}\n", table::TABLE);
+        load_in(netns.as_deref(), &tables)?;
+        Ok(Self {
+            cluster_cidrs,
+            kernel: None,
+            netns,
+        })
+    }
+
+    /// The transaction from what the kernel holds to `desired`: whole tables when
+    /// nothing is known, else a partial one.
+    #[must_use]
+    pub fn transaction(&self, desired: &DesiredState) -> Pending {
+        let tables = ruleset::build(desired, &self.cluster_cidrs);
+        let Some(kernel) = &self.kernel else {
+            let text = ruleset::full_text(&tables);
+            return Pending {
+                ops: text.lines().filter(|l| !l.trim().is_empty()).count(),
+                text,
+                full: true,
+                tables,
+                stale: Default::default(),
+            };
+        };
+        let mut text = String::new();
+        let mut ops = 0;
+        let mut stale: [BTreeSet<String>; 2] = Default::default();
+        let mut after = tables.clone();
+        for i in 0..2 {
+            let (tx, flushed) = delta::delta(&kernel.tables[i], &tables[i], &kernel.stale[i]);
+            if !tx.is_empty() {
+                ops += tx.statements.len();
+                text.push_str(&tx.text());
+            }
+            for name in &flushed {
+                let mut chain = kernel.tables[i]
+                    .chains
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_default();
+                chain.rules.clear();
+                after[i].chains.insert(name.clone(), chain);
+            }
+            stale[i] = flushed;
+        }
+        Pending {
+            text,
+            ops,
+            full: false,
+            tables: after,
+            stale,
+        }
     }
 }
 
@@ -71,6 +179,7 @@ impl super::Dataplane for NftablesDataplane {
 
     /// Nothing is read back: the first sync replaces our tables whole.
     fn programmed(&mut self) -> Result<DesiredState, super::DataplaneError> {
+        self.kernel = None;
         Ok(DesiredState::default())
     }
 
@@ -78,12 +187,37 @@ impl super::Dataplane for NftablesDataplane {
         &mut self,
         plan: &Plan,
         desired: &DesiredState,
-    ) -> Result<usize, super::DataplaneError> {
-        if plan.is_empty() {
-            return Ok(0);
+    ) -> Result<Applied, super::DataplaneError> {
+        if plan.is_empty() && self.kernel.is_some() {
+            return Ok(Applied {
+                writes: 0,
+                full: false,
+            });
         }
-        let text = ruleset::render(desired, &self.cluster_cidrs);
-        load(&text)?;
-        Ok(text.lines().count())
+        let pending = self.transaction(desired);
+        if pending.ops > 0 {
+            if let Err(error) = load_in(self.netns.as_deref(), &pending.text) {
+                // Whatever happened, the next sync rewrites everything.
+                self.kernel = None;
+                return Err(error.into());
+            }
+        }
+        let udp = conntrack::UdpServices::of(desired);
+        if self.netns.is_none() && self.kernel.as_ref().is_none_or(|k| k.udp != udp) {
+            match conntrack::clean_udp(&udp) {
+                Ok(0) => {}
+                Ok(deleted) => debug!(deleted, "stale UDP conntrack entries deleted"),
+                Err(error) => warn!(%error, "cannot clean stale UDP conntrack entries"),
+            }
+        }
+        self.kernel = Some(Programmed {
+            tables: pending.tables,
+            stale: pending.stale,
+            udp,
+        });
+        Ok(Applied {
+            writes: pending.ops,
+            full: pending.full,
+        })
     }
 }

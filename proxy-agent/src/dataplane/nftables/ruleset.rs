@@ -11,14 +11,21 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::names;
+use super::{
+    names,
+    table::{Chain, Set, Table, TABLE},
+};
 use crate::model::{
     Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
     ServicePortName,
 };
 
-/// Our tables' name, in the `ip` and `ip6` families.
-pub const TABLE: &str = "proxy-agent";
+/// Up to this many endpoints, choose one with kube-proxy's iptables cascade (one
+/// `numgen random mod (N-i) 0` rule per endpoint); above it with one anonymous
+/// `numgen … vmap`. Each anonymous set costs the kernel a scan of the table's sets
+/// list, so a vmap in every Service makes a full load quadratic (10 000 Services × 10
+/// endpoints: 199 s with vmaps, 12 s with cascades on this machine).
+pub const CASCADE_MAX: usize = 32;
 
 /// One Service port of one family: every frontend it has.
 struct Group<'a> {
@@ -74,12 +81,26 @@ fn endpoint(backend: &Backend) -> String {
 /// Both tables, preceded by their removal, as one atomic `nft -f` transaction.
 #[must_use]
 pub fn render(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> String {
+    full_text(&build(desired, cluster_cidrs))
+}
+
+/// The `ip` and `ip6` tables for a desired state.
+#[must_use]
+pub fn build(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> [Table; 2] {
+    [false, true].map(|v6| table(desired, cluster_cidrs, Family { v6 }))
+}
+
+/// Replaces both tables whole.
+#[must_use]
+pub fn full_text(tables: &[Table; 2]) -> String {
     let mut out = String::new();
-    for v6 in [false, true] {
-        let family = Family { v6 };
-        let _ = writeln!(out, "add table {} {TABLE}", family.table());
-        let _ = writeln!(out, "delete table {} {TABLE}", family.table());
-        out.push_str(&table(desired, cluster_cidrs, family));
+    for table in tables {
+        let family = table.family;
+        let _ = write!(
+            out,
+            "add table {family} {TABLE}\ndelete table {family} {TABLE}\n"
+        );
+        out.push_str(&table.text());
     }
     out
 }
@@ -87,14 +108,9 @@ pub fn render(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> String {
 /// The statements that remove our tables (and nothing else).
 #[must_use]
 pub fn removal() -> String {
-    let mut out = String::new();
-    for family in ["ip", "ip6"] {
-        let _ = writeln!(
-            out,
-            "add table {family} {TABLE}\ndelete table {family} {TABLE}"
-        );
-    }
-    out
+    ["ip", "ip6"]
+        .map(|family| format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n"))
+        .concat()
 }
 
 fn groups(desired: &DesiredState, family: Family) -> Vec<Group<'_>> {
@@ -131,32 +147,43 @@ fn target(group: &Group, route: &Route) -> String {
     }
 }
 
-fn table(desired: &DesiredState, cluster_cidrs: &[IpNet], family: Family) -> String {
-    let cidrs: Vec<String> = cluster_cidrs
-        .iter()
-        .filter(|c| family.holds(c.addr()))
-        .map(ToString::to_string)
-        .collect();
-    let groups = groups(desired, family);
-    let mut service_ips = Vec::new();
-    let mut nodeports = BTreeSet::new();
-    let mut nodeport_ips = BTreeSet::new();
-    let mut chains = String::new();
-    let mut sets = String::new();
-    for group in &groups {
-        group_chains(group, &cidrs, family, &mut chains, &mut sets);
+fn chain(comment: &str, rules: Vec<String>) -> Chain {
+    Chain {
+        hook: None,
+        comment: Some(comment.to_owned()),
+        rules,
+    }
+}
+
+fn table(desired: &DesiredState, cluster_cidrs: &[IpNet], family: Family) -> Table {
+    let mut t = Table::new(family.table());
+    let addr_type = family.addr_type();
+    let mut cidrs = Set::new("set", &[&format!("type {addr_type}"), "flags interval"]);
+    for cidr in cluster_cidrs.iter().filter(|c| family.holds(c.addr())) {
+        cidrs.elements.insert(cidr.to_string(), String::new());
+    }
+    let cidrs_present = !cidrs.elements.is_empty();
+    t.sets.insert("cluster-cidrs".to_owned(), cidrs);
+    let mut nodeport_ips = Set::new("set", &[&format!("type {addr_type}")]);
+    let mut service_ips = Set::new(
+        "map",
+        &[&format!(
+            "type {addr_type} . inet_proto . inet_service : verdict"
+        )],
+    );
+    let mut nodeports = Set::new("map", &["type inet_proto . inet_service : verdict"]);
+    for group in &groups(desired, family) {
+        group_chains(group, cidrs_present, family, &mut t);
         for (key, frontend) in &group.frontends {
+            let element = format!("{} . {} . {}", key.ip, proto(key.protocol), key.port);
             let ext = names::external_chain(group.service, group.protocol);
-            let element = |target: String| {
-                format!(
-                    "{} . {} . {} : goto {target}",
-                    key.ip,
-                    proto(key.protocol),
-                    key.port
-                )
-            };
             match frontend.kind {
-                FrontendKind::ClusterIp => service_ips.push(element(target(group, &frontend.pod))),
+                FrontendKind::ClusterIp => {
+                    let target = target(group, &frontend.pod);
+                    service_ips
+                        .elements
+                        .insert(element, format!("goto {target}"));
+                }
                 FrontendKind::ExternalIp | FrontendKind::LoadBalancer => {
                     let guarded = frontend.kind == FrontendKind::LoadBalancer
                         && !frontend.source_ranges.is_empty();
@@ -165,72 +192,39 @@ fn table(desired: &DesiredState, cluster_cidrs: &[IpNet], family: Family) -> Str
                     } else {
                         ext
                     };
-                    service_ips.push(element(chain));
+                    service_ips
+                        .elements
+                        .insert(element, format!("goto {chain}"));
                 }
                 FrontendKind::NodePort => {
-                    nodeport_ips.insert(key.ip.to_string());
-                    nodeports.insert(format!(
-                        "{} . {} : goto {ext}",
-                        proto(key.protocol),
-                        key.port
-                    ));
+                    nodeport_ips
+                        .elements
+                        .insert(key.ip.to_string(), String::new());
+                    nodeports.elements.insert(
+                        format!("{} . {}", proto(key.protocol), key.port),
+                        format!("goto {ext}"),
+                    );
                 }
             }
         }
     }
-    let (addr, addr_type) = (family.addr(), family.addr_type());
-    let mut t = String::new();
-    let _ = writeln!(t, "table {} {TABLE} {{", family.table());
-    let _ = writeln!(
-        t,
-        "\tcomment \"rules for proxy-agent (kube-proxy replacement)\""
-    );
-    let set = |t: &mut String, name: &str, flags: &str, elements: &[String]| {
-        let _ = writeln!(t, "\tset {name} {{\n\t\ttype {addr_type}\n{flags}");
-        if !elements.is_empty() {
-            let _ = writeln!(t, "\t\telements = {{ {} }}", elements.join(", "));
-        }
-        let _ = writeln!(t, "\t}}");
-    };
-    set(&mut t, "cluster-cidrs", "\t\tflags interval", &cidrs);
-    set(
-        &mut t,
-        "nodeport-ips",
-        "",
-        &nodeport_ips.into_iter().collect::<Vec<_>>(),
-    );
-    let map = |t: &mut String, name: &str, key: &str, elements: &[String]| {
-        let _ = writeln!(t, "\tmap {name} {{\n\t\ttype {key} : verdict");
-        if !elements.is_empty() {
-            let _ = writeln!(
-                t,
-                "\t\telements = {{\n\t\t\t{}\n\t\t}}",
-                elements.join(",\n\t\t\t")
-            );
-        }
-        let _ = writeln!(t, "\t}}");
-    };
-    map(
-        &mut t,
-        "service-ips",
-        &format!("{addr_type} . inet_proto . inet_service"),
-        &service_ips,
-    );
-    map(
-        &mut t,
-        "service-nodeports",
-        "inet_proto . inet_service",
-        &nodeports.into_iter().collect::<Vec<_>>(),
-    );
-    t.push_str(&sets);
-    fixed_chains(&mut t, addr);
-    t.push_str(&chains);
-    t.push_str("}\n");
+    t.sets.insert("nodeport-ips".to_owned(), nodeport_ips);
+    t.sets.insert("service-ips".to_owned(), service_ips);
+    t.sets.insert("service-nodeports".to_owned(), nodeports);
+    fixed_chains(&mut t, family.addr());
     t
 }
 
 /// The hooks, the dispatch chains and the mark chains, the same in every ruleset.
-fn fixed_chains(t: &mut String, addr: &str) {
+fn fixed_chains(t: &mut Table, addr: &str) {
+    let mut fixed = |name: &str, hook: Option<String>, rules: &[&str]| {
+        let chain = Chain {
+            hook,
+            comment: None,
+            rules: rules.iter().map(|&r| r.to_owned()).collect(),
+        };
+        t.chains.insert(name.to_owned(), chain);
+    };
     for (name, hook, priority, target) in [
         ("nat-prerouting", "prerouting", "dstnat", "KUBE-SERVICES"),
         ("nat-output", "output", "-100", "KUBE-SERVICES"),
@@ -241,63 +235,100 @@ fn fixed_chains(t: &mut String, addr: &str) {
             "KUBE-POSTROUTING",
         ),
     ] {
-        let _ = writeln!(t, "\tchain {name} {{\n\t\ttype nat hook {hook} priority {priority}; policy accept;\n\t\tjump {target}\n\t}}");
+        let hook = format!("type nat hook {hook} priority {priority}; policy accept;");
+        fixed(name, Some(hook), &[&format!("jump {target}")]);
     }
     for hook in ["input", "forward", "output"] {
-        let _ = writeln!(t, "\tchain filter-{hook} {{\n\t\ttype filter hook {hook} priority filter; policy accept;\n\t\tjump KUBE-FILTER\n\t}}");
+        let spec = format!("type filter hook {hook} priority filter; policy accept;");
+        fixed(&format!("filter-{hook}"), Some(spec), &["jump KUBE-FILTER"]);
     }
-    let _ = writeln!(
-        t,
-        "\tchain KUBE-FILTER {{\n\t\tmeta mark & 0x00008000 == 0x00008000 drop\n\t\tmeta mark & 0x00010000 == 0x00010000 meta l4proto tcp reject with tcp reset\n\t\tmeta mark & 0x00010000 == 0x00010000 reject\n\t}}"
+    fixed(
+        "KUBE-FILTER",
+        None,
+        &[
+            "meta mark & 0x00008000 == 0x00008000 drop",
+            "meta mark & 0x00010000 == 0x00010000 meta l4proto tcp reject with tcp reset",
+            "meta mark & 0x00010000 == 0x00010000 reject",
+        ],
     );
-    let _ = writeln!(
-        t,
-        "\tchain KUBE-SERVICES {{\n\t\t{addr} daddr . meta l4proto . th dport vmap @service-ips\n\t\t{addr} daddr @nodeport-ips jump KUBE-NODEPORTS\n\t}}"
+    fixed(
+        "KUBE-SERVICES",
+        None,
+        &[
+            &format!("{addr} daddr . meta l4proto . th dport vmap @service-ips"),
+            &format!("{addr} daddr @nodeport-ips jump KUBE-NODEPORTS"),
+        ],
     );
-    let _ = writeln!(
-        t,
-        "\tchain KUBE-NODEPORTS {{\n\t\tmeta l4proto . th dport vmap @service-nodeports\n\t}}"
+    fixed(
+        "KUBE-NODEPORTS",
+        None,
+        &["meta l4proto . th dport vmap @service-nodeports"],
     );
     for (name, mark) in [
         ("KUBE-MARK-MASQ", "0x00004000"),
         ("KUBE-MARK-DROP", "0x00008000"),
         ("KUBE-MARK-REJECT", "0x00010000"),
     ] {
-        let _ = writeln!(
-            t,
-            "\tchain {name} {{\n\t\tmeta mark set meta mark | {mark}\n\t}}"
-        );
+        fixed(name, None, &[&format!("meta mark set meta mark | {mark}")]);
     }
-    let _ = writeln!(
-        t,
-        "\tchain KUBE-POSTROUTING {{\n\t\tmeta mark & 0x00004000 == 0x00000000 return\n\t\tmeta mark set meta mark ^ 0x00004000\n\t\tmasquerade fully-random\n\t}}"
+    fixed(
+        "KUBE-POSTROUTING",
+        None,
+        &[
+            "meta mark & 0x00004000 == 0x00000000 return",
+            "meta mark set meta mark ^ 0x00004000",
+            "masquerade fully-random",
+        ],
     );
+}
+
+/// One endpoint among `backends`, uniformly: kube-proxy's iptables cascade, or a vmap
+/// for large sets (see [`CASCADE_MAX`]).
+fn choose(group: &Group, backends: &[Backend]) -> Vec<String> {
+    let sep = |b: &Backend| names::endpoint_chain(group.service, group.protocol, b);
+    let n = backends.len();
+    if n > CASCADE_MAX {
+        let choices: Vec<String> = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("{i} : goto {}", sep(b)))
+            .collect();
+        return vec![format!(
+            "numgen random mod {n} vmap {{ {} }}",
+            choices.join(", ")
+        )];
+    }
+    backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if i + 1 == n {
+                format!("goto {}", sep(b))
+            } else {
+                format!("numgen random mod {} 0 goto {}", n - i, sep(b))
+            }
+        })
+        .collect()
 }
 
 /// The chains of one Service port: SVC/SVL (endpoint choice), EXT (external traffic
 /// policy), FW (source ranges) and one SEP per endpoint.
-fn group_chains(
-    group: &Group,
-    cidrs: &[String],
-    family: Family,
-    chains: &mut String,
-    sets: &mut String,
-) {
+fn group_chains(group: &Group, cidrs_present: bool, family: Family, t: &mut Table) {
     let addr = family.addr();
     let comment = group.service.to_string();
     let affinity = group.frontends.iter().find_map(|(_, f)| f.affinity_timeout);
-    let mut endpoint_sets: BTreeMap<String, (bool, Vec<Backend>)> = BTreeMap::new();
+    let mut endpoint_sets: BTreeMap<String, Vec<Backend>> = BTreeMap::new();
     let mut endpoints = BTreeSet::new();
     for (_, frontend) in &group.frontends {
         for route in [&frontend.pod, &frontend.node, &frontend.external] {
             if !route.backends.is_empty() {
-                endpoint_sets.insert(target(group, route), (route.local, route.backends.to_vec()));
+                endpoint_sets.insert(target(group, route), route.backends.to_vec());
                 endpoints.extend(route.backends.iter().copied());
             }
         }
     }
-    for (chain, (_, backends)) in &endpoint_sets {
-        let _ = writeln!(chains, "\tchain {chain} {{\n\t\tcomment \"{comment}\"");
+    for (name, backends) in &endpoint_sets {
+        let mut rules = Vec::new();
         for (key, frontend) in group
             .frontends
             .iter()
@@ -306,65 +337,51 @@ fn group_chains(
             // ClusterIP traffic from outside the cluster CIDR is masqueraded (only for the
             // ClusterIP itself, so external traffic passing through here keeps its source).
             if frontend.external.masquerade
-                && !cidrs.is_empty()
-                && target(group, &frontend.pod) == *chain
+                && cidrs_present
+                && target(group, &frontend.pod) == *name
             {
-                let _ = writeln!(
-                    chains,
-                    "\t\t{addr} daddr {} meta l4proto {} th dport {} {addr} saddr != @cluster-cidrs jump KUBE-MARK-MASQ",
+                rules.push(format!(
+                    "{addr} daddr {} meta l4proto {} th dport {} {addr} saddr != @cluster-cidrs jump KUBE-MARK-MASQ",
                     key.ip,
                     proto(key.protocol),
                     key.port
-                );
+                ));
             }
         }
         if affinity.is_some() {
             for backend in backends {
                 let sep = names::endpoint_chain(group.service, group.protocol, backend);
-                let _ = writeln!(
-                    chains,
-                    "\t\t{addr} saddr @{} goto {sep}",
-                    affinity_set(&sep)
-                );
+                rules.push(format!("{addr} saddr @{} goto {sep}", affinity_set(&sep)));
             }
         }
-        let choices: Vec<String> = backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                format!(
-                    "{i} : goto {}",
-                    names::endpoint_chain(group.service, group.protocol, b)
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            chains,
-            "\t\tnumgen random mod {} vmap {{ {} }}\n\t}}",
-            backends.len(),
-            choices.join(", ")
-        );
+        rules.extend(choose(group, backends));
+        t.chains.insert(name.clone(), chain(&comment, rules));
     }
     for backend in &endpoints {
         let sep = names::endpoint_chain(group.service, group.protocol, backend);
-        let _ = writeln!(
-            chains,
-            "\tchain {sep} {{\n\t\tcomment \"{comment}\"\n\t\t{addr} saddr {} jump KUBE-MARK-MASQ",
-            backend.ip
-        );
+        let mut rules = vec![format!("{addr} saddr {} jump KUBE-MARK-MASQ", backend.ip)];
         if let Some(timeout) = affinity {
             let set = affinity_set(&sep);
-            let _ = writeln!(sets, "\tset {set} {{\n\t\ttype {}\n\t\tflags dynamic,timeout\n\t\ttimeout {timeout}s\n\t}}", family.addr_type());
-            let _ = writeln!(chains, "\t\tupdate @{set} {{ {addr} saddr }}");
+            let mut decl = Set::new(
+                "set",
+                &[
+                    &format!("type {}", family.addr_type()),
+                    "flags dynamic,timeout",
+                    &format!("timeout {timeout}s"),
+                ],
+            );
+            decl.dynamic = true;
+            t.sets.insert(set.clone(), decl);
+            rules.push(format!("update @{set} {{ {addr} saddr }}"));
         }
-        let _ = writeln!(
-            chains,
-            "\t\tmeta l4proto {} dnat to {}\n\t}}",
+        rules.push(format!(
+            "meta l4proto {} dnat to {}",
             proto(group.protocol),
             endpoint(backend)
-        );
+        ));
+        t.chains.insert(sep, chain(&comment, rules));
     }
-    external_chains(group, family, chains);
+    external_chains(group, family, t);
 }
 
 fn affinity_set(sep: &str) -> String {
@@ -372,7 +389,7 @@ fn affinity_set(sep: &str) -> String {
 }
 
 /// KUBE-EXT (and KUBE-FW) for the port's NodePort, external and load-balancer frontends.
-fn external_chains(group: &Group, family: Family, chains: &mut String) {
+fn external_chains(group: &Group, family: Family, t: &mut Table) {
     let Some((_, frontend)) = group
         .frontends
         .iter()
@@ -381,19 +398,16 @@ fn external_chains(group: &Group, family: Family, chains: &mut String) {
         return;
     };
     let addr = family.addr();
+    let comment = group.service.to_string();
     let ext = names::external_chain(group.service, group.protocol);
-    let _ = writeln!(
-        chains,
-        "\tchain {ext} {{\n\t\tcomment \"{}\"",
-        group.service
-    );
     let same =
         |a: &Route, b: &Route| target(group, a) == target(group, b) && a.masquerade == b.masquerade;
+    let mut rules = Vec::new();
     let mut rule = |condition: &str, route: &Route| {
         if route.masquerade {
-            let _ = writeln!(chains, "\t\t{condition}jump KUBE-MARK-MASQ");
+            rules.push(format!("{condition}jump KUBE-MARK-MASQ"));
         }
-        let _ = writeln!(chains, "\t\t{condition}goto {}", target(group, route));
+        rules.push(format!("{condition}goto {}", target(group, route)));
     };
     // Same order as the oracle classifies sources: the node itself, then pods.
     if !same(&frontend.node, &frontend.external) {
@@ -403,7 +417,7 @@ fn external_chains(group: &Group, family: Family, chains: &mut String) {
         rule(&format!("{addr} saddr @cluster-cidrs "), &frontend.pod);
     }
     rule("", &frontend.external);
-    let _ = writeln!(chains, "\t}}");
+    t.chains.insert(ext.clone(), chain(&comment, rules));
     let ranges: BTreeSet<String> = group
         .frontends
         .iter()
@@ -414,10 +428,10 @@ fn external_chains(group: &Group, family: Family, chains: &mut String) {
     if !ranges.is_empty() {
         let fw = names::firewall_chain(group.service, group.protocol);
         let list = ranges.into_iter().collect::<Vec<_>>().join(", ");
-        let _ = writeln!(
-            chains,
-            "\tchain {fw} {{\n\t\tcomment \"{}\"\n\t\t{addr} saddr {{ {list} }} goto {ext}\n\t\tgoto KUBE-MARK-DROP\n\t}}",
-            group.service
-        );
+        let rules = vec![
+            format!("{addr} saddr {{ {list} }} goto {ext}"),
+            "goto KUBE-MARK-DROP".to_owned(),
+        ];
+        t.chains.insert(fw, chain(&comment, rules));
     }
 }

@@ -1,0 +1,407 @@
+//! UDP conntrack hygiene over ctnetlink, as kube-proxy's conntrack cleaner: a UDP flow
+//! keeps its NAT binding until it idles out, so after an endpoint change every UDP entry
+//! to a Service whose DNAT target is no longer one of its endpoints is deleted, and the
+//! client's next packet is balanced afresh.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use thiserror::Error;
+
+use crate::model::{DesiredState, FrontendKind, Protocol};
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const CT_GET: u16 = 1 << 8 | 1;
+const CT_DELETE: u16 = 1 << 8 | 2;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ZONE: u16 = 18;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+const IPPROTO_UDP: u8 = 17;
+
+#[derive(Debug, Error)]
+pub enum ConntrackError {
+    #[error("ctnetlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("ctnetlink answered error {0}")]
+    Kernel(i32),
+    #[error("ctnetlink message is malformed")]
+    Malformed,
+}
+
+/// One direction of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuple {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// One conntrack entry: the tuple as the client sent it and the one replies come on
+/// (whose source is the DNAT target).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub orig: Tuple,
+    pub reply: Tuple,
+    /// The raw `CTA_ZONE` attribute, echoed back when deleting.
+    zone: Option<Vec<u8>>,
+}
+
+/// What UDP traffic a desired state expects: for each Service address and port, the
+/// endpoints an entry may be translated to; for each NodePort, the same.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UdpServices {
+    by_address: BTreeMap<(IpAddr, u16), BTreeSet<IpAddr>>,
+    by_node_port: BTreeMap<u16, BTreeSet<IpAddr>>,
+    node_port_ips: BTreeSet<IpAddr>,
+}
+
+impl UdpServices {
+    #[must_use]
+    pub fn of(desired: &DesiredState) -> Self {
+        let mut udp = Self::default();
+        for (key, frontend) in &desired.frontends {
+            if key.protocol != Protocol::Udp {
+                continue;
+            }
+            let endpoints = [&frontend.pod, &frontend.node, &frontend.external]
+                .iter()
+                .flat_map(|r| r.backends.iter().map(|b| b.ip))
+                .collect::<BTreeSet<_>>();
+            let slot = if frontend.kind == FrontendKind::NodePort {
+                udp.node_port_ips.insert(key.ip);
+                udp.by_node_port.entry(key.port).or_default()
+            } else {
+                udp.by_address.entry((key.ip, key.port)).or_default()
+            };
+            slot.extend(endpoints);
+        }
+        udp
+    }
+
+    /// Whether `entry` is a UDP flow to a Service that its translation no longer
+    /// matches: DNAT'ed to a removed endpoint, or never translated (it was refused while
+    /// the Service had no endpoints) although it has some now.
+    #[must_use]
+    pub fn is_stale(&self, entry: &Entry) -> bool {
+        if entry.orig.proto != IPPROTO_UDP {
+            return false;
+        }
+        let untranslated =
+            entry.reply.src == entry.orig.dst && entry.reply.sport == entry.orig.dport;
+        let allowed = self
+            .by_address
+            .get(&(entry.orig.dst, entry.orig.dport))
+            .or_else(|| {
+                self.node_port_ips
+                    .contains(&entry.orig.dst)
+                    .then(|| self.by_node_port.get(&entry.orig.dport))
+                    .flatten()
+            });
+        match allowed {
+            Some(endpoints) if untranslated => !endpoints.is_empty(),
+            Some(endpoints) => !endpoints.contains(&entry.reply.src),
+            None => false,
+        }
+    }
+}
+
+/// A ctnetlink socket in the current network namespace.
+pub struct Conntrack {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Conntrack {
+    /// Opens the socket.
+    ///
+    /// # Errors
+    /// When netlink is unavailable.
+    pub fn open() -> Result<Self, ConntrackError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ConntrackError::Socket)?;
+        socket.bind_auto().map_err(ConntrackError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(ConntrackError::Socket)?;
+        Ok(Self { socket, seq: 1 })
+    }
+
+    /// Every entry of both families.
+    ///
+    /// # Errors
+    /// On socket errors or messages that cannot be read.
+    pub fn dump(&mut self) -> Result<Vec<Entry>, ConntrackError> {
+        let mut entries = Vec::new();
+        for family in [libc_af(false), libc_af(true)] {
+            let request = self.message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[]);
+            self.socket
+                .send(&request, 0)
+                .map_err(ConntrackError::Socket)?;
+            self.receive(|payload| {
+                if let Some(entry) = parse_entry(payload) {
+                    entries.push(entry);
+                }
+            })?;
+        }
+        Ok(entries)
+    }
+
+    /// Deletes one entry; one already gone is not an error.
+    ///
+    /// # Errors
+    /// On socket errors or a refusal other than "no such entry".
+    pub fn delete(&mut self, entry: &Entry) -> Result<(), ConntrackError> {
+        let mut attrs = tuple_attr(CTA_TUPLE_ORIG, &entry.orig);
+        if let Some(zone) = &entry.zone {
+            attrs.extend(attr(CTA_ZONE, zone));
+        }
+        let family = libc_af(entry.orig.src.is_ipv6());
+        let request = self.message(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, family, &attrs);
+        self.socket
+            .send(&request, 0)
+            .map_err(ConntrackError::Socket)?;
+        match self.receive(|_| {}) {
+            Err(ConntrackError::Kernel(-2)) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn message(&mut self, kind: u16, flags: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
+        self.seq = self.seq.wrapping_add(1);
+        let len = u32::try_from(16 + 4 + attrs.len()).unwrap_or(u32::MAX);
+        let mut m = Vec::with_capacity(len as usize);
+        m.extend(len.to_ne_bytes());
+        m.extend(kind.to_ne_bytes());
+        m.extend(flags.to_ne_bytes());
+        m.extend(self.seq.to_ne_bytes());
+        m.extend(0u32.to_ne_bytes());
+        m.extend([family, 0, 0, 0]);
+        m.extend(attrs);
+        m
+    }
+
+    /// Reads messages until DONE or an ACK/error, handing each entry's attributes over.
+    fn receive(&mut self, mut each: impl FnMut(&[u8])) -> Result<(), ConntrackError> {
+        loop {
+            let (buffer, _) = self
+                .socket
+                .recv_from_full()
+                .map_err(ConntrackError::Socket)?;
+            let mut rest = &buffer[..];
+            while rest.len() >= 16 {
+                let len = u32::from_ne_bytes(
+                    rest[0..4]
+                        .try_into()
+                        .map_err(|_| ConntrackError::Malformed)?,
+                ) as usize;
+                if len < 16 || len > rest.len() {
+                    return Err(ConntrackError::Malformed);
+                }
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let body = &rest[16..len];
+                match kind {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let code = body
+                            .get(0..4)
+                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                            .ok_or(ConntrackError::Malformed)?;
+                        return if code == 0 {
+                            Ok(())
+                        } else {
+                            Err(ConntrackError::Kernel(code))
+                        };
+                    }
+                    _ => each(body.get(4..).unwrap_or_default()),
+                }
+                rest = &rest[align(len).min(rest.len())..];
+            }
+        }
+    }
+}
+
+/// Deletes the stale UDP entries for `udp`; returns how many went.
+///
+/// # Errors
+/// When ctnetlink cannot be used.
+pub fn clean_udp(udp: &UdpServices) -> Result<usize, ConntrackError> {
+    let mut conntrack = Conntrack::open()?;
+    let stale: Vec<Entry> = conntrack
+        .dump()?
+        .into_iter()
+        .filter(|e| udp.is_stale(e))
+        .collect();
+    for entry in &stale {
+        conntrack.delete(entry)?;
+    }
+    Ok(stale.len())
+}
+
+fn libc_af(v6: bool) -> u8 {
+    if v6 {
+        10
+    } else {
+        2
+    }
+}
+
+fn align(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(4 + value.len()).unwrap_or(u16::MAX);
+    let mut a = Vec::with_capacity(align(len as usize));
+    a.extend(len.to_ne_bytes());
+    a.extend(kind.to_ne_bytes());
+    a.extend(value);
+    a.resize(align(a.len()), 0);
+    a
+}
+
+fn tuple_attr(kind: u16, t: &Tuple) -> Vec<u8> {
+    let ip = match (t.src, t.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => [attr(1, &s.octets()), attr(2, &d.octets())].concat(),
+        (s, d) => [attr(3, &v6(s).octets()), attr(4, &v6(d).octets())].concat(),
+    };
+    let proto = [
+        attr(CTA_PROTO_NUM, &[t.proto]),
+        attr(CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes()),
+        attr(CTA_PROTO_DST_PORT, &t.dport.to_be_bytes()),
+    ]
+    .concat();
+    let inner = [
+        attr(CTA_TUPLE_IP | NLA_F_NESTED, &ip),
+        attr(CTA_TUPLE_PROTO | NLA_F_NESTED, &proto),
+    ]
+    .concat();
+    attr(kind | NLA_F_NESTED, &inner)
+}
+
+fn v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V6(ip) => ip,
+        IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+    }
+}
+
+/// The attributes in `data`, by type (nesting flag cleared).
+fn attrs(mut data: &[u8]) -> BTreeMap<u16, &[u8]> {
+    let mut out = BTreeMap::new();
+    while data.len() >= 4 {
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        if len < 4 || len > data.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff;
+        out.insert(kind, &data[4..len]);
+        data = &data[align(len).min(data.len())..];
+    }
+    out
+}
+
+fn parse_tuple(data: &[u8]) -> Option<Tuple> {
+    let top = attrs(data);
+    let ip = attrs(top.get(&CTA_TUPLE_IP)?);
+    let proto = attrs(top.get(&CTA_TUPLE_PROTO)?);
+    let addr = |kind: u16| -> Option<IpAddr> {
+        let raw = ip.get(&kind)?;
+        match raw.len() {
+            4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(*raw).ok()?))),
+            16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(*raw).ok()?))),
+            _ => None,
+        }
+    };
+    let port = |kind: u16| {
+        proto
+            .get(&kind)
+            .and_then(|p| p.get(0..2))
+            .map_or(0, |p| u16::from_be_bytes([p[0], p[1]]))
+    };
+    let (src, dst) = match (addr(1), addr(2)) {
+        (Some(s), Some(d)) => (s, d),
+        _ => (addr(3)?, addr(4)?),
+    };
+    Some(Tuple {
+        src,
+        dst,
+        proto: *proto.get(&CTA_PROTO_NUM)?.first()?,
+        sport: port(CTA_PROTO_SRC_PORT),
+        dport: port(CTA_PROTO_DST_PORT),
+    })
+}
+
+fn parse_entry(payload: &[u8]) -> Option<Entry> {
+    let top = attrs(payload);
+    Some(Entry {
+        orig: parse_tuple(top.get(&CTA_TUPLE_ORIG)?)?,
+        reply: parse_tuple(top.get(&CTA_TUPLE_REPLY)?)?,
+        zone: top.get(&CTA_ZONE).map(|z| z.to_vec()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{attrs, parse_tuple, tuple_attr, Entry, Tuple, UdpServices, IPPROTO_UDP};
+
+    fn entry(dst: &str, dport: u16, reply_src: &str, reply_sport: u16) -> Entry {
+        let t = |src: &str, dst: &str, sport, dport| Tuple {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: IPPROTO_UDP,
+            sport,
+            dport,
+        };
+        Entry {
+            orig: t("10.244.1.10", dst, 40000, dport),
+            reply: t(reply_src, "10.244.1.10", reply_sport, 40000),
+            zone: None,
+        }
+    }
+
+    #[test]
+    fn stale_means_translated_to_a_removed_endpoint_or_refused_before_endpoints() {
+        let mut udp = UdpServices::default();
+        udp.by_address
+            .entry(("10.96.0.10".parse().unwrap(), 53))
+            .or_default()
+            .insert("10.244.2.2".parse().unwrap());
+        udp.by_address
+            .entry(("10.96.0.11".parse().unwrap(), 53))
+            .or_default();
+        assert!(!udp.is_stale(&entry("10.96.0.10", 53, "10.244.2.2", 5353)));
+        assert!(udp.is_stale(&entry("10.96.0.10", 53, "10.244.1.2", 5353)));
+        assert!(udp.is_stale(&entry("10.96.0.10", 53, "10.96.0.10", 53)));
+        assert!(!udp.is_stale(&entry("10.96.0.11", 53, "10.96.0.11", 53)));
+        assert!(!udp.is_stale(&entry("192.0.2.1", 53, "192.0.2.1", 53)));
+    }
+
+    #[test]
+    fn tuples_survive_encoding() {
+        for (src, dst) in [("10.244.1.10", "10.96.0.10"), ("fd00::1:2", "fd00::10")] {
+            let t = Tuple {
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+                proto: IPPROTO_UDP,
+                sport: 40000,
+                dport: 53,
+            };
+            let encoded = tuple_attr(1, &t);
+            let outer = attrs(&encoded);
+            assert_eq!(parse_tuple(outer[&1]), Some(t));
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! One nftables table as data (chains with their rules, sets and maps with their
+//! elements), so a sync can print it whole or compare it with the last one programmed.
+use std::{collections::BTreeMap, fmt::Write};
+
+/// Our tables' name, in the `ip` and `ip6` families.
+pub const TABLE: &str = "proxy-agent";
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Chain {
+    /// `type nat hook prerouting priority dstnat; policy accept;` for base chains.
+    pub hook: Option<String>,
+    pub comment: Option<String>,
+    pub rules: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    /// `set` or `map`.
+    pub kind: &'static str,
+    /// Declaration lines: `type …`, `flags …`, `timeout …`.
+    pub decl: Vec<String>,
+    /// Key → value (maps) or key → empty (sets).
+    pub elements: BTreeMap<String, String>,
+    /// Elements are the kernel's (affinity), never written by a sync.
+    pub dynamic: bool,
+}
+
+impl Set {
+    #[must_use]
+    pub fn new(kind: &'static str, decl: &[&str]) -> Self {
+        Self {
+            kind,
+            decl: decl.iter().map(|&d| d.to_owned()).collect(),
+            elements: BTreeMap::new(),
+            dynamic: false,
+        }
+    }
+
+    /// `key` or `key : value`, as written inside `elements = { … }`.
+    #[must_use]
+    pub fn element(key: &str, value: &str) -> String {
+        if value.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{key} : {value}")
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    /// `ip` or `ip6`.
+    pub family: &'static str,
+    pub comment: String,
+    pub sets: BTreeMap<String, Set>,
+    pub chains: BTreeMap<String, Chain>,
+}
+
+impl Table {
+    #[must_use]
+    pub fn new(family: &'static str) -> Self {
+        Self {
+            family,
+            comment: "rules for proxy-agent (kube-proxy replacement)".to_owned(),
+            sets: BTreeMap::new(),
+            chains: BTreeMap::new(),
+        }
+    }
+
+    /// The table in `nft -f` block syntax (sets first, so rules can name them).
+    #[must_use]
+    pub fn text(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(t, "table {} {TABLE} {{", self.family);
+        let _ = writeln!(t, "\tcomment \"{}\"", self.comment);
+        for (name, set) in &self.sets {
+            let _ = writeln!(t, "\t{} {name} {{", set.kind);
+            for line in &set.decl {
+                let _ = writeln!(t, "\t\t{line}");
+            }
+            if !set.elements.is_empty() {
+                let elements: Vec<String> = set
+                    .elements
+                    .iter()
+                    .map(|(k, v)| Set::element(k, v))
+                    .collect();
+                let _ = writeln!(
+                    t,
+                    "\t\telements = {{\n\t\t\t{}\n\t\t}}",
+                    elements.join(",\n\t\t\t")
+                );
+            }
+            let _ = writeln!(t, "\t}}");
+        }
+        for (name, chain) in &self.chains {
+            let _ = writeln!(t, "\tchain {name} {{");
+            if let Some(hook) = &chain.hook {
+                let _ = writeln!(t, "\t\t{hook}");
+            }
+            if let Some(comment) = &chain.comment {
+                let _ = writeln!(t, "\t\tcomment \"{comment}\"");
+            }
+            for rule in &chain.rules {
+                let _ = writeln!(t, "\t\t{rule}");
+            }
+            let _ = writeln!(t, "\t}}");
+        }
+        t.push_str("}\n");
+        t
+    }
+
+    /// The `add chain` statement that declares `name` (hook and comment included).
+    #[must_use]
+    pub fn add_chain(&self, name: &str, chain: &Chain) -> String {
+        let mut spec = String::new();
+        if let Some(hook) = &chain.hook {
+            let _ = write!(spec, " {hook}");
+        }
+        if let Some(comment) = &chain.comment {
+            let _ = write!(spec, " comment \"{comment}\";");
+        }
+        if spec.is_empty() {
+            format!("add chain {} {TABLE} {name}", self.family)
+        } else {
+            format!("add chain {} {TABLE} {name} {{{spec} }}", self.family)
+        }
+    }
+
+    /// The `add set`/`add map` statement that declares `name` (no elements).
+    #[must_use]
+    pub fn add_set(&self, name: &str, set: &Set) -> String {
+        format!(
+            "add {} {} {TABLE} {name} {{ {}; }}",
+            set.kind,
+            self.family,
+            set.decl.join("; ")
+        )
+    }
+}

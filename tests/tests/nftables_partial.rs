@@ -1,0 +1,266 @@
+//! Partial nftables syncs: after every change, the table a partial transaction leaves
+//! in the kernel equals a fresh full load of the same state (read back with `nft -j`);
+//! stale chains are flushed, then deleted one sync later; and one endpoint change among
+//! 10 000 Services is a handful of statements.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use proxy_agent::{
+    dataplane::{
+        nftables::{delta, ruleset, NftablesDataplane},
+        Dataplane,
+    },
+    model::{self, Backend, DesiredState, NodeInfo},
+};
+use proxy_agent_tests::{
+    cluster::{sh_in, Cluster},
+    flows, scale,
+};
+use serde_json::Value;
+
+/// `nft -j list table` with handles dropped and set elements sorted: chain name →
+/// (declaration, rules in order), and set name → declaration with elements.
+type Listing = (
+    BTreeMap<String, (Value, Vec<Value>)>,
+    BTreeMap<String, Value>,
+);
+
+fn strip(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.remove("handle");
+            if let Some(Value::Array(elements)) = map.get_mut("elem") {
+                elements.sort_by_key(ToString::to_string);
+            }
+            map.values_mut().for_each(strip);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip),
+        _ => {}
+    }
+}
+
+fn listing(netns: &str, family: &str) -> Listing {
+    let text = sh_in(
+        netns,
+        &["nft", "-j", "list", "table", family, "proxy-agent"],
+    );
+    let mut json: Value = serde_json::from_str(&text).expect("nft json");
+    strip(&mut json);
+    let (mut chains, mut sets) = (BTreeMap::new(), BTreeMap::new());
+    for item in json["nftables"].as_array().expect("nftables array") {
+        if let Some(chain) = item.get("chain") {
+            let name = chain["name"].as_str().expect("name").to_owned();
+            chains.insert(name, (chain.clone(), Vec::new()));
+        } else if let Some(rule) = item.get("rule") {
+            let chain = rule["chain"].as_str().expect("chain");
+            chains
+                .get_mut(chain)
+                .expect("rule's chain")
+                .1
+                .push(rule.clone());
+        } else if let Some(set) = item.get("set").or_else(|| item.get("map")) {
+            sets.insert(set["name"].as_str().expect("name").to_owned(), set.clone());
+        }
+    }
+    (chains, sets)
+}
+
+/// Chains in `partial` beyond `full` must be stale ones: flushed, and returned.
+fn same_as_full(partial: &Listing, full: &Listing, step: &str) -> BTreeSet<String> {
+    assert_eq!(partial.1, full.1, "{step}: sets differ");
+    let mut stale = BTreeSet::new();
+    for (name, (chain, rules)) in &partial.0 {
+        if let Some((want_chain, want_rules)) = full.0.get(name) {
+            assert_eq!(
+                chain, want_chain,
+                "{step}: chain {name} declared differently"
+            );
+            assert_eq!(rules, want_rules, "{step}: chain {name} has other rules");
+        } else {
+            assert!(
+                rules.is_empty(),
+                "{step}: stale chain {name} still has rules"
+            );
+            stale.insert(name.clone());
+        }
+    }
+    for name in full.0.keys() {
+        assert!(partial.0.contains_key(name), "{step}: chain {name} missing");
+    }
+    stale
+}
+
+fn without_backend(state: &DesiredState, drop: Backend) -> DesiredState {
+    let mut state = state.clone();
+    for frontend in state.frontends.values_mut() {
+        for route in [
+            &mut frontend.pod,
+            &mut frontend.node,
+            &mut frontend.external,
+        ] {
+            let kept: Vec<Backend> = route
+                .backends
+                .iter()
+                .copied()
+                .filter(|b| *b != drop)
+                .collect();
+            route.backends = Arc::from(kept);
+        }
+    }
+    state
+}
+
+fn with_backend_added(state: &DesiredState, service: &str, added: Backend) -> DesiredState {
+    let mut state = state.clone();
+    for frontend in state
+        .frontends
+        .values_mut()
+        .filter(|f| f.service.name == service)
+    {
+        for route in [
+            &mut frontend.pod,
+            &mut frontend.node,
+            &mut frontend.external,
+        ] {
+            if !route.backends.is_empty() && !route.local {
+                let mut all = route.backends.to_vec();
+                all.push(added);
+                all.sort();
+                route.backends = Arc::from(all);
+            }
+        }
+    }
+    state
+}
+
+fn without_service(state: &DesiredState, service: &str) -> DesiredState {
+    let mut state = state.clone();
+    state.frontends.retain(|_, f| f.service.name != service);
+    state
+}
+
+fn with_affinity(state: &DesiredState, timeout: u32) -> DesiredState {
+    let mut state = state.clone();
+    for frontend in state.frontends.values_mut() {
+        if frontend.affinity_timeout.is_some() {
+            frontend.affinity_timeout = Some(timeout);
+        }
+    }
+    state
+}
+
+#[test]
+fn partial_syncs_leave_the_kernel_as_a_full_load_would() {
+    let cluster = Cluster::new("nfp");
+    let (a, b) = (cluster.add_netns("partial"), cluster.add_netns("full"));
+    let path = |n: &str| Some(PathBuf::from(format!("/run/netns/{n}")));
+    let snapshot = flows::snapshot();
+    let node: NodeInfo = flows::node(&snapshot, "node1");
+    let base = model::build(&snapshot, &node);
+    let busy = base
+        .frontends
+        .values()
+        .find(|f| f.pod.backends.len() >= 2 && !f.pod.local)
+        .expect("a Service with two endpoints");
+    let (busy_name, first) = (busy.service.name.clone(), busy.pod.backends[0]);
+    let affine = base
+        .frontends
+        .values()
+        .find(|f| f.affinity_timeout.is_some())
+        .expect("a Service with affinity")
+        .service
+        .name
+        .clone();
+    let other = base
+        .frontends
+        .values()
+        .filter(|f| !f.pod.backends.is_empty())
+        .map(|f| f.service.name.clone())
+        .find(|n| *n != busy_name && *n != affine)
+        .expect("a third Service with endpoints");
+    let added = Backend {
+        ip: "10.244.1.200".parse().unwrap(),
+        port: first.port,
+    };
+    let steps: Vec<(&str, DesiredState)> = vec![
+        ("initial", base.clone()),
+        ("endpoint removed", without_backend(&base, first)),
+        (
+            "endpoint added",
+            with_backend_added(&base, &busy_name, added),
+        ),
+        ("service removed", without_service(&base, &busy_name)),
+        ("service back", base.clone()),
+        ("affinity timeout changed", with_affinity(&base, 60)),
+        ("affinity service removed", without_service(&base, &affine)),
+        (
+            "another service removed",
+            without_service(&without_service(&base, &affine), &other),
+        ),
+        ("everything back", base.clone()),
+    ];
+    let cidrs = node.cluster_cidrs.clone();
+    let mut partial = NftablesDataplane::start_in(cidrs.clone(), path(&a)).expect("nft");
+    let mut previous = DesiredState::default();
+    let mut stale_before = BTreeSet::new();
+    let mut saw_stale = false;
+    for (i, (step, desired)) in steps.iter().enumerate() {
+        let plan = model::diff(&previous, desired);
+        let applied = partial.apply(&plan, desired).expect(step);
+        assert_eq!(applied.full, i == 0, "{step}: only the first sync is full");
+        let mut full = NftablesDataplane::start_in(cidrs.clone(), path(&b)).expect("nft");
+        full.apply(&plan, desired).expect(step);
+        let mut stale_now = BTreeSet::new();
+        for family in ["ip", "ip6"] {
+            stale_now.extend(same_as_full(
+                &listing(&a, family),
+                &listing(&b, family),
+                step,
+            ));
+        }
+        // A chain flushed by the previous sync and still unwanted is gone now.
+        let lingering: Vec<_> = stale_before.intersection(&stale_now).collect();
+        assert!(
+            lingering.is_empty(),
+            "{step}: stale chains not deleted: {lingering:?}"
+        );
+        println!(
+            "{step}: {} statements, {} stale chains",
+            applied.writes,
+            stale_now.len()
+        );
+        saw_stale |= !stale_now.is_empty();
+        stale_before = stale_now;
+        previous = desired.clone();
+    }
+    assert!(saw_stale, "some step must leave stale chains behind");
+}
+
+#[test]
+fn one_endpoint_change_among_10000_services_is_a_handful_of_statements() {
+    let snapshot = scale::snapshot(10_000, 10);
+    let node = NodeInfo::named("node1");
+    let before = ruleset::build(&model::build(&snapshot, &node), &[]);
+    let moved = scale::with_endpoint(&snapshot, 5_000, "10.200.0.1".parse().unwrap());
+    let after = ruleset::build(&model::build(&moved, &node), &[]);
+    let (tx, stale) = delta::delta(&before[0], &after[0], &BTreeSet::new());
+    let (tx6, _) = delta::delta(&before[1], &after[1], &BTreeSet::new());
+    println!("one endpoint change at 10 000 Services:\n{}", tx.text());
+    assert!(
+        tx6.is_empty(),
+        "the ip6 table does not change: {}",
+        tx6.text()
+    );
+    // New SEP chain (declare + 3 rules), SVC chain refilled (flush + 10 rules), old SEP
+    // flushed.
+    assert!(
+        tx.statements.len() <= 16,
+        "{} statements:\n{}",
+        tx.statements.len(),
+        tx.text()
+    );
+    assert_eq!(stale.len(), 1, "the old endpoint's chain is stale");
+}
