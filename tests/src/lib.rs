@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod fake_api;
 pub mod flowbed;
 pub mod flows;
+pub mod kube_proxy_iptables;
 pub mod manifests;
 pub mod scale;
 pub mod scenarios;

@@ -1,4 +1,4 @@
-//! Project chores: `build`, `test`, `demo`, `bless`, `clippy`. Everything a clean
+//! Project chores: `build`, `test`, `demo`, `bless`, `bench`, `clippy`. Everything a clean
 //! machine lacks (Debian packages, bpf-linker) is installed first, so one command works
 //! from a fresh clone.
 mod toolchain;
@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <command>\n\n  build   install missing tools, build the eBPF object and target/release/proxy-agent\n  test    build, then fmt check, clippy (host and eBPF crates), unit, golden and end-to-end tests\n  demo    build, bring up a simulated cluster from examples/demo and send requests to a ClusterIP\n  bless   rewrite the golden files from the current model\n  clippy  clippy with -D warnings on the host crates and the eBPF crate"
+        "usage: cargo xtask <command>\n\n  build   install missing tools, build the eBPF object and target/release/proxy-agent\n  test    build, then fmt check, clippy (host and eBPF crates), unit, golden and end-to-end tests\n  demo    build, bring up a simulated cluster from examples/demo and send requests to a ClusterIP\n  bless   rewrite the golden files from the current model\n  bench   build, then measure programming cost against kube-proxy's iptables mode [--quick]\n  clippy  clippy with -D warnings on the host crates and the eBPF crate"
     );
     std::process::exit(2)
 }
@@ -28,6 +28,7 @@ fn main() -> Result<()> {
         "test" => summary = Some(test()?),
         "demo" => demo()?,
         "bless" => bless()?,
+        "bench" => bench(std::env::args().any(|a| a == "--quick"))?,
         "clippy" => {
             toolchain::ensure()?;
             clippy()?;
@@ -177,6 +178,23 @@ fn demo() -> Result<()> {
     run(Command::new(root().join("target/release/demo"))
         .arg(root().join("examples/demo"))
         .env("PROXY_AGENT_BIN", root().join("target/release/proxy-agent")))
+}
+
+/// Runs the bench binary into `bench/results/<UTC timestamp>/`.
+fn bench(quick: bool) -> Result<()> {
+    build()?;
+    let stamp = Command::new("date")
+        .args(["-u", "+%Y%m%dT%H%M%SZ"])
+        .output()
+        .context("date")?;
+    let stamp = String::from_utf8_lossy(&stamp.stdout).trim().to_owned();
+    let out = root().join("bench/results").join(stamp);
+    let mut command = Command::new(root().join("target/release/bench"));
+    command.arg("--out").arg(&out);
+    if quick {
+        command.arg("--quick");
+    }
+    run(&mut command)
 }
 
 fn bless() -> Result<()> {

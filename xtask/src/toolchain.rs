@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "procps",
+    // The bench's baseline: kube-proxy's iptables mode.
+    "iptables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";

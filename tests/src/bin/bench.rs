@@ -1,0 +1,401 @@
+//! `cargo xtask bench`: programming cost of each dataplane against kube-proxy's iptables
+//! mode, measured in one run on this machine, in network namespaces of its own. Writes
+//! `report.md` and `results.json` to the directory given with `--out`.
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use proxy_agent::{
+    dataplane::{ebpf::EbpfDataplane, nftables::NftablesDataplane, Dataplane},
+    model::{self, DesiredState, NodeInfo},
+};
+use proxy_agent_tests::{cluster::Cluster, kube_proxy_iptables, scale};
+use serde_json::{json, Value};
+
+const ENDPOINTS: usize = 10;
+const CLUSTER_CIDR: &str = "10.128.0.0/9";
+
+struct Config {
+    scales: Vec<usize>,
+    change_scale: usize,
+    repeats: usize,
+}
+
+/// Seconds of each repeat, and what they summarise to.
+struct Sample {
+    seconds: Vec<f64>,
+}
+
+impl Sample {
+    fn quantile(&self, q: f64) -> f64 {
+        let mut sorted = self.seconds.clone();
+        sorted.sort_by(f64::total_cmp);
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "small sample counts"
+        )]
+        let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+        sorted[index]
+    }
+    fn json(&self) -> Value {
+        json!({"p50": self.quantile(0.5), "p99": self.quantile(0.99), "runs": self.seconds})
+    }
+}
+
+fn timed(f: impl FnOnce()) -> f64 {
+    let started = Instant::now();
+    f();
+    started.elapsed().as_secs_f64()
+}
+
+fn run_with_stdin(netns: &str, args: &[&str], input: &str) -> f64 {
+    timed(|| {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+}
+
+fn output(netns: &str, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(args)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{args:?} failed");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `nft -j list` output as `nft -j -f` input: JSON input is applied in order, so every
+/// table and chain is declared before the maps and rules that name them. Items stay raw
+/// text (a parsed 10 000-Service listing would take gigabytes).
+fn declarations_first(listing: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Listing<'a> {
+        #[serde(borrow)]
+        nftables: Vec<&'a serde_json::value::RawValue>,
+    }
+    let parsed: Listing = serde_json::from_str(listing).expect("nft json");
+    let rank = |item: &str| {
+        [
+            "{\"table\"",
+            "{\"chain\"",
+            "{\"set\"",
+            "{\"map\"",
+            "{\"rule\"",
+        ]
+        .iter()
+        .position(|k| item.starts_with(k))
+    };
+    let mut ordered: Vec<(usize, &str)> = parsed
+        .nftables
+        .iter()
+        .filter_map(|i| rank(i.get()).map(|r| (r, i.get())))
+        .collect();
+    // Stable: rules keep their order within each chain.
+    ordered.sort_by_key(|(r, _)| *r);
+    let mut out = String::with_capacity(listing.len() + ordered.len() * 10);
+    out.push_str("{\"nftables\": [");
+    for (i, (_, item)) in ordered.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{{\"add\": {item}}}");
+    }
+    out.push_str("]}");
+    out
+}
+
+fn netns_path(netns: &str) -> PathBuf {
+    PathBuf::from(format!("/run/netns/{netns}"))
+}
+
+fn apply(dp: &mut dyn Dataplane, from: &DesiredState, to: &DesiredState) -> (f64, usize) {
+    let started = Instant::now();
+    let applied = dp.apply(&model::diff(from, to), to).expect("apply");
+    (started.elapsed().as_secs_f64(), applied.writes)
+}
+
+/// Full programming of `services` Services by each dataplane and the baseline.
+fn full_syncs(cluster: &Cluster, ebpf: &mut EbpfDataplane, services: usize) -> Value {
+    let snapshot = scale::snapshot(services, ENDPOINTS);
+    let node = node_info();
+    let mut desired = DesiredState::default();
+    let build = timed(|| desired = model::build(&snapshot, &node));
+    let nft_ns = cluster.add_netns(&format!("nft{services}"));
+    let mut nft =
+        NftablesDataplane::start_in(node.cluster_cidrs.clone(), Some(netns_path(&nft_ns)))
+            .expect("nftables");
+    let (nft_secs, nft_ops) = apply(&mut nft, &DesiredState::default(), &desired);
+    let json_ns = cluster.add_netns(&format!("json{services}"));
+    let exported = declarations_first(&output(&nft_ns, &["nft", "-j", "list", "ruleset"]));
+    let json_secs = run_with_stdin(&json_ns, &["nft", "-j", "-f", "-"], &exported);
+    let ipt_ns = cluster.add_netns(&format!("ipt{services}"));
+    let rules = kube_proxy_iptables::ruleset(&desired, CLUSTER_CIDR);
+    let ipt_secs = run_with_stdin(&ipt_ns, &["iptables-legacy-restore", "--noflush"], &rules);
+    let (ebpf_secs, ebpf_writes) = apply(ebpf, &DesiredState::default(), &desired);
+    let (_, _) = apply(ebpf, &desired, &DesiredState::default());
+    for ns in [&nft_ns, &json_ns, &ipt_ns] {
+        let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+    }
+    eprintln!(
+        "{services} Services: model {build:.2} s, iptables {ipt_secs:.2} s, nftables {nft_secs:.2} s (json {json_secs:.2} s), ebpf {ebpf_secs:.2} s"
+    );
+    json!({
+        "services": services, "endpoints_per_service": ENDPOINTS,
+        "model_build_s": build,
+        "iptables_restore_s": ipt_secs, "iptables_rules": rules.lines().count(),
+        "nftables_s": nft_secs, "nftables_statements": nft_ops,
+        "nftables_json_input_s": json_secs,
+        "ebpf_secs": ebpf_secs, "ebpf_map_writes": ebpf_writes,
+    })
+}
+
+/// One endpoint of one Service moving, repeatedly, at `services` Services.
+fn endpoint_changes(cluster: &Cluster, ebpf: &mut EbpfDataplane, cfg: &Config) -> Value {
+    let services = cfg.change_scale;
+    let snapshot = scale::snapshot(services, ENDPOINTS);
+    let node = node_info();
+    let a = model::build(&snapshot, &node);
+    let moved = scale::with_endpoint(&snapshot, services / 2, "10.127.0.1".parse().expect("ip"));
+    let b = model::build(&moved, &node);
+    let nft_ns = cluster.add_netns("nftchg");
+    let mut nft =
+        NftablesDataplane::start_in(node.cluster_cidrs.clone(), Some(netns_path(&nft_ns)))
+            .expect("nftables");
+    apply(&mut nft, &DesiredState::default(), &a);
+    apply(ebpf, &DesiredState::default(), &a);
+    let ipt_ns = cluster.add_netns("iptchg");
+    let (rules_a, rules_b) = (
+        kube_proxy_iptables::ruleset(&a, CLUSTER_CIDR),
+        kube_proxy_iptables::ruleset(&b, CLUSTER_CIDR),
+    );
+    run_with_stdin(&ipt_ns, &["iptables-legacy-restore", "--noflush"], &rules_a);
+    let (mut nft_secs, mut ebpf_secs, mut ipt_secs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut nft_ops, mut ebpf_writes) = (0, 0);
+    for r in 0..cfg.repeats {
+        let (from, to, rules) = if r.is_multiple_of(2) {
+            (&a, &b, &rules_b)
+        } else {
+            (&b, &a, &rules_a)
+        };
+        let (s, ops) = apply(&mut nft, from, to);
+        nft_secs.push(s);
+        nft_ops = nft_ops.max(ops);
+        let (s, writes) = apply(ebpf, from, to);
+        ebpf_secs.push(s);
+        ebpf_writes = ebpf_writes.max(writes);
+        ipt_secs.push(run_with_stdin(
+            &ipt_ns,
+            &["iptables-legacy-restore", "--noflush"],
+            rules,
+        ));
+    }
+    let last = if cfg.repeats.is_multiple_of(2) {
+        &a
+    } else {
+        &b
+    };
+    apply(ebpf, last, &DesiredState::default());
+    for ns in [&nft_ns, &ipt_ns] {
+        let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+    }
+    let (nft_secs, ebpf_secs, ipt_secs) = (
+        Sample { seconds: nft_secs },
+        Sample { seconds: ebpf_secs },
+        Sample { seconds: ipt_secs },
+    );
+    eprintln!(
+        "one endpoint change at {services}: iptables p50 {:.3} s, nftables p50 {:.4} s ({nft_ops} statements), ebpf p50 {:.5} s ({ebpf_writes} writes)",
+        ipt_secs.quantile(0.5),
+        nft_secs.quantile(0.5),
+        ebpf_secs.quantile(0.5)
+    );
+    json!({
+        "services": services, "repeats": cfg.repeats,
+        "iptables_full_restore": ipt_secs.json(),
+        "nftables_partial": nft_secs.json(), "nftables_statements": nft_ops,
+        "ebpf": ebpf_secs.json(), "ebpf_map_writes": ebpf_writes,
+    })
+}
+
+fn node_info() -> NodeInfo {
+    NodeInfo {
+        cluster_cidrs: vec![CLUSTER_CIDR.parse().expect("cidr")],
+        ..NodeInfo::named("node1")
+    }
+}
+
+fn ratio(x: f64, baseline: f64) -> String {
+    if baseline > 0.0 {
+        format!("{:.3}×", x / baseline)
+    } else {
+        "n/a".to_owned()
+    }
+}
+
+fn report(results: &Value) -> String {
+    let mut md = String::from("# proxy-agent bench\n\n");
+    let _ = writeln!(
+        md,
+        "Machine: {}; kernel {}; {}.\n",
+        results["machine"]["cpu"].as_str().unwrap_or("?"),
+        results["machine"]["kernel"].as_str().unwrap_or("?"),
+        results["machine"]["iptables"].as_str().unwrap_or("?")
+    );
+    md.push_str("## Full sync (Services × 10 endpoints), ratio to kube-proxy's iptables-restore\n\n| Services | iptables | nftables | nftables (JSON input) | eBPF | nftables statements | eBPF map writes | model build |\n|---|---|---|---|---|---|---|---|\n");
+    for row in results["full_sync"].as_array().into_iter().flatten() {
+        let f = |k: &str| row[k].as_f64().unwrap_or(0.0);
+        let base = f("iptables_restore_s");
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} s | {:.2} s ({}) | {:.2} s ({}) | {:.3} s ({}) | {} | {} | {:.2} s |",
+            row["services"],
+            base,
+            f("nftables_s"),
+            ratio(f("nftables_s"), base),
+            f("nftables_json_input_s"),
+            ratio(f("nftables_json_input_s"), base),
+            f("ebpf_secs"),
+            ratio(f("ebpf_secs"), base),
+            row["nftables_statements"],
+            row["ebpf_map_writes"],
+            f("model_build_s"),
+        );
+    }
+    let c = &results["endpoint_change"];
+    let q = |k: &str, p: &str| c[k][p].as_f64().unwrap_or(0.0);
+    let _ = writeln!(
+        md,
+        "\n## One endpoint change at {} Services ({} repeats)\n\n| dataplane | p50 | p99 | ratio (p50) | operations |\n|---|---|---|---|---|\n| kube-proxy iptables (full restore) | {:.3} s | {:.3} s | 1× | whole table |\n| nftables (partial) | {:.4} s | {:.4} s | {} | {} statements |\n| eBPF | {:.5} s | {:.5} s | {} | {} map writes |",
+        c["services"],
+        c["repeats"],
+        q("iptables_full_restore", "p50"),
+        q("iptables_full_restore", "p99"),
+        q("nftables_partial", "p50"),
+        q("nftables_partial", "p99"),
+        ratio(q("nftables_partial", "p50"), q("iptables_full_restore", "p50")),
+        c["nftables_statements"],
+        q("ebpf", "p50"),
+        q("ebpf", "p99"),
+        ratio(q("ebpf", "p50"), q("iptables_full_restore", "p50")),
+        c["ebpf_map_writes"],
+    );
+    md.push_str("\nTimes are the dataplane's `apply` (render and load), not the model build, which all share. The nftables JSON column loads the same ruleset through `nft -j -f`, exported with `nft -j list ruleset`.\n");
+    md
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let cmd = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    json!({
+        "cpu": format!("{cpu} ({cores} cores)"),
+        "kernel": cmd(&["uname", "-r"]),
+        "nft": cmd(&["nft", "--version"]),
+        "iptables": cmd(&["iptables-legacy", "--version"]),
+        "agent": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    let mut cfg = if quick {
+        Config {
+            scales: vec![1_000],
+            change_scale: 1_000,
+            repeats: 5,
+        }
+    } else {
+        Config {
+            scales: vec![1_000, 10_000, 30_000],
+            change_scale: 10_000,
+            repeats: 20,
+        }
+    };
+    // Narrower runs by hand: `--scales 1000,10000 --repeats 6`.
+    if let Some(scales) = value("--scales") {
+        cfg.scales = scales.split(',').filter_map(|s| s.parse().ok()).collect();
+        cfg.change_scale = cfg.scales.iter().copied().max().unwrap_or(cfg.change_scale);
+    }
+    if let Some(repeats) = value("--repeats").and_then(|r| r.parse().ok()) {
+        cfg.repeats = repeats;
+    }
+    let out = value("--out").map_or_else(|| PathBuf::from("bench/results/latest"), PathBuf::from);
+    let mut cluster = Cluster::new("bench");
+    let node = cluster.add_node("node1", 1);
+    let bpffs = cluster.bpffs_dir("node1");
+    std::fs::create_dir_all(&bpffs).expect("bpffs dir");
+    let mut ebpf = EbpfDataplane::start(&bpffs, &node.cgroup).expect("eBPF dataplane");
+    let full: Vec<Value> = cfg
+        .scales
+        .iter()
+        .map(|&n| full_syncs(&cluster, &mut ebpf, n))
+        .collect();
+    let change = endpoint_changes(&cluster, &mut ebpf, &cfg);
+    drop(ebpf);
+    let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);
+    let results = json!({
+        "quick": quick,
+        "machine": machine(),
+        "full_sync": full,
+        "endpoint_change": change,
+    });
+    write(&out, &results);
+}
+
+fn write(out: &Path, results: &Value) {
+    std::fs::create_dir_all(out).expect("results dir");
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(results).expect("json"),
+    )
+    .expect("results.json");
+    let md = report(results);
+    std::fs::write(out.join("report.md"), &md).expect("report.md");
+    println!("{md}");
+    println!("written to {}", out.display());
+}

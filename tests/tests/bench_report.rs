@@ -1,0 +1,55 @@
+//! `cargo xtask bench --quick` produces its report from real measurements: every
+//! dataplane and the baseline present, every time and count non-zero.
+use std::process::Command;
+
+use proxy_agent_tests::agent::agent_bin;
+use serde_json::Value;
+
+#[test]
+fn the_quick_bench_measures_every_mode() {
+    let bench = agent_bin().with_file_name("bench");
+    assert!(
+        bench.exists(),
+        "{} is missing: run `cargo xtask build`",
+        bench.display()
+    );
+    let out = std::env::temp_dir().join(format!("proxy-agent-bench-{}", std::process::id()));
+    let status = Command::new(&bench)
+        .args(["--quick", "--out"])
+        .arg(&out)
+        .status()
+        .expect("run bench");
+    assert!(status.success(), "bench failed");
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("json"))
+            .expect("results.json parses");
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    let _ = std::fs::remove_dir_all(&out);
+    let full = &results["full_sync"][0];
+    for key in [
+        "iptables_restore_s",
+        "nftables_s",
+        "nftables_json_input_s",
+        "ebpf_s",
+        "nftables_statements",
+        "ebpf_map_writes",
+        "iptables_rules",
+    ] {
+        assert!(
+            full[key].as_f64().unwrap_or(0.0) > 0.0,
+            "full sync {key}: {full}"
+        );
+    }
+    let change = &results["endpoint_change"];
+    for key in ["iptables_full_restore", "nftables_partial", "ebpf"] {
+        let runs = change[key]["runs"].as_array().expect("runs");
+        assert!(
+            !runs.is_empty() && runs.iter().all(|r| r.as_f64().unwrap_or(0.0) > 0.0),
+            "{key}: {change}"
+        );
+    }
+    assert!(change["nftables_statements"].as_u64().unwrap_or(0) > 0);
+    for mode in ["iptables", "nftables", "eBPF"] {
+        assert!(report.contains(mode), "report lacks {mode}:\n{report}");
+    }
+}
