@@ -170,7 +170,7 @@ fn full_syncs(cluster: &Cluster, ebpf: &mut EbpfDataplane, services: usize) -> V
         "iptables_restore_s": ipt_secs, "iptables_rules": rules.lines().count(),
         "nftables_s": nft_secs, "nftables_statements": nft_ops,
         "nftables_json_input_s": json_secs,
-        "ebpf_secs": ebpf_secs, "ebpf_map_writes": ebpf_writes,
+        "ebpf_s": ebpf_secs, "ebpf_map_writes": ebpf_writes,
     })
 }
 
@@ -279,8 +279,8 @@ fn report(results: &Value) -> String {
             ratio(f("nftables_s"), base),
             f("nftables_json_input_s"),
             ratio(f("nftables_json_input_s"), base),
-            f("ebpf_secs"),
-            ratio(f("ebpf_secs"), base),
+            f("ebpf_s"),
+            ratio(f("ebpf_s"), base),
             row["nftables_statements"],
             row["ebpf_map_writes"],
             f("model_build_s"),
