@@ -28,30 +28,30 @@ pub struct Metrics {
     pub programmed_backends: Gauge,
 }
 
+/// kube-proxy's buckets for sync durations: 1 ms doubling to ~16 s.
+fn sync_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 15,
+    ))
+}
+
 impl Metrics {
     #[must_use]
     pub fn new(dataplane: &str) -> Self {
         let mut registry = Registry::default();
-        // kube-proxy's buckets for sync duration: 1 ms doubling to ~16 s.
-        let sync_duration = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
-        );
+        let sync_duration = sync_histogram();
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
             sync_duration.clone(),
         );
-        let sync_full_duration = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
-        );
+        let sync_full_duration = sync_histogram();
         registry.register(
             "kubeproxy_sync_full_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds for full resyncs",
             sync_full_duration.clone(),
         );
-        let sync_partial_duration = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
-        );
+        let sync_partial_duration = sync_histogram();
         registry.register(
             "kubeproxy_sync_partial_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds for partial resyncs",

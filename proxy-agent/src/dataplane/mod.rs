@@ -14,8 +14,6 @@ pub enum DataplaneError {
     Ebpf(#[from] ebpf::EbpfError),
     #[error(transparent)]
     Nftables(#[from] nftables::NftError),
-    #[error(transparent)]
-    Conntrack(#[from] conntrack::ConntrackError),
 }
 
 /// What one `apply` did.

@@ -13,7 +13,10 @@ use proxy_agent::{
     dataplane::{ebpf::EbpfDataplane, nftables::NftablesDataplane, Dataplane},
     model::{self, DesiredState, NodeInfo},
 };
-use proxy_agent_tests::{cluster::Cluster, kube_proxy_iptables, scale};
+use proxy_agent_tests::{
+    cluster::{sh_in, Cluster},
+    kube_proxy_iptables, scale,
+};
 use serde_json::{json, Value};
 
 const ENDPOINTS: usize = 10;
@@ -79,16 +82,6 @@ fn run_with_stdin(netns: &str, args: &[&str], input: &str) -> f64 {
     })
 }
 
-fn output(netns: &str, args: &[&str]) -> String {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{netns}"))
-        .args(args)
-        .output()
-        .expect("run");
-    assert!(out.status.success(), "{args:?} failed");
-    String::from_utf8(out.stdout).expect("utf-8")
-}
-
 /// `nft -j list` output as `nft -j -f` input: JSON input is applied in order, so every
 /// table and chain is declared before the maps and rules that name them. Items stay raw
 /// text (a parsed 10 000-Service listing would take gigabytes).
@@ -151,7 +144,7 @@ fn full_syncs(cluster: &Cluster, ebpf: &mut EbpfDataplane, services: usize) -> V
             .expect("nftables");
     let (nft_secs, nft_ops) = apply(&mut nft, &DesiredState::default(), &desired);
     let json_ns = cluster.add_netns(&format!("json{services}"));
-    let exported = declarations_first(&output(&nft_ns, &["nft", "-j", "list", "ruleset"]));
+    let exported = declarations_first(&sh_in(&nft_ns, &["nft", "-j", "list", "ruleset"]));
     let json_secs = run_with_stdin(&json_ns, &["nft", "-j", "-f", "-"], &exported);
     let ipt_ns = cluster.add_netns(&format!("ipt{services}"));
     let rules = kube_proxy_iptables::ruleset(&desired, CLUSTER_CIDR);
@@ -304,7 +297,7 @@ fn report(results: &Value) -> String {
         ratio(q("ebpf", "p50"), q("iptables_full_restore", "p50")),
         c["ebpf_map_writes"],
     );
-    md.push_str("\nTimes are the dataplane's `apply` (render and load), not the model build, which all share. The nftables JSON column loads the same ruleset through `nft -j -f`, exported with `nft -j list ruleset`.\n");
+    md.push_str("\nTimes are the plan (`model::diff`) and the dataplane's `apply` (render and load), not the model build, which all share. The nftables JSON column loads the same ruleset through `nft -j -f`, exported with `nft -j list ruleset`.\n");
     md
 }
 

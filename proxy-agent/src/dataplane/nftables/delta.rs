@@ -60,10 +60,16 @@ pub fn delta(
                 .any(|set| rule.contains(&format!("@{set} ")) || rule.ends_with(&format!("@{set}")))
         })
     };
-    let refill = |name: &String, chain: &Chain| match kernel.chains.get(name) {
-        None => true,
-        Some(old) => old.rules != chain.rules || names_set(old) || names_set(chain),
-    };
+    // Chains whose rules are (re)written: new, changed, or naming a recreated set.
+    let refilled: BTreeSet<&String> = desired
+        .chains
+        .iter()
+        .filter(|(name, chain)| match kernel.chains.get(*name) {
+            None => true,
+            Some(old) => old.rules != chain.rules || names_set(old) || names_set(chain),
+        })
+        .map(|(name, _)| name)
+        .collect();
     for (name, chain) in &desired.chains {
         let declared = kernel.chains.get(name);
         if declared.is_none_or(|old| old.comment != chain.comment || old.hook != chain.hook) {
@@ -73,21 +79,18 @@ pub fn delta(
     let mut newly_stale = BTreeSet::new();
     for (name, chain) in &kernel.chains {
         let unwanted = !desired.chains.contains_key(name);
-        if unwanted && !stale.contains(name) && !chain.rules.is_empty() {
-            tx.push(format!("flush chain {family} {TABLE} {name}"));
-        }
         if unwanted {
             newly_stale.insert(name.clone());
-        } else if refill(name, &desired.chains[name]) && !chain.rules.is_empty() {
+        }
+        // Stale chains were flushed when they became stale, so they hold no rules.
+        if !chain.rules.is_empty() && (unwanted || refilled.contains(name)) {
             tx.push(format!("flush chain {family} {TABLE} {name}"));
         }
     }
     sets(kernel, desired, &redeclared, &mut tx);
-    for (name, chain) in &desired.chains {
-        if refill(name, chain) {
-            for rule in &chain.rules {
-                tx.push(format!("add rule {family} {TABLE} {name} {rule}"));
-            }
+    for name in &refilled {
+        for rule in &desired.chains[*name].rules {
+            tx.push(format!("add rule {family} {TABLE} {name} {rule}"));
         }
     }
     // Flushed by an earlier sync, and no element or rule has named them since.

@@ -144,14 +144,18 @@ impl NftablesDataplane {
         let mut text = String::new();
         let mut ops = 0;
         let mut stale: [BTreeSet<String>; 2] = Default::default();
-        let mut after = tables.clone();
         for i in 0..2 {
             let (tx, flushed) = delta::delta(&kernel.tables[i], &tables[i], &kernel.stale[i]);
             if !tx.is_empty() {
                 ops += tx.statements.len();
                 text.push_str(&tx.text());
             }
-            for name in &flushed {
+            stale[i] = flushed;
+        }
+        // The kernel then holds the desired tables plus the stale chains, empty.
+        let mut after = tables;
+        for i in 0..2 {
+            for name in &stale[i] {
                 let mut chain = kernel.tables[i]
                     .chains
                     .get(name)
@@ -160,7 +164,6 @@ impl NftablesDataplane {
                 chain.rules.clear();
                 after[i].chains.insert(name.clone(), chain);
             }
-            stale[i] = flushed;
         }
         Pending {
             text,

@@ -5,7 +5,6 @@
 //! (0x8000) and reject (0x10000) from the nat hooks to postrouting and the filter hooks.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write,
     net::IpAddr,
 };
 
@@ -95,11 +94,7 @@ pub fn build(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> [Table; 2] {
 pub fn full_text(tables: &[Table; 2]) -> String {
     let mut out = String::new();
     for table in tables {
-        let family = table.family;
-        let _ = write!(
-            out,
-            "add table {family} {TABLE}\ndelete table {family} {TABLE}\n"
-        );
+        out.push_str(&removal_of(table.family));
         out.push_str(&table.text());
     }
     out
@@ -108,9 +103,12 @@ pub fn full_text(tables: &[Table; 2]) -> String {
 /// The statements that remove our tables (and nothing else).
 #[must_use]
 pub fn removal() -> String {
-    ["ip", "ip6"]
-        .map(|family| format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n"))
-        .concat()
+    ["ip", "ip6"].map(removal_of).concat()
+}
+
+/// Removes our table of one family, whether it exists or not.
+fn removal_of(family: &str) -> String {
+    format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n")
 }
 
 fn groups(desired: &DesiredState, family: Family) -> Vec<Group<'_>> {
