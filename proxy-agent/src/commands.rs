@@ -118,8 +118,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.min_sync_period,
         ))
     };
+    let addresses = source::addresses::follow().unwrap_or_else(|error| {
+        warn!(%error, "cannot follow the node's addresses; NodePorts use the Node object's");
+        watch::channel(Vec::new()).1
+    });
     let sync = tokio::spawn(sync::run(
         rx,
+        addresses,
         dataplane,
         node.clone(),
         health,

@@ -8,5 +8,6 @@ pub mod health;
 pub mod introspect;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod source;
 pub mod sync;

@@ -1,7 +1,7 @@
 //! When to program: wait for the source's initial load, then turn every snapshot into a
 //! plan against what the kernel holds and apply it; a failed apply re-reads the kernel
 //! and retries with backoff.
-use std::{sync::Arc, time::Duration, time::Instant};
+use std::{net::IpAddr, sync::Arc, time::Duration, time::Instant};
 
 use tokio::sync::watch;
 use tracing::{error, info, info_span};
@@ -18,9 +18,11 @@ use crate::{
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
-/// Runs until the source goes away.
+/// Runs until the source goes away; `addresses` are the node's own (rtnetlink), joined
+/// with those its Node object lists.
 pub async fn run(
     mut updates: watch::Receiver<SourceUpdate>,
+    mut addresses: watch::Receiver<Vec<IpAddr>>,
     mut dataplane: Box<dyn Dataplane>,
     node: NodeInfo,
     health: Arc<Health>,
@@ -39,7 +41,9 @@ pub async fn run(
                 Some(state) => Ok(state),
                 None => dataplane.programmed().map(Arc::new),
             };
-            let node = node.clone().with_node_object(&snapshot);
+            let mut node = node.clone();
+            node.addresses.clone_from(&addresses.borrow_and_update());
+            let node = node.with_node_object(&snapshot);
             let desired = model::build(&snapshot, &node);
             let result = current.and_then(|current| {
                 let plan = model::diff(&current, &desired);
@@ -95,8 +99,12 @@ pub async fn run(
                 }
             }
         }
-        if updates.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = updates.changed() => if changed.is_err() {
+                return;
+            },
+            // A closed address channel disables this branch; the source still drives.
+            Ok(()) = addresses.changed() => {}
         }
     }
 }

@@ -346,6 +346,16 @@ impl Cluster {
         .expect("listener thread")
     }
 
+    /// Runs a command in the LAN namespace (an outside client on the nodes' network,
+    /// 10.100.0.254) and returns stdout.
+    #[allow(
+        clippy::must_use_candidate,
+        reason = "setup commands are run for their effect"
+    )]
+    pub fn run_in_lan(&self, args: &[&str]) -> String {
+        sh_in(&self.lan(), args)
+    }
+
     /// A bare namespace `<id>-<suffix>` (loopback up), removed with the cluster.
     #[must_use]
     pub fn add_netns(&self, suffix: &str) -> String {

@@ -7,16 +7,17 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
-use thiserror::Error;
+use netlink_sys::protocols::NETLINK_NETFILTER;
 
-use crate::model::{DesiredState, FrontendKind, Protocol};
+use crate::{
+    model::{DesiredState, FrontendKind, Protocol},
+    netlink::{
+        attr, attrs, Netlink, NetlinkError, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    },
+};
 
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
+pub type ConntrackError = NetlinkError;
+
 const CT_GET: u16 = 1 << 8 | 1;
 const CT_DELETE: u16 = 1 << 8 | 2;
 const CTA_TUPLE_ORIG: u16 = 1;
@@ -27,18 +28,7 @@ const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
 const IPPROTO_UDP: u8 = 17;
-
-#[derive(Debug, Error)]
-pub enum ConntrackError {
-    #[error("ctnetlink socket: {0}")]
-    Socket(#[source] std::io::Error),
-    #[error("ctnetlink answered error {0}")]
-    Kernel(i32),
-    #[error("ctnetlink message is malformed")]
-    Malformed,
-}
 
 /// One direction of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,10 +110,7 @@ impl UdpServices {
 }
 
 /// A ctnetlink socket in the current network namespace.
-pub struct Conntrack {
-    socket: Socket,
-    seq: u32,
-}
+pub struct Conntrack(Netlink);
 
 impl Conntrack {
     /// Opens the socket.
@@ -131,12 +118,7 @@ impl Conntrack {
     /// # Errors
     /// When netlink is unavailable.
     pub fn open() -> Result<Self, ConntrackError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ConntrackError::Socket)?;
-        socket.bind_auto().map_err(ConntrackError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(ConntrackError::Socket)?;
-        Ok(Self { socket, seq: 1 })
+        Netlink::open(NETLINK_NETFILTER, 0).map(Self)
     }
 
     /// Every entry of both families.
@@ -146,12 +128,11 @@ impl Conntrack {
     pub fn dump(&mut self) -> Result<Vec<Entry>, ConntrackError> {
         let mut entries = Vec::new();
         for family in [libc_af(false), libc_af(true)] {
-            let request = self.message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, family, &[]);
-            self.socket
-                .send(&request, 0)
-                .map_err(ConntrackError::Socket)?;
-            self.receive(|payload| {
-                if let Some(entry) = parse_entry(payload) {
+            self.0
+                .send(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, &nfgen(family), &[])?;
+            self.0.receive(|_, body| {
+                // Past the nfgenmsg header: the entry's attributes.
+                if let Some(entry) = body.get(4..).and_then(parse_entry) {
                     entries.push(entry);
                 }
             })?;
@@ -169,68 +150,18 @@ impl Conntrack {
             attrs.extend(attr(CTA_ZONE, zone));
         }
         let family = libc_af(entry.orig.src.is_ipv6());
-        let request = self.message(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, family, &attrs);
-        self.socket
-            .send(&request, 0)
-            .map_err(ConntrackError::Socket)?;
-        match self.receive(|_| {}) {
-            Err(ConntrackError::Kernel(-2)) => Ok(()),
+        self.0
+            .send(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, &nfgen(family), &attrs)?;
+        match self.0.receive(|_, _| {}) {
+            Err(NetlinkError::Kernel(-2)) => Ok(()),
             other => other,
         }
     }
+}
 
-    fn message(&mut self, kind: u16, flags: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
-        self.seq = self.seq.wrapping_add(1);
-        let len = u32::try_from(16 + 4 + attrs.len()).unwrap_or(u32::MAX);
-        let mut m = Vec::with_capacity(len as usize);
-        m.extend(len.to_ne_bytes());
-        m.extend(kind.to_ne_bytes());
-        m.extend(flags.to_ne_bytes());
-        m.extend(self.seq.to_ne_bytes());
-        m.extend(0u32.to_ne_bytes());
-        m.extend([family, 0, 0, 0]);
-        m.extend(attrs);
-        m
-    }
-
-    /// Reads messages until DONE or an ACK/error, handing each entry's attributes over.
-    fn receive(&mut self, mut each: impl FnMut(&[u8])) -> Result<(), ConntrackError> {
-        loop {
-            let (buffer, _) = self
-                .socket
-                .recv_from_full()
-                .map_err(ConntrackError::Socket)?;
-            let mut rest = &buffer[..];
-            while rest.len() >= 16 {
-                let len = u32::from_ne_bytes(
-                    rest[0..4]
-                        .try_into()
-                        .map_err(|_| ConntrackError::Malformed)?,
-                ) as usize;
-                if len < 16 || len > rest.len() {
-                    return Err(ConntrackError::Malformed);
-                }
-                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-                let body = &rest[16..len];
-                match kind {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let code = body
-                            .get(0..4)
-                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                            .ok_or(ConntrackError::Malformed)?;
-                        return if code == 0 {
-                            Ok(())
-                        } else {
-                            Err(ConntrackError::Kernel(code))
-                        };
-                    }
-                    _ => each(body.get(4..).unwrap_or_default()),
-                }
-                rest = &rest[align(len).min(rest.len())..];
-            }
-        }
-    }
+/// The netfilter message header: family, version 0, resource id 0.
+fn nfgen(family: u8) -> [u8; 4] {
+    [family, 0, 0, 0]
 }
 
 /// Deletes the stale UDP entries for `udp`; returns how many went.
@@ -258,20 +189,6 @@ fn libc_af(v6: bool) -> u8 {
     }
 }
 
-fn align(len: usize) -> usize {
-    (len + 3) & !3
-}
-
-fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(4 + value.len()).unwrap_or(u16::MAX);
-    let mut a = Vec::with_capacity(align(len as usize));
-    a.extend(len.to_ne_bytes());
-    a.extend(kind.to_ne_bytes());
-    a.extend(value);
-    a.resize(align(a.len()), 0);
-    a
-}
-
 fn tuple_attr(kind: u16, t: &Tuple) -> Vec<u8> {
     let ip = match (t.src, t.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => [attr(1, &s.octets()), attr(2, &d.octets())].concat(),
@@ -296,21 +213,6 @@ fn v6(ip: IpAddr) -> Ipv6Addr {
         IpAddr::V6(ip) => ip,
         IpAddr::V4(ip) => ip.to_ipv6_mapped(),
     }
-}
-
-/// The attributes in `data`, by type (nesting flag cleared).
-fn attrs(mut data: &[u8]) -> BTreeMap<u16, &[u8]> {
-    let mut out = BTreeMap::new();
-    while data.len() >= 4 {
-        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
-        if len < 4 || len > data.len() {
-            break;
-        }
-        let kind = u16::from_ne_bytes([data[2], data[3]]) & 0x3fff;
-        out.insert(kind, &data[4..len]);
-        data = &data[align(len).min(data.len())..];
-    }
-    out
 }
 
 fn parse_tuple(data: &[u8]) -> Option<Tuple> {
@@ -355,7 +257,8 @@ fn parse_entry(payload: &[u8]) -> Option<Entry> {
 
 #[cfg(test)]
 mod tests {
-    use super::{attrs, parse_tuple, tuple_attr, Entry, Tuple, UdpServices, IPPROTO_UDP};
+    use super::{parse_tuple, tuple_attr, Entry, Tuple, UdpServices, IPPROTO_UDP};
+    use crate::netlink::attrs;
 
     fn entry(dst: &str, dport: u16, reply_src: &str, reply_sport: u16) -> Entry {
         let t = |src: &str, dst: &str, sport, dport| Tuple {

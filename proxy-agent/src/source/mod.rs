@@ -1,5 +1,6 @@
 //! Sources fill a snapshot of the cluster and signal each change; the snapshot, not
 //! the event stream, is the truth.
+pub mod addresses;
 pub mod kube;
 pub mod manifests;
 pub mod parse;

@@ -1,0 +1,250 @@
+//! End to end, north-south: clients outside the cluster (the LAN namespace) reach
+//! NodePorts, external IPs and load-balancer IPs on both nodes, each served by its own
+//! agent; checks who answers, what source address the backend saw, and what is dropped.
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use proxy_agent_tests::{
+    agent::{testpod_bin, Agent},
+    cluster::Cluster,
+    manifests::{self, Endpoint},
+    scenarios::{self, POD_PORTS},
+};
+
+const CLIENT: &str = "10.100.0.254";
+/// A second LAN address outside the load balancer's source ranges.
+const OTHER_CLIENT: &str = "10.100.0.253";
+const EXTERNAL_IP: &str = "10.100.0.200";
+const LB_IP: &str = "10.100.0.201";
+
+const SERVICES: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: np-cluster, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.60
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30080},
+          {name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-local, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.61
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30081}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.62
+  externalIPs: [10.100.0.200]
+  loadBalancerSourceRanges: [10.100.0.254/32]
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30082}]
+status:
+  loadBalancer:
+    ingress: [{ip: 10.100.0.201}]
+";
+
+struct Bed {
+    cluster: Cluster,
+    _agents: Vec<Agent>,
+}
+
+/// The echo cluster with agents on both nodes: np-cluster and lb have web-a (node1)
+/// and web-b (node2); np-local has web-a only, so node2 has no local endpoint.
+fn setup(tag: &str, dataplane: &str) -> Bed {
+    let mut cluster = scenarios::echo_cluster(tag);
+    let dir = cluster.scratch().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    manifests::write(&dir, "services.yaml", SERVICES);
+    let both = [
+        Endpoint {
+            ip: "10.244.1.2",
+            ready: true,
+            node: "node1",
+        },
+        Endpoint {
+            ip: "10.244.2.2",
+            ready: true,
+            node: "node2",
+        },
+    ];
+    for (slice, service, endpoints) in [
+        ("np-cluster-1", "np-cluster", &both[..]),
+        ("lb-1", "lb", &both[..]),
+        ("np-local-1", "np-local", &both[..1]),
+    ] {
+        manifests::write(
+            &dir,
+            &format!("{slice}.yaml"),
+            &manifests::slice(slice, service, &POD_PORTS, endpoints),
+        );
+    }
+    // The outside world: a second client address, and routes to the external and
+    // load-balancer IPs through node1 (as an upstream router or a BGP speaker would).
+    cluster.run_in_lan(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{OTHER_CLIENT}/24"),
+        "dev",
+        "br0",
+    ]);
+    for ip in [EXTERNAL_IP, LB_IP] {
+        cluster.run_in_lan(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{ip}/32"),
+            "via",
+            "10.100.0.1",
+        ]);
+    }
+    let args = [
+        "--manifests".to_owned(),
+        dir.display().to_string(),
+        "--dataplane".into(),
+        dataplane.into(),
+        "--cluster-cidr".into(),
+        "10.244.0.0/16".into(),
+    ];
+    let agents = ["node1", "node2"]
+        .iter()
+        .map(|node| Agent::start_with(&mut cluster, node, &args))
+        .collect();
+    Bed {
+        cluster,
+        _agents: agents,
+    }
+}
+
+/// `count` connections from `source` in the LAN to `to`: per answer the pod and the
+/// address it saw the client as, or the error.
+fn probe(
+    bed: &Bed,
+    proto: &str,
+    source: &str,
+    to: &str,
+    count: usize,
+) -> Vec<Result<(String, String), String>> {
+    let testpod = testpod_bin().display().to_string();
+    bed.cluster
+        .run_in_lan(&[
+            &testpod,
+            "probe",
+            proto,
+            source,
+            to,
+            &count.to_string(),
+            "700",
+        ])
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                ["ok", pod, peer] => Ok((
+                    (*pod).to_owned(),
+                    peer.rsplit_once(':').map_or(*peer, |(ip, _)| ip).to_owned(),
+                )),
+                _ => Err(line.to_owned()),
+            }
+        })
+        .collect()
+}
+
+/// Every connection answered: the pods that answered and the client addresses they saw.
+fn answered(results: &[Result<(String, String), String>]) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut pods = BTreeSet::new();
+    let mut peers = BTreeSet::new();
+    for result in results {
+        let (pod, peer) = result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("failed: {e} in {results:?}"));
+        pods.insert(pod.clone());
+        peers.insert(peer.clone());
+    }
+    (pods, peers)
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn north_south_with_nftables() {
+    north_south("ns", "nftables");
+}
+
+fn north_south(tag: &str, dataplane: &str) {
+    let bed = setup(tag, dataplane);
+
+    // externalTrafficPolicy: Cluster, on either node: every endpoint, and the backend
+    // sees a node address (masquerade), never the client.
+    for node_ip in ["10.100.0.1", "10.100.0.2"] {
+        let (pods, peers) = answered(&probe(&bed, "tcp", CLIENT, &format!("{node_ip}:30080"), 24));
+        assert_eq!(pods, set(&["web-a", "web-b"]), "NodePort on {node_ip}");
+        assert!(
+            !peers.contains(CLIENT),
+            "client address leaked through masquerade: {peers:?}"
+        );
+        let (pods, _) = answered(&probe(&bed, "udp", CLIENT, &format!("{node_ip}:30053"), 24));
+        assert_eq!(pods, set(&["web-a", "web-b"]), "UDP NodePort on {node_ip}");
+    }
+
+    // externalTrafficPolicy: Local: node1's own endpoint only, with the client address
+    // preserved; node2 has none and drops.
+    let (pods, peers) = answered(&probe(&bed, "tcp", CLIENT, "10.100.0.1:30081", 10));
+    assert_eq!((pods, peers), (set(&["web-a"]), set(&[CLIENT])));
+    let dropped = probe(&bed, "tcp", CLIENT, "10.100.0.2:30081", 2);
+    assert!(
+        dropped
+            .iter()
+            .all(|r| r.as_ref().is_err_and(|e| e.contains("TimedOut"))),
+        "eTP=Local without a local endpoint must drop (time out, not refuse): {dropped:?}"
+    );
+
+    // External IP and load-balancer IP, routed to node1 from outside.
+    for ip in [EXTERNAL_IP, LB_IP] {
+        let (pods, _) = answered(&probe(&bed, "tcp", CLIENT, &format!("{ip}:80"), 24));
+        assert_eq!(pods, set(&["web-a", "web-b"]), "{ip}");
+    }
+    // loadBalancerSourceRanges filter the load-balancer IP only.
+    let filtered = probe(&bed, "tcp", OTHER_CLIENT, &format!("{LB_IP}:80"), 2);
+    assert!(
+        filtered.iter().all(Result::is_err),
+        "a client outside loadBalancerSourceRanges reached the LB IP: {filtered:?}"
+    );
+    answered(&probe(
+        &bed,
+        "tcp",
+        OTHER_CLIENT,
+        &format!("{EXTERNAL_IP}:80"),
+        4,
+    ));
+
+    // An address added to the node later serves NodePorts within a second (rtnetlink).
+    let _ = bed.cluster.run_on_node(
+        "node1",
+        &["ip", "addr", "add", "10.100.0.11/24", "dev", "eth0"],
+    );
+    let added = Instant::now();
+    loop {
+        let result = probe(&bed, "tcp", CLIENT, "10.100.0.11:30080", 1);
+        if result[0].is_ok() {
+            break;
+        }
+        assert!(
+            added.elapsed() < Duration::from_secs(1),
+            "NodePort not served on a new node address after 1 s: {result:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
