@@ -136,6 +136,28 @@ pub struct RunArgs {
     /// Where `/healthz` and `/livez` are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: SocketAddr,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+/// The NodeLocal DNS responder (off unless `--dns-listen` is given).
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// Addresses (ADDR[:PORT], comma-separated) to answer DNS on.
+    #[arg(long, value_delimiter = ',', value_parser = crate::dns::parse_server)]
+    pub dns_listen: Vec<SocketAddr>,
+    /// Cluster DNS for names in the cluster domain the agent does not answer (over TCP);
+    /// default: the ready endpoints of kube-system/kube-dns.
+    #[arg(long, value_delimiter = ',', value_parser = crate::dns::parse_server)]
+    pub dns_upstream: Vec<SocketAddr>,
+    /// Where names outside the cluster domain go; default: the node's resolv.conf.
+    #[arg(long, value_delimiter = ',', value_parser = crate::dns::parse_server)]
+    pub dns_forward: Vec<SocketAddr>,
+    /// TTL of the records the agent answers itself (seconds).
+    #[arg(long, default_value_t = 5)]
+    pub dns_ttl: u32,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
 #[derive(Debug, Args)]

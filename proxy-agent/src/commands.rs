@@ -7,8 +7,9 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
-    cli::{CleanupArgs, DataplaneKind, NodeArgs, RenderArgs, RunArgs, TraceArgs},
+    cli::{CleanupArgs, DataplaneKind, DnsArgs, NodeArgs, RenderArgs, RunArgs, TraceArgs},
     dataplane::{ebpf, nftables, system, Applied, Dataplane, DataplaneError},
+    dns,
     health::{self, Health},
     introspect::{self, Live},
     metrics::{self, Metrics},
@@ -90,6 +91,24 @@ fn start_dataplane(args: &RunArgs) -> Result<Box<dyn Dataplane>> {
     Ok(Box::new(ebpf))
 }
 
+fn dns_config(args: &DnsArgs) -> dns::DnsConfig {
+    let forward = if args.dns_forward.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        dns::resolv_conf_servers(&conf, &args.dns_listen)
+    } else {
+        args.dns_forward.clone()
+    };
+    dns::DnsConfig {
+        listen: args.dns_listen.clone(),
+        upstreams: dns::resolver::Upstreams {
+            cluster: args.dns_upstream.clone(),
+            forward,
+        },
+        domain: args.cluster_domain.clone(),
+        ttl: args.dns_ttl,
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
     let node = args.node.node_info(&node_name(args.node_name.clone()));
     let dataplane = start_dataplane(&args)?;
@@ -106,6 +125,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
         live.clone(),
     ));
     let (tx, rx) = watch::channel(SourceUpdate::default());
+    let dns = if args.dns.dns_listen.is_empty() {
+        None
+    } else {
+        let config = dns_config(&args.dns);
+        info!(listen = ?config.listen, cluster = ?config.upstreams.cluster, forward = ?config.upstreams.forward, "NodeLocal DNS on");
+        Some(
+            dns::start(config, rx.clone(), metrics.dns.clone())
+                .await
+                .context("starting the DNS responder")?,
+        )
+    };
+    let dns = async move {
+        match dns {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
     let source = if let Some(dir) = args.manifests.clone() {
         tokio::spawn(source::manifests::run(dir, tx))
     } else {
@@ -140,6 +176,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         result = server => bail!("health server stopped: {:?}", result?),
         result = metrics_server => bail!("metrics server stopped: {:?}", result?),
         result = sync => bail!("sync loop stopped: {:?}", result),
+        result = dns => bail!("DNS responder stopped: {:?}", result),
     }
     Ok(())
 }
@@ -258,5 +295,7 @@ pub fn cleanup(args: &CleanupArgs) -> Result<()> {
             Err(error) => return Err(error.into()),
         }
     }
+    dns::iface::remove().context("removing the DNS interface")?;
+    info!(interface = dns::iface::INTERFACE, "DNS interface removed");
     Ok(())
 }

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod commands;
 pub mod dataplane;
+pub mod dns;
 pub mod health;
 pub mod introspect;
 pub mod metrics;

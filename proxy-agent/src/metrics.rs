@@ -26,6 +26,7 @@ pub struct Metrics {
     pub sync_errors: Counter,
     pub programmed_frontends: Gauge,
     pub programmed_backends: Gauge,
+    pub dns: crate::dns::metrics::DnsMetrics,
 }
 
 /// kube-proxy's buckets for sync durations: 1 ms doubling to ~16 s.
@@ -91,6 +92,7 @@ impl Metrics {
             "The dataplane this agent programs",
             info,
         );
+        let dns = crate::dns::metrics::DnsMetrics::register(&mut registry);
         Self {
             registry,
             sync_duration,
@@ -100,6 +102,7 @@ impl Metrics {
             sync_errors,
             programmed_frontends,
             programmed_backends,
+            dns,
         }
     }
 

@@ -76,6 +76,18 @@ pub fn sh_in(netns: &str, args: &[&str]) -> String {
     sh(&full)
 }
 
+/// Runs `f` on a fresh thread inside network namespace `netns`: sockets it creates
+/// stay in that namespace after the thread ends.
+pub fn within_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = fs::File::open(format!("/run/netns/{netns}")).expect("netns file");
+    std::thread::spawn(move || {
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread in netns")
+}
+
 fn sysctl(netns: &str, key: &str, value: &str) {
     sh_in(netns, &["sysctl", "-qw", &format!("{key}={value}")]);
 }
@@ -335,15 +347,16 @@ impl Cluster {
     /// from every node), for servers the test process runs itself.
     #[must_use]
     pub fn listen_on_lan(&self, addr: &str) -> std::net::TcpListener {
-        let netns = fs::File::open(format!("/run/netns/{}", self.lan())).expect("lan netns");
         let addr = addr.to_owned();
-        // A fresh thread enters the namespace; the socket keeps it after the thread ends.
-        std::thread::spawn(move || {
-            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        within_netns(&self.lan(), move || {
             std::net::TcpListener::bind(addr).expect("bind in lan")
         })
-        .join()
-        .expect("listener thread")
+    }
+
+    /// The LAN namespace's name.
+    #[must_use]
+    pub fn lan_netns(&self) -> String {
+        self.lan()
     }
 
     /// Runs a command in the LAN namespace (an outside client on the nodes' network,

@@ -2,6 +2,7 @@
 //! binary, and manifest writers. Used by the end-to-end tests and `cargo xtask demo`.
 pub mod agent;
 pub mod cluster;
+pub mod dns_upstream;
 pub mod fake_api;
 pub mod flowbed;
 pub mod flows;

@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "procps",
+    // A real DNS client for the NodeLocal DNS tests.
+    "dnsutils",
     // The bench's baseline: kube-proxy's iptables mode.
     "iptables",
 ];

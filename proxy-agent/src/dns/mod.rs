@@ -1,0 +1,109 @@
+//! NodeLocal DNS: authoritative answers for Services straight from the model, a caching
+//! forwarder for everything else, served on the node so pods skip kube-dns and conntrack.
+pub mod cache;
+pub mod iface;
+pub mod metrics;
+pub mod resolver;
+pub mod server;
+pub mod upstream;
+pub mod zone;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use tokio::sync::watch;
+
+use crate::source::SourceUpdate;
+use resolver::{Resolver, Upstreams};
+use zone::Zone;
+
+/// What `run` was told about DNS.
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    pub listen: Vec<SocketAddr>,
+    pub upstreams: Upstreams,
+    pub domain: String,
+    pub ttl: u32,
+}
+
+/// Parses `ADDR[:PORT]` (IPv6 as `[ADDR]:PORT` or bare), port 53 by default.
+///
+/// # Errors
+/// When it is neither.
+pub fn parse_server(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{text:?} is not ADDR[:PORT]"))
+}
+
+/// The `nameserver` lines of a resolv.conf, minus `own` addresses (no forwarding loop).
+#[must_use]
+pub fn resolv_conf_servers(text: &str, own: &[SocketAddr]) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == "nameserver").then_some(())?;
+            fields.next()?.parse::<IpAddr>().ok()
+        })
+        .map(|ip| SocketAddr::new(ip, 53))
+        .filter(|addr| !own.contains(addr))
+        .collect()
+}
+
+/// Starts the responder: the listen addresses on the dummy interface when needed, the
+/// zone rebuilt from every snapshot the source publishes, UDP and TCP listeners.
+///
+/// # Errors
+/// When the interface or a listener cannot be set up.
+pub async fn start(
+    config: DnsConfig,
+    mut updates: watch::Receiver<SourceUpdate>,
+    metrics: metrics::DnsMetrics,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    iface::ensure(&config.listen)?;
+    let listeners = server::bind(&config.listen).await?;
+    let (zone_tx, zone_rx) = watch::channel(None::<Arc<Zone>>);
+    let (domain, ttl) = (config.domain.clone(), config.ttl);
+    tokio::spawn(async move {
+        loop {
+            let snapshot = updates.borrow_and_update().snapshot.clone();
+            if let Some(snapshot) = snapshot {
+                let zone = Zone::build(&snapshot, &domain, ttl);
+                zone_tx.send_replace(Some(Arc::new(zone)));
+            }
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let resolver = Resolver::new(zone_rx, config.upstreams, metrics);
+    Ok(tokio::spawn(listeners.serve(resolver)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_server, resolv_conf_servers};
+
+    #[test]
+    fn servers_default_to_port_53_and_resolv_conf_skips_our_own() {
+        assert_eq!(
+            parse_server("10.0.0.10").unwrap().to_string(),
+            "10.0.0.10:53"
+        );
+        assert_eq!(
+            parse_server("[fd00::a]:5353").unwrap().to_string(),
+            "[fd00::a]:5353"
+        );
+        assert_eq!(parse_server("fd00::a").unwrap().to_string(), "[fd00::a]:53");
+        assert!(parse_server("nope").is_err());
+        let conf =
+            "# c\nsearch x\nnameserver 169.254.20.10\nnameserver 192.0.2.53\nnameserver junk\n";
+        let own = [parse_server("169.254.20.10").unwrap()];
+        assert_eq!(
+            resolv_conf_servers(conf, &own),
+            vec![parse_server("192.0.2.53").unwrap()]
+        );
+    }
+}
