@@ -106,12 +106,14 @@ fn dns_config(args: &DnsArgs) -> dns::DnsConfig {
         },
         domain: args.cluster_domain.clone(),
         ttl: args.dns_ttl,
+        redirect: None,
     }
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let node = args.node.node_info(&node_name(args.node_name.clone()));
     let dataplane = start_dataplane(&args)?;
+    let dataplane_name = dataplane.name();
     let health = Arc::new(Health::new(
         dataplane.name(),
         Duration::from_secs(args.healthz_stale_after),
@@ -125,10 +127,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         live.clone(),
     ));
     let (tx, rx) = watch::channel(SourceUpdate::default());
+    let redirecting_dns = !args.dns.dns_listen.is_empty() && dataplane_name == "ebpf";
     let dns = if args.dns.dns_listen.is_empty() {
         None
     } else {
-        let config = dns_config(&args.dns);
+        let mut config = dns_config(&args.dns);
+        if redirecting_dns {
+            config.redirect = Some(args.paths.bpffs.clone());
+        }
         info!(listen = ?config.listen, cluster = ?config.upstreams.cluster, forward = ?config.upstreams.forward, "NodeLocal DNS on");
         Some(
             dns::start(config, rx.clone(), metrics.dns.clone())
@@ -177,6 +183,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         result = metrics_server => bail!("metrics server stopped: {:?}", result?),
         result = sync => bail!("sync loop stopped: {:?}", result),
         result = dns => bail!("DNS responder stopped: {:?}", result),
+    }
+    if redirecting_dns {
+        // The listener goes away with us: kube-dns takes the queries at once.
+        dns::redirect::clear(&args.paths.bpffs);
     }
     Ok(())
 }

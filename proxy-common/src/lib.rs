@@ -28,6 +28,13 @@ pub const MAP_SERVICES4: &str = "LB4_SERVICES";
 pub const MAP_BACKENDS4: &str = "LB4_BACKENDS";
 pub const MAP_REVNAT4: &str = "LB4_REVNAT";
 pub const MAP_SOCK_REVNAT4: &str = "LB4_SK_REVNAT";
+pub const MAP_LOCAL_REDIRECT4: &str = "LOCAL_REDIRECT4";
+
+/// Frontends that may be redirected to a node-local listener (the DNS cache).
+pub const MAX_LOCAL_REDIRECT: u32 = 64;
+/// A redirect whose heartbeat is older than this is ignored: the listener is presumed
+/// dead and the Service's own backends take the traffic again.
+pub const LOCAL_REDIRECT_TTL_NS: u64 = 3_000_000_000;
 
 /// Key of `LB4_SERVICES`: one entry per (frontend, slot).
 #[repr(C)]
@@ -123,6 +130,19 @@ pub struct SockRevNat4 {
 }
 const _: () = assert!(size_of::<SockRevNat4>() == 8);
 
+/// Value of `LOCAL_REDIRECT4`, keyed by a frontend's slot-0 `Service4Key`: the local
+/// listener to use instead of the backends while `heartbeat_ns` (CLOCK_MONOTONIC, as
+/// `bpf_ktime_get_ns`) is fresh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalRedirect4 {
+    pub address_be: u32,
+    pub port_be: u16,
+    pub pad: u16,
+    pub heartbeat_ns: u64,
+}
+const _: () = assert!(size_of::<LocalRedirect4>() == 16);
+
 #[cfg(feature = "user")]
 mod user {
     #![allow(
@@ -139,4 +159,5 @@ mod user {
     unsafe impl aya::Pod for super::RevNat4 {}
     unsafe impl aya::Pod for super::SockRevNat4Key {}
     unsafe impl aya::Pod for super::SockRevNat4 {}
+    unsafe impl aya::Pod for super::LocalRedirect4 {}
 }

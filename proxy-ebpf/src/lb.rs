@@ -1,8 +1,8 @@
 //! Frontend lookup and backend selection over the services map.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use proxy_common::{Backend4, Service4Key, ServiceValue};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use proxy_common::{Backend4, Service4Key, ServiceValue, LOCAL_REDIRECT_TTL_NS};
 
-use crate::maps::{LB4_BACKENDS, LB4_SERVICES};
+use crate::maps::{LB4_BACKENDS, LB4_SERVICES, LOCAL_REDIRECT4};
 
 /// The frontend entry (slot 0) for a destination, if it is a Service.
 #[inline(always)]
@@ -49,4 +49,31 @@ pub fn select_backend4(
     let slot_value = unsafe { LB4_SERVICES.get(key) }.copied()?;
     // SAFETY: copied out at once.
     unsafe { LB4_BACKENDS.get(slot_value.backend_id) }.copied()
+}
+
+/// The node-local listener that stands in for this frontend's backends, if one is
+/// registered and its heartbeat is fresh (so a dead listener costs at most the TTL).
+#[inline(always)]
+pub fn local_redirect4(address_be: u32, dport_be: u16, proto: u8) -> Option<Backend4> {
+    let key = Service4Key {
+        address_be,
+        dport_be,
+        backend_slot: 0,
+        proto,
+        scope: 0,
+        pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    let redirect = unsafe { LOCAL_REDIRECT4.get(key) }.copied()?;
+    // SAFETY: helper call with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(redirect.heartbeat_ns) >= LOCAL_REDIRECT_TTL_NS {
+        return None;
+    }
+    Some(Backend4 {
+        address_be: redirect.address_be,
+        port_be: redirect.port_be,
+        proto,
+        flags: 0,
+    })
 }

@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap},
 };
 use proxy_common::{
-    Backend4, RevNat4, Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key, MAP_NO_PREALLOC,
-    MAX_BACKENDS, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT,
+    Backend4, LocalRedirect4, RevNat4, Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key,
+    MAP_NO_PREALLOC, MAX_BACKENDS, MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES,
+    MAX_SOCK_REVNAT,
 };
 
 #[map]
@@ -23,3 +24,9 @@ pub static LB4_REVNAT: HashMap<u16, RevNat4> = HashMap::pinned(MAX_REVNAT, MAP_N
 #[map]
 pub static LB4_SK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4> =
     LruHashMap::pinned(MAX_SOCK_REVNAT, 0);
+
+/// Frontends served by a node-local listener while its heartbeat is fresh (the DNS
+/// cache in front of kube-dns).
+#[map]
+pub static LOCAL_REDIRECT4: HashMap<Service4Key, LocalRedirect4> =
+    HashMap::pinned(MAX_LOCAL_REDIRECT, MAP_NO_PREALLOC);

@@ -12,8 +12,9 @@ use crate::{lb, maps::LB4_SK_REVNAT, SYS_PROCEED};
 const SYS_REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
-/// connect4/sendmsg4: a Service destination becomes one of its backends; a Service with
-/// no backends fails the call at once with ECONNREFUSED.
+/// connect4/sendmsg4: a Service destination becomes one of its backends (or the live
+/// node-local listener registered for it); a Service with no backends fails the call at
+/// once with ECONNREFUSED.
 #[inline(always)]
 pub fn xlate_fwd4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable in
@@ -28,7 +29,9 @@ pub fn xlate_fwd4(ctx: &SockAddrContext) -> i32 {
     let Some(svc) = lb::lookup_service4(address_be, dport_be, proto) else {
         return SYS_PROCEED;
     };
-    let Some(backend) = lb::select_backend4(address_be, dport_be, proto, &svc) else {
+    let chosen = lb::local_redirect4(address_be, dport_be, proto)
+        .or_else(|| lb::select_backend4(address_be, dport_be, proto, &svc));
+    let Some(backend) = chosen else {
         // SAFETY: bpf_set_retval is allowed in connect4 and sendmsg4.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return SYS_REJECT;

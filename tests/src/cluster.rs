@@ -324,6 +324,17 @@ impl Cluster {
 
     /// Sends SIGTERM to the processes of `role` on `node` and returns their exit statuses.
     pub fn terminate(&mut self, node: &str, role: &str) -> Vec<std::process::ExitStatus> {
+        self.signal(node, role, "TERM")
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`, …) to the processes of `role` on `node` and returns
+    /// their exit statuses.
+    pub fn signal(
+        &mut self,
+        node: &str,
+        role: &str,
+        signal: &str,
+    ) -> Vec<std::process::ExitStatus> {
         let cgroup = cgroup_base(&self.id).join(format!("{role}-{node}"));
         let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
         let pids: Vec<u32> = procs
@@ -331,7 +342,7 @@ impl Cluster {
             .filter_map(|l| l.trim().parse().ok())
             .collect();
         for pid in &pids {
-            sh(&["kill", "-TERM", &pid.to_string()]);
+            sh(&["kill", &format!("-{signal}"), &pid.to_string()]);
         }
         let (mine, others): (Vec<Child>, Vec<Child>) = self
             .children

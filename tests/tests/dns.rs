@@ -468,3 +468,128 @@ fn a_pod_resolves_a_service_name_and_connects_to_it() {
     );
     assert!(lines.lines().all(|l| l.starts_with("ok web-")), "{lines}");
 }
+
+const KUBE_DNS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 53},
+          {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: kube-dns-1, namespace: kube-system, labels: {kubernetes.io/service-name: kube-dns}}
+addressType: IPv4
+ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+endpoints:
+- addresses: [10.244.2.53]
+  nodeName: node2
+";
+
+/// Who answered a query the client pod sent to kube-dns's ClusterIP: the local cache
+/// (authoritative, the Service's real address) or kube-dns (our fake, 192.0.2.1).
+fn via_kube_dns(bed: &Bed) -> &'static str {
+    let args = [
+        "dig",
+        "+time=1",
+        "+tries=1",
+        "@10.96.0.10",
+        "echo.default.svc.cluster.local",
+        "A",
+    ];
+    let output = bed
+        .cluster
+        .command_in_pod("client", &args)
+        .output()
+        .expect("dig");
+    let out = String::from_utf8_lossy(&output.stdout);
+    if std::env::var_os("DNS_DEBUG").is_some() {
+        eprintln!("{out}");
+    }
+    if out.contains("10.96.0.50") && flags(&out).contains("aa") {
+        "local"
+    } else if out.contains("192.0.2.1") {
+        "kube-dns"
+    } else {
+        "none"
+    }
+}
+
+#[test]
+fn kube_dns_queries_go_to_the_local_cache_while_it_answers() {
+    let mut cluster = scenarios::echo_cluster("dnsredir");
+    cluster.add_pod("node2", "coredns", 53);
+    // kube-dns's pod: the in-test server, which answers every A question with 192.0.2.1.
+    let kube_dns = Upstream::start(&cluster.pod("coredns").netns, "10.244.2.53:53");
+    let dir = cluster.scratch().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    manifests::write(
+        &dir,
+        "echo-svc.yaml",
+        &manifests::service("echo", ECHO_IP, &SVC_PORTS),
+    );
+    manifests::write(&dir, "kube-dns.yaml", KUBE_DNS);
+    // No --dns-upstream: cluster names the agent does not know go to kube-dns's pods.
+    let args: Vec<String> = [
+        "--manifests",
+        &dir.display().to_string(),
+        "--dns-listen",
+        LISTEN,
+        "--dns-forward",
+        "10.244.2.53:53",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let agent = Agent::start_with(&mut cluster, "node1", &args);
+    let bed = Bed {
+        cluster,
+        agent,
+        upstream: kube_dns,
+    };
+    let wait_for = |bed: &Bed, want: &str, limit: Duration| {
+        let started = Instant::now();
+        while via_kube_dns(bed) != want {
+            assert!(
+                started.elapsed() < limit,
+                "queries to kube-dns not served by {want} after {limit:?}\n{}",
+                bed.agent.log_text()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        started.elapsed()
+    };
+    wait_for(&bed, "local", Duration::from_secs(3));
+    // A cluster name only kube-dns knows is forwarded to its pod over TCP, and the
+    // answer comes back from the ClusterIP the pod asked (dig checks the source).
+    let out = bed.cluster.run_in_pod(
+        "client",
+        &[
+            "dig",
+            "+short",
+            "@10.96.0.10",
+            "10-244-9-9.default.pod.cluster.local",
+            "A",
+        ],
+    );
+    assert_eq!(out.trim(), "10.244.9.9");
+    assert_eq!(
+        bed.upstream
+            .count("10-244-9-9.default.pod.cluster.local", "tcp"),
+        1
+    );
+
+    // A crashed agent (no chance to clean up): kube-dns takes over once the heartbeat
+    // is stale.
+    let mut bed = bed;
+    bed.cluster.signal("node1", "agent", "KILL");
+    let took = wait_for(&bed, "kube-dns", Duration::from_secs(8));
+    println!("after SIGKILL, kube-dns answered within {took:?}");
+    bed.agent.respawn(&mut bed.cluster);
+    wait_for(&bed, "local", Duration::from_secs(10));
+    // A graceful exit hands over at once.
+    bed.cluster.terminate("node1", "agent");
+    wait_for(&bed, "kube-dns", Duration::from_secs(1));
+}

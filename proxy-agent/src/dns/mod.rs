@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod iface;
 pub mod metrics;
+pub mod redirect;
 pub mod resolver;
 pub mod server;
 pub mod upstream;
@@ -26,6 +27,9 @@ pub struct DnsConfig {
     pub upstreams: Upstreams,
     pub domain: String,
     pub ttl: u32,
+    /// With the eBPF dataplane: its pin directory, where kube-dns's ClusterIP is
+    /// redirected to the first listen address while it answers.
+    pub redirect: Option<std::path::PathBuf>,
 }
 
 /// Parses `ADDR[:PORT]` (IPv6 as `[ADDR]:PORT` or bare), port 53 by default.
@@ -78,6 +82,9 @@ pub async fn start(
             }
         }
     });
+    if let (Some(bpffs), Some(&target)) = (&config.redirect, config.listen.first()) {
+        redirect::start(bpffs, target, &config.domain, zone_rx.clone())?;
+    }
     let resolver = Resolver::new(zone_rx, config.upstreams, metrics);
     Ok(tokio::spawn(listeners.serve(resolver)))
 }

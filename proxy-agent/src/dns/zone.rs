@@ -45,6 +45,8 @@ pub struct Zone {
     empty: BTreeSet<String>,
     /// The ready addresses (and DNS port) of `kube-system/kube-dns`.
     kube_dns: Vec<SocketAddr>,
+    /// kube-dns's ClusterIPs with each port 53 and its protocol number.
+    kube_dns_frontends: Vec<(IpAddr, u16, u8)>,
 }
 
 fn key(name: &Name) -> String {
@@ -285,6 +287,32 @@ impl Zone {
                 ready.iter().map(|e| SocketAddr::new(e.ip, port)).collect()
             })
             .unwrap_or_default();
+        let kube_dns_frontends = snapshot
+            .services
+            .get(&(KUBE_DNS.0.to_owned(), KUBE_DNS.1.to_owned()))
+            .and_then(|s| s.spec.as_ref())
+            .map(|spec| {
+                let ips = spec
+                    .cluster_ips
+                    .iter()
+                    .flatten()
+                    .chain(spec.cluster_ip.iter());
+                let ips: BTreeSet<IpAddr> = ips.filter_map(|ip| ip.parse().ok()).collect();
+                let ports: Vec<(u16, u8)> = spec
+                    .ports
+                    .iter()
+                    .flatten()
+                    .filter(|p| p.port == 53)
+                    .map(|p| match p.protocol.as_deref() {
+                        Some("UDP") => (53, 17),
+                        _ => (53, 6),
+                    })
+                    .collect();
+                ips.iter()
+                    .flat_map(|&ip| ports.iter().map(move |&(port, proto)| (ip, port, proto)))
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             domain,
             svc,
@@ -292,6 +320,7 @@ impl Zone {
             records: builder.records,
             empty,
             kube_dns,
+            kube_dns_frontends,
         }
     }
 
@@ -305,6 +334,12 @@ impl Zone {
     #[must_use]
     pub fn kube_dns(&self) -> &[SocketAddr] {
         &self.kube_dns
+    }
+
+    /// kube-dns's ClusterIP frontends on port 53: (address, port, IANA protocol).
+    #[must_use]
+    pub fn kube_dns_frontends(&self) -> &[(IpAddr, u16, u8)] {
+        &self.kube_dns_frontends
     }
 
     /// Whether `name` is in the cluster domain.
