@@ -107,6 +107,7 @@ fn dns_config(args: &DnsArgs) -> dns::DnsConfig {
         domain: args.cluster_domain.clone(),
         ttl: args.dns_ttl,
         redirect: None,
+        notrack: false,
     }
 }
 
@@ -128,6 +129,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     ));
     let (tx, rx) = watch::channel(SourceUpdate::default());
     let redirecting_dns = !args.dns.dns_listen.is_empty() && dataplane_name == "ebpf";
+    let notrack_dns = !args.dns.dns_listen.is_empty() && dataplane_name == "nftables";
     let dns = if args.dns.dns_listen.is_empty() {
         None
     } else {
@@ -135,6 +137,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         if redirecting_dns {
             config.redirect = Some(args.paths.bpffs.clone());
         }
+        config.notrack = notrack_dns;
         info!(listen = ?config.listen, cluster = ?config.upstreams.cluster, forward = ?config.upstreams.forward, "NodeLocal DNS on");
         Some(
             dns::start(config, rx.clone(), metrics.dns.clone())
@@ -187,6 +190,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if redirecting_dns {
         // The listener goes away with us: kube-dns takes the queries at once.
         dns::redirect::clear(&args.paths.bpffs);
+    }
+    if notrack_dns {
+        // Without the listener, kube-dns's ClusterIP must go through the DNAT again.
+        if let Err(error) = dns::notrack::remove() {
+            warn!(%error, "cannot remove the DNS NOTRACK rules");
+        }
     }
     Ok(())
 }
@@ -306,6 +315,9 @@ pub fn cleanup(args: &CleanupArgs) -> Result<()> {
         }
     }
     dns::iface::remove().context("removing the DNS interface")?;
+    if let Err(error) = dns::notrack::remove() {
+        debug!(%error, "no DNS NOTRACK table to remove");
+    }
     info!(interface = dns::iface::INTERFACE, "DNS interface removed");
     Ok(())
 }

@@ -181,3 +181,23 @@ pub fn remove() -> Result<(), NetlinkError> {
     }
     Ok(())
 }
+
+/// Removes one address the agent added (from whichever interface holds it).
+///
+/// # Errors
+/// When rtnetlink refuses for another reason than "not there".
+pub fn remove_address(ip: IpAddr) -> Result<(), NetlinkError> {
+    let mut netlink = Netlink::open(NETLINK_ROUTE, 0)?;
+    for name in [INTERFACE, "lo"] {
+        let Ok(index) = index_of(&mut netlink, name) else {
+            continue;
+        };
+        let (header, attrs) = address_message(ip, index);
+        netlink.send(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, &header, &attrs)?;
+        match netlink.receive(|_, _| {}) {
+            Err(NetlinkError::Kernel(_)) | Ok(()) => {}
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod iface;
 pub mod metrics;
+pub mod notrack;
 pub mod redirect;
 pub mod resolver;
 pub mod server;
@@ -30,6 +31,8 @@ pub struct DnsConfig {
     /// With the eBPF dataplane: its pin directory, where kube-dns's ClusterIP is
     /// redirected to the first listen address while it answers.
     pub redirect: Option<std::path::PathBuf>,
+    /// With the nftables dataplane: answer on kube-dns's ClusterIPs too, NOTRACK'ed.
+    pub notrack: bool,
 }
 
 /// Parses `ADDR[:PORT]` (IPv6 as `[ADDR]:PORT` or bare), port 53 by default.
@@ -85,7 +88,10 @@ pub async fn start(
     if let (Some(bpffs), Some(&target)) = (&config.redirect, config.listen.first()) {
         redirect::start(bpffs, target, &config.domain, zone_rx.clone())?;
     }
-    let resolver = Resolver::new(zone_rx, config.upstreams, metrics);
+    let resolver = Resolver::new(zone_rx.clone(), config.upstreams, metrics);
+    if config.notrack {
+        notrack::start(zone_rx, Arc::clone(&resolver));
+    }
     Ok(tokio::spawn(listeners.serve(resolver)))
 }
 
