@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod dns_upstream;
+pub mod dnsbench;
 pub mod fake_api;
 pub mod flowbed;
 pub mod flows;

@@ -49,7 +49,18 @@ fn the_quick_bench_measures_every_mode() {
         );
     }
     assert!(change["nftables_statements"].as_u64().unwrap_or(0) > 0);
-    for mode in ["iptables", "nftables", "eBPF"] {
+    for workload in ["cache_hit", "cluster_name"] {
+        for server in ["unbound", "proxy-agent", "dnsmasq"] {
+            let cell = &results["dns"]["workloads"][workload][server];
+            for key in ["qps", "p99_s"] {
+                assert!(
+                    cell[key].as_f64().unwrap_or(0.0) > 0.0,
+                    "DNS {workload} {server} {key}: {cell}"
+                );
+            }
+        }
+    }
+    for mode in ["iptables", "nftables", "eBPF", "unbound"] {
         assert!(report.contains(mode), "report lacks {mode}:\n{report}");
     }
 }

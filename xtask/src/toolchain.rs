@@ -27,8 +27,11 @@ const PACKAGES: &[&str] = &[
     "procps",
     // A real DNS client for the NodeLocal DNS tests.
     "dnsutils",
-    // The bench's baseline: kube-proxy's iptables mode.
+    // The bench's baselines: kube-proxy's iptables mode; DNS servers and load.
     "iptables",
+    "dnsperf",
+    "unbound",
+    "dnsmasq-base",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";

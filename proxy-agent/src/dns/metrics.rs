@@ -15,12 +15,12 @@ pub struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
-    pub r#type: String,
+    pub r#type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RcodeLabel {
-    pub rcode: String,
+    pub rcode: &'static str,
 }
 
 /// Shared handles; registered once with the agent's registry.

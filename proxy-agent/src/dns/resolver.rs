@@ -46,6 +46,32 @@ pub struct Resolver {
     metrics: DnsMetrics,
 }
 
+/// Where a query stands after the synchronous part.
+pub enum Outcome {
+    Reply(Option<Vec<u8>>),
+    Later(Box<Pending>),
+}
+
+/// A query waiting for an upstream.
+pub struct Pending {
+    forward: Forward,
+    limit: usize,
+}
+
+struct Forward {
+    response: Message,
+    query: Query,
+    servers: Vec<SocketAddr>,
+    transport: Transport,
+    key: Key,
+    stale: Option<Answer>,
+}
+
+enum Step {
+    Done(Message),
+    Forward(Box<Forward>),
+}
+
 /// The transport a query came over: how large its answer may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
@@ -77,15 +103,24 @@ impl Resolver {
         via: Via,
         client: SocketAddr,
     ) -> Option<Vec<u8>> {
+        match self.try_now(packet, via, client) {
+            Outcome::Reply(reply) => reply,
+            Outcome::Later(pending) => self.finish(pending).await,
+        }
+    }
+
+    /// Everything that needs no upstream (bad packets, the zone, fresh cache entries) is
+    /// answered here without waiting; the rest comes back as `Later`.
+    pub fn try_now(self: &Arc<Self>, packet: &[u8], via: Via, client: SocketAddr) -> Outcome {
         if packet.len() < 12 || packet[2] & 0x80 != 0 {
             self.metrics.dropped.inc();
-            return None;
+            return Outcome::Reply(None);
         }
         let request = match Message::from_vec(packet) {
             Ok(request) => request,
             Err(error) => {
                 debug!(%client, %error, "malformed DNS query");
-                return Some(self.counted(form_error(packet)));
+                return Outcome::Reply(Some(self.counted(form_error(packet))));
             }
         };
         self.metrics
@@ -97,15 +132,61 @@ impl Resolver {
                     r#type: request
                         .queries()
                         .first()
-                        .map_or_else(|| "other".into(), |q| q.query_type().to_string()),
+                        .map_or("other", |q| q.query_type().into()),
                 },
             })
             .inc();
-        let mut response = self.respond(&request).await;
         let limit = match via {
             Via::Tcp => usize::from(u16::MAX),
             Via::Udp => usize::from(request.max_payload().max(512)),
         };
+        match self.respond(&request) {
+            Step::Done(response) => Outcome::Reply(self.encode(response, limit)),
+            Step::Forward(forward) => Outcome::Later(Box::new(Pending {
+                forward: *forward,
+                limit,
+            })),
+        }
+    }
+
+    /// Finishes a query that needs an upstream.
+    pub async fn finish(self: &Arc<Self>, pending: Box<Pending>) -> Option<Vec<u8>> {
+        let Forward {
+            mut response,
+            query,
+            servers,
+            transport,
+            key,
+            stale,
+        } = pending.forward;
+        self.metrics.cache_misses.inc();
+        let fresh = self
+            .fetch(key, query, servers, transport)
+            .await
+            .ok()
+            .flatten();
+        let answer = if fresh.is_none() && stale.is_some() {
+            self.metrics.cache_served_stale.inc();
+            stale
+        } else {
+            fresh
+        };
+        match answer {
+            Some(answer) => {
+                response
+                    .set_response_code(answer.rcode)
+                    .add_answers(answer.answers)
+                    .add_name_servers(answer.authority);
+            }
+            None => {
+                response.set_response_code(ResponseCode::ServFail);
+            }
+        }
+        self.encode(response, pending.limit)
+    }
+
+    /// The wire form, truncated (TC) when larger than `limit`.
+    fn encode(&self, mut response: Message, limit: usize) -> Option<Vec<u8>> {
         let mut bytes = response.to_vec().ok()?;
         if bytes.len() > limit {
             response = response.truncate();
@@ -136,7 +217,7 @@ impl Resolver {
         bytes
     }
 
-    async fn respond(self: &Arc<Self>, request: &Message) -> Message {
+    fn respond(self: &Arc<Self>, request: &Message) -> Step {
         let mut response = Message::new();
         response
             .set_id(request.id())
@@ -151,20 +232,20 @@ impl Resolver {
         }
         if request.op_code() != OpCode::Query {
             response.set_response_code(ResponseCode::NotImp);
-            return response;
+            return Step::Done(response);
         }
         let [query] = request.queries() else {
             response.set_response_code(ResponseCode::FormErr);
-            return response;
+            return Step::Done(response);
         };
         response.add_query(query.clone());
         let zone = self.zone.borrow().clone();
         let Some(zone) = zone.filter(|_| query.query_class() == DNSClass::IN) else {
             // Not loaded yet (or not the Internet class): refuse rather than guess.
             response.set_response_code(ResponseCode::Refused);
-            return response;
+            return Step::Done(response);
         };
-        let answer = match zone.lookup(query.name(), query.query_type()) {
+        let (servers, transport) = match zone.lookup(query.name(), query.query_type()) {
             Lookup::Answer(data) => {
                 response.set_authoritative(true);
                 for rdata in data {
@@ -174,18 +255,18 @@ impl Resolver {
                         rdata,
                     ));
                 }
-                return response;
+                return Step::Done(response);
             }
             Lookup::NoData => {
                 response.set_authoritative(true).add_name_server(zone.soa());
-                return response;
+                return Step::Done(response);
             }
             Lookup::NxDomain => {
                 response
                     .set_authoritative(true)
                     .set_response_code(ResponseCode::NXDomain)
                     .add_name_server(zone.soa());
-                return response;
+                return Step::Done(response);
             }
             Lookup::Cluster => {
                 let servers = if self.upstreams.cluster.is_empty() {
@@ -193,34 +274,22 @@ impl Resolver {
                 } else {
                     self.upstreams.cluster.clone()
                 };
-                self.forward(query, servers, Transport::Tcp).await
+                (servers, Transport::Tcp)
             }
-            Lookup::External => {
-                self.forward(query, self.upstreams.forward.clone(), Transport::UdpThenTcp)
-                    .await
-            }
+            Lookup::External => (self.upstreams.forward.clone(), Transport::UdpThenTcp),
         };
-        match answer {
-            Some(answer) => {
-                response
-                    .set_response_code(answer.rcode)
-                    .add_answers(answer.answers)
-                    .add_name_servers(answer.authority);
-            }
-            None => {
-                response.set_response_code(ResponseCode::ServFail);
-            }
-        }
-        response
+        self.from_cache(response, query, servers, transport)
     }
 
-    /// A forwarded name: from the cache, else upstream; stale only if upstream fails.
-    async fn forward(
+    /// A forwarded name: a fresh cache entry now, else the upstream (keeping any stale
+    /// entry for when it fails).
+    fn from_cache(
         self: &Arc<Self>,
+        mut response: Message,
         query: &Query,
         servers: Vec<SocketAddr>,
         transport: Transport,
-    ) -> Option<Answer> {
+    ) -> Step {
         let key = (query.name().to_lowercase().to_ascii(), query.query_type());
         let stale = match self.cache.get(&key, Instant::now()) {
             Hit::Fresh { answer, prefetch } => {
@@ -231,30 +300,29 @@ impl Resolver {
                 };
                 self.metrics
                     .cache_hits
-                    .get_or_create(&TypeLabel {
-                        r#type: kind.into(),
-                    })
+                    .get_or_create(&TypeLabel { r#type: kind })
                     .inc();
                 if prefetch {
                     self.metrics.cache_prefetch.inc();
                     drop(self.fetch(key, query.clone(), servers, transport));
                 }
-                return Some(answer);
+                response
+                    .set_response_code(answer.rcode)
+                    .add_answers(answer.answers)
+                    .add_name_servers(answer.authority);
+                return Step::Done(response);
             }
             Hit::Stale(answer) => Some(answer),
             Hit::Miss => None,
         };
-        self.metrics.cache_misses.inc();
-        let fresh = self
-            .fetch(key, query.clone(), servers, transport)
-            .await
-            .ok()
-            .flatten();
-        if fresh.is_none() && stale.is_some() {
-            self.metrics.cache_served_stale.inc();
-            return stale;
-        }
-        fresh
+        Step::Forward(Box::new(Forward {
+            response,
+            query: query.clone(),
+            servers,
+            transport,
+            key,
+            stale,
+        }))
     }
 
     /// Joins the upstream query for `key` in flight, or starts one on a task of its own
@@ -289,9 +357,7 @@ impl Resolver {
                 for (kind, n) in [("success", positive), ("denial", negative)] {
                     this.metrics
                         .cache_entries
-                        .get_or_create(&TypeLabel {
-                            r#type: kind.into(),
-                        })
+                        .get_or_create(&TypeLabel { r#type: kind })
                         .set(i64::try_from(n).unwrap_or(i64::MAX));
                 }
             }
@@ -348,15 +414,15 @@ impl Resolver {
 }
 
 /// The rcode as CoreDNS labels it.
-fn rcode_name(rcode: ResponseCode) -> String {
+fn rcode_name(rcode: ResponseCode) -> &'static str {
     match u16::from(rcode) {
-        0 => "NOERROR".into(),
-        1 => "FORMERR".into(),
-        2 => "SERVFAIL".into(),
-        3 => "NXDOMAIN".into(),
-        4 => "NOTIMP".into(),
-        5 => "REFUSED".into(),
-        n => format!("RCODE{n}"),
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        _ => "other",
     }
 }
 

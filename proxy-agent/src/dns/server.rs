@@ -10,7 +10,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use super::resolver::{Resolver, Via};
+use super::resolver::{Outcome, Resolver, Via};
 
 /// UDP queries being answered at once; more are dropped (the client retries).
 const MAX_IN_FLIGHT: usize = 1024;
@@ -19,8 +19,21 @@ const MAX_TCP: usize = 256;
 /// A TCP connection idle this long is closed.
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// Bound sockets, not serving yet.
-pub struct Listeners(Vec<(Arc<UdpSocket>, TcpListener)>);
+/// Bound sockets, not serving yet: per address, one UDP socket per core (`SO_REUSEPORT`
+/// spreads queries over them) and a TCP listener.
+pub struct Listeners(Vec<(Vec<Arc<UdpSocket>>, TcpListener)>);
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
 
 /// Binds UDP and TCP on every address.
 ///
@@ -29,7 +42,10 @@ pub struct Listeners(Vec<(Arc<UdpSocket>, TcpListener)>);
 pub async fn bind(listen: &[SocketAddr]) -> std::io::Result<Listeners> {
     let mut bound = Vec::new();
     for &addr in listen {
-        let udp = Arc::new(UdpSocket::bind(addr).await?);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let udp = (0..cores)
+            .map(|_| udp_socket(addr).map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let tcp = TcpListener::bind(addr).await?;
         info!(%addr, "DNS listening (UDP and TCP)");
         bound.push((udp, tcp));
@@ -46,8 +62,10 @@ impl Listeners {
         let mut tasks = tokio::task::JoinSet::new();
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let connections = Arc::new(Semaphore::new(MAX_TCP));
-        for (udp, tcp) in self.0 {
-            tasks.spawn(udp_loop(udp, Arc::clone(&resolver), Arc::clone(&in_flight)));
+        for (sockets, tcp) in self.0 {
+            for udp in sockets {
+                tasks.spawn(udp_loop(udp, Arc::clone(&resolver), Arc::clone(&in_flight)));
+            }
             tasks.spawn(tcp_loop(
                 tcp,
                 Arc::clone(&resolver),
@@ -69,14 +87,22 @@ async fn udp_loop(
     let mut buffer = vec![0u8; 65535];
     loop {
         let (n, client) = socket.recv_from(&mut buffer).await?;
+        // Answers that need no upstream go out from this loop; only forwards get a task.
+        let pending = match resolver.try_now(&buffer[..n], Via::Udp, client) {
+            Outcome::Reply(Some(answer)) => {
+                let _ = socket.send_to(&answer, client).await;
+                continue;
+            }
+            Outcome::Reply(None) => continue,
+            Outcome::Later(pending) => pending,
+        };
         let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
             resolver.dropped();
             continue;
         };
-        let packet = buffer[..n].to_vec();
         let (socket, resolver) = (Arc::clone(&socket), Arc::clone(&resolver));
         tokio::spawn(async move {
-            if let Some(answer) = resolver.handle(&packet, Via::Udp, client).await {
+            if let Some(answer) = resolver.finish(pending).await {
                 let _ = socket.send_to(&answer, client).await;
             }
             drop(permit);

@@ -15,7 +15,7 @@ use proxy_agent::{
 };
 use proxy_agent_tests::{
     cluster::{sh_in, Cluster},
-    kube_proxy_iptables, scale,
+    dnsbench, kube_proxy_iptables, scale,
 };
 use serde_json::{json, Value};
 
@@ -23,6 +23,7 @@ const ENDPOINTS: usize = 10;
 const CLUSTER_CIDR: &str = "10.128.0.0/9";
 
 struct Config {
+    dns_seconds: u32,
     scales: Vec<usize>,
     change_scale: usize,
     repeats: usize,
@@ -297,6 +298,39 @@ fn report(results: &Value) -> String {
         ratio(q("ebpf", "p50"), q("iptables_full_restore", "p50")),
         c["ebpf_map_writes"],
     );
+    let d = &results["dns"];
+    let _ = writeln!(
+        md,
+        "\n## NodeLocal DNS, dnsperf (2 clients, 64 outstanding), median of {} alternating {} s rounds, ratio to unbound\n\n| workload | server | QPS | ratio | p50 | p99 | QPS of each round |\n|---|---|---|---|---|---|---|",
+        d["rounds"],
+        d["seconds"]
+    );
+    for (workload, title) in [
+        ("cache_hit", "cache hit (100 names)"),
+        ("cluster_name", "cluster name"),
+    ] {
+        let row = &d["workloads"][workload];
+        let base = row["unbound"]["qps"].as_f64().unwrap_or(0.0);
+        for server in ["unbound", "proxy-agent", "dnsmasq"] {
+            let cell = &row[server];
+            let f = |k: &str| cell[k].as_f64().unwrap_or(0.0);
+            let _ = writeln!(
+                md,
+                "| {title} | {server} | {:.0} | {} | {:.3} ms | {:.3} ms | {} |",
+                f("qps"),
+                ratio(f("qps"), base),
+                f("p50_s") * 1000.0,
+                f("p99_s") * 1000.0,
+                cell["rounds_qps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|q| format!("{:.0}", q.as_f64().unwrap_or(0.0)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
     md.push_str("\nTimes are the plan (`model::diff`) and the dataplane's `apply` (render and load), not the model build, which all share. The nftables JSON column loads the same ruleset through `nft -j -f`, exported with `nft -j list ruleset`.\n");
     md
 }
@@ -325,6 +359,7 @@ fn machine() -> Value {
         "nft": cmd(&["nft", "--version"]),
         "iptables": cmd(&["iptables-legacy", "--version"]),
         "agent": env!("CARGO_PKG_VERSION"),
+        "dns_servers": cmd(&["dpkg-query", "-W", "-f", "${Package} ${Version}; ", "dnsperf", "unbound", "dnsmasq-base"]),
     })
 }
 
@@ -338,12 +373,14 @@ fn main() {
     };
     let mut cfg = if quick {
         Config {
+            dns_seconds: 1,
             scales: vec![1_000],
             change_scale: 1_000,
             repeats: 5,
         }
     } else {
         Config {
+            dns_seconds: 5,
             scales: vec![1_000, 10_000, 30_000],
             change_scale: 10_000,
             repeats: 20,
@@ -371,11 +408,13 @@ fn main() {
     let change = endpoint_changes(&cluster, &mut ebpf, &cfg);
     drop(ebpf);
     let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);
+    let dns = dnsbench::run(&mut cluster, cfg.dns_seconds);
     let results = json!({
         "quick": quick,
         "machine": machine(),
         "full_sync": full,
         "endpoint_change": change,
+        "dns": dns,
     });
     write(&out, &results);
 }
