@@ -23,6 +23,20 @@ pub struct Cli {
     pub verbose: u8,
 }
 
+impl Cli {
+    /// Parses a command line (for tools and tests that hold the arguments as data).
+    ///
+    /// # Errors
+    /// When clap rejects the arguments.
+    pub fn try_parse_from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::try_parse_from(args)
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,

@@ -57,7 +57,8 @@ struct Store {
     kinds: BTreeMap<Kind, KindStore>,
 }
 
-const KINDS: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+/// Every kind the agent lists and watches (the RBAC in `deploy/` must allow each).
+pub const KINDS: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
 
 impl Store {
     fn kind(&mut self, kind: Kind) -> &mut KindStore {
@@ -161,7 +162,9 @@ fn checked(kind: Kind, object: &DynamicObject) -> Result<serde_json::Value, Stri
     valid.map(|()| value)
 }
 
-fn resource(kind: Kind) -> ApiResource {
+/// The API resource of a kind.
+#[must_use]
+pub fn resource(kind: Kind) -> ApiResource {
     match kind {
         Kind::Service => ApiResource::erase::<Service>(&()),
         Kind::EndpointSlice => ApiResource::erase::<EndpointSlice>(&()),

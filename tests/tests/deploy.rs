@@ -1,0 +1,185 @@
+//! The manifests under `deploy/` parse into the Kubernetes types they claim to be, the
+//! RBAC grants exactly what the agent watches (read-only) plus Events, and the
+//! `DaemonSet` has what a node agent needs without running privileged.
+use std::{collections::BTreeSet, path::Path};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Namespace, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use proxy_agent::source::kube::{resource, KINDS};
+use serde::Deserialize;
+
+#[derive(Default)]
+struct Manifests {
+    namespaces: Vec<Namespace>,
+    accounts: Vec<ServiceAccount>,
+    roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    daemonsets: Vec<DaemonSet>,
+}
+
+fn load() -> Manifests {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut m = Manifests::default();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("deploy/")
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc).unwrap();
+            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+            let what = format!("{kind} in {}", file.display());
+            match kind.as_str() {
+                "Namespace" => m
+                    .namespaces
+                    .push(serde_yaml::from_value(value).expect(&what)),
+                "ServiceAccount" => m.accounts.push(serde_yaml::from_value(value).expect(&what)),
+                "ClusterRole" => m.roles.push(serde_yaml::from_value(value).expect(&what)),
+                "ClusterRoleBinding" => {
+                    m.bindings.push(serde_yaml::from_value(value).expect(&what));
+                }
+                "DaemonSet" => m
+                    .daemonsets
+                    .push(serde_yaml::from_value(value).expect(&what)),
+                other => panic!("unexpected kind {other:?} in {}", file.display()),
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn rbac_grants_what_the_agent_watches_and_nothing_more() {
+    let m = load();
+    assert_eq!(m.namespaces.len(), 1);
+    let namespace = m.namespaces[0].metadata.name.clone().unwrap();
+    let [role] = &m.roles[..] else {
+        panic!("one ClusterRole")
+    };
+    let [binding] = &m.bindings[..] else {
+        panic!("one ClusterRoleBinding")
+    };
+    let [account] = &m.accounts[..] else {
+        panic!("one ServiceAccount")
+    };
+    assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(Some(&subject.name), account.metadata.name.as_ref());
+    assert_eq!(subject.namespace, Some(namespace.clone()));
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        for group in rule.api_groups.iter().flatten() {
+            for res in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), res.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    for kind in KINDS {
+        let r = resource(kind);
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                granted.contains(&(r.group.clone(), r.plural.clone(), verb.to_owned())),
+                "no {verb} on {}/{}",
+                r.group,
+                r.plural
+            );
+        }
+    }
+    for (group, res, verb) in &granted {
+        let read = ["get", "list", "watch"].contains(&verb.as_str());
+        assert!(
+            read || res == "events",
+            "{verb} on {group}/{res} is more than the agent needs"
+        );
+    }
+    assert!(granted.contains(&(String::new(), "events".into(), "create".into())));
+    assert!(granted.contains(&(String::new(), "events".into(), "patch".into())));
+}
+
+#[test]
+fn the_daemonset_is_a_node_agent_without_privileged() {
+    let m = load();
+    let namespace = m.namespaces[0].metadata.name.clone().unwrap();
+    let account = &m.accounts[0];
+    let [ds] = &m.daemonsets[..] else {
+        panic!("one DaemonSet")
+    };
+    assert_eq!(ds.metadata.namespace.as_ref(), Some(&namespace));
+    let spec = ds.spec.as_ref().unwrap();
+    let rolling = spec
+        .update_strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(
+        pod.service_account_name.as_ref(),
+        account.metadata.name.as_ref()
+    );
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    assert!(
+        pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "must tolerate every taint"
+    );
+    let c = &pod.containers[0];
+    let security = c.security_context.as_ref().unwrap();
+    assert_ne!(security.privileged, Some(true));
+    let added: BTreeSet<&str> = security
+        .capabilities
+        .as_ref()
+        .unwrap()
+        .add
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    for cap in ["NET_ADMIN", "BPF", "SYS_ADMIN"] {
+        assert!(added.contains(cap), "missing {cap}");
+    }
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/livez"));
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/healthz"));
+    assert!(c
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .is_some());
+    let mounts: BTreeSet<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|v| v.mount_path.as_str())
+        .collect();
+    assert!(mounts.contains("/sys/fs/bpf"), "{mounts:?}");
+    let args = c.args.clone().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("run"));
+    // Every flag the DaemonSet passes is one the agent accepts.
+    let mut command_line = vec!["proxy-agent".to_owned()];
+    command_line.extend(args);
+    proxy_agent::cli::Cli::try_parse_from_args(&command_line).unwrap_or_else(|e| panic!("{e}"));
+}
