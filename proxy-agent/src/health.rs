@@ -68,6 +68,12 @@ impl Health {
         }
     }
 
+    /// Whether `/healthz` would answer 200 now.
+    #[must_use]
+    pub fn is_healthy(&self) -> bool {
+        self.status().0 == StatusCode::OK
+    }
+
     fn status(&self) -> (StatusCode, Body) {
         let inner = self.lock();
         let stale = inner

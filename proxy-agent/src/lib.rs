@@ -6,6 +6,7 @@ pub mod commands;
 pub mod dataplane;
 pub mod dns;
 pub mod health;
+pub mod health_check;
 pub mod introspect;
 pub mod metrics;
 pub mod model;

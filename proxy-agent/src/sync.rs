@@ -9,6 +9,7 @@ use tracing::{error, info, info_span};
 use crate::{
     dataplane::Dataplane,
     health::Health,
+    health_check::HealthChecks,
     introspect::{Live, Programmed},
     metrics::Metrics,
     model::{self, NodeInfo},
@@ -30,6 +31,7 @@ pub async fn run(
     live: Arc<Live>,
 ) {
     let mut programmed = None;
+    let mut health_checks = HealthChecks::new(health.clone());
     let mut retry = RETRY_MIN;
     loop {
         let update = updates.borrow_and_update().clone();
@@ -79,6 +81,7 @@ pub async fn run(
                         .map(|f| f.pod.backends.len())
                         .sum();
                     metrics.programmed_backends.set(gauge(slots));
+                    health_checks.update(&desired);
                     let desired = Arc::new(desired);
                     live.set(Programmed {
                         snapshot: Arc::clone(&snapshot),

@@ -211,6 +211,24 @@ fn north_south(tag: &str, dataplane: &str) {
         "eTP=Local without a local endpoint must drop (time out, not refuse): {dropped:?}"
     );
 
+    // Load balancers ask each node's healthCheckNodePort whether it has local endpoints.
+    let testpod = testpod_bin().display().to_string();
+    for (node_ip, want_code, want_count) in [("10.100.0.1", "200", 1), ("10.100.0.2", "503", 0)] {
+        let out = bed.cluster.run_in_lan(&[
+            &testpod,
+            "http-get",
+            &format!("{node_ip}:32000"),
+            "/anything",
+        ]);
+        let (code, body) = out.trim().split_once(' ').unwrap_or_default();
+        assert_eq!(code, want_code, "{node_ip}: {out}");
+        let body: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+        assert_eq!(body["service"]["namespace"], "default");
+        assert_eq!(body["service"]["name"], "np-local");
+        assert_eq!(body["localEndpoints"], want_count, "{body}");
+        assert_eq!(body["serviceProxyHealthy"], true, "{body}");
+    }
+
     // External IP and load-balancer IP, routed to node1 from outside.
     for ip in [EXTERNAL_IP, LB_IP] {
         let (pods, _) = answered(&probe(&bed, "tcp", CLIENT, &format!("{ip}:80"), 24));
