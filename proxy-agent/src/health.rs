@@ -1,5 +1,7 @@
 //! `/healthz` and `/livez` with kube-proxy's semantics: healthy once the first sync is
-//! programmed, unhealthy when a pending change waits longer than `--healthz-stale-after`.
+//! programmed, unhealthy when a pending change waits longer than `--healthz-stale-after`;
+//! `/healthz` (not `/livez`) also fails while the node is being deleted or is tainted
+//! for removal by the cluster autoscaler, so load balancers drain it first.
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
@@ -15,7 +17,12 @@ struct Inner {
     source_generation: u64,
     programmed_generation: u64,
     pending_since: Option<Instant>,
+    /// Deleted or tainted `ToBeDeletedByClusterAutoscaler`.
+    node_leaving: bool,
 }
+
+/// The cluster autoscaler's taint on a node it is about to remove.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// Shared between the sync loop (writer) and the HTTP server (reader).
 #[derive(Debug)]
@@ -33,6 +40,7 @@ struct Body {
     dataplane: &'static str,
     source_generation: u64,
     programmed_generation: u64,
+    node_eligible: bool,
 }
 
 impl Health {
@@ -68,13 +76,36 @@ impl Health {
         }
     }
 
+    /// Follows this node's Node object (absent: eligible).
+    pub fn node_changed(&self, node: Option<&k8s_openapi::api::core::v1::Node>) {
+        let leaving = node.is_some_and(|n| {
+            n.metadata.deletion_timestamp.is_some()
+                || n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|t| t.iter().any(|t| t.key == TAINT_TO_BE_DELETED))
+        });
+        self.lock().node_leaving = leaving;
+    }
+
     /// Whether `/healthz` would answer 200 now.
     #[must_use]
     pub fn is_healthy(&self) -> bool {
         self.status().0 == StatusCode::OK
     }
 
+    /// `/healthz`: programmed, fresh, and the node is staying.
     fn status(&self) -> (StatusCode, Body) {
+        let (code, body) = self.liveness();
+        if body.node_eligible {
+            (code, body)
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+        }
+    }
+
+    /// `/livez`: programmed and fresh, whatever the node's fate.
+    fn liveness(&self) -> (StatusCode, Body) {
         let inner = self.lock();
         let stale = inner
             .pending_since
@@ -86,6 +117,7 @@ impl Health {
             dataplane: self.dataplane,
             source_generation: inner.source_generation,
             programmed_generation: inner.programmed_generation,
+            node_eligible: !inner.node_leaving,
         };
         let code = if healthy {
             StatusCode::OK
@@ -105,11 +137,16 @@ async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, Json<Body>) 
     (code, Json(body))
 }
 
+async fn livez(State(health): State<Arc<Health>>) -> (StatusCode, Json<Body>) {
+    let (code, body) = health.liveness();
+    (code, Json(body))
+}
+
 /// Serves until the process exits.
 pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
-        .route("/livez", get(healthz))
+        .route("/livez", get(livez))
         .with_state(health);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
@@ -133,6 +170,34 @@ mod tests {
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!((body.source_generation, body.programmed_generation), (2, 1));
         health.programmed(2);
+        assert_eq!(health.status().0, StatusCode::OK);
+    }
+
+    #[test]
+    fn a_leaving_node_fails_healthz_but_not_livez() {
+        let health = Health::new("nftables", Duration::from_secs(60));
+        health.source_changed(1);
+        health.programmed(1);
+        let mut node: k8s_openapi::api::core::v1::Node =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "node1"},
+                "spec": {"taints": [{"key": TAINT_TO_BE_DELETED, "effect": "NoSchedule"}]}
+            }))
+            .unwrap();
+        health.node_changed(Some(&node));
+        assert_eq!(health.status().0, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!health.status().1.node_eligible);
+        assert_eq!(health.liveness().0, StatusCode::OK);
+        node.spec = None;
+        health.node_changed(Some(&node));
+        assert_eq!(health.status().0, StatusCode::OK);
+        node.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        health.node_changed(Some(&node));
+        assert_eq!(health.status().0, StatusCode::SERVICE_UNAVAILABLE);
+        health.node_changed(None);
         assert_eq!(health.status().0, StatusCode::OK);
     }
 }

@@ -43,6 +43,7 @@ pub async fn run(
                 Some(state) => Ok(state),
                 None => dataplane.programmed().map(Arc::new),
             };
+            health.node_changed(snapshot.nodes.get(&node.name));
             let mut node = node.clone();
             node.addresses.clone_from(&addresses.borrow_and_update());
             let node = node.with_node_object(&snapshot);

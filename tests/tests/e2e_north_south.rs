@@ -55,7 +55,8 @@ status:
 
 struct Bed {
     cluster: Cluster,
-    _agents: Vec<Agent>,
+    agents: Vec<Agent>,
+    dir: std::path::PathBuf,
 }
 
 /// The echo cluster with agents on both nodes: np-cluster and lb have web-a (node1)
@@ -122,7 +123,8 @@ fn setup(tag: &str, dataplane: &str) -> Bed {
         .collect();
     Bed {
         cluster,
-        _agents: agents,
+        agents,
+        dir,
     }
 }
 
@@ -265,4 +267,25 @@ fn north_south(tag: &str, dataplane: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // The autoscaler taints node2 for removal: its /healthz fails (load balancers drain
+    // it) while /livez stays 200 (nothing to restart).
+    manifests::write(
+        &bed.dir,
+        "node2.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node2}\nspec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]\n",
+    );
+    let agent2 = &bed.agents[1];
+    let tainted = Instant::now();
+    while agent2.healthz(&bed.cluster).0 != 503 {
+        assert!(
+            tainted.elapsed() < Duration::from_secs(2),
+            "{}",
+            agent2.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = agent2.http_get(&bed.cluster, "127.0.0.1:10256", "/livez");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(bed.agents[0].healthz(&bed.cluster).0, 200);
 }
