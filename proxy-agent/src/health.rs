@@ -175,7 +175,7 @@ mod tests {
 
     #[test]
     fn a_leaving_node_fails_healthz_but_not_livez() {
-        let health = Health::new("nftables", Duration::from_secs(60));
+        let health = Health::new("nftables", Duration::from_mins(1));
         health.source_changed(1);
         health.programmed(1);
         let mut node: k8s_openapi::api::core::v1::Node =
