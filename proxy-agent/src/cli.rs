@@ -61,6 +61,73 @@ pub enum Command {
     Cleanup(CleanupArgs),
     /// Explain what happens to a connection: the frontend, each endpoint, the verdict.
     Trace(TraceArgs),
+    /// Print what the live dataplane holds: its Services, backends, flows or affinities.
+    Dump(DumpArgs),
+    /// Stream the datapath's decisions as they happen (eBPF dataplane).
+    Monitor(MonitorArgs),
+}
+
+/// What `dump` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DumpWhat {
+    Services,
+    Backends,
+    Conntrack,
+    Affinity,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    #[arg(value_enum)]
+    pub what: DumpWhat,
+    /// Which dataplane's state to read; `auto` reads the one installed.
+    #[arg(long, value_enum, default_value_t = DataplaneKind::Auto)]
+    pub dataplane: DataplaneKind,
+    #[arg(long, default_value = "/sys/fs/bpf/proxy-agent")]
+    pub bpffs: PathBuf,
+    /// The running agent's metrics address, asked for Service names.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub agent: std::net::SocketAddr,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Verdicts `monitor --verdict` selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerdictFilter {
+    /// Translations to a backend or node-local listener.
+    Nat,
+    /// Calls refused (ECONNREFUSED), with the reason.
+    Reject,
+    /// Anything refused or dropped (the socket load balancer only refuses).
+    Drop,
+    /// Replies shown as coming from the Service.
+    ReverseNat,
+}
+
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// Only this Service's events (`namespace/name`).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only these verdicts (repeatable).
+    #[arg(long, value_enum)]
+    pub verdict: Vec<VerdictFilter>,
+    #[arg(long, default_value = "/sys/fs/bpf/proxy-agent")]
+    pub bpffs: PathBuf,
+    /// The running agent's metrics address, asked for Service names.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub agent: std::net::SocketAddr,
+    /// Stop after this many events.
+    #[arg(long)]
+    pub count: Option<usize>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration: Option<u64>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

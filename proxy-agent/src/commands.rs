@@ -119,8 +119,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         dataplane.name(),
         Duration::from_secs(args.healthz_stale_after),
     ));
-    let metrics = Arc::new(Metrics::new(dataplane.name()));
-    let live = Arc::new(Live::default());
+    let live = Arc::new(Live::new(dataplane.name(), args.paths.bpffs.clone()));
+    let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
+        vec![Box::new(metrics::datapath::ConntrackSize)];
+    if let Some(index) = dataplane.ebpf_index() {
+        collectors.push(Box::new(metrics::datapath::EbpfCounters {
+            bpffs: args.paths.bpffs.clone(),
+            index,
+            live: live.clone(),
+        }));
+    }
+    let metrics = Arc::new(Metrics::new(dataplane.name(), &health.answers, collectors));
     let server = tokio::spawn(health::serve(args.healthz_bind_address, health.clone()));
     let metrics_server = tokio::spawn(metrics::serve(
         args.metrics_bind_address,
@@ -258,7 +267,6 @@ fn trace_offline(args: &TraceArgs, dir: &Path, node_name: &str) -> Result<model:
 
 /// Asks the running agent's `/debug/trace` (plain HTTP/1.0 on its metrics address).
 fn trace_live(args: &TraceArgs) -> Result<model::explain::Trace> {
-    use std::io::{Read, Write};
     let encode = |s: &str| {
         s.replace('[', "%5B")
             .replace(']', "%5D")
@@ -270,29 +278,9 @@ fn trace_live(args: &TraceArgs) -> Result<model::explain::Trace> {
         encode(&args.from.to_string()),
         encode(&args.to)
     );
-    let mut stream = std::net::TcpStream::connect(args.agent).with_context(|| {
-        format!(
-            "no agent at {} (or pass --manifests DIR --node-name N)",
-            args.agent
-        )
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n",
-        args.agent
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "agent answered: {} {}",
-            head.lines().next().unwrap_or_default(),
-            body.trim()
-        );
-    }
-    Ok(serde_json::from_str(body)?)
+    let body = crate::debug::agent_get(args.agent, &path)
+        .context("asking the running agent (or pass --manifests DIR --node-name N)")?;
+    Ok(serde_json::from_str(&body)?)
 }
 
 pub fn cleanup(args: &CleanupArgs) -> Result<()> {

@@ -9,7 +9,24 @@ use std::{
 };
 
 use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use serde::Serialize;
+
+/// kube-proxy's label on `kubeproxy_proxy_healthz_total` and `_livez_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: u16,
+}
+
+/// Answers given, by status code (exported as kube-proxy's healthz counters).
+#[derive(Clone, Debug, Default)]
+pub struct Answers {
+    pub healthz: Family<CodeLabel, Counter>,
+    pub livez: Family<CodeLabel, Counter>,
+}
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -30,6 +47,7 @@ pub struct Health {
     dataplane: &'static str,
     stale_after: Duration,
     inner: Mutex<Inner>,
+    pub answers: Answers,
 }
 
 #[derive(Serialize)]
@@ -50,6 +68,7 @@ impl Health {
             dataplane,
             stale_after,
             inner: Mutex::default(),
+            answers: Answers::default(),
         }
     }
 
@@ -134,11 +153,25 @@ fn rfc3339(t: SystemTime) -> String {
 
 async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, Json<Body>) {
     let (code, body) = health.status();
+    health
+        .answers
+        .healthz
+        .get_or_create(&CodeLabel {
+            code: code.as_u16(),
+        })
+        .inc();
     (code, Json(body))
 }
 
 async fn livez(State(health): State<Arc<Health>>) -> (StatusCode, Json<Body>) {
     let (code, body) = health.liveness();
+    health
+        .answers
+        .livez
+        .get_or_create(&CodeLabel {
+            code: code.as_u16(),
+        })
+        .inc();
     (code, Json(body))
 }
 

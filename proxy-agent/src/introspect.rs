@@ -2,6 +2,7 @@
 //! agent (`trace` without `--manifests`), answered over HTTP beside `/metrics`.
 use std::{
     net::IpAddr,
+    path::PathBuf,
     sync::{Arc, PoisonError, RwLock},
 };
 
@@ -20,18 +21,30 @@ pub struct Programmed {
     pub desired: Arc<DesiredState>,
 }
 
-/// Shared between the sync loop (writer) and the debug endpoint (reader).
+/// Shared between the sync loop (writer) and the debug endpoints (readers).
 #[derive(Default)]
 pub struct Live {
     state: RwLock<Option<Arc<Programmed>>>,
+    /// The dataplane running and where its maps are pinned, for existing flows.
+    dataplane: &'static str,
+    bpffs: PathBuf,
 }
 
 impl Live {
+    #[must_use]
+    pub fn new(dataplane: &'static str, bpffs: PathBuf) -> Self {
+        Self {
+            state: RwLock::default(),
+            dataplane,
+            bpffs,
+        }
+    }
+
     pub fn set(&self, programmed: Programmed) {
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(programmed));
     }
 
-    fn get(&self) -> Option<Arc<Programmed>> {
+    pub fn get(&self) -> Option<Arc<Programmed>> {
         self.state
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -88,10 +101,50 @@ pub async fn trace(
         destination,
         port,
     };
-    Ok(Json(model::explain::trace(
+    let mut trace = model::explain::trace(
         &programmed.snapshot,
         &programmed.desired,
         &programmed.node,
         packet,
-    )))
+    );
+    if trace.frontend.is_some() {
+        let eligible = trace
+            .endpoints
+            .iter()
+            .filter(|e| e.eligible)
+            .map(|e| e.endpoint.clone())
+            .collect();
+        let frontend = model::FrontendKey {
+            ip: destination,
+            port,
+            protocol,
+        };
+        let (dataplane, bpffs) = (live.dataplane, live.bpffs.clone());
+        trace.flows = tokio::task::spawn_blocking(move || {
+            crate::debug::flows::existing(dataplane, &bpffs, from, frontend, &eligible)
+        })
+        .await
+        .unwrap_or_default();
+    }
+    Ok(Json(trace))
+}
+
+/// `GET /debug/frontends`: every programmed frontend with its Service port name, so
+/// tools reading the kernel (which keeps only addresses) can name what they show.
+pub async fn frontends(State(live): State<Arc<Live>>) -> Json<Vec<crate::debug::FrontendName>> {
+    let list = live
+        .get()
+        .map(|p| {
+            p.desired
+                .frontends
+                .iter()
+                .map(|(key, f)| crate::debug::FrontendName {
+                    frontend: key.to_string(),
+                    service: f.service.to_string(),
+                    kind: f.kind.to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Json(list)
 }

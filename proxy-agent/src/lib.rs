@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod commands;
 pub mod dataplane;
+pub mod debug;
 pub mod dns;
 pub mod health;
 pub mod health_check;

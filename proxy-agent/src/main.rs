@@ -37,5 +37,7 @@ fn main() -> anyhow::Result<()> {
         Command::Render(args) => commands::render(&args),
         Command::Cleanup(args) => commands::cleanup(&args),
         Command::Trace(args) => commands::trace(&args),
+        Command::Dump(args) => proxy_agent::debug::dump(&args),
+        Command::Monitor(args) => proxy_agent::debug::monitor::run(&args),
     }
 }

@@ -1,7 +1,12 @@
 //! When to program: wait for the source's initial load, then turn every snapshot into a
 //! plan against what the kernel holds and apply it; a failed apply re-reads the kernel
 //! and retries with backoff.
-use std::{net::IpAddr, sync::Arc, time::Duration, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tokio::sync::watch;
 use tracing::{error, info, info_span};
@@ -11,10 +16,73 @@ use crate::{
     health::Health,
     health_check::HealthChecks,
     introspect::{Live, Programmed},
-    metrics::Metrics,
-    model::{self, NodeInfo},
+    metrics::{Metrics, TrafficPolicyLabel},
+    model::{self, DesiredState, NodeInfo, ObjectKey, Snapshot},
     source::SourceUpdate,
 };
+
+/// The EndpointSlice annotation the EndpointSlice controller stamps with the time of
+/// the change that triggered it (kube-proxy's network programming latency starts there).
+const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// Trigger times already accounted for, so each change is observed once, when the sync
+/// that carries it lands.
+struct TriggerTimes {
+    seen: BTreeMap<ObjectKey, String>,
+    /// Changes from before the agent started were programmed by somebody else.
+    since: SystemTime,
+}
+
+impl TriggerTimes {
+    fn new() -> Self {
+        Self {
+            seen: BTreeMap::new(),
+            since: SystemTime::now(),
+        }
+    }
+
+    /// Observes, for each slice whose trigger time is new, how long ago that was.
+    fn programmed(&mut self, snapshot: &Snapshot, metrics: &Metrics) {
+        let now = SystemTime::now();
+        let mut seen = BTreeMap::new();
+        for (key, slice) in &snapshot.endpoint_slices {
+            let Some(stamp) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TRIGGER_TIME))
+            else {
+                continue;
+            };
+            if self.seen.get(key) != Some(stamp) {
+                if let Ok(at) = humantime::parse_rfc3339_weak(stamp) {
+                    if at >= self.since {
+                        let latency = now.duration_since(at).unwrap_or_default();
+                        metrics.network_programming.observe(latency.as_secs_f64());
+                    }
+                }
+            }
+            seen.insert(key.clone(), stamp.clone());
+        }
+        self.seen = seen;
+    }
+}
+
+/// Services with a Local traffic policy and no endpoints on this node, by policy
+/// (kube-proxy's `internal` / `external` labels).
+fn no_local_endpoints(desired: &DesiredState) -> (i64, i64) {
+    let (mut internal, mut external) = (BTreeSet::new(), BTreeSet::new());
+    for frontend in desired.frontends.values() {
+        let service = (&frontend.service.namespace, &frontend.service.name);
+        if frontend.pod.local && frontend.pod.backends.is_empty() {
+            internal.insert(service);
+        }
+        if frontend.external.local && frontend.external.backends.is_empty() {
+            external.insert(service);
+        }
+    }
+    (gauge(internal.len()), gauge(external.len()))
+}
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -33,6 +101,7 @@ pub async fn run(
     let mut programmed = None;
     let mut health_checks = HealthChecks::new(health.clone());
     let mut retry = RETRY_MIN;
+    let mut triggers = TriggerTimes::new();
     loop {
         let update = updates.borrow_and_update().clone();
         health.source_changed(update.generation);
@@ -82,6 +151,16 @@ pub async fn run(
                         .map(|f| f.pod.backends.len())
                         .sum();
                     metrics.programmed_backends.set(gauge(slots));
+                    let (internal, external) = no_local_endpoints(&desired);
+                    for (policy, value) in [("internal", internal), ("external", external)] {
+                        metrics
+                            .no_local_endpoints
+                            .get_or_create(&TrafficPolicyLabel {
+                                traffic_policy: policy,
+                            })
+                            .set(value);
+                    }
+                    triggers.programmed(&snapshot, &metrics);
                     health_checks.update(&desired);
                     let desired = Arc::new(desired);
                     live.set(Programmed {

@@ -29,6 +29,37 @@ pub const MAP_BACKENDS4: &str = "LB4_BACKENDS";
 pub const MAP_REVNAT4: &str = "LB4_REVNAT";
 pub const MAP_SOCK_REVNAT4: &str = "LB4_SK_REVNAT";
 pub const MAP_LOCAL_REDIRECT4: &str = "LOCAL_REDIRECT4";
+pub const MAP_STATS: &str = "LB_STATS";
+pub const MAP_EVENTS: &str = "LB_EVENTS";
+pub const MAP_MONITOR: &str = "LB_MONITOR";
+
+/// Counter entries (per frontend, backend, hook and verdict); LRU, so a full map loses
+/// the coldest counter rather than a count.
+pub const MAX_STATS: u32 = 1 << 16;
+/// Bytes of the monitor ring buffer (a power-of-two number of pages).
+pub const EVENTS_BYTES: u32 = 1 << 18;
+
+// Where a decision was taken (`StatsKey::hook`, `MonitorEvent::hook`).
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_SENDMSG4: u8 = 2;
+pub const HOOK_RECVMSG4: u8 = 3;
+pub const HOOK_GETPEERNAME4: u8 = 4;
+
+// What was decided.
+/// The destination became a backend.
+pub const VERDICT_NAT: u8 = 1;
+/// The destination became the node-local listener registered for it (the DNS cache).
+pub const VERDICT_LOCAL_REDIRECT: u8 = 2;
+/// The call failed with ECONNREFUSED; `reason` says why.
+pub const VERDICT_REJECT: u8 = 3;
+/// A backend peer was shown to the socket as the Service it asked for.
+pub const VERDICT_REVERSE_NAT: u8 = 4;
+
+// Why a call was rejected.
+/// The Service has no endpoints.
+pub const REASON_NO_ENDPOINTS: u8 = 1;
+/// The chosen slot or backend vanished (the agent was rewriting the Service).
+pub const REASON_BACKEND_MISSING: u8 = 2;
 
 /// Frontends that may be redirected to a node-local listener (the DNS cache).
 pub const MAX_LOCAL_REDIRECT: u32 = 64;
@@ -143,6 +174,66 @@ pub struct LocalRedirect4 {
 }
 const _: () = assert!(size_of::<LocalRedirect4>() == 16);
 
+/// Key of `LB_STATS` (a per-CPU map, so the datapath never shares a counter between
+/// CPUs). For rejects, `backend_id` holds the reason instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StatsKey {
+    pub rev_nat_index: u16,
+    pub hook: u8,
+    pub verdict: u8,
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<StatsKey>() == 8);
+
+/// Value of `LB_STATS`: decisions taken (connections for `connect`, datagrams for
+/// `sendmsg`), and bytes where a per-packet program knows them (0 at the socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Stats {
+    pub count: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Stats>() == 16);
+
+/// The only entry of `LB_MONITOR`: events are written to `LB_EVENTS` only while a
+/// monitor keeps `expires_ns` (CLOCK_MONOTONIC) in the future, so nobody listening
+/// costs one array read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MonitorConfig {
+    pub expires_ns: u64,
+    /// Only this frontend's events (its reverse-NAT index), or 0 for all.
+    pub rev_nat_index: u16,
+    pub pad: [u8; 6],
+}
+const _: () = assert!(size_of::<MonitorConfig>() == 16);
+
+/// One record of `LB_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MonitorEvent {
+    pub timestamp_ns: u64,
+    pub socket_cookie: u64,
+    /// The Service address the socket asked for.
+    pub frontend_be: u32,
+    /// The backend (or local listener) it was sent to; 0 for rejects.
+    pub backend_be: u32,
+    pub frontend_port_be: u16,
+    pub backend_port_be: u16,
+    pub backend_id: u32,
+    pub rev_nat_index: u16,
+    pub hook: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub proto: u8,
+    pub pad: [u8; 2],
+    /// The calling process (thread group id).
+    pub pid: u32,
+    pub pad2: u32,
+}
+const _: () = assert!(size_of::<MonitorEvent>() == 48);
+
 #[cfg(feature = "user")]
 mod user {
     #![allow(
@@ -160,4 +251,8 @@ mod user {
     unsafe impl aya::Pod for super::SockRevNat4Key {}
     unsafe impl aya::Pod for super::SockRevNat4 {}
     unsafe impl aya::Pod for super::LocalRedirect4 {}
+    unsafe impl aya::Pod for super::StatsKey {}
+    unsafe impl aya::Pod for super::Stats {}
+    unsafe impl aya::Pod for super::MonitorConfig {}
+    unsafe impl aya::Pod for super::MonitorEvent {}
 }

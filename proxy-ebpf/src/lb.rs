@@ -20,15 +20,15 @@ pub fn lookup_service4(address_be: u32, dport_be: u16, proto: u8) -> Option<Serv
     unsafe { LB4_SERVICES.get(key) }.copied()
 }
 
-/// A uniformly random backend of a frontend with `svc.count > 0`, or `None` if the
-/// slot or backend is missing (only possible while the agent deletes the service).
+/// A uniformly random backend of a frontend with `svc.count > 0` and its id, or `None`
+/// if the slot or backend is missing (only possible while the agent deletes the service).
 #[inline(always)]
 pub fn select_backend4(
     address_be: u32,
     dport_be: u16,
     proto: u8,
     svc: &ServiceValue,
-) -> Option<Backend4> {
+) -> Option<(u32, Backend4)> {
     let count = u32::from(svc.count);
     if count == 0 {
         return None;
@@ -48,7 +48,8 @@ pub fn select_backend4(
     // SAFETY: copied out at once.
     let slot_value = unsafe { LB4_SERVICES.get(key) }.copied()?;
     // SAFETY: copied out at once.
-    unsafe { LB4_BACKENDS.get(slot_value.backend_id) }.copied()
+    let backend = unsafe { LB4_BACKENDS.get(slot_value.backend_id) }.copied()?;
+    Some((slot_value.backend_id, backend))
 }
 
 /// The node-local listener that stands in for this frontend's backends, if one is

@@ -5,32 +5,34 @@
 
 mod lb;
 mod maps;
+mod observe;
 mod sock;
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use proxy_common::{HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4};
 
 /// Verdicts of cgroup sock_addr programs.
 const SYS_PROCEED: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    sock::xlate_fwd4(&ctx)
+    sock::xlate_fwd4(&ctx, HOOK_CONNECT4)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::xlate_fwd4(&ctx)
+    sock::xlate_fwd4(&ctx, HOOK_SENDMSG4)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::xlate_rev4(&ctx);
+    sock::xlate_rev4(&ctx, HOOK_RECVMSG4);
     SYS_PROCEED
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::xlate_rev4(&ctx);
+    sock::xlate_rev4(&ctx, HOOK_GETPEERNAME4);
     SYS_PROCEED
 }
 

@@ -1,12 +1,12 @@
 //! The pinned maps the agent writes and the programs read (layout in proxy-common).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use proxy_common::{
-    Backend4, LocalRedirect4, RevNat4, Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key,
-    MAP_NO_PREALLOC, MAX_BACKENDS, MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES,
-    MAX_SOCK_REVNAT,
+    Backend4, LocalRedirect4, MonitorConfig, RevNat4, Service4Key, ServiceValue, SockRevNat4,
+    SockRevNat4Key, Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC, MAX_BACKENDS,
+    MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_STATS,
 };
 
 #[map]
@@ -30,3 +30,16 @@ pub static LB4_SK_REVNAT: LruHashMap<SockRevNat4Key, SockRevNat4> =
 #[map]
 pub static LOCAL_REDIRECT4: HashMap<Service4Key, LocalRedirect4> =
     HashMap::pinned(MAX_LOCAL_REDIRECT, MAP_NO_PREALLOC);
+
+/// Decisions counted per frontend, backend, hook and verdict; per-CPU so counting
+/// never bounces a cache line between CPUs.
+#[map]
+pub static LB_STATS: LruPerCpuHashMap<StatsKey, Stats> = LruPerCpuHashMap::pinned(MAX_STATS, 0);
+
+/// Whether anybody is listening (see `MonitorConfig`).
+#[map]
+pub static LB_MONITOR: Array<MonitorConfig> = Array::pinned(1, 0);
+
+/// Decisions streamed to `proxy-agent monitor` while it listens.
+#[map]
+pub static LB_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);

@@ -5,18 +5,21 @@ use aya_ebpf::{
     programs::SockAddrContext,
     EbpfContext,
 };
-use proxy_common::{SockRevNat4, SockRevNat4Key};
+use proxy_common::{
+    MonitorEvent, SockRevNat4, SockRevNat4Key, REASON_BACKEND_MISSING, REASON_NO_ENDPOINTS,
+    VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT, VERDICT_REVERSE_NAT,
+};
 
-use crate::{lb, maps::LB4_SK_REVNAT, SYS_PROCEED};
+use crate::{lb, maps::LB4_SK_REVNAT, observe, SYS_PROCEED};
 
 const SYS_REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
 /// connect4/sendmsg4: a Service destination becomes one of its backends (or the live
 /// node-local listener registered for it); a Service with no backends fails the call at
-/// once with ECONNREFUSED.
+/// once with ECONNREFUSED. Every decision is counted, and streamed to a listening monitor.
 #[inline(always)]
-pub fn xlate_fwd4(ctx: &SockAddrContext) -> i32 {
+pub fn xlate_fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable in
     // connect4 and sendmsg4.
     let (address_be, port_u32, proto) = unsafe {
@@ -29,15 +32,46 @@ pub fn xlate_fwd4(ctx: &SockAddrContext) -> i32 {
     let Some(svc) = lb::lookup_service4(address_be, dport_be, proto) else {
         return SYS_PROCEED;
     };
-    let chosen = lb::local_redirect4(address_be, dport_be, proto)
-        .or_else(|| lb::select_backend4(address_be, dport_be, proto, &svc));
-    let Some(backend) = chosen else {
+    let rev_nat_index = svc.rev_nat_index;
+    // SAFETY: valid context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let mut event = MonitorEvent {
+        socket_cookie: cookie,
+        frontend_be: address_be,
+        frontend_port_be: dport_be,
+        rev_nat_index,
+        hook,
+        proto,
+        ..MonitorEvent::default()
+    };
+    let chosen = match lb::local_redirect4(address_be, dport_be, proto) {
+        Some(listener) => Some((0, listener, VERDICT_LOCAL_REDIRECT)),
+        None => lb::select_backend4(address_be, dport_be, proto, &svc)
+            .map(|(id, backend)| (id, backend, VERDICT_NAT)),
+    };
+    let Some((backend_id, backend, verdict)) = chosen else {
+        event.verdict = VERDICT_REJECT;
+        event.reason = if svc.count == 0 {
+            REASON_NO_ENDPOINTS
+        } else {
+            REASON_BACKEND_MISSING
+        };
+        observe::count(rev_nat_index, hook, VERDICT_REJECT, u32::from(event.reason));
+        if observe::monitoring(rev_nat_index) {
+            observe::emit(event);
+        }
         // SAFETY: bpf_set_retval is allowed in connect4 and sendmsg4.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return SYS_REJECT;
     };
-    // SAFETY: valid context pointer.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    observe::count(rev_nat_index, hook, verdict, backend_id);
+    if observe::monitoring(rev_nat_index) {
+        event.verdict = verdict;
+        event.backend_id = backend_id;
+        event.backend_be = backend.address_be;
+        event.backend_port_be = backend.port_be;
+        observe::emit(event);
+    }
     let key = SockRevNat4Key {
         cookie,
         address_be: backend.address_be,
@@ -63,7 +97,7 @@ pub fn xlate_fwd4(ctx: &SockAddrContext) -> i32 {
 /// recvmsg4/getpeername4: a peer that is a backend this socket was sent to shows up
 /// as the Service address it asked for.
 #[inline(always)]
-pub fn xlate_rev4(ctx: &SockAddrContext) {
+pub fn xlate_rev4(ctx: &SockAddrContext, hook: u8) {
     // SAFETY: valid context pointer; user_ip4/user_port are readable in these hooks.
     let (address_be, port_u32) = unsafe {
         let sa = &*ctx.sock_addr;
@@ -85,5 +119,20 @@ pub fn xlate_rev4(ctx: &SockAddrContext) {
     unsafe {
         (*ctx.sock_addr).user_ip4 = orig.address_be;
         (*ctx.sock_addr).user_port = u32::from(orig.port_be);
+    }
+    if observe::monitoring(orig.rev_nat_index) {
+        observe::emit(MonitorEvent {
+            socket_cookie: cookie,
+            frontend_be: orig.address_be,
+            frontend_port_be: orig.port_be,
+            backend_be: address_be,
+            backend_port_be: port_u32 as u16,
+            rev_nat_index: orig.rev_nat_index,
+            hook,
+            verdict: VERDICT_REVERSE_NAT,
+            // SAFETY: valid context pointer; protocol is readable in these hooks.
+            proto: unsafe { (*ctx.sock_addr).protocol } as u8,
+            ..MonitorEvent::default()
+        });
     }
 }

@@ -1,5 +1,11 @@
 //! Ready-made simulated clusters shared by the end-to-end tests.
-use crate::{agent::testpod_bin, cluster::Cluster};
+use std::path::{Path, PathBuf};
+
+use crate::{
+    agent::{testpod_bin, Agent},
+    cluster::Cluster,
+    manifests::{self, Endpoint},
+};
 
 /// The echo Service's address and ports, and its pods' ports.
 pub const ECHO_IP: &str = "10.96.0.50";
@@ -39,4 +45,78 @@ pub fn requests(cluster: &Cluster, proto: &str, to: &str, count: usize) -> Vec<S
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+/// The empty Service (no endpoints) beside echo in a [`Bed`].
+pub const EMPTY_IP: &str = "10.96.0.51";
+
+/// The echo cluster with an agent on node1 reading a manifests directory.
+pub struct Bed {
+    pub cluster: Cluster,
+    pub agent: Agent,
+    pub dir: PathBuf,
+}
+
+fn endpoints(ready: &[(&'static str, bool, &'static str)]) -> Vec<Endpoint<'static>> {
+    ready
+        .iter()
+        .map(|&(ip, ready, node)| Endpoint { ip, ready, node })
+        .collect()
+}
+
+/// The echo cluster with the eBPF agent serving node1: echo has web-a and web-b ready
+/// and web-c not ready; empty has no endpoints.
+#[must_use]
+pub fn setup(tag: &str) -> Bed {
+    setup_on(tag, "ebpf")
+}
+
+/// The same with the agent on `dataplane`.
+#[must_use]
+pub fn setup_on(tag: &str, dataplane: &str) -> Bed {
+    let mut cluster = echo_cluster(tag);
+    let dir = cluster.scratch().join("manifests");
+    std::fs::create_dir_all(&dir).expect("manifests directory");
+    manifests::write(
+        &dir,
+        "echo-svc.yaml",
+        &manifests::service("echo", ECHO_IP, &SVC_PORTS),
+    );
+    manifests::write(
+        &dir,
+        "empty-svc.yaml",
+        &manifests::service("empty", EMPTY_IP, &SVC_PORTS[..1]),
+    );
+    write_echo_slice(
+        &dir,
+        &[
+            ("10.244.1.2", true, "node1"),
+            ("10.244.2.2", true, "node2"),
+            ("10.244.2.3", false, "node2"),
+        ],
+    );
+    let agent = Agent::start_with(
+        &mut cluster,
+        "node1",
+        &[
+            "--manifests".into(),
+            dir.display().to_string(),
+            "--dataplane".into(),
+            dataplane.into(),
+        ],
+    );
+    Bed {
+        cluster,
+        agent,
+        dir,
+    }
+}
+
+/// Rewrites echo's `EndpointSlice` with `(address, ready, node)` endpoints.
+pub fn write_echo_slice(dir: &Path, eps: &[(&'static str, bool, &'static str)]) {
+    manifests::write(
+        dir,
+        "echo-slice.yaml",
+        &manifests::slice("echo-abc", "echo", &POD_PORTS, &endpoints(eps)),
+    );
 }

@@ -2,86 +2,17 @@
 //! pod to a `ClusterIP` through the socket-level load balancer.
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use proxy_agent_tests::{
-    agent::{agent_bin, testpod_bin, Agent},
-    cluster::Cluster,
-    manifests::{self, Endpoint},
-    scenarios::{self, ECHO_IP, POD_PORTS, SVC_PORTS},
+    agent::{agent_bin, testpod_bin},
+    manifests,
+    scenarios::{self, ECHO_IP, SVC_PORTS},
 };
 
-const EMPTY_IP: &str = "10.96.0.51";
-
-struct Bed {
-    cluster: Cluster,
-    agent: Agent,
-    dir: PathBuf,
-}
-
-fn endpoints(ready: &[(&'static str, bool, &'static str)]) -> Vec<Endpoint<'static>> {
-    ready
-        .iter()
-        .map(|&(ip, ready, node)| Endpoint { ip, ready, node })
-        .collect()
-}
-
-/// The echo cluster with the agent serving node1 from a manifests directory: web-a
-/// and web-b ready, web-c not ready.
-fn setup(tag: &str) -> Bed {
-    setup_on(tag, "ebpf")
-}
-
-/// The same with the agent on `dataplane`.
-fn setup_on(tag: &str, dataplane: &str) -> Bed {
-    let mut cluster = scenarios::echo_cluster(tag);
-    let dir = cluster.scratch().join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    manifests::write(
-        &dir,
-        "echo-svc.yaml",
-        &manifests::service("echo", ECHO_IP, &SVC_PORTS),
-    );
-    manifests::write(
-        &dir,
-        "empty-svc.yaml",
-        &manifests::service("empty", EMPTY_IP, &SVC_PORTS[..1]),
-    );
-    write_echo_slice(
-        &dir,
-        &[
-            ("10.244.1.2", true, "node1"),
-            ("10.244.2.2", true, "node2"),
-            ("10.244.2.3", false, "node2"),
-        ],
-    );
-    let agent = Agent::start_with(
-        &mut cluster,
-        "node1",
-        &[
-            "--manifests".into(),
-            dir.display().to_string(),
-            "--dataplane".into(),
-            dataplane.into(),
-        ],
-    );
-    Bed {
-        cluster,
-        agent,
-        dir,
-    }
-}
-
-fn write_echo_slice(dir: &std::path::Path, eps: &[(&'static str, bool, &'static str)]) {
-    manifests::write(
-        dir,
-        "echo-slice.yaml",
-        &manifests::slice("echo-abc", "echo", &POD_PORTS, &endpoints(eps)),
-    );
-}
+use scenarios::{setup, setup_on, write_echo_slice, Bed, EMPTY_IP};
 
 fn requests(bed: &Bed, proto: &str, to: &str, count: usize) -> Vec<String> {
     scenarios::requests(&bed.cluster, proto, to, count)

@@ -23,6 +23,10 @@ const CT_DELETE: u16 = 1 << 8 | 2;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_ZONE: u16 = 18;
+const CTA_PROTOINFO: u16 = 4;
+const CTA_TIMEOUT: u16 = 7;
+const CTA_PROTOINFO_TCP: u16 = 1;
+const CTA_PROTOINFO_TCP_STATE: u16 = 1;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
@@ -46,8 +50,37 @@ pub struct Tuple {
 pub struct Entry {
     pub orig: Tuple,
     pub reply: Tuple,
+    /// Seconds until the entry expires.
+    pub timeout: Option<u32>,
+    /// TCP entries: the tracked state (`ESTABLISHED`, `TIME_WAIT`, ...).
+    pub tcp_state: Option<&'static str>,
     /// The raw `CTA_ZONE` attribute, echoed back when deleting.
     zone: Option<Vec<u8>>,
+}
+
+impl Entry {
+    /// Whether destination NAT rewrote it: replies come from another address or port
+    /// than the client sent to.
+    #[must_use]
+    pub fn translated(&self) -> bool {
+        self.reply.src != self.orig.dst || self.reply.sport != self.orig.dport
+    }
+}
+
+/// The kernel's `enum tcp_conntrack` names.
+fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "SYN_SENT",
+        2 => "SYN_RECV",
+        3 => "ESTABLISHED",
+        4 => "FIN_WAIT",
+        5 => "CLOSE_WAIT",
+        6 => "LAST_ACK",
+        7 => "TIME_WAIT",
+        8 => "CLOSE",
+        9 => "SYN_SENT2",
+        _ => "NONE",
+    }
 }
 
 /// What UDP traffic a desired state expects: for each Service address and port, the
@@ -251,6 +284,16 @@ fn parse_entry(payload: &[u8]) -> Option<Entry> {
     Some(Entry {
         orig: parse_tuple(top.get(&CTA_TUPLE_ORIG)?)?,
         reply: parse_tuple(top.get(&CTA_TUPLE_REPLY)?)?,
+        timeout: top
+            .get(&CTA_TIMEOUT)
+            .and_then(|t| Some(u32::from_be_bytes(t.get(0..4)?.try_into().ok()?))),
+        tcp_state: top.get(&CTA_PROTOINFO).and_then(|info| {
+            let tcp = attrs(attrs(info).get(&CTA_PROTOINFO_TCP)?)
+                .get(&CTA_PROTOINFO_TCP_STATE)?
+                .first()
+                .copied()?;
+            Some(tcp_state_name(tcp))
+        }),
         zone: top.get(&CTA_ZONE).map(|z| z.to_vec()),
     })
 }
@@ -271,6 +314,8 @@ mod tests {
         Entry {
             orig: t("10.244.1.10", dst, 40000, dport),
             reply: t(reply_src, "10.244.1.10", reply_sport, 40000),
+            timeout: None,
+            tcp_state: None,
             zone: None,
         }
     }

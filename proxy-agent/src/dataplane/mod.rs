@@ -35,4 +35,8 @@ pub trait Dataplane: Send {
     /// `desired` is the whole state the plan leads to, for backends that compare whole
     /// renderings rather than frontends.
     fn apply(&mut self, plan: &Plan, desired: &DesiredState) -> Result<Applied, DataplaneError>;
+    /// For the eBPF dataplane: what its map ids stand for (metrics name counters by it).
+    fn ebpf_index(&self) -> Option<ebpf::index::SharedIndex> {
+        None
+    }
 }

@@ -90,3 +90,13 @@ pub fn ensure_bpffs(path: &Path) -> Result<(), SystemError> {
     }
     fs::create_dir_all(path).map_err(|e| SystemError::Io(path.to_owned(), e))
 }
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`, for deadlines the
+/// programs compare against.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}

@@ -42,13 +42,6 @@ fn key(ip: std::net::Ipv4Addr, port: u16, proto: u8) -> Service4Key {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(t.tv_nsec()).unwrap_or(0)
-    })
-}
-
 /// Whether the listener at `target` answers a query for `name` right now.
 async fn probe(target: SocketAddr, name: &Name) -> bool {
     let mut query = Message::new();
@@ -118,7 +111,7 @@ pub fn start(
                     address_be: u32::from_ne_bytes(target_ip.octets()),
                     port_be: target.port().to_be(),
                     pad: 0,
-                    heartbeat_ns: monotonic_ns(),
+                    heartbeat_ns: crate::dataplane::system::monotonic_ns(),
                 };
                 for k in &wanted {
                     if let Err(error) = map.insert(k, value, 0) {

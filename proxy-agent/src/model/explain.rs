@@ -24,6 +24,23 @@ pub struct EndpointNote {
     pub excluded_because: Option<String>,
 }
 
+/// A flow the live dataplane already holds for this client and frontend (filled in by
+/// the running agent; an offline trace has none).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FlowNote {
+    /// Where the flow is kept: `conntrack` (netfilter) or `socket` (the socket LB's
+    /// per-socket memory).
+    pub table: String,
+    /// The client side, when the table knows it.
+    pub client: Option<String>,
+    /// The backend the flow is pinned to.
+    pub backend: String,
+    /// Whether that backend is still one of the frontend's endpoints.
+    pub live_backend: bool,
+    /// Conntrack state and seconds left, or the socket cookie.
+    pub detail: String,
+}
+
 /// Everything `trace` prints.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Trace {
@@ -39,6 +56,8 @@ pub struct Trace {
     pub verdict: String,
     pub reason: String,
     pub selection: Option<String>,
+    #[serde(default)]
+    pub flows: Vec<FlowNote>,
 }
 
 /// Explains `packet` on `node` against the state built from `snapshot`.
@@ -66,6 +85,7 @@ pub fn trace(snapshot: &Snapshot, state: &DesiredState, node: &NodeInfo, packet:
         verdict: decision.outcome.to_string(),
         reason: decision.reason.clone(),
         selection: None,
+        flows: Vec::new(),
     };
     let Some((key, frontend)) = decision.frontend else {
         return out;
@@ -237,6 +257,24 @@ impl fmt::Display for Trace {
         writeln!(f, "verdict    {}: {}", self.verdict, self.reason)?;
         if let Some(selection) = &self.selection {
             writeln!(f, "choice     {selection}")?;
+        }
+        if !self.flows.is_empty() {
+            writeln!(f, "flows")?;
+        }
+        for flow in &self.flows {
+            let gone = if flow.live_backend {
+                ""
+            } else {
+                " (no longer an endpoint)"
+            };
+            writeln!(
+                f,
+                "  {:<9} {:<22} -> {}{gone}  {}",
+                flow.table,
+                flow.client.as_deref().unwrap_or("-"),
+                flow.backend,
+                flow.detail
+            )?;
         }
         Ok(())
     }

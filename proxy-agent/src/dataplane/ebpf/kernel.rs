@@ -1,6 +1,6 @@
 //! `MapStore` over the pinned kernel maps.
-use aya::maps::{HashMap, Map, MapData};
-use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue};
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, Stats, StatsKey, VERDICT_REJECT};
 
 use super::{store::MapContents, store::MapStore, EbpfError};
 
@@ -8,14 +8,21 @@ pub struct KernelMaps {
     services: HashMap<MapData, Service4Key, ServiceValue>,
     backends: HashMap<MapData, u32, Backend4>,
     revnat: HashMap<MapData, u16, RevNat4>,
+    stats: Option<PerCpuHashMap<MapData, StatsKey, Stats>>,
 }
 
 impl KernelMaps {
-    pub fn new(services: Map, backends: Map, revnat: Map) -> Result<Self, EbpfError> {
+    pub fn new(
+        services: Map,
+        backends: Map,
+        revnat: Map,
+        stats: Option<Map>,
+    ) -> Result<Self, EbpfError> {
         Ok(Self {
             services: HashMap::try_from(services)?,
             backends: HashMap::try_from(backends)?,
             revnat: HashMap::try_from(revnat)?,
+            stats: stats.map(PerCpuHashMap::try_from).transpose()?,
         })
     }
 
@@ -25,10 +32,14 @@ impl KernelMaps {
             let data = MapData::from_pin(dir.join(name))?;
             Ok(Map::HashMap(data))
         };
+        let stats = MapData::from_pin(dir.join(proxy_common::MAP_STATS))
+            .ok()
+            .map(Map::PerCpuLruHashMap);
         Self::new(
             open(proxy_common::MAP_SERVICES4)?,
             open(proxy_common::MAP_BACKENDS4)?,
             open(proxy_common::MAP_REVNAT4)?,
+            stats,
         )
     }
 }
@@ -60,6 +71,26 @@ impl MapStore for KernelMaps {
     fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
         ignore_missing(self.revnat.remove(&index))
     }
+    fn forget_stats(&mut self, revnat: &[u16], backends: &[u32]) -> Result<(), EbpfError> {
+        let Some(stats) = &mut self.stats else {
+            return Ok(());
+        };
+        let revnat: std::collections::HashSet<u16> = revnat.iter().copied().collect();
+        let backends: std::collections::HashSet<u32> = backends.iter().copied().collect();
+        let doomed: Vec<StatsKey> = stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| {
+                revnat.contains(&key.rev_nat_index)
+                    || (key.verdict != VERDICT_REJECT && backends.contains(&key.backend_id))
+            })
+            .collect();
+        for key in &doomed {
+            ignore_missing(stats.remove(key))?;
+        }
+        Ok(())
+    }
+
     fn read_all(&self) -> Result<MapContents, EbpfError> {
         Ok(MapContents {
             services: self.services.iter().collect::<Result<_, _>>()?,

@@ -58,6 +58,7 @@ pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<KernelMaps, EbpfError> {
         take(proxy_common::MAP_SERVICES4)?,
         take(proxy_common::MAP_BACKENDS4)?,
         take(proxy_common::MAP_REVNAT4)?,
+        Some(take(proxy_common::MAP_STATS)?),
     )
 }
 

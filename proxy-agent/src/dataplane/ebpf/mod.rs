@@ -1,7 +1,9 @@
 //! eBPF dataplane: socket-level load balancing programs and the maps they read.
 mod ids;
+pub mod index;
 pub mod kernel;
 pub mod loader;
+pub mod observe;
 pub mod render;
 pub mod store;
 #[cfg(test)]
@@ -75,5 +77,9 @@ impl super::Dataplane for EbpfDataplane {
             writes,
             full: false,
         })
+    }
+
+    fn ebpf_index(&self) -> Option<index::SharedIndex> {
+        Some(self.writer.index())
     }
 }

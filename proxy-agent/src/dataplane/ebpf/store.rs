@@ -15,6 +15,10 @@ pub trait MapStore {
     fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError>;
     /// Everything the maps hold now, for restoring ids after a restart.
     fn read_all(&self) -> Result<MapContents, EbpfError>;
+    /// Drops the datapath counters of freed reverse-NAT indexes and backend ids.
+    fn forget_stats(&mut self, _revnat: &[u16], _backends: &[u32]) -> Result<(), EbpfError> {
+        Ok(())
+    }
 }
 
 /// A copy of the maps' content; also the in-memory store.

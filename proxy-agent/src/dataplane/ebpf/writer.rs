@@ -4,12 +4,18 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
+    sync::{Arc, PoisonError},
 };
 
 use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, MAX_BACKENDS, MAX_REVNAT};
 use tracing::debug;
 
-use super::{ids::IdAllocator, store::MapStore, EbpfError};
+use super::{
+    ids::IdAllocator,
+    index::{Index, SharedIndex},
+    store::MapStore,
+    EbpfError,
+};
 use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Plan, Protocol};
 
 /// A backend as the maps identify it.
@@ -31,6 +37,14 @@ pub struct MapWriter<S> {
     revnat_alloc: IdAllocator,
     /// Map operations performed so far.
     writes: usize,
+    /// Ids as readers outside the sync loop see them (metrics, debug endpoints).
+    index: SharedIndex,
+    /// Ids freed by the apply under way, whose counters go with them.
+    freed_revnat: Vec<u16>,
+    freed_backends: Vec<u32>,
+    /// Ids given out by the apply under way.
+    new_frontends: Vec<(u16, FrontendKey)>,
+    new_backends: Vec<(u32, Backend)>,
 }
 
 impl<S: MapStore> MapWriter<S> {
@@ -45,6 +59,11 @@ impl<S: MapStore> MapWriter<S> {
             backend_alloc: IdAllocator::new(MAX_BACKENDS),
             revnat_alloc: IdAllocator::new(MAX_REVNAT - 1),
             writes: 0,
+            index: Arc::default(),
+            freed_revnat: Vec::new(),
+            freed_backends: Vec::new(),
+            new_frontends: Vec::new(),
+            new_backends: Vec::new(),
         };
         for (&id, backend) in &contents.backends {
             writer.backend_alloc.take(id);
@@ -82,7 +101,41 @@ impl<S: MapStore> MapWriter<S> {
                 },
             );
         }
+        writer.publish();
         Ok(writer)
+    }
+
+    /// The ids as the maps use them, kept current by every apply.
+    #[must_use]
+    pub fn index(&self) -> SharedIndex {
+        Arc::clone(&self.index)
+    }
+
+    /// Rebuilds the shared index from the writer's memory (at start only: applies
+    /// update it by their changes).
+    fn publish(&self) {
+        let index = Index {
+            frontends: self
+                .frontends
+                .iter()
+                .map(|(key, programmed)| (programmed.rev_nat, *key))
+                .collect(),
+            backends: self
+                .backends
+                .iter()
+                .map(|(id, (backend, _))| {
+                    let (ip, port, _) = backend_key(*backend);
+                    (
+                        *id,
+                        Backend {
+                            ip: ip.into(),
+                            port,
+                        },
+                    )
+                })
+                .collect(),
+        };
+        *self.index.write().unwrap_or_else(PoisonError::into_inner) = index;
     }
 
     /// The state the maps hold, without names (the kernel keeps none).
@@ -116,6 +169,30 @@ impl<S: MapStore> MapWriter<S> {
     /// Programs the plan; returns how many map operations it took.
     pub fn apply(&mut self, plan: &Plan) -> Result<usize, EbpfError> {
         let before = self.writes;
+        let result = self.apply_all(plan);
+        let revnat = std::mem::take(&mut self.freed_revnat);
+        let backends = std::mem::take(&mut self.freed_backends);
+        if self.writes != before {
+            let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
+            for index_id in &revnat {
+                index.frontends.remove(index_id);
+            }
+            for id in &backends {
+                index.backends.remove(id);
+            }
+            index.frontends.extend(self.new_frontends.drain(..));
+            index.backends.extend(self.new_backends.drain(..));
+        }
+        if !revnat.is_empty() || !backends.is_empty() {
+            // Counters of a freed id would be credited to its next owner.
+            if let Err(error) = self.store.forget_stats(&revnat, &backends) {
+                tracing::warn!(%error, "cannot remove the counters of removed frontends");
+            }
+        }
+        result.map(|()| self.writes - before)
+    }
+
+    fn apply_all(&mut self, plan: &Plan) -> Result<(), EbpfError> {
         for key in &plan.remove {
             self.remove(key)?;
         }
@@ -126,7 +203,7 @@ impl<S: MapStore> MapWriter<S> {
                 debug!(frontend = %key, "IPv6 frontends are not programmed by the eBPF dataplane yet");
             }
         }
-        Ok(self.writes - before)
+        Ok(())
     }
 
     #[must_use]
@@ -150,9 +227,12 @@ impl<S: MapStore> MapWriter<S> {
         let old = self.frontends.get(key).cloned();
         let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or_default();
         let base = service_key(ip, key.port, proto, 0);
-        let rev_nat = match &old {
-            Some(o) => o.rev_nat,
-            None => self.new_revnat(ip, key.port)?,
+        let rev_nat = if let Some(o) = &old {
+            o.rev_nat
+        } else {
+            let index = self.new_revnat(ip, key.port)?;
+            self.new_frontends.push((index, *key));
+            index
         };
         for (i, id) in ids.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
@@ -211,6 +291,7 @@ impl<S: MapStore> MapWriter<S> {
         }
         self.write().del_revnat(old.rev_nat)?;
         self.revnat_alloc.release(u32::from(old.rev_nat));
+        self.freed_revnat.push(old.rev_nat);
         for id in old.slots {
             self.release_backend(id)?;
         }
@@ -255,6 +336,7 @@ impl<S: MapStore> MapWriter<S> {
             flags: 0,
         };
         self.write().put_backend(id, &value)?;
+        self.new_backends.push((id, *backend));
         self.backend_ids.insert(key, id);
         self.backends.insert(id, (value, 1));
         Ok(id)
@@ -271,6 +353,7 @@ impl<S: MapStore> MapWriter<S> {
             self.backends.remove(&id);
             self.backend_ids.remove(&key);
             self.backend_alloc.release(id);
+            self.freed_backends.push(id);
             self.write().del_backend(id)?;
         }
         Ok(())

@@ -1,11 +1,14 @@
 //! Prometheus metrics, under kube-proxy's names where one exists so existing dashboards
 //! keep working, plus the agent's own (`proxyagent_*`).
+pub mod datapath;
+
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{extract::State, http::header, routing::get, Router};
 
 use crate::introspect::{self, Live};
 use prometheus_client::{
+    collector::Collector,
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
@@ -14,6 +17,12 @@ use prometheus_client::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DataplaneLabel {
     dataplane: String,
+}
+
+/// kube-proxy's label on the no-local-endpoints gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficPolicyLabel {
+    pub traffic_policy: &'static str,
 }
 
 /// Every metric the agent exports; cheap to clone (shared handles).
@@ -26,7 +35,20 @@ pub struct Metrics {
     pub sync_errors: Counter,
     pub programmed_frontends: Gauge,
     pub programmed_backends: Gauge,
+    pub network_programming: Histogram,
+    pub no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
     pub dns: crate::dns::metrics::DnsMetrics,
+}
+
+/// kube-proxy's buckets for network programming latency: 0.25 s to 5 min.
+fn programming_histogram() -> Histogram {
+    let mut buckets = vec![0.25, 0.5];
+    buckets.extend((1..60).map(f64::from));
+    buckets.extend((0..12).map(|i| 60.0 + 5.0 * f64::from(i)));
+    buckets.extend((0..7).map(|i| 120.0 + 30.0 * f64::from(i)));
+    buckets.sort_by(f64::total_cmp);
+    buckets.dedup();
+    Histogram::new(buckets)
 }
 
 /// kube-proxy's buckets for sync durations: 1 ms doubling to ~16 s.
@@ -37,8 +59,14 @@ fn sync_histogram() -> Histogram {
 }
 
 impl Metrics {
+    /// `answers` are the health servers' counters; `collectors` read the kernel at
+    /// scrape time.
     #[must_use]
-    pub fn new(dataplane: &str) -> Self {
+    pub fn new(
+        dataplane: &str,
+        answers: &crate::health::Answers,
+        collectors: Vec<Box<dyn Collector>>,
+    ) -> Self {
         let mut registry = Registry::default();
         let sync_duration = sync_histogram();
         registry.register(
@@ -92,6 +120,31 @@ impl Metrics {
             "The dataplane this agent programs",
             info,
         );
+        let network_programming = programming_histogram();
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            network_programming.clone(),
+        );
+        let no_local_endpoints = Family::<TrafficPolicyLabel, Gauge>::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            no_local_endpoints.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            answers.healthz.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            answers.livez.clone(),
+        );
+        for collector in collectors {
+            registry.register_collector(collector);
+        }
         let dns = crate::dns::metrics::DnsMetrics::register(&mut registry);
         Self {
             registry,
@@ -102,6 +155,8 @@ impl Metrics {
             sync_errors,
             programmed_frontends,
             programmed_backends,
+            network_programming,
+            no_local_endpoints,
             dns,
         }
     }
@@ -140,6 +195,7 @@ pub async fn serve(
         .merge(
             Router::new()
                 .route("/debug/trace", get(introspect::trace))
+                .route("/debug/frontends", get(introspect::frontends))
                 .with_state(live),
         );
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -152,7 +208,7 @@ mod tests {
 
     #[test]
     fn exports_kube_proxy_names_and_the_dataplane() {
-        let metrics = Metrics::new("ebpf");
+        let metrics = Metrics::new("ebpf", &crate::health::Answers::default(), Vec::new());
         metrics.sync_duration.observe(0.002);
         metrics.programmed_frontends.set(3);
         let text = metrics.render();
@@ -164,6 +220,8 @@ mod tests {
             "proxyagent_dataplane_info{dataplane=\"ebpf\"} 1",
             "proxyagent_programmed_frontends 3",
             "proxyagent_sync_errors_total 0",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} 0",
+            "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"} 0",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

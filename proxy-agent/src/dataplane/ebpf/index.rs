@@ -1,0 +1,16 @@
+//! Which frontend a reverse-NAT index stands for and which backend an id names, shared
+//! with readers outside the sync loop (metrics, `/debug`) that see only ids in the maps.
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use crate::model::{Backend, FrontendKey};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Index {
+    pub frontends: HashMap<u16, FrontendKey>,
+    pub backends: HashMap<u32, Backend>,
+}
+
+pub type SharedIndex = Arc<RwLock<Index>>;

@@ -1,0 +1,233 @@
+//! What the datapath reports about itself, read from the pinned maps: the per-CPU
+//! decision counters (summed), how full each map is, and the monitor's event stream.
+use std::{collections::BTreeMap, os::fd::AsFd, path::Path, time::Duration};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, RingBuf};
+use proxy_common::{
+    Backend4, LocalRedirect4, MonitorConfig, MonitorEvent, RevNat4, Service4Key, ServiceValue,
+    SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_BACKENDS4, MAP_EVENTS, MAP_LOCAL_REDIRECT4,
+    MAP_MONITOR, MAP_REVNAT4, MAP_SERVICES4, MAP_SOCK_REVNAT4, MAP_STATS,
+};
+
+use super::EbpfError;
+use crate::dataplane::system::monotonic_ns;
+
+/// The decision counters, summed over CPUs.
+pub fn read_stats(bpffs: &Path) -> Result<BTreeMap<StatsKey, Stats>, EbpfError> {
+    let data = MapData::from_pin(bpffs.join(MAP_STATS))?;
+    let map: PerCpuHashMap<_, StatsKey, Stats> =
+        PerCpuHashMap::try_from(Map::PerCpuLruHashMap(data))?;
+    let mut out = BTreeMap::new();
+    for entry in &map {
+        let (key, values) = entry?;
+        let total = values.iter().fold(Stats::default(), |sum, v| Stats {
+            count: sum.count + v.count,
+            bytes: sum.bytes + v.bytes,
+        });
+        out.insert(key, total);
+    }
+    Ok(out)
+}
+
+/// One pinned map's occupancy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+fn count_keys<K: aya::Pod, V: aya::Pod>(map: Map) -> usize {
+    HashMap::<MapData, K, V>::try_from(map).map_or(0, |m| m.keys().flatten().count())
+}
+
+/// How many entries each hash map holds against its capacity (a walk of the keys:
+/// milliseconds per 10 000 entries, so for scrapes and `dump`, not the datapath).
+#[must_use]
+pub fn map_fill(bpffs: &Path) -> Vec<MapFill> {
+    let mut out = Vec::new();
+    for name in [
+        MAP_SERVICES4,
+        MAP_BACKENDS4,
+        MAP_REVNAT4,
+        MAP_SOCK_REVNAT4,
+        MAP_LOCAL_REDIRECT4,
+        MAP_STATS,
+    ] {
+        let Ok(data) = MapData::from_pin(bpffs.join(name)) else {
+            continue;
+        };
+        let Ok(info) = data.info() else {
+            continue;
+        };
+        let capacity = info.max_entries();
+        let Ok(map) = Map::from_map_data(data) else {
+            continue;
+        };
+        let entries = match name {
+            MAP_SERVICES4 => count_keys::<Service4Key, ServiceValue>(map),
+            MAP_BACKENDS4 => count_keys::<u32, Backend4>(map),
+            MAP_REVNAT4 => count_keys::<u16, RevNat4>(map),
+            MAP_SOCK_REVNAT4 => count_keys::<SockRevNat4Key, SockRevNat4>(map),
+            MAP_LOCAL_REDIRECT4 => count_keys::<Service4Key, LocalRedirect4>(map),
+            _ => PerCpuHashMap::<MapData, StatsKey, Stats>::try_from(map)
+                .map_or(0, |m| m.keys().flatten().count()),
+        };
+        out.push(MapFill {
+            map: name,
+            entries,
+            capacity,
+        });
+    }
+    out
+}
+
+/// How long one refresh keeps the programs emitting: a monitor that dies stops
+/// costing anything within this.
+const LEASE: Duration = Duration::from_secs(3);
+
+/// A live subscription to the programs' decisions.
+pub struct Monitor {
+    config: Array<MapData, MonitorConfig>,
+    ring: RingBuf<MapData>,
+    rev_nat_index: u16,
+    renewed_ns: u64,
+}
+
+impl Monitor {
+    /// Starts the stream: all frontends, or only the one with this reverse-NAT index.
+    pub fn open(bpffs: &Path, rev_nat_index: Option<u16>) -> Result<Self, EbpfError> {
+        let config = Array::try_from(Map::Array(MapData::from_pin(bpffs.join(MAP_MONITOR))?))?;
+        let ring = RingBuf::try_from(Map::RingBuf(MapData::from_pin(bpffs.join(MAP_EVENTS))?))?;
+        let mut monitor = Self {
+            config,
+            ring,
+            rev_nat_index: rev_nat_index.unwrap_or(0),
+            renewed_ns: 0,
+        };
+        monitor.renew()?;
+        Ok(monitor)
+    }
+
+    fn renew(&mut self) -> Result<(), EbpfError> {
+        let now = monotonic_ns();
+        let lease = u64::try_from(LEASE.as_nanos()).unwrap_or(u64::MAX);
+        self.config.set(
+            0,
+            MonitorConfig {
+                expires_ns: now + lease,
+                rev_nat_index: self.rev_nat_index,
+                pad: [0; 6],
+            },
+            0,
+        )?;
+        self.renewed_ns = now;
+        Ok(())
+    }
+
+    /// The events that arrive within `wait` (at least one, unless none came).
+    pub fn next_batch(&mut self, wait: Duration) -> Result<Vec<MonitorEvent>, EbpfError> {
+        if monotonic_ns().saturating_sub(self.renewed_ns) >= 1_000_000_000 {
+            self.renew()?;
+        }
+        let mut events = self.drain();
+        if events.is_empty() {
+            let timeout =
+                nix::poll::PollTimeout::try_from(wait).unwrap_or(nix::poll::PollTimeout::MAX);
+            let mut fds = [nix::poll::PollFd::new(
+                self.ring.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            // EINTR and friends only mean "look again".
+            let _ = nix::poll::poll(&mut fds, timeout);
+            events = self.drain();
+        }
+        Ok(events)
+    }
+
+    fn drain(&mut self) -> Vec<MonitorEvent> {
+        let mut events = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if let Some(event) = decode(&item) {
+                events.push(event);
+            }
+        }
+        events
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        // Back to costing one array read per decision.
+        let _ = self.config.set(0, MonitorConfig::default(), 0);
+    }
+}
+
+/// A `MonitorEvent` from its bytes (the programs' `repr(C)` layout, host byte order
+/// for the integers, network order where the field says `_be`).
+#[must_use]
+pub fn decode(bytes: &[u8]) -> Option<MonitorEvent> {
+    if bytes.len() < size_of::<MonitorEvent>() {
+        return None;
+    }
+    let u64_at = |at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+    let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+    let u16_at = |at: usize| u16::from_ne_bytes(bytes[at..at + 2].try_into().unwrap_or_default());
+    Some(MonitorEvent {
+        timestamp_ns: u64_at(0),
+        socket_cookie: u64_at(8),
+        frontend_be: u32_at(16),
+        backend_be: u32_at(20),
+        frontend_port_be: u16_at(24),
+        backend_port_be: u16_at(26),
+        backend_id: u32_at(28),
+        rev_nat_index: u16_at(32),
+        hook: bytes[34],
+        verdict: bytes[35],
+        reason: bytes[36],
+        proto: bytes[37],
+        pad: [0; 2],
+        pid: u32_at(40),
+        pad2: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::MonitorEvent;
+
+    #[test]
+    fn decodes_the_programs_layout() {
+        let event = MonitorEvent {
+            timestamp_ns: 1,
+            socket_cookie: 2,
+            frontend_be: 3,
+            backend_be: 4,
+            frontend_port_be: 5,
+            backend_port_be: 6,
+            backend_id: 7,
+            rev_nat_index: 8,
+            hook: 9,
+            verdict: 10,
+            reason: 11,
+            proto: 12,
+            pad: [0; 2],
+            pid: 13,
+            pad2: 0,
+        };
+        let mut bytes = Vec::new();
+        bytes.extend(1u64.to_ne_bytes());
+        bytes.extend(2u64.to_ne_bytes());
+        bytes.extend(3u32.to_ne_bytes());
+        bytes.extend(4u32.to_ne_bytes());
+        bytes.extend(5u16.to_ne_bytes());
+        bytes.extend(6u16.to_ne_bytes());
+        bytes.extend(7u32.to_ne_bytes());
+        bytes.extend(8u16.to_ne_bytes());
+        bytes.extend([9, 10, 11, 12, 0, 0]);
+        bytes.extend(13u32.to_ne_bytes());
+        bytes.extend(0u32.to_ne_bytes());
+        assert_eq!(super::decode(&bytes), Some(event));
+        assert_eq!(super::decode(&bytes[..47]), None);
+    }
+}

@@ -1,0 +1,202 @@
+//! `dump` for the eBPF dataplane: the pinned LB maps, the per-CPU decision counters
+//! and the socket LB's per-socket memory, read straight from bpffs.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{
+    SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_SOCK_REVNAT4, VERDICT_REJECT,
+};
+
+use super::{
+    rows::{BackendRow, FlowRow, ServiceRow},
+    Names,
+};
+use crate::{
+    dataplane::ebpf::{
+        kernel::KernelMaps,
+        observe,
+        store::{MapContents, MapStore},
+    },
+    model::{Backend, FrontendKey, Protocol},
+};
+
+/// Everything the pinned maps hold.
+pub struct State {
+    maps: MapContents,
+    stats: BTreeMap<StatsKey, Stats>,
+    sockets: Vec<(SockRevNat4Key, SockRevNat4)>,
+}
+
+fn ip(address_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(address_be.to_ne_bytes())
+}
+
+fn backend(address_be: u32, port_be: u16) -> String {
+    Backend {
+        ip: ip(address_be).into(),
+        port: u16::from_be(port_be),
+    }
+    .to_string()
+}
+
+impl State {
+    /// Reads the maps pinned under `bpffs`.
+    ///
+    /// # Errors
+    /// When the maps are missing or unreadable.
+    pub fn read(bpffs: &Path) -> Result<Self> {
+        let maps = KernelMaps::from_pins(bpffs)
+            .with_context(|| format!("opening the maps pinned under {}", bpffs.display()))?
+            .read_all()?;
+        let stats = observe::read_stats(bpffs).unwrap_or_default();
+        let sockets = MapData::from_pin(bpffs.join(MAP_SOCK_REVNAT4))
+            .map_err(anyhow::Error::from)
+            .and_then(|data| Ok(HashMap::try_from(Map::LruHashMap(data))?))
+            .map(|map: HashMap<MapData, SockRevNat4Key, SockRevNat4>| {
+                map.iter().filter_map(Result::ok).collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            maps,
+            stats,
+            sockets,
+        })
+    }
+
+    /// Frontends by reverse-NAT index.
+    #[must_use]
+    pub fn indexed_frontends(&self) -> BTreeMap<u16, FrontendKey> {
+        self.frontends()
+            .into_iter()
+            .map(|(index, (key, _))| (index, key))
+            .collect()
+    }
+
+    /// Frontends by reverse-NAT index, with their backend count.
+    fn frontends(&self) -> BTreeMap<u16, (FrontendKey, u16)> {
+        self.maps
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot == 0)
+            .filter_map(|(k, v)| {
+                let key = FrontendKey {
+                    ip: ip(k.address_be).into(),
+                    port: u16::from_be(k.dport_be),
+                    protocol: Protocol::from_number(k.proto)?,
+                };
+                Some((v.rev_nat_index, (key, v.count)))
+            })
+            .collect()
+    }
+
+    fn counted(&self, keep: impl Fn(&StatsKey) -> bool) -> u64 {
+        self.stats
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(_, v)| v.count)
+            .sum()
+    }
+
+    #[must_use]
+    pub fn services(&self, names: &Names) -> Vec<ServiceRow> {
+        self.frontends()
+            .into_iter()
+            .map(|(index, (key, count))| {
+                let frontend = key.to_string();
+                ServiceRow {
+                    service: names.of(&frontend),
+                    frontend,
+                    backends: usize::from(count),
+                    target: if count == 0 {
+                        "reject (no endpoints)".to_owned()
+                    } else {
+                        "random backend".to_owned()
+                    },
+                    decisions: Some(
+                        self.counted(|k| k.rev_nat_index == index && k.verdict != VERDICT_REJECT),
+                    ),
+                    rejects: Some(
+                        self.counted(|k| k.rev_nat_index == index && k.verdict == VERDICT_REJECT),
+                    ),
+                }
+            })
+            .collect()
+    }
+
+    #[must_use]
+    pub fn backends(&self, names: &Names) -> Vec<BackendRow> {
+        let mut users: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+        for (k, v) in self
+            .maps
+            .services
+            .iter()
+            .filter(|(k, _)| k.backend_slot > 0)
+        {
+            let frontend = Protocol::from_number(k.proto).map(|protocol| FrontendKey {
+                ip: ip(k.address_be).into(),
+                port: u16::from_be(k.dport_be),
+                protocol,
+            });
+            if let Some(frontend) = frontend {
+                let name = names.of(&frontend.to_string());
+                let label = if name == "-" {
+                    frontend.to_string()
+                } else {
+                    name
+                };
+                users.entry(v.backend_id).or_default().insert(label);
+            }
+        }
+        self.maps
+            .backends
+            .iter()
+            .map(|(id, b)| BackendRow {
+                backend: backend(b.address_be, b.port_be),
+                id: id.to_string(),
+                services: users
+                    .get(id)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default(),
+                decisions: Some(
+                    self.counted(|k| k.backend_id == *id && k.verdict != VERDICT_REJECT),
+                ),
+            })
+            .collect()
+    }
+
+    /// Sockets the socket LB sent to a backend (the eBPF dataplane's flow table).
+    #[must_use]
+    pub fn flows(&self, names: &Names) -> Vec<FlowRow> {
+        let frontends = self.frontends();
+        let mut rows: Vec<FlowRow> = self
+            .sockets
+            .iter()
+            .map(|(key, value)| {
+                let frontend = frontends.get(&value.rev_nat_index).map_or_else(
+                    || backend(value.address_be, value.port_be),
+                    |(k, _)| k.to_string(),
+                );
+                FlowRow {
+                    table: "socket",
+                    protocol: frontends
+                        .get(&value.rev_nat_index)
+                        .map_or_else(|| "-".to_owned(), |(k, _)| k.protocol.to_string()),
+                    client: None,
+                    service: names.of(&frontend),
+                    frontend,
+                    backend: backend(key.address_be, key.port_be),
+                    state: None,
+                    expires_in: None,
+                    socket_cookie: Some(key.cookie),
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.frontend, a.socket_cookie).cmp(&(&b.frontend, b.socket_cookie)));
+        rows
+    }
+}

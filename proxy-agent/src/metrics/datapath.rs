@@ -1,0 +1,214 @@
+//! Metrics read from the kernel at scrape time: the eBPF programs' per-CPU decision
+//! counters (named through the writer's id index and the last programmed state), map
+//! fill, and the conntrack table's size.
+use std::{path::PathBuf, sync::Arc, sync::PoisonError};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+};
+use proxy_common::{
+    HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4, REASON_BACKEND_MISSING,
+    REASON_NO_ENDPOINTS, VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT, VERDICT_REVERSE_NAT,
+};
+
+use crate::{dataplane::ebpf, introspect::Live};
+
+/// The eBPF dataplane's side of the scrape.
+pub struct EbpfCounters {
+    pub bpffs: PathBuf,
+    pub index: ebpf::index::SharedIndex,
+    pub live: Arc<Live>,
+}
+
+impl std::fmt::Debug for EbpfCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EbpfCounters")
+            .field("bpffs", &self.bpffs)
+            .finish_non_exhaustive()
+    }
+}
+
+#[must_use]
+pub fn hook_name(hook: u8) -> &'static str {
+    match hook {
+        HOOK_CONNECT4 => "connect4",
+        HOOK_SENDMSG4 => "sendmsg4",
+        HOOK_RECVMSG4 => "recvmsg4",
+        HOOK_GETPEERNAME4 => "getpeername4",
+        _ => "unknown",
+    }
+}
+
+#[must_use]
+pub fn verdict_name(verdict: u8) -> &'static str {
+    match verdict {
+        VERDICT_NAT => "nat",
+        VERDICT_LOCAL_REDIRECT => "local_redirect",
+        VERDICT_REJECT => "reject",
+        VERDICT_REVERSE_NAT => "reverse_nat",
+        _ => "unknown",
+    }
+}
+
+#[must_use]
+pub fn reason_name(reason: u8) -> &'static str {
+    match reason {
+        REASON_NO_ENDPOINTS => "no_endpoints",
+        REASON_BACKEND_MISSING => "backend_missing",
+        _ => "",
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+type Rows = Vec<(Labels, ConstCounter)>;
+
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: &[(Labels, M)],
+) -> Result<(), std::fmt::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in rows {
+        value.encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl EbpfCounters {
+    fn decisions(&self) -> (Rows, Rows) {
+        let Ok(stats) = ebpf::observe::read_stats(&self.bpffs) else {
+            return (Vec::new(), Vec::new());
+        };
+        let index = self
+            .index
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let programmed = self.live.get();
+        let (mut decisions, mut rejects) = (Vec::new(), Vec::new());
+        for (key, value) in stats {
+            let Some(frontend) = index.frontends.get(&key.rev_nat_index) else {
+                continue;
+            };
+            let service = programmed
+                .as_ref()
+                .and_then(|p| p.desired.frontends.get(frontend))
+                .map(|f| f.service.to_string())
+                .unwrap_or_default();
+            let mut labels = vec![
+                ("service", service),
+                ("frontend", frontend.to_string()),
+                ("hook", hook_name(key.hook).to_owned()),
+            ];
+            if key.verdict == VERDICT_REJECT {
+                let reason = u8::try_from(key.backend_id).unwrap_or(0);
+                labels.push(("reason", reason_name(reason).to_owned()));
+                rejects.push((labels, ConstCounter::new(value.count)));
+            } else {
+                let backend = match key.verdict {
+                    VERDICT_LOCAL_REDIRECT => "node-local".to_owned(),
+                    _ => index
+                        .backends
+                        .get(&key.backend_id)
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                };
+                labels.push(("backend", backend));
+                labels.push(("verdict", verdict_name(key.verdict).to_owned()));
+                decisions.push((labels, ConstCounter::new(value.count)));
+            }
+        }
+        (decisions, rejects)
+    }
+}
+
+impl Collector for EbpfCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (decisions, rejects) = self.decisions();
+        family(
+            &mut encoder,
+            "proxyagent_datapath_decisions",
+            "Connections (connect4) and datagrams (sendmsg4) sent to each backend by the socket load balancer",
+            MetricType::Counter,
+            &decisions,
+        )?;
+        family(
+            &mut encoder,
+            "proxyagent_datapath_rejects",
+            "Connections and datagrams to a Service refused by the socket load balancer, by reason",
+            MetricType::Counter,
+            &rejects,
+        )?;
+        let fill = ebpf::observe::map_fill(&self.bpffs);
+        let entries: Vec<_> = fill
+            .iter()
+            .map(|f| {
+                let n = i64::try_from(f.entries).unwrap_or(i64::MAX);
+                (vec![("map", f.map.to_owned())], ConstGauge::new(n))
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "proxyagent_bpf_map_entries",
+            "Entries in each pinned eBPF map",
+            MetricType::Gauge,
+            &entries,
+        )?;
+        let ratios: Vec<_> = fill
+            .iter()
+            .map(|f| {
+                let entries = u32::try_from(f.entries).unwrap_or(u32::MAX);
+                let ratio = f64::from(entries) / f64::from(f.capacity.max(1));
+                (vec![("map", f.map.to_owned())], ConstGauge::new(ratio))
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "proxyagent_bpf_map_fill_ratio",
+            "Entries in each pinned eBPF map over its capacity",
+            MetricType::Gauge,
+            &ratios,
+        )
+    }
+}
+
+/// The node's connection-tracking table (both dataplanes: the nftables DNAT lives in
+/// it, and so does anything else on the node).
+#[derive(Debug)]
+pub struct ConntrackSize;
+
+fn read_number(path: &str) -> Option<i64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+impl Collector for ConntrackSize {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (Some(count), Some(max)) = (
+            read_number("/proc/sys/net/netfilter/nf_conntrack_count"),
+            read_number("/proc/sys/net/netfilter/nf_conntrack_max"),
+        ) else {
+            return Ok(());
+        };
+        family(
+            &mut encoder,
+            "proxyagent_conntrack_entries",
+            "Entries in the node's conntrack table",
+            MetricType::Gauge,
+            &[(Vec::new(), ConstGauge::new(count))],
+        )?;
+        family(
+            &mut encoder,
+            "proxyagent_conntrack_max",
+            "Capacity of the node's conntrack table (nf_conntrack_max)",
+            MetricType::Gauge,
+            &[(Vec::new(), ConstGauge::new(max))],
+        )
+    }
+}
