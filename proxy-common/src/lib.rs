@@ -32,6 +32,13 @@ pub const MAP_LOCAL_REDIRECT4: &str = "LOCAL_REDIRECT4";
 pub const MAP_STATS: &str = "LB_STATS";
 pub const MAP_EVENTS: &str = "LB_EVENTS";
 pub const MAP_MONITOR: &str = "LB_MONITOR";
+pub const MAP_AFFINITY4: &str = "LB4_AFFINITY";
+
+/// Clients remembered by `sessionAffinity: ClientIP` (LRU: the coldest is forgotten).
+pub const MAX_AFFINITY: u32 = 1 << 16;
+/// `ServiceValue::flags` of a slot-0 entry: the Service has `sessionAffinity: ClientIP`,
+/// and that entry's `backend_id` holds the timeout in seconds.
+pub const SERVICE_FLAG_AFFINITY: u8 = 1;
 
 /// Counter entries (per frontend, backend, hook and verdict); LRU, so a full map loses
 /// the coldest counter rather than a count.
@@ -60,6 +67,8 @@ pub const VERDICT_REVERSE_NAT: u8 = 4;
 pub const REASON_NO_ENDPOINTS: u8 = 1;
 /// The chosen slot or backend vanished (the agent was rewriting the Service).
 pub const REASON_BACKEND_MISSING: u8 = 2;
+/// For `VERDICT_NAT`: the backend this client used last (`sessionAffinity`).
+pub const REASON_AFFINITY: u8 = 3;
 
 /// Frontends that may be redirected to a node-local listener (the DNS cache).
 pub const MAX_LOCAL_REDIRECT: u32 = 64;
@@ -234,6 +243,30 @@ pub struct MonitorEvent {
 }
 const _: () = assert!(size_of::<MonitorEvent>() == 48);
 
+/// Key of `LB4_AFFINITY`: a client of one frontend. At the socket the client is its
+/// network namespace (its cookie): one per pod, and the node's own for host processes,
+/// which is what kube-proxy's per-address affinity amounts to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub client_cookie: u64,
+    pub rev_nat_index: u16,
+    pub pad: [u8; 6],
+}
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+
+/// Value of `LB4_AFFINITY`: the backend the client used last, and in which slot (a
+/// slot that now names another backend means the Service changed: choose again).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub slot: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+
 #[cfg(feature = "user")]
 mod user {
     #![allow(
@@ -255,4 +288,6 @@ mod user {
     unsafe impl aya::Pod for super::Stats {}
     unsafe impl aya::Pod for super::MonitorConfig {}
     unsafe impl aya::Pod for super::MonitorEvent {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
 }

@@ -20,15 +20,15 @@ pub fn lookup_service4(address_be: u32, dport_be: u16, proto: u8) -> Option<Serv
     unsafe { LB4_SERVICES.get(key) }.copied()
 }
 
-/// A uniformly random backend of a frontend with `svc.count > 0` and its id, or `None`
-/// if the slot or backend is missing (only possible while the agent deletes the service).
+/// A uniformly random backend of a frontend with `svc.count > 0`, its id and slot, or
+/// `None` if the slot or backend is missing (only while the agent deletes the service).
 #[inline(always)]
 pub fn select_backend4(
     address_be: u32,
     dport_be: u16,
     proto: u8,
     svc: &ServiceValue,
-) -> Option<(u32, Backend4)> {
+) -> Option<(u32, Backend4, u16)> {
     let count = u32::from(svc.count);
     if count == 0 {
         return None;
@@ -37,6 +37,18 @@ pub fn select_backend4(
     let random = unsafe { bpf_get_prandom_u32() };
     // `count` is non-zero and at most u16::MAX, so the slot fits in u16.
     let slot = (random % count) as u16 + 1;
+    let (id, backend) = slot_backend4(address_be, dport_be, proto, slot)?;
+    Some((id, backend, slot))
+}
+
+/// The backend in one slot of a frontend, and its id.
+#[inline(always)]
+pub fn slot_backend4(
+    address_be: u32,
+    dport_be: u16,
+    proto: u8,
+    slot: u16,
+) -> Option<(u32, Backend4)> {
     let key = Service4Key {
         address_be,
         dport_be,

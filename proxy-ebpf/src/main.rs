@@ -3,12 +3,16 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod lb;
 mod maps;
 mod observe;
 mod sock;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
 use proxy_common::{HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4};
 
 /// Verdicts of cgroup sock_addr programs.
@@ -33,6 +37,12 @@ pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
     sock::xlate_rev4(&ctx, HOOK_GETPEERNAME4);
+    SYS_PROCEED
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    sock::forget(&ctx);
     SYS_PROCEED
 }
 

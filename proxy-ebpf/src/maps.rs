@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use proxy_common::{
-    Backend4, LocalRedirect4, MonitorConfig, RevNat4, Service4Key, ServiceValue, SockRevNat4,
+    AffinityKey, AffinityValue, MAX_AFFINITY, Backend4, LocalRedirect4, MonitorConfig, RevNat4, Service4Key, ServiceValue, SockRevNat4,
     SockRevNat4Key, Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC, MAX_BACKENDS,
     MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_STATS,
 };
@@ -43,3 +43,8 @@ pub static LB_MONITOR: Array<MonitorConfig> = Array::pinned(1, 0);
 /// Decisions streamed to `proxy-agent monitor` while it listens.
 #[map]
 pub static LB_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+/// `sessionAffinity: ClientIP`: each client's last backend per frontend.
+#[map]
+pub static LB4_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(MAX_AFFINITY, 0);

@@ -1,16 +1,17 @@
 //! Socket-level translation: rewrite a Service destination to a backend at connect or
 //! sendmsg time, and rewrite the backend back to the Service for recvmsg and getpeername.
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
-    programs::SockAddrContext,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
 use proxy_common::{
     MonitorEvent, SockRevNat4, SockRevNat4Key, REASON_BACKEND_MISSING, REASON_NO_ENDPOINTS,
-    VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT, VERDICT_REVERSE_NAT,
+    SERVICE_FLAG_AFFINITY, VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT,
+    VERDICT_REVERSE_NAT,
 };
 
-use crate::{lb, maps::LB4_SK_REVNAT, observe, SYS_PROCEED};
+use crate::{affinity, lb, maps::LB4_SK_REVNAT, observe, SYS_PROCEED};
 
 const SYS_REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
@@ -44,12 +45,18 @@ pub fn xlate_fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
         proto,
         ..MonitorEvent::default()
     };
-    let chosen = match lb::local_redirect4(address_be, dport_be, proto) {
-        Some(listener) => Some((0, listener, VERDICT_LOCAL_REDIRECT)),
-        None => lb::select_backend4(address_be, dport_be, proto, &svc)
-            .map(|(id, backend)| (id, backend, VERDICT_NAT)),
+    let chosen = if let Some(listener) = lb::local_redirect4(address_be, dport_be, proto) {
+        Some((0, listener, VERDICT_LOCAL_REDIRECT, 0))
+    } else if svc.flags & SERVICE_FLAG_AFFINITY != 0 {
+        // SAFETY: valid context pointer; allowed in sock_addr programs.
+        let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        affinity::select4(client, address_be, dport_be, proto, &svc)
+            .map(|(id, backend, reason)| (id, backend, VERDICT_NAT, reason))
+    } else {
+        lb::select_backend4(address_be, dport_be, proto, &svc)
+            .map(|(id, backend, _)| (id, backend, VERDICT_NAT, 0))
     };
-    let Some((backend_id, backend, verdict)) = chosen else {
+    let Some((backend_id, backend, verdict, reason)) = chosen else {
         event.verdict = VERDICT_REJECT;
         event.reason = if svc.count == 0 {
             REASON_NO_ENDPOINTS
@@ -67,6 +74,7 @@ pub fn xlate_fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
     observe::count(rev_nat_index, hook, verdict, backend_id);
     if observe::monitoring(rev_nat_index) {
         event.verdict = verdict;
+        event.reason = reason;
         event.backend_id = backend_id;
         event.backend_be = backend.address_be;
         event.backend_port_be = backend.port_be;
@@ -135,4 +143,24 @@ pub fn xlate_rev4(ctx: &SockAddrContext, hook: u8) {
             ..MonitorEvent::default()
         });
     }
+}
+
+/// sock_release: a connected socket that was sent to a backend forgets it, so the
+/// per-socket table holds live sockets (unconnected UDP entries age out of the LRU).
+#[inline(always)]
+pub fn forget(ctx: &SockContext) {
+    // SAFETY: the kernel passes a valid bpf_sock; these fields are readable here.
+    let (address_be, port_be) = unsafe { ((*ctx.sock).dst_ip4, (*ctx.sock).dst_port) };
+    if address_be == 0 {
+        return;
+    }
+    // SAFETY: valid context pointer.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNat4Key {
+        cookie,
+        address_be,
+        port_be,
+        pad: 0,
+    };
+    let _ = LB4_SK_REVNAT.remove(key);
 }

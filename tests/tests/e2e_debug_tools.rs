@@ -226,6 +226,13 @@ fn monitor_dump_trace_and_counters_show_real_connections_with_ebpf() {
     // The UDP flow: in the socket table, and in the live trace with its backend.
     udp_flow(&bed);
     let flows = dump(&bed, "conntrack");
+    // The TCP connections above are closed: sock_release took them out of the table.
+    assert!(
+        !flows
+            .iter()
+            .any(|f| f["frontend"] == format!("{ECHO_IP}:80/TCP")),
+        "closed sockets still listed: {flows:#?}"
+    );
     let flow = row(&flows, "frontend", &format!("{ECHO_IP}:53/UDP"));
     assert_eq!(flow["table"], "socket");
     assert_eq!(flow["service"], "default/echo:dns");
@@ -347,4 +354,70 @@ fn dump_and_trace_read_the_nftables_table_and_conntrack() {
             "{trace:#}"
         );
     }
+}
+
+const STICKY_IP: &str = "10.96.0.52";
+
+/// `sessionAffinity: ClientIP`: 20 connections from one client reach one backend, the
+/// kernel remembers the client, and `dump affinity` shows it with the time left.
+fn sticky(dataplane: &str) {
+    let bed = setup_on(&format!("aff{}", &dataplane[..1]), dataplane);
+    let service = manifests::service("sticky", STICKY_IP, &[("http", "TCP", 80)]).replacen(
+        "spec:\n",
+        "spec:\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n",
+        1,
+    );
+    manifests::write(&bed.dir, "sticky-svc.yaml", &service);
+    let endpoints =
+        [("10.244.1.2", "node1"), ("10.244.2.2", "node2")].map(|(ip, node)| manifests::Endpoint {
+            ip,
+            ready: true,
+            node,
+        });
+    manifests::write(
+        &bed.dir,
+        "sticky-slice.yaml",
+        &manifests::slice("sticky-abc", "sticky", &POD_PORTS[..1], &endpoints),
+    );
+    // The source notices the new files asynchronously: wait until they are programmed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dump(&bed, "services")
+        .iter()
+        .any(|r| r["frontend"] == format!("{STICKY_IP}:80/TCP") && r["backends"] == 2)
+    {
+        assert!(Instant::now() < deadline, "sticky not programmed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let to = format!("{STICKY_IP}:80");
+    let lines = scenarios::requests(&bed.cluster, "tcp", &to, 20);
+    let pods: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .map(|l| {
+            assert!(l.starts_with("ok "), "{l}");
+            l.split_whitespace().nth(1).unwrap()
+        })
+        .collect();
+    assert_eq!(pods.len(), 1, "20 connections, one backend: {lines:?}");
+    let rows = dump(&bed, "affinity");
+    let remembered = row(&rows, "service", "default/sticky:http");
+    let backend = remembered["backend"].as_str().unwrap();
+    let pod_ip = if pods.contains("web-a") {
+        "10.244.1.2:8080"
+    } else {
+        "10.244.2.2:8080"
+    };
+    assert_eq!(backend, pod_ip, "{rows:#?}");
+    let left = remembered["expires_in"].as_u64().unwrap();
+    assert!(left > 590 && left <= 600, "{remembered}");
+    println!("{dataplane}: 20 connections to {pods:?}; remembered {remembered}");
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend_with_ebpf() {
+    sticky("ebpf");
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend_with_nftables() {
+    sticky("nftables");
 }

@@ -9,11 +9,12 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
-    SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_SOCK_REVNAT4, VERDICT_REJECT,
+    AffinityKey, AffinityValue, SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_AFFINITY4,
+    MAP_SOCK_REVNAT4, SERVICE_FLAG_AFFINITY, VERDICT_REJECT,
 };
 
 use super::{
-    rows::{BackendRow, FlowRow, ServiceRow},
+    rows::{AffinityRow, BackendRow, FlowRow, ServiceRow},
     Names,
 };
 use crate::{
@@ -30,6 +31,16 @@ pub struct State {
     maps: MapContents,
     stats: BTreeMap<StatsKey, Stats>,
     sockets: Vec<(SockRevNat4Key, SockRevNat4)>,
+    affinity: Vec<(AffinityKey, AffinityValue)>,
+}
+
+/// Every entry of an LRU hash map pinned under `bpffs` (empty when it is missing).
+fn lru_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Vec<(K, V)> {
+    MapData::from_pin(bpffs.join(name))
+        .map_err(anyhow::Error::from)
+        .and_then(|data| Ok(HashMap::<MapData, K, V>::try_from(Map::LruHashMap(data))?))
+        .map(|map| map.iter().filter_map(Result::ok).collect())
+        .unwrap_or_default()
 }
 
 fn ip(address_be: u32) -> Ipv4Addr {
@@ -54,17 +65,11 @@ impl State {
             .with_context(|| format!("opening the maps pinned under {}", bpffs.display()))?
             .read_all()?;
         let stats = observe::read_stats(bpffs).unwrap_or_default();
-        let sockets = MapData::from_pin(bpffs.join(MAP_SOCK_REVNAT4))
-            .map_err(anyhow::Error::from)
-            .and_then(|data| Ok(HashMap::try_from(Map::LruHashMap(data))?))
-            .map(|map: HashMap<MapData, SockRevNat4Key, SockRevNat4>| {
-                map.iter().filter_map(Result::ok).collect()
-            })
-            .unwrap_or_default();
         Ok(Self {
             maps,
             stats,
-            sockets,
+            sockets: lru_entries(bpffs, MAP_SOCK_REVNAT4),
+            affinity: lru_entries(bpffs, MAP_AFFINITY4),
         })
     }
 
@@ -198,5 +203,39 @@ impl State {
             .collect();
         rows.sort_by(|a, b| (&a.frontend, a.socket_cookie).cmp(&(&b.frontend, b.socket_cookie)));
         rows
+    }
+
+    /// Clients `sessionAffinity` remembers, with the time left before they are
+    /// balanced afresh.
+    #[must_use]
+    pub fn affinity(&self, names: &Names) -> Vec<AffinityRow> {
+        let now = crate::dataplane::system::monotonic_ns();
+        let timeouts: BTreeMap<u16, u64> = self
+            .maps
+            .services
+            .iter()
+            .filter(|(k, v)| k.backend_slot == 0 && v.flags & SERVICE_FLAG_AFFINITY != 0)
+            .map(|(_, v)| (v.rev_nat_index, u64::from(v.backend_id)))
+            .collect();
+        let frontends = self.indexed_frontends();
+        self.affinity
+            .iter()
+            .filter_map(|(key, value)| {
+                let timeout = *timeouts.get(&key.rev_nat_index)?;
+                let idle = now.saturating_sub(value.last_used_ns) / 1_000_000_000;
+                let frontend = frontends.get(&key.rev_nat_index)?.to_string();
+                let backend = self.maps.backends.get(&value.backend_id).map_or_else(
+                    || format!("backend {}", value.backend_id),
+                    |b| backend(b.address_be, b.port_be),
+                );
+                Some(AffinityRow {
+                    service: names.of(&frontend),
+                    client: format!("netns cookie {}", key.client_cookie),
+                    backend,
+                    expires_in: timeout.checked_sub(idle),
+                })
+            })
+            .filter(|row| row.expires_in.is_some())
+            .collect()
     }
 }

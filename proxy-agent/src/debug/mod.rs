@@ -141,13 +141,7 @@ pub fn dump(args: &DumpArgs) -> Result<()> {
             DumpWhat::Services => render(&state.services(&names), args.json),
             DumpWhat::Backends => render(&state.backends(&names), args.json),
             DumpWhat::Conntrack => render(&state.flows(&names), args.json),
-            DumpWhat::Affinity => {
-                eprintln!(
-                    "the eBPF dataplane keeps no affinity table yet: sessionAffinity is \
-                     applied by the nftables dataplane"
-                );
-                render::<rows::AffinityRow>(&[], args.json)
-            }
+            DumpWhat::Affinity => render(&state.affinity(&names), args.json),
         }
     } else {
         let table = nft::Tables::read()?;

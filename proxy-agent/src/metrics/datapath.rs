@@ -9,8 +9,9 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 use proxy_common::{
-    HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4, REASON_BACKEND_MISSING,
-    REASON_NO_ENDPOINTS, VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT, VERDICT_REVERSE_NAT,
+    HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4, REASON_AFFINITY,
+    REASON_BACKEND_MISSING, REASON_NO_ENDPOINTS, VERDICT_LOCAL_REDIRECT, VERDICT_NAT,
+    VERDICT_REJECT, VERDICT_REVERSE_NAT,
 };
 
 use crate::{dataplane::ebpf, introspect::Live};
@@ -57,6 +58,7 @@ pub fn reason_name(reason: u8) -> &'static str {
     match reason {
         REASON_NO_ENDPOINTS => "no_endpoints",
         REASON_BACKEND_MISSING => "backend_missing",
+        REASON_AFFINITY => "affinity",
         _ => "",
     }
 }

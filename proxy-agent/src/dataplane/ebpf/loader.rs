@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::{
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr},
     Ebpf, EbpfLoader,
 };
 use tracing::{debug, info};
@@ -19,6 +19,8 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"))
 
 /// The socket-LB programs, by the names the object gives them.
 pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// The program that forgets a closed socket's backend.
+pub const RELEASE_PROGRAM: &str = "sock_release";
 
 /// Where pinned links live below `--bpffs`.
 #[must_use]
@@ -49,6 +51,7 @@ pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<KernelMaps, EbpfError> {
     for name in SOCKET_PROGRAMS {
         attach(&mut ebpf, name, &cgroup, bpffs)?;
     }
+    attach_release(&mut ebpf, &cgroup, bpffs)?;
     info!(cgroup = %cgroup_root.display(), bpffs = %bpffs.display(), "socket load balancing attached");
     let mut take = |name: &str| {
         ebpf.take_map(name)
@@ -74,6 +77,23 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &fs::File, bpffs: &Path) -> Resul
     // multi-attach, which is what lets the old and new programs overlap.
     let link_id = program.attach(cgroup, CgroupAttachMode::Single)?;
     let link = FdLink::try_from(program.take_link(link_id)?)?;
+    swap_pin(link, name, bpffs)
+}
+
+/// The same for the `sock_release` program.
+fn attach_release(ebpf: &mut Ebpf, cgroup: &fs::File, bpffs: &Path) -> Result<(), EbpfError> {
+    let program: &mut CgroupSock = ebpf
+        .program_mut(RELEASE_PROGRAM)
+        .ok_or_else(|| EbpfError::MissingProgram(RELEASE_PROGRAM.to_owned()))?
+        .try_into()?;
+    program.load()?;
+    let link_id = program.attach(cgroup, CgroupAttachMode::Single)?;
+    let link = FdLink::try_from(program.take_link(link_id)?)?;
+    swap_pin(link, RELEASE_PROGRAM, bpffs)
+}
+
+/// Pins `link` as `name`, unpinning (and so detaching) the previous agent's.
+fn swap_pin(link: FdLink, name: &str, bpffs: &Path) -> Result<(), EbpfError> {
     let pin = links_dir(bpffs).join(name);
     // bpffs refuses names with a dot (reserved), hence `_new`.
     let fresh = links_dir(bpffs).join(format!("{name}_new"));

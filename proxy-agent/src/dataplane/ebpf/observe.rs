@@ -4,9 +4,10 @@ use std::{collections::BTreeMap, os::fd::AsFd, path::Path, time::Duration};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, RingBuf};
 use proxy_common::{
-    Backend4, LocalRedirect4, MonitorConfig, MonitorEvent, RevNat4, Service4Key, ServiceValue,
-    SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_BACKENDS4, MAP_EVENTS, MAP_LOCAL_REDIRECT4,
-    MAP_MONITOR, MAP_REVNAT4, MAP_SERVICES4, MAP_SOCK_REVNAT4, MAP_STATS,
+    AffinityKey, AffinityValue, Backend4, LocalRedirect4, MonitorConfig, MonitorEvent, RevNat4,
+    Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_AFFINITY4,
+    MAP_BACKENDS4, MAP_EVENTS, MAP_LOCAL_REDIRECT4, MAP_MONITOR, MAP_REVNAT4, MAP_SERVICES4,
+    MAP_SOCK_REVNAT4, MAP_STATS,
 };
 
 use super::EbpfError;
@@ -52,6 +53,7 @@ pub fn map_fill(bpffs: &Path) -> Vec<MapFill> {
         MAP_REVNAT4,
         MAP_SOCK_REVNAT4,
         MAP_LOCAL_REDIRECT4,
+        MAP_AFFINITY4,
         MAP_STATS,
     ] {
         let Ok(data) = MapData::from_pin(bpffs.join(name)) else {
@@ -70,6 +72,7 @@ pub fn map_fill(bpffs: &Path) -> Vec<MapFill> {
             MAP_REVNAT4 => count_keys::<u16, RevNat4>(map),
             MAP_SOCK_REVNAT4 => count_keys::<SockRevNat4Key, SockRevNat4>(map),
             MAP_LOCAL_REDIRECT4 => count_keys::<Service4Key, LocalRedirect4>(map),
+            MAP_AFFINITY4 => count_keys::<AffinityKey, AffinityValue>(map),
             _ => PerCpuHashMap::<MapData, StatsKey, Stats>::try_from(map)
                 .map_or(0, |m| m.keys().flatten().count()),
         };

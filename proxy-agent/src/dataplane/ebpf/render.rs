@@ -15,6 +15,8 @@ struct ServiceEntry {
     backend_id: u32,
     count: u16,
     rev_nat_index: u16,
+    #[serde(skip_serializing_if = "is_zero")]
+    flags: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
     service: Option<String>,
 }
@@ -42,6 +44,14 @@ struct Maps {
     backends: Vec<BackendEntry>,
     #[serde(rename = "lb4_revnat")]
     revnat: Vec<RevNatEntry>,
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if signature"
+)]
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 fn protocol_name(n: u8) -> String {
@@ -75,6 +85,7 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
                 backend_id: v.backend_id,
                 count: v.count,
                 rev_nat_index: v.rev_nat_index,
+                flags: v.flags,
                 service: (k.backend_slot == 0)
                     .then(|| name_of(k.address_be, u16::from_be(k.dport_be), k.proto))
                     .flatten(),

@@ -169,3 +169,42 @@ fn a_restarted_writer_keeps_ids_and_rewrites_nothing() {
     assert_eq!(second.store().maps.backends.len(), 3);
     assert_eq!(second.store().maps.revnat.len(), 2);
 }
+
+#[test]
+fn affinity_lives_in_the_frontend_entry_and_survives_a_restart() {
+    let a = key(1, Protocol::Tcp);
+    let plain = state(&[(a, &[1, 2])]);
+    let mut sticky = plain.clone();
+    if let Some(frontend) = sticky.frontends.get_mut(&a) {
+        frontend.affinity_timeout = Some(600);
+    }
+    let mut writer = MapWriter::restore(CheckedStore::default()).unwrap();
+    step(&mut writer, &DesiredState::default(), &plain);
+    let before = writer.store().ops;
+    step(&mut writer, &plain, &sticky);
+    // Only the frontend entry changes: flag on, timeout where slot 0 has no backend.
+    assert_eq!(writer.store().ops - before, 1);
+    let front = writer.store().maps.services.values().find(|v| v.count == 2);
+    assert_eq!(
+        front.map(|v| (v.flags, v.backend_id)),
+        Some((proxy_common::SERVICE_FLAG_AFFINITY, 600))
+    );
+    let store = CheckedStore {
+        maps: writer.store().maps.clone(),
+        ops: 0,
+    };
+    let mut restarted = MapWriter::restore(store).unwrap();
+    assert_eq!(restarted.programmed(), sticky);
+    restarted
+        .apply(&diff(&restarted.programmed(), &sticky))
+        .unwrap();
+    assert_eq!(restarted.store().ops, 0);
+    step(&mut restarted, &sticky, &plain);
+    let front = restarted
+        .store()
+        .maps
+        .services
+        .values()
+        .find(|v| v.count == 2);
+    assert_eq!(front.map(|v| (v.flags, v.backend_id)), Some((0, 0)));
+}

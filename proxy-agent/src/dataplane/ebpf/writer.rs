@@ -7,7 +7,9 @@ use std::{
     sync::{Arc, PoisonError},
 };
 
-use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, MAX_BACKENDS, MAX_REVNAT};
+use proxy_common::{
+    Backend4, RevNat4, Service4Key, ServiceValue, MAX_BACKENDS, MAX_REVNAT, SERVICE_FLAG_AFFINITY,
+};
 use tracing::debug;
 
 use super::{
@@ -25,6 +27,8 @@ type BackendKey = (Ipv4Addr, u16, u8);
 struct ProgrammedFrontend {
     rev_nat: u16,
     slots: Vec<u32>,
+    /// `sessionAffinity: ClientIP` timeout (seconds).
+    affinity: Option<u32>,
 }
 
 /// The writer's memory of what it put in the maps.
@@ -98,6 +102,8 @@ impl<S: MapStore> MapWriter<S> {
                 ProgrammedFrontend {
                     rev_nat: value.rev_nat_index,
                     slots,
+                    affinity: (value.flags & SERVICE_FLAG_AFFINITY != 0)
+                        .then_some(value.backend_id),
                 },
             );
         }
@@ -154,7 +160,9 @@ impl<S: MapStore> MapWriter<S> {
                         port: u16::from_be(b.port_be),
                     })
                     .collect();
-                (*key, Frontend::backends_only(backends))
+                let mut frontend = Frontend::backends_only(backends);
+                frontend.affinity_timeout = programmed.affinity;
+                (*key, frontend)
             })
             .collect();
         DesiredState { frontends }
@@ -250,10 +258,19 @@ impl<S: MapStore> MapWriter<S> {
                 )?;
             }
         }
-        if old.is_none() || old_slots.len() != ids.len() {
+        let affinity = frontend.affinity_timeout;
+        let old_affinity = old.as_ref().and_then(|o| o.affinity);
+        if old.is_none() || old_slots.len() != ids.len() || old_affinity != affinity {
             let front = ServiceValue {
                 count: slot_number(ids.len()),
                 rev_nat_index: rev_nat,
+                // Slot 0 has no backend: its id field carries the affinity timeout.
+                backend_id: affinity.unwrap_or(0),
+                flags: if affinity.is_some() {
+                    SERVICE_FLAG_AFFINITY
+                } else {
+                    0
+                },
                 ..Default::default()
             };
             self.write().put_service(&base, &front)?;
@@ -272,6 +289,7 @@ impl<S: MapStore> MapWriter<S> {
             ProgrammedFrontend {
                 rev_nat,
                 slots: ids,
+                affinity,
             },
         );
         Ok(())
