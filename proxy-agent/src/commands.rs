@@ -122,6 +122,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let live = Arc::new(Live::new(dataplane.name(), args.paths.bpffs.clone()));
     let mut collectors: Vec<Box<dyn prometheus_client::collector::Collector>> =
         vec![Box::new(metrics::datapath::ConntrackSize)];
+    if dataplane.name() == "nftables" {
+        collectors.push(Box::new(metrics::datapath::NftablesVerdicts));
+    }
     if let Some(index) = dataplane.ebpf_index() {
         collectors.push(Box::new(metrics::datapath::EbpfCounters {
             bpffs: args.paths.bpffs.clone(),

@@ -306,6 +306,16 @@ fn dump_and_trace_read_the_nftables_table_and_conntrack() {
         assert!(r["id"].as_str().unwrap().starts_with("KUBE-SEP-"), "{r}");
     }
 
+    // Refusals are counted by reason from the table's named counters.
+    let refused = scenarios::requests(&bed.cluster, "tcp", &format!("{EMPTY_IP}:80"), 2);
+    assert!(refused.iter().all(|l| l.contains("ConnectionRefused")));
+    let counted = sample_sum(
+        &metrics(&bed),
+        "proxyagent_datapath_rejects_total",
+        &["reason=\"no_endpoints\""],
+    );
+    assert!(counted >= 2.0, "{}", metrics(&bed));
+
     udp_flow(&bed);
     let flows = dump(&bed, "conntrack");
     let flow = row(&flows, "client", "10.244.1.10:40053");

@@ -249,6 +249,22 @@ fn north_south(tag: &str, dataplane: &str) {
         &format!("{EXTERNAL_IP}:80"),
         4,
     ));
+    // Each drop is counted by reason on the node that took it.
+    let drops = |agent: usize, reason: &str| -> f64 {
+        let (_, text) = bed.agents[agent].http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");
+        let sample = format!("proxyagent_datapath_drops_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&sample)?.parse().ok())
+            .unwrap_or_default()
+    };
+    assert!(
+        drops(0, "source_range") >= 2.0,
+        "source-range drops not counted"
+    );
+    assert!(
+        drops(1, "no_local_endpoints") >= 2.0,
+        "eTP=Local drops not counted"
+    );
 
     // An address added to the node later serves NodePorts within a second (rtnetlink).
     let _ = bed.cluster.run_on_node(
@@ -268,8 +284,12 @@ fn north_south(tag: &str, dataplane: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // The autoscaler taints node2 for removal: its /healthz fails (load balancers drain
-    // it) while /livez stays 200 (nothing to restart).
+    autoscaler_taint(&bed);
+}
+
+/// The autoscaler taints node2 for removal: its /healthz fails (load balancers drain
+/// it) while /livez stays 200 (nothing to restart).
+fn autoscaler_taint(bed: &Bed) {
     manifests::write(
         &bed.dir,
         "node2.yaml",

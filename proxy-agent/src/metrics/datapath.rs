@@ -214,3 +214,73 @@ impl Collector for ConntrackSize {
         )
     }
 }
+
+/// The nftables dataplane's verdict counters (named counters in our tables, summed over
+/// both families): refusals and drops by reason.
+#[derive(Debug)]
+pub struct NftablesVerdicts;
+
+impl NftablesVerdicts {
+    fn read() -> std::collections::BTreeMap<String, u64> {
+        let mut totals = std::collections::BTreeMap::new();
+        for family in ["ip", "ip6"] {
+            let Ok(output) = std::process::Command::new("nft")
+                .args(["-j", "list", "counters", "table", family])
+                .arg(crate::dataplane::nftables::table::TABLE)
+                .output()
+            else {
+                continue;
+            };
+            let Ok(json) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
+                continue;
+            };
+            let items = json.get("nftables").and_then(serde_json::Value::as_array);
+            for counter in items.into_iter().flatten().filter_map(|i| i.get("counter")) {
+                let name = counter.get("name").and_then(serde_json::Value::as_str);
+                let packets = counter.get("packets").and_then(serde_json::Value::as_u64);
+                if let (Some(name), Some(packets)) = (name, packets) {
+                    *totals.entry(name.to_owned()).or_insert(0) += packets;
+                }
+            }
+        }
+        totals
+    }
+}
+
+impl Collector for NftablesVerdicts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::dataplane::nftables::table::{
+            COUNTER_DROP_NO_LOCAL_ENDPOINTS, COUNTER_DROP_SOURCE_RANGE, COUNTER_REJECT_NO_ENDPOINTS,
+        };
+        let totals = Self::read();
+        let row = |counter: &str, reason: &str| {
+            totals
+                .get(counter)
+                .map(|n| (vec![("reason", reason.to_owned())], ConstCounter::new(*n)))
+        };
+        let rejects: Vec<_> = row(COUNTER_REJECT_NO_ENDPOINTS, "no_endpoints")
+            .into_iter()
+            .collect();
+        family(
+            &mut encoder,
+            "proxyagent_datapath_rejects",
+            "Packets to a Service refused by the nftables rules, by reason",
+            MetricType::Counter,
+            &rejects,
+        )?;
+        let drops: Vec<_> = [
+            row(COUNTER_DROP_NO_LOCAL_ENDPOINTS, "no_local_endpoints"),
+            row(COUNTER_DROP_SOURCE_RANGE, "source_range"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        family(
+            &mut encoder,
+            "proxyagent_datapath_drops",
+            "Packets to a Service dropped by the nftables rules, by reason",
+            MetricType::Counter,
+            &drops,
+        )
+    }
+}

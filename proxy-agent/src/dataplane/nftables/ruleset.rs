@@ -12,7 +12,10 @@ use ipnet::IpNet;
 
 use super::{
     names,
-    table::{Chain, Set, Table, TABLE},
+    table::{
+        Chain, Set, Table, COUNTER_DROP_NO_LOCAL_ENDPOINTS, COUNTER_DROP_SOURCE_RANGE,
+        COUNTER_REJECT_NO_ENDPOINTS, TABLE,
+    },
 };
 use crate::model::{
     Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
@@ -262,12 +265,29 @@ fn fixed_chains(t: &mut Table, addr: &str) {
         None,
         &["meta l4proto . th dport vmap @service-nodeports"],
     );
-    for (name, mark) in [
-        ("KUBE-MARK-MASQ", "0x00004000"),
-        ("KUBE-MARK-DROP", "0x00008000"),
-        ("KUBE-MARK-REJECT", "0x00010000"),
+    // DROP and REJECT are marked in the nat hooks and carried out in KUBE-FILTER; the
+    // named counters say how often, by reason (the metrics read them).
+    for (name, counter, mark) in [
+        ("KUBE-MARK-MASQ", None, "0x00004000"),
+        (
+            "KUBE-MARK-DROP",
+            Some(COUNTER_DROP_NO_LOCAL_ENDPOINTS),
+            "0x00008000",
+        ),
+        (
+            "KUBE-MARK-REJECT",
+            Some(COUNTER_REJECT_NO_ENDPOINTS),
+            "0x00010000",
+        ),
     ] {
-        fixed(name, None, &[&format!("meta mark set meta mark | {mark}")]);
+        let count = counter
+            .map(|c| format!("counter name \"{c}\" "))
+            .unwrap_or_default();
+        fixed(
+            name,
+            None,
+            &[&format!("{count}meta mark set meta mark | {mark}")],
+        );
     }
     fixed(
         "KUBE-POSTROUTING",
@@ -428,7 +448,9 @@ fn external_chains(group: &Group, family: Family, t: &mut Table) {
         let list = ranges.into_iter().collect::<Vec<_>>().join(", ");
         let rules = vec![
             format!("{addr} saddr {{ {list} }} goto {ext}"),
-            "goto KUBE-MARK-DROP".to_owned(),
+            format!(
+                "counter name \"{COUNTER_DROP_SOURCE_RANGE}\" meta mark set meta mark | 0x00008000"
+            ),
         ];
         t.chains.insert(fw, chain(&comment, rules));
     }

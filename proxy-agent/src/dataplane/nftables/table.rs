@@ -54,7 +54,14 @@ pub struct Table {
     pub comment: String,
     pub sets: BTreeMap<String, Set>,
     pub chains: BTreeMap<String, Chain>,
+    /// Named counters (fixed: declared by full loads only, never changed by a sync).
+    pub counters: Vec<&'static str>,
 }
+
+/// The named counters of verdicts the rules take, by reason (read for metrics).
+pub const COUNTER_REJECT_NO_ENDPOINTS: &str = "reject-no-endpoints";
+pub const COUNTER_DROP_NO_LOCAL_ENDPOINTS: &str = "drop-no-local-endpoints";
+pub const COUNTER_DROP_SOURCE_RANGE: &str = "drop-source-range";
 
 impl Table {
     #[must_use]
@@ -64,6 +71,11 @@ impl Table {
             comment: "rules for proxy-agent (kube-proxy replacement)".to_owned(),
             sets: BTreeMap::new(),
             chains: BTreeMap::new(),
+            counters: vec![
+                COUNTER_DROP_NO_LOCAL_ENDPOINTS,
+                COUNTER_DROP_SOURCE_RANGE,
+                COUNTER_REJECT_NO_ENDPOINTS,
+            ],
         }
     }
 
@@ -73,6 +85,9 @@ impl Table {
         let mut t = String::new();
         let _ = writeln!(t, "table {} {TABLE} {{", self.family);
         let _ = writeln!(t, "\tcomment \"{}\"", self.comment);
+        for name in &self.counters {
+            let _ = writeln!(t, "\tcounter {name} {{\n\t}}");
+        }
         for (name, set) in &self.sets {
             let _ = writeln!(t, "\t{} {name} {{", set.kind);
             for line in &set.decl {
