@@ -76,6 +76,32 @@ pub fn sh_in(netns: &str, args: &[&str]) -> String {
     sh(&full)
 }
 
+/// Runs a command in a network namespace with `input` on its stdin; panics with its
+/// stderr if it fails.
+pub fn sh_in_with_stdin(netns: &str, args: &[&str], input: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `f` on a fresh thread inside network namespace `netns`: sockets it creates
 /// stay in that namespace after the thread ends.
 pub fn within_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -320,6 +346,17 @@ impl Cluster {
             .expect("spawn node process");
         self.children.push(child);
         self.children.last_mut().expect("just pushed")
+    }
+
+    /// The processes of `role` on `node` (started with `spawn_on_node`).
+    #[must_use]
+    pub fn pids(&self, node: &str, role: &str) -> Vec<u32> {
+        let cgroup = cgroup_base(&self.id).join(format!("{role}-{node}"));
+        fs::read_to_string(cgroup.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
     }
 
     /// Sends SIGTERM to the processes of `role` on `node` and returns their exit statuses.

@@ -1,7 +1,9 @@
 //! Test bed for proxy-agent: simulated clusters in network namespaces, the real agent
 //! binary, and manifest writers. Used by the end-to-end tests and `cargo xtask demo`.
 pub mod agent;
+pub mod benchtargets;
 pub mod cluster;
+pub mod connbench;
 pub mod dns_upstream;
 pub mod dnsbench;
 pub mod fake_api;
@@ -9,5 +11,6 @@ pub mod flowbed;
 pub mod flows;
 pub mod kube_proxy_iptables;
 pub mod manifests;
+pub mod rssbench;
 pub mod scale;
 pub mod scenarios;

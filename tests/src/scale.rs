@@ -64,3 +64,21 @@ pub fn with_endpoint(snapshot: &Snapshot, i: usize, ip: Ipv4Addr) -> Snapshot {
     slice.endpoints[0].addresses = vec![ip.to_string()];
     changed
 }
+
+/// `snapshot` with Service `i`'s endpoints replaced by `ips` (real pods for the bench).
+#[must_use]
+pub fn with_endpoints(snapshot: &Snapshot, i: usize, ips: &[Ipv4Addr]) -> Snapshot {
+    let mut changed = snapshot.clone();
+    let key = ("bench".to_owned(), format!("s{i}-1"));
+    let slice = changed.endpoint_slices.get_mut(&key).expect("slice");
+    let template = slice.endpoints[0].clone();
+    slice.endpoints = ips
+        .iter()
+        .map(|ip| {
+            let mut endpoint = template.clone();
+            endpoint.addresses = vec![ip.to_string()];
+            endpoint
+        })
+        .collect();
+    changed
+}

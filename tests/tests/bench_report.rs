@@ -1,5 +1,5 @@
 //! `cargo xtask bench --quick` produces its report from real measurements: every
-//! dataplane and the baseline present, every time and count non-zero.
+//! dataplane and the baseline present, every time, count and rate non-zero.
 use std::process::Command;
 
 use proxy_agent_tests::agent::agent_bin;
@@ -60,7 +60,39 @@ fn the_quick_bench_measures_every_mode() {
             }
         }
     }
-    for mode in ["iptables", "nftables", "eBPF", "unbound"] {
+    let scales = results["datapath"]["scales"]
+        .as_array()
+        .expect("datapath scales");
+    assert!(!scales.is_empty());
+    for row in scales {
+        let direct = row["direct"]["single"]["per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(direct > 0.0, "direct rate: {row}");
+        let modes: Vec<&str> = row["modes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["mode"].as_str())
+            .collect();
+        assert_eq!(
+            modes,
+            ["conntrack", "iptables", "nftables", "ebpf"],
+            "{row}"
+        );
+        for mode in row["modes"].as_array().into_iter().flatten() {
+            for clients in ["single", "parallel"] {
+                let cell = &mode[clients];
+                assert!(
+                    cell["per_second"].as_f64().unwrap_or(0.0) > 0.0
+                        && cell["ratio"].as_f64().unwrap_or(0.0) > 0.0
+                        && cell["p99_us"].as_f64().unwrap_or(0.0) > 0.0,
+                    "{clients} {mode}"
+                );
+            }
+        }
+    }
+    for mode in ["iptables", "nftables", "eBPF", "unbound", "Connection rate"] {
         assert!(report.contains(mode), "report lacks {mode}:\n{report}");
     }
 }

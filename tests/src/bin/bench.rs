@@ -3,9 +3,8 @@
 //! `report.md` and `results.json` to the directory given with `--out`.
 use std::{
     fmt::Write as _,
-    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::Instant,
 };
 
@@ -14,8 +13,8 @@ use proxy_agent::{
     model::{self, DesiredState, NodeInfo},
 };
 use proxy_agent_tests::{
-    cluster::{sh_in, Cluster},
-    dnsbench, kube_proxy_iptables, scale,
+    cluster::{sh_in, sh_in_with_stdin, Cluster},
+    connbench, dnsbench, kube_proxy_iptables, rssbench, scale,
 };
 use serde_json::{json, Value};
 
@@ -24,6 +23,8 @@ const CLUSTER_CIDR: &str = "10.128.0.0/9";
 
 struct Config {
     dns_seconds: u32,
+    datapath_scales: Vec<usize>,
+    datapath_seconds: f64,
     scales: Vec<usize>,
     change_scale: usize,
     repeats: usize,
@@ -59,28 +60,7 @@ fn timed(f: impl FnOnce()) -> f64 {
 }
 
 fn run_with_stdin(netns: &str, args: &[&str], input: &str) -> f64 {
-    timed(|| {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write");
-        let out = child.wait_with_output().expect("wait");
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    })
+    timed(|| sh_in_with_stdin(netns, args, input))
 }
 
 /// `nft -j list` output as `nft -j -f` input: JSON input is applied in order, so every
@@ -96,6 +76,7 @@ fn declarations_first(listing: &str) -> String {
     let rank = |item: &str| {
         [
             "{\"table\"",
+            "{\"counter\"",
             "{\"chain\"",
             "{\"set\"",
             "{\"map\"",
@@ -332,6 +313,9 @@ fn report(results: &Value) -> String {
         }
     }
     md.push_str("\nTimes are the plan (`model::diff`) and the dataplane's `apply` (render and load), not the model build, which all share. The nftables JSON column loads the same ruleset through `nft -j -f`, exported with `nft -j list ruleset`.\n");
+    md.push_str(&connbench::report(&results["datapath"]));
+    md.push_str(&rssbench::report(&results["memory"]));
+    md.push_str(&proxy_agent_tests::benchtargets::report(results));
     md
 }
 
@@ -374,6 +358,8 @@ fn main() {
     let mut cfg = if quick {
         Config {
             dns_seconds: 1,
+            datapath_scales: vec![1, 1_000],
+            datapath_seconds: 0.5,
             scales: vec![1_000],
             change_scale: 1_000,
             repeats: 5,
@@ -381,6 +367,8 @@ fn main() {
     } else {
         Config {
             dns_seconds: 5,
+            datapath_scales: vec![1, 1_000, 10_000, 30_000],
+            datapath_seconds: 2.0,
             scales: vec![1_000, 10_000, 30_000],
             change_scale: 10_000,
             repeats: 20,
@@ -390,6 +378,9 @@ fn main() {
     if let Some(scales) = value("--scales") {
         cfg.scales = scales.split(',').filter_map(|s| s.parse().ok()).collect();
         cfg.change_scale = cfg.scales.iter().copied().max().unwrap_or(cfg.change_scale);
+        cfg.datapath_scales = std::iter::once(1)
+            .chain(cfg.scales.iter().copied())
+            .collect();
     }
     if let Some(repeats) = value("--repeats").and_then(|r| r.parse().ok()) {
         cfg.repeats = repeats;
@@ -409,12 +400,21 @@ fn main() {
     drop(ebpf);
     let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);
     let dns = dnsbench::run(&mut cluster, cfg.dns_seconds);
+    let memory = rssbench::run(&mut cluster, &cfg.scales);
+    let datapath = connbench::run(
+        &mut cluster,
+        &bpffs,
+        &cfg.datapath_scales,
+        cfg.datapath_seconds,
+    );
     let results = json!({
         "quick": quick,
         "machine": machine(),
         "full_sync": full,
         "endpoint_change": change,
         "dns": dns,
+        "datapath": datapath,
+        "memory": memory,
     });
     write(&out, &results);
 }

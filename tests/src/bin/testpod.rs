@@ -10,7 +10,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS"
     );
     std::process::exit(2)
 }
@@ -55,6 +55,14 @@ fn main() {
             }
         }
         Some("http-get") if args.len() == 3 => http_get(&args[1], &args[2]),
+        Some("serve-rate") if args.len() == 2 => {
+            serve_rate(args[1].parse().unwrap_or_else(|_| usage()));
+        }
+        Some("rate") if args.len() == 3 => {
+            let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
+            let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
+            rate(to, Duration::from_millis(millis));
+        }
         Some("serve-each") if args.len() >= 2 => serve_each(&args[1..]),
         Some("probe") if args.len() == 6 => {
             let source: std::net::IpAddr = args[2].parse().unwrap_or_else(|_| usage());
@@ -107,19 +115,30 @@ fn serve(name: &str, listeners: &[String]) {
     }
 }
 
-/// Requests back to back for a while; prints `ok=N err=M` and the first errors.
+/// Requests back to back for a while; prints `ok=N err=M p50_us=X p99_us=Y` (latency
+/// of the whole connect, request, response and close) and the first errors.
 fn request_for(proto: &str, to: SocketAddr, duration: Duration) {
     let started = Instant::now();
     let (mut ok, mut errors) = (0u64, Vec::new());
+    let mut micros = Vec::new();
     while started.elapsed() < duration {
+        let one = Instant::now();
         let line = request(proto, to);
         if line.starts_with("ok ") {
             ok += 1;
+            micros.push(one.elapsed().as_micros());
         } else {
             errors.push(line);
         }
     }
-    println!("ok={ok} err={}", errors.len());
+    micros.sort_unstable();
+    let quantile = |q: usize| micros.get(micros.len() * q / 100).copied().unwrap_or(0);
+    println!(
+        "ok={ok} err={} p50_us={} p99_us={}",
+        errors.len(),
+        quantile(50),
+        quantile(99)
+    );
     for line in errors.iter().take(5) {
         println!("{line}");
     }
@@ -258,4 +277,64 @@ fn probe_udp(
     let mut buf = [0u8; 1500];
     let n = socket.recv(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// The connection-rate server: per connection, read the request byte, answer one line,
+/// then wait for the client's close. Two accepting threads.
+fn serve_rate(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    println!("ready");
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let listener = listener.try_clone().expect("clone listener");
+            thread::spawn(move || {
+                for mut stream in listener.incoming().flatten() {
+                    let _ = stream.set_nodelay(true);
+                    let mut byte = [0u8; 1];
+                    if stream.read_exact(&mut byte).is_ok() {
+                        let _ = stream.write_all(b"ok\n");
+                        // The client closes with a reset; this read ends there.
+                        let _ = stream.read(&mut byte);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// The connection-rate client: connect, send a byte, read the answer, close with a
+/// reset (`SO_LINGER` 0, so no side keeps `TIME_WAIT` and reused ports never collide),
+/// for a while; prints `ok=N err=M p50_us=X p99_us=Y`.
+fn rate(to: SocketAddr, duration: Duration) {
+    let started = Instant::now();
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut micros = Vec::with_capacity(1 << 16);
+    let mut answer = [0u8; 3];
+    while started.elapsed() < duration {
+        let one = Instant::now();
+        let result = TcpStream::connect_timeout(&to, Duration::from_secs(1)).and_then(|mut s| {
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.write_all(b"x")?;
+            s.read_exact(&mut answer)?;
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))
+        });
+        match result {
+            Ok(()) => {
+                ok += 1;
+                micros.push(one.elapsed().as_micros());
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    micros.sort_unstable();
+    let quantile = |q: usize| micros.get(micros.len() * q / 100).copied().unwrap_or(0);
+    println!(
+        "ok={ok} err={errors} p50_us={} p99_us={}",
+        quantile(50),
+        quantile(99)
+    );
 }

@@ -160,7 +160,14 @@ fn table(desired: &DesiredState, cluster_cidrs: &[IpNet], family: Family) -> Tab
     let mut t = Table::new(family.table());
     let addr_type = family.addr_type();
     let mut cidrs = Set::new("set", &[&format!("type {addr_type}"), "flags interval"]);
-    for cidr in cluster_cidrs.iter().filter(|c| family.holds(c.addr())) {
+    // An interval set refuses overlapping elements: `--cluster-cidr 10.0.0.0/8,10.244.0.0/16`
+    // is one range to the kernel.
+    let family_cidrs: Vec<IpNet> = cluster_cidrs
+        .iter()
+        .filter(|c| family.holds(c.addr()))
+        .map(IpNet::trunc)
+        .collect();
+    for cidr in IpNet::aggregate(&family_cidrs) {
         cidrs.elements.insert(cidr.to_string(), String::new());
     }
     let cidrs_present = !cidrs.elements.is_empty();
@@ -453,5 +460,22 @@ fn external_chains(group: &Group, family: Family, t: &mut Table) {
             ),
         ];
         t.chains.insert(fw, chain(&comment, rules));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::DesiredState;
+
+    #[test]
+    fn overlapping_cluster_cidrs_become_one_interval() {
+        let cidrs = ["10.0.0.0/8", "10.244.0.0/16", "10.244.1.5/16", "fd00::/64"]
+            .map(|c| c.parse().unwrap());
+        let [v4, v6] = super::build(&DesiredState::default(), &cidrs);
+        let elements = |t: &super::Table| -> Vec<String> {
+            t.sets["cluster-cidrs"].elements.keys().cloned().collect()
+        };
+        assert_eq!(elements(&v4), ["10.0.0.0/8"]);
+        assert_eq!(elements(&v6), ["fd00::/64"]);
     }
 }
