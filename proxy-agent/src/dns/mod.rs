@@ -8,6 +8,7 @@ pub mod redirect;
 pub mod resolver;
 pub mod server;
 pub mod upstream;
+pub mod wire;
 pub mod zone;
 
 use std::{

@@ -10,7 +10,7 @@ use std::{
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{DNSClass, Record},
+    rr::{DNSClass, Record, RecordType},
 };
 use tokio::sync::{oneshot, watch};
 use tracing::debug;
@@ -19,6 +19,7 @@ use super::{
     cache::{Answer, Cache, Hit, Key},
     metrics::{DnsMetrics, RcodeLabel, RequestLabels, TypeLabel},
     upstream::{self, Transport},
+    wire::{self, QueryView, WireCache},
     zone::{Lookup, Zone},
 };
 
@@ -43,6 +44,7 @@ pub struct Resolver {
     upstreams: Upstreams,
     cache: Cache,
     inflight: Mutex<HashMap<Key, Waiters>>,
+    wire: WireCache,
     metrics: DnsMetrics,
 }
 
@@ -68,8 +70,18 @@ struct Forward {
 }
 
 enum Step {
-    Done(Message),
+    Done(Message, Origin),
     Forward(Box<Forward>),
+}
+
+/// Where a finished answer came from: the zone and fresh cache entries may be reused
+/// by the hot path (`wire.rs`); errors and refusals are not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Zone,
+    /// A fresh cache entry, counted as this kind of hit.
+    Cache(&'static str),
+    Other,
 }
 
 /// The transport a query came over: how large its answer may be.
@@ -91,6 +103,7 @@ impl Resolver {
             upstreams,
             cache: Cache::new(CACHE_SIZE),
             inflight: Mutex::new(HashMap::new()),
+            wire: WireCache::default(),
             metrics,
         })
     }
@@ -115,6 +128,17 @@ impl Resolver {
         if packet.len() < 12 || packet[2] & 0x80 != 0 {
             self.metrics.dropped.inc();
             return Outcome::Reply(None);
+        }
+        let now = Instant::now();
+        let zone = self.zone_id();
+        let view = wire::parse(packet);
+        if let Some(view) = &view {
+            if let Some(reuse) = self.wire.answer(view, zone, now) {
+                if via == Via::Tcp || reuse.bytes.len() <= view.udp_limit {
+                    self.count_reuse(view, reuse.cache_hit, &reuse.bytes, via, client);
+                    return Outcome::Reply(Some(reuse.bytes));
+                }
+            }
         }
         let request = match Message::from_vec(packet) {
             Ok(request) => request,
@@ -141,7 +165,21 @@ impl Resolver {
             Via::Udp => usize::from(request.max_payload().max(512)),
         };
         match self.respond(&request) {
-            Step::Done(response) => Outcome::Reply(self.encode(response, limit)),
+            Step::Done(response, origin) => {
+                let bytes = self.encode(response, limit);
+                if let (Some(view), Some(bytes), false) = (&view, &bytes, origin == Origin::Other) {
+                    let truncated = bytes.get(2).is_some_and(|flags| flags & 0x02 != 0);
+                    let rcode = bytes.get(3).map_or(0xF, |b| b & 0x0F);
+                    if !truncated && matches!(rcode, 0 | 3) {
+                        let hit = match origin {
+                            Origin::Cache(kind) => Some(kind),
+                            _ => None,
+                        };
+                        self.wire.store(view, bytes, zone, hit, now);
+                    }
+                }
+                Outcome::Reply(bytes)
+            }
             Step::Forward(forward) => Outcome::Later(Box::new(Pending {
                 forward: *forward,
                 limit,
@@ -202,6 +240,46 @@ impl Resolver {
         Some(bytes)
     }
 
+    /// The zone answers come from now, so reused answers of an older zone are never
+    /// sent.
+    fn zone_id(&self) -> u64 {
+        self.zone.borrow().as_ref().map_or(0, |z| z.serial())
+    }
+
+    /// Metrics for an answer the hot path reused, as the full path would count them.
+    fn count_reuse(
+        &self,
+        view: &QueryView<'_>,
+        cache_hit: Option<&'static str>,
+        bytes: &[u8],
+        via: Via,
+        client: SocketAddr,
+    ) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                proto: if via == Via::Udp { "udp" } else { "tcp" },
+                family: if client.is_ipv4() { "1" } else { "2" },
+                kind: TypeLabel {
+                    r#type: RecordType::from(view.qtype).into(),
+                },
+            })
+            .inc();
+        if let Some(kind) = cache_hit {
+            self.metrics
+                .cache_hits
+                .get_or_create(&TypeLabel { r#type: kind })
+                .inc();
+        }
+        let rcode = ResponseCode::from_low(bytes.get(3).map_or(0, |b| b & 0x0F));
+        self.metrics
+            .responses
+            .get_or_create(&RcodeLabel {
+                rcode: rcode_name(rcode),
+            })
+            .inc();
+    }
+
     /// Counts a packet dropped before it was read.
     pub fn dropped(&self) {
         self.metrics.dropped.inc();
@@ -232,18 +310,18 @@ impl Resolver {
         }
         if request.op_code() != OpCode::Query {
             response.set_response_code(ResponseCode::NotImp);
-            return Step::Done(response);
+            return Step::Done(response, Origin::Other);
         }
         let [query] = request.queries() else {
             response.set_response_code(ResponseCode::FormErr);
-            return Step::Done(response);
+            return Step::Done(response, Origin::Other);
         };
         response.add_query(query.clone());
         let zone = self.zone.borrow().clone();
         let Some(zone) = zone.filter(|_| query.query_class() == DNSClass::IN) else {
             // Not loaded yet (or not the Internet class): refuse rather than guess.
             response.set_response_code(ResponseCode::Refused);
-            return Step::Done(response);
+            return Step::Done(response, Origin::Other);
         };
         let (servers, transport) = match zone.lookup(query.name(), query.query_type()) {
             Lookup::Answer(data) => {
@@ -255,18 +333,18 @@ impl Resolver {
                         rdata,
                     ));
                 }
-                return Step::Done(response);
+                return Step::Done(response, Origin::Zone);
             }
             Lookup::NoData => {
                 response.set_authoritative(true).add_name_server(zone.soa());
-                return Step::Done(response);
+                return Step::Done(response, Origin::Zone);
             }
             Lookup::NxDomain => {
                 response
                     .set_authoritative(true)
                     .set_response_code(ResponseCode::NXDomain)
                     .add_name_server(zone.soa());
-                return Step::Done(response);
+                return Step::Done(response, Origin::Zone);
             }
             Lookup::Cluster => {
                 let servers = if self.upstreams.cluster.is_empty() {
@@ -310,7 +388,7 @@ impl Resolver {
                     .set_response_code(answer.rcode)
                     .add_answers(answer.answers)
                     .add_name_servers(answer.authority);
-                return Step::Done(response);
+                return Step::Done(response, Origin::Cache(kind));
             }
             Hit::Stale(answer) => Some(answer),
             Hit::Miss => None,

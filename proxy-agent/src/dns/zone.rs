@@ -47,7 +47,13 @@ pub struct Zone {
     kube_dns: Vec<SocketAddr>,
     /// kube-dns's ClusterIPs with each port 53 and its protocol number.
     kube_dns_frontends: Vec<(IpAddr, u16, u8)>,
+    /// Distinct for every zone built in this process (answers reused from an older
+    /// zone must never be sent).
+    serial: u64,
 }
+
+/// The serial the next zone gets.
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn key(name: &Name) -> String {
     let mut text = name.to_lowercase().to_ascii();
@@ -223,6 +229,12 @@ impl Builder {
 }
 
 impl Zone {
+    /// Distinct for every zone built by this process.
+    #[must_use]
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
     /// The zone for `domain` (e.g. `cluster.local`) with records of `ttl` seconds.
     #[must_use]
     pub fn build(snapshot: &Snapshot, domain: &str, ttl: u32) -> Self {
@@ -314,6 +326,7 @@ impl Zone {
             })
             .unwrap_or_default();
         Self {
+            serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             domain,
             svc,
             ttl,
