@@ -79,6 +79,16 @@ pub fn sh_in(netns: &str, args: &[&str]) -> String {
 /// Runs a command in a network namespace with `input` on its stdin; panics with its
 /// stderr if it fails.
 pub fn sh_in_with_stdin(netns: &str, args: &[&str], input: &str) {
+    if let Err(error) = try_sh_in_with_stdin(netns, args, input) {
+        panic!("{error}");
+    }
+}
+
+/// The same, returning the failure (`{args:?}: stderr`) instead of panicking.
+///
+/// # Errors
+/// When the command exits non-zero.
+pub fn try_sh_in_with_stdin(netns: &str, args: &[&str], input: &str) -> Result<(), String> {
     use std::io::Write as _;
     let mut child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{netns}"))
@@ -95,11 +105,14 @@ pub fn sh_in_with_stdin(netns: &str, args: &[&str], input: &str) {
         .write_all(input.as_bytes())
         .expect("write");
     let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 /// Runs `f` on a fresh thread inside network namespace `netns`: sockets it creates

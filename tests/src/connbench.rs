@@ -122,13 +122,13 @@ enum Installed {
     Ebpf(Box<ebpf::EbpfDataplane>),
 }
 
-/// Programs `mode` for `desired` in node1; seconds it took.
+/// Programs `mode` for `desired` in node1; seconds it took, or why it could not load.
 fn install(
     cluster: &Cluster,
     mode: &str,
     desired: &DesiredState,
     bpffs: &Path,
-) -> (Installed, f64) {
+) -> Result<(Installed, f64), String> {
     let netns = cluster.node("node1").netns.clone();
     let started = Instant::now();
     let installed = match mode {
@@ -141,11 +141,11 @@ fn install(
         }
         "iptables" => {
             let rules = kube_proxy_iptables::ruleset(desired, POD_CIDR);
-            crate::cluster::sh_in_with_stdin(
+            crate::cluster::try_sh_in_with_stdin(
                 &netns,
                 &["iptables-legacy-restore", "--noflush"],
                 &rules,
-            );
+            )?;
             for (chain, target) in [
                 ("PREROUTING", "KUBE-SERVICES"),
                 ("OUTPUT", "KUBE-SERVICES"),
@@ -174,7 +174,7 @@ fn install(
             Installed::Ebpf(Box::new(dp))
         }
     };
-    (installed, started.elapsed().as_secs_f64())
+    Ok((installed, started.elapsed().as_secs_f64()))
 }
 
 fn load_nft(netns: &str, text: &str) {
@@ -249,7 +249,15 @@ pub fn run(cluster: &mut Cluster, bpffs: &Path, scales: &[usize], seconds: f64) 
         let mut directs = vec![before];
         let mut modes = Vec::new();
         for mode in MODES {
-            let (installed, install_s) = install(cluster, mode, &desired, bpffs);
+            let (installed, install_s) = match install(cluster, mode, &desired, bpffs) {
+                Ok(done) => done,
+                Err(error) => {
+                    eprintln!("{services} Services, {mode}: could not load: {error}");
+                    uninstall(cluster, mode, Installed::Nothing, bpffs);
+                    modes.push(json!({"mode": mode, "error": error}));
+                    continue;
+                }
+            };
             let to = if mode == "conntrack" {
                 &direct
             } else {
@@ -342,6 +350,15 @@ pub fn report(results: &Value) -> String {
             cell(&row["direct"]["parallel"])
         );
         for mode in row["modes"].as_array().into_iter().flatten() {
+            if let Some(error) = mode["error"].as_str() {
+                let _ = writeln!(
+                    md,
+                    "| {services} | {} | failed to load: {} | | | | |",
+                    mode["mode"].as_str().unwrap_or("?"),
+                    error.lines().next().unwrap_or_default()
+                );
+                continue;
+            }
             let errors = mode["single"]["errors"].as_u64().unwrap_or(0)
                 + mode["parallel"]["errors"].as_u64().unwrap_or(0);
             let _ = writeln!(
