@@ -151,3 +151,14 @@ fn generations_equal(body: &str) -> bool {
     };
     matches!((field("sourceGeneration"), field("programmedGeneration")), (Some(a), Some(b)) if a == b)
 }
+
+/// The sum of every sample of `name` in Prometheus text whose labels contain all of
+/// `labels` (`key="value"` strings).
+#[must_use]
+pub fn sample_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -9,7 +9,7 @@ use std::{
 };
 
 use proxy_agent_tests::{
-    agent::{agent_bin, testpod_bin},
+    agent::{agent_bin, sample_sum, testpod_bin},
     manifests,
     scenarios::{self, setup_on, Bed, ECHO_IP, EMPTY_IP, POD_PORTS},
 };
@@ -69,15 +69,6 @@ fn metrics(bed: &Bed) -> String {
         .http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");
     assert_eq!(code, 200);
     text
-}
-
-/// The sum of every sample of `name` whose labels contain all of `labels`.
-fn sample_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Echo's slice again, stamped with the controller's last-change-trigger-time.

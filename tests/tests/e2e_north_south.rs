@@ -7,7 +7,7 @@ use std::{
 };
 
 use proxy_agent_tests::{
-    agent::{testpod_bin, Agent},
+    agent::{sample_sum, testpod_bin, Agent},
     cluster::Cluster,
     manifests::{self, Endpoint},
     scenarios::{self, POD_PORTS},
@@ -252,10 +252,8 @@ fn north_south(tag: &str, dataplane: &str) {
     // Each drop is counted by reason on the node that took it.
     let drops = |agent: usize, reason: &str| -> f64 {
         let (_, text) = bed.agents[agent].http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");
-        let sample = format!("proxyagent_datapath_drops_total{{reason=\"{reason}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&sample)?.parse().ok())
-            .unwrap_or_default()
+        let reason = format!("reason=\"{reason}\"");
+        sample_sum(&text, "proxyagent_datapath_drops_total", &[&reason])
     };
     assert!(
         drops(0, "source_range") >= 2.0,

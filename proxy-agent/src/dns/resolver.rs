@@ -147,19 +147,11 @@ impl Resolver {
                 return Outcome::Reply(Some(self.counted(form_error(packet))));
             }
         };
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                proto: if via == Via::Udp { "udp" } else { "tcp" },
-                family: if client.is_ipv4() { "1" } else { "2" },
-                kind: TypeLabel {
-                    r#type: request
-                        .queries()
-                        .first()
-                        .map_or("other", |q| q.query_type().into()),
-                },
-            })
-            .inc();
+        let qtype = request
+            .queries()
+            .first()
+            .map_or("other", |q| q.query_type().into());
+        self.count_request(via, client, qtype);
         let limit = match via {
             Via::Tcp => usize::from(u16::MAX),
             Via::Udp => usize::from(request.max_payload().max(512)),
@@ -231,12 +223,7 @@ impl Resolver {
             response.set_truncated(true);
             bytes = response.to_vec().ok()?;
         }
-        self.metrics
-            .responses
-            .get_or_create(&RcodeLabel {
-                rcode: rcode_name(response.response_code()),
-            })
-            .inc();
+        self.count_response(response.response_code());
         Some(bytes)
     }
 
@@ -255,28 +242,40 @@ impl Resolver {
         via: Via,
         client: SocketAddr,
     ) {
+        self.count_request(via, client, RecordType::from(view.qtype).into());
+        if let Some(kind) = cache_hit {
+            self.count_cache_hit(kind);
+        }
+        self.count_response(ResponseCode::from_low(bytes.get(3).map_or(0, |b| b & 0x0F)));
+    }
+
+    /// `coredns_dns_requests_total` for one query of type `qtype`.
+    fn count_request(&self, via: Via, client: SocketAddr, qtype: &'static str) {
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
                 proto: if via == Via::Udp { "udp" } else { "tcp" },
                 family: if client.is_ipv4() { "1" } else { "2" },
-                kind: TypeLabel {
-                    r#type: RecordType::from(view.qtype).into(),
-                },
+                kind: TypeLabel { r#type: qtype },
             })
             .inc();
-        if let Some(kind) = cache_hit {
-            self.metrics
-                .cache_hits
-                .get_or_create(&TypeLabel { r#type: kind })
-                .inc();
-        }
-        let rcode = ResponseCode::from_low(bytes.get(3).map_or(0, |b| b & 0x0F));
+    }
+
+    /// `coredns_dns_responses_total` for one answer sent.
+    fn count_response(&self, rcode: ResponseCode) {
         self.metrics
             .responses
             .get_or_create(&RcodeLabel {
                 rcode: rcode_name(rcode),
             })
+            .inc();
+    }
+
+    /// `coredns_cache_hits_total` of `kind` (`success` or `denial`).
+    fn count_cache_hit(&self, kind: &'static str) {
+        self.metrics
+            .cache_hits
+            .get_or_create(&TypeLabel { r#type: kind })
             .inc();
     }
 
@@ -286,12 +285,7 @@ impl Resolver {
     }
 
     fn counted(&self, bytes: Vec<u8>) -> Vec<u8> {
-        self.metrics
-            .responses
-            .get_or_create(&RcodeLabel {
-                rcode: rcode_name(ResponseCode::FormErr),
-            })
-            .inc();
+        self.count_response(ResponseCode::FormErr);
         bytes
     }
 
@@ -376,10 +370,7 @@ impl Resolver {
                 } else {
                     "success"
                 };
-                self.metrics
-                    .cache_hits
-                    .get_or_create(&TypeLabel { r#type: kind })
-                    .inc();
+                self.count_cache_hit(kind);
                 if prefetch {
                     self.metrics.cache_prefetch.inc();
                     drop(self.fetch(key, query.clone(), servers, transport));
