@@ -35,8 +35,7 @@ pub fn select4(
             )
         };
         if now.wrapping_sub(last) < timeout_ns && slot != 0 && slot <= svc.count {
-            if let Some((current, backend)) = lb::slot_backend4(address_be, dport_be, proto, slot)
-            {
+            if let Some((current, backend)) = lb::slot_backend4(address_be, dport_be, proto, slot) {
                 if current == id {
                     // SAFETY: as above.
                     unsafe { (*remembered).last_used_ns = now };

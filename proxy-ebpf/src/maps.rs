@@ -4,9 +4,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, MAX_AFFINITY, Backend4, LocalRedirect4, MonitorConfig, RevNat4, Service4Key, ServiceValue, SockRevNat4,
-    SockRevNat4Key, Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC, MAX_BACKENDS,
-    MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_STATS,
+    AffinityKey, AffinityValue, Backend4, LocalRedirect4, MonitorConfig, RevNat4, Service4Key,
+    ServiceValue, SockRevNat4, SockRevNat4Key, Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC,
+    MAX_AFFINITY, MAX_BACKENDS, MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES,
+    MAX_SOCK_REVNAT, MAX_STATS,
 };
 
 #[map]
