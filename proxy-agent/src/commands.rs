@@ -50,7 +50,11 @@ fn start_ebpf(args: &RunArgs) -> Result<ebpf::EbpfDataplane> {
         Some(path) => path.clone(),
         None => system::default_cgroup_root()?,
     };
-    Ok(ebpf::EbpfDataplane::start(&args.paths.bpffs, &cgroup)?)
+    Ok(ebpf::EbpfDataplane::start(
+        &args.paths.bpffs,
+        &cgroup,
+        Some(&args.node.cluster_cidr),
+    )?)
 }
 
 fn start_nftables(args: &RunArgs, reason: &str) -> Result<Box<dyn Dataplane>> {

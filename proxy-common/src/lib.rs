@@ -33,12 +33,41 @@ pub const MAP_STATS: &str = "LB_STATS";
 pub const MAP_EVENTS: &str = "LB_EVENTS";
 pub const MAP_MONITOR: &str = "LB_MONITOR";
 pub const MAP_AFFINITY4: &str = "LB4_AFFINITY";
+pub const MAP_CT4: &str = "LB4_CT";
+pub const MAP_CLUSTER_CIDR4: &str = "CLUSTER_CIDR4";
+pub const MAP_SOURCE_RANGES4: &str = "LB4_SOURCE_RANGES";
+
+/// Flows the per-packet programs translate (LRU: under pressure the coldest flow is
+/// forgotten and re-chosen on its next packet, never a wedged map).
+pub const MAX_CT: u32 = 1 << 18;
+/// `--cluster-cidr` prefixes, and `loadBalancerSourceRanges` prefixes.
+pub const MAX_CLUSTER_CIDRS: u32 = 256;
+pub const MAX_SOURCE_RANGES: u32 = 1 << 14;
+
+/// `Service4Key::scope` of the entries external clients use when their route differs
+/// from the one in scope 0 (an `externalTrafficPolicy: Local` frontend).
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 /// Clients remembered by `sessionAffinity: ClientIP` (LRU: the coldest is forgotten).
 pub const MAX_AFFINITY: u32 = 1 << 16;
 /// `ServiceValue::flags` of a slot-0 entry: the Service has `sessionAffinity: ClientIP`,
 /// and that entry's `backend_id` holds the timeout in seconds.
 pub const SERVICE_FLAG_AFFINITY: u8 = 1;
+/// Slot 0: clients taking this entry's route are masqueraded (per-packet path only).
+pub const SERVICE_FLAG_MASQ: u8 = 2;
+/// Slot 0: without backends, packets are dropped (a Local policy), not rejected.
+pub const SERVICE_FLAG_DROP_EMPTY: u8 = 4;
+/// Scope-0 slot 0: the frontend has `loadBalancerSourceRanges` in `LB4_SOURCE_RANGES`.
+pub const SERVICE_FLAG_SOURCE_RANGES: u8 = 8;
+/// Scope-0 slot 0: external clients use the `SCOPE_EXTERNAL` entries.
+pub const SERVICE_FLAG_EXTERNAL_SCOPE: u8 = 16;
+/// Scope-0 slot 0 without a scope-1 twin: external clients use these slots, masqueraded.
+pub const SERVICE_FLAG_EXTERNAL_MASQ: u8 = 32;
+
+/// Packet marks the per-packet programs set for the node's netfilter to act on
+/// (kube-proxy's values): masquerade, and reject (TCP reset or ICMP unreachable).
+pub const MARK_MASQ: u32 = 0x4000;
+pub const MARK_REJECT: u32 = 0x10000;
 
 /// Counter entries (per frontend, backend, hook and verdict); LRU, so a full map loses
 /// the coldest counter rather than a count.
@@ -51,6 +80,9 @@ pub const HOOK_CONNECT4: u8 = 1;
 pub const HOOK_SENDMSG4: u8 = 2;
 pub const HOOK_RECVMSG4: u8 = 3;
 pub const HOOK_GETPEERNAME4: u8 = 4;
+/// The per-packet program on the node's external interfaces (NodePort, external and
+/// load-balancer IPs, ClusterIPs routed from outside).
+pub const HOOK_TC_INGRESS: u8 = 5;
 
 // What was decided.
 /// The destination became a backend.
@@ -61,6 +93,8 @@ pub const VERDICT_LOCAL_REDIRECT: u8 = 2;
 pub const VERDICT_REJECT: u8 = 3;
 /// A backend peer was shown to the socket as the Service it asked for.
 pub const VERDICT_REVERSE_NAT: u8 = 4;
+/// The packet was dropped; `reason` says why.
+pub const VERDICT_DROP: u8 = 5;
 
 // Why a call was rejected.
 /// The Service has no endpoints.
@@ -69,6 +103,14 @@ pub const REASON_NO_ENDPOINTS: u8 = 1;
 pub const REASON_BACKEND_MISSING: u8 = 2;
 /// For `VERDICT_NAT`: the backend this client used last (`sessionAffinity`).
 pub const REASON_AFFINITY: u8 = 3;
+/// A Local traffic policy and no endpoint on this node.
+pub const REASON_NO_LOCAL_ENDPOINTS: u8 = 4;
+/// The source is outside the frontend's `loadBalancerSourceRanges`.
+pub const REASON_SOURCE_RANGE: u8 = 5;
+/// A TCP flow's backend is gone: the client gets a reset instead of silence.
+pub const REASON_BACKEND_GONE: u8 = 6;
+/// For `VERDICT_NAT`: a UDP flow whose backend is gone moved to a live one.
+pub const REASON_RESELECTED: u8 = 7;
 
 /// Frontends that may be redirected to a node-local listener (the DNS cache).
 pub const MAX_LOCAL_REDIRECT: u32 = 64;
@@ -195,6 +237,14 @@ pub struct StatsKey {
 }
 const _: () = assert!(size_of::<StatsKey>() == 8);
 
+impl StatsKey {
+    /// Whether `backend_id` names a backend (not a reject's or drop's reason).
+    #[must_use]
+    pub fn carries_backend(&self) -> bool {
+        self.verdict != VERDICT_REJECT && self.verdict != VERDICT_DROP
+    }
+}
+
 /// Value of `LB_STATS`: decisions taken (connections for `connect`, datagrams for
 /// `sendmsg`), and bytes where a per-packet program knows them (0 at the socket).
 #[repr(C)]
@@ -267,6 +317,56 @@ pub struct AffinityValue {
 }
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 
+/// `Ct4Key::direction`: the client's packets (keyed as they arrive), and the backend's
+/// replies (keyed as they leave, after the kernel undid any masquerade).
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+
+/// Key of `LB4_CT`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Ct4Key>() == 16);
+
+/// `Ct4Value::flags`: the flow is masqueraded; a FIN or RST was seen.
+pub const CT_FLAG_MASQ: u8 = 1;
+pub const CT_FLAG_CLOSING: u8 = 2;
+
+/// Value of `LB4_CT`. Forward entries hold the backend (and its id, to notice it
+/// leaving); reply entries hold the frontend the replies must come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct4Value {
+    /// CLOCK_MONOTONIC of the last packet.
+    pub last_seen_ns: u64,
+    pub nat_be: u32,
+    pub nat_port_be: u16,
+    pub rev_nat_index: u16,
+    pub backend_id: u32,
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Ct4Value>() == 24);
+
+/// Data of an `LB4_SOURCE_RANGES` LPM key: the frontend, then the allowed prefix (the
+/// trie's prefix length counts the 32 bits before `address_be` too).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange4 {
+    pub rev_nat_index_be: u16,
+    pub pad: u16,
+    pub address_be: u32,
+}
+const _: () = assert!(size_of::<SourceRange4>() == 8);
+
 #[cfg(feature = "user")]
 mod user {
     #![allow(
@@ -290,4 +390,7 @@ mod user {
     unsafe impl aya::Pod for super::MonitorEvent {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::Ct4Key {}
+    unsafe impl aya::Pod for super::Ct4Value {}
+    unsafe impl aya::Pod for super::SourceRange4 {}
 }

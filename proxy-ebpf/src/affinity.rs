@@ -1,7 +1,9 @@
 //! `sessionAffinity: ClientIP` at the socket: a client keeps its backend while it
 //! reconnects within the timeout (kube-proxy's `recent` match refreshes on each use).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use proxy_common::{AffinityKey, AffinityValue, Backend4, ServiceValue, REASON_AFFINITY};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend4, Service4Key, ServiceValue, REASON_AFFINITY,
+};
 
 use crate::{lb, maps::LB4_AFFINITY};
 
@@ -10,9 +12,7 @@ use crate::{lb, maps::LB4_AFFINITY};
 #[inline(always)]
 pub fn select4(
     client_cookie: u64,
-    address_be: u32,
-    dport_be: u16,
-    proto: u8,
+    frontend: &Service4Key,
     svc: &ServiceValue,
 ) -> Option<(u32, Backend4, u8)> {
     let key = AffinityKey {
@@ -35,7 +35,7 @@ pub fn select4(
             )
         };
         if now.wrapping_sub(last) < timeout_ns && slot != 0 && slot <= svc.count {
-            if let Some((current, backend)) = lb::slot_backend4(address_be, dport_be, proto, slot) {
+            if let Some((current, backend)) = lb::slot_backend(frontend, slot) {
                 if current == id {
                     // SAFETY: as above.
                     unsafe { (*remembered).last_used_ns = now };
@@ -44,7 +44,7 @@ pub fn select4(
             }
         }
     }
-    let (id, backend, slot) = lb::select_backend4(address_be, dport_be, proto, svc)?;
+    let (id, backend, slot) = lb::select_backend(frontend, svc)?;
     let value = AffinityValue {
         last_used_ns: now,
         backend_id: id,

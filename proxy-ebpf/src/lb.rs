@@ -4,31 +4,31 @@ use proxy_common::{Backend4, Service4Key, ServiceValue, LOCAL_REDIRECT_TTL_NS};
 
 use crate::maps::{LB4_BACKENDS, LB4_SERVICES, LOCAL_REDIRECT4};
 
-/// The frontend entry (slot 0) for a destination, if it is a Service.
+/// The slot-0 key of a frontend in one scope.
 #[inline(always)]
-pub fn lookup_service4(address_be: u32, dport_be: u16, proto: u8) -> Option<ServiceValue> {
-    let key = Service4Key {
+pub fn frontend_key(address_be: u32, dport_be: u16, proto: u8, scope: u8) -> Service4Key {
+    Service4Key {
         address_be,
         dport_be,
         backend_slot: 0,
         proto,
-        scope: 0,
+        scope,
         pad: [0; 2],
-    };
+    }
+}
+
+/// The frontend entry (slot 0) for a key, if it is a Service.
+#[inline(always)]
+pub fn lookup(frontend: &Service4Key) -> Option<ServiceValue> {
     // SAFETY: the value is copied out at once; the agent never rewrites a slot-0 entry
     // in place with a count its slots do not back (write order in the agent).
-    unsafe { LB4_SERVICES.get(key) }.copied()
+    unsafe { LB4_SERVICES.get(frontend) }.copied()
 }
 
 /// A uniformly random backend of a frontend with `svc.count > 0`, its id and slot, or
 /// `None` if the slot or backend is missing (only while the agent deletes the service).
 #[inline(always)]
-pub fn select_backend4(
-    address_be: u32,
-    dport_be: u16,
-    proto: u8,
-    svc: &ServiceValue,
-) -> Option<(u32, Backend4, u16)> {
+pub fn select_backend(frontend: &Service4Key, svc: &ServiceValue) -> Option<(u32, Backend4, u16)> {
     let count = u32::from(svc.count);
     if count == 0 {
         return None;
@@ -37,25 +37,16 @@ pub fn select_backend4(
     let random = unsafe { bpf_get_prandom_u32() };
     // `count` is non-zero and at most u16::MAX, so the slot fits in u16.
     let slot = (random % count) as u16 + 1;
-    let (id, backend) = slot_backend4(address_be, dport_be, proto, slot)?;
+    let (id, backend) = slot_backend(frontend, slot)?;
     Some((id, backend, slot))
 }
 
 /// The backend in one slot of a frontend, and its id.
 #[inline(always)]
-pub fn slot_backend4(
-    address_be: u32,
-    dport_be: u16,
-    proto: u8,
-    slot: u16,
-) -> Option<(u32, Backend4)> {
+pub fn slot_backend(frontend: &Service4Key, slot: u16) -> Option<(u32, Backend4)> {
     let key = Service4Key {
-        address_be,
-        dport_be,
         backend_slot: slot,
-        proto,
-        scope: 0,
-        pad: [0; 2],
+        ..*frontend
     };
     // SAFETY: copied out at once.
     let slot_value = unsafe { LB4_SERVICES.get(key) }.copied()?;
@@ -67,17 +58,9 @@ pub fn slot_backend4(
 /// The node-local listener that stands in for this frontend's backends, if one is
 /// registered and its heartbeat is fresh (so a dead listener costs at most the TTL).
 #[inline(always)]
-pub fn local_redirect4(address_be: u32, dport_be: u16, proto: u8) -> Option<Backend4> {
-    let key = Service4Key {
-        address_be,
-        dport_be,
-        backend_slot: 0,
-        proto,
-        scope: 0,
-        pad: [0; 2],
-    };
+pub fn local_redirect(frontend: &Service4Key) -> Option<Backend4> {
     // SAFETY: copied out at once.
-    let redirect = unsafe { LOCAL_REDIRECT4.get(key) }.copied()?;
+    let redirect = unsafe { LOCAL_REDIRECT4.get(frontend) }.copied()?;
     // SAFETY: helper call with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if now.wrapping_sub(redirect.heartbeat_ns) >= LOCAL_REDIRECT_TTL_NS {
@@ -86,7 +69,7 @@ pub fn local_redirect4(address_be: u32, dport_be: u16, proto: u8) -> Option<Back
     Some(Backend4 {
         address_be: redirect.address_be,
         port_be: redirect.port_be,
-        proto,
+        proto: frontend.proto,
         flags: 0,
     })
 }

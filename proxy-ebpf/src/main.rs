@@ -1,5 +1,6 @@
-//! Kernel side of proxy-agent: socket-level Service load balancing on cgroup hooks.
-//! Entry points only; the work lives in `sock.rs` and `lb.rs`.
+//! Kernel side of proxy-agent: socket-level Service load balancing on cgroup hooks, and
+//! per-packet load balancing for traffic from outside the node on its external
+//! interfaces. Entry points only; the work lives in `sock.rs`, `packet.rs` and `lb.rs`.
 #![no_std]
 #![no_main]
 
@@ -7,11 +8,12 @@ mod affinity;
 mod lb;
 mod maps;
 mod observe;
+mod packet;
 mod sock;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
 use proxy_common::{HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4};
 
@@ -44,6 +46,16 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn sock_release(ctx: SockContext) -> i32 {
     sock::forget(&ctx);
     SYS_PROCEED
+}
+
+#[classifier]
+pub fn nodeport_ingress(ctx: TcContext) -> i32 {
+    packet::ingress(&ctx)
+}
+
+#[classifier]
+pub fn nodeport_egress(ctx: TcContext) -> i32 {
+    packet::egress(&ctx)
 }
 
 #[cfg(not(test))]

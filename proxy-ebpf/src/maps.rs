@@ -1,13 +1,14 @@
 //! The pinned maps the agent writes and the programs read (layout in proxy-common).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, LocalRedirect4, MonitorConfig, RevNat4, Service4Key,
-    ServiceValue, SockRevNat4, SockRevNat4Key, Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC,
-    MAX_AFFINITY, MAX_BACKENDS, MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES,
-    MAX_SOCK_REVNAT, MAX_STATS,
+    AffinityKey, AffinityValue, Backend4, Ct4Key, Ct4Value, LocalRedirect4, MonitorConfig, RevNat4,
+    Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key, SourceRange4, Stats, StatsKey,
+    EVENTS_BYTES, MAP_NO_PREALLOC, MAX_AFFINITY, MAX_BACKENDS, MAX_CLUSTER_CIDRS, MAX_CT,
+    MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
+    MAX_STATS,
 };
 
 #[map]
@@ -49,3 +50,16 @@ pub static LB_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 #[map]
 pub static LB4_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(MAX_AFFINITY, 0);
+
+/// Flows translated per packet: forward entries by the client's 4-tuple, reply entries
+/// by the backend's (see `Ct4Key`). LRU: the coldest flow is forgotten under pressure.
+#[map]
+pub static LB4_CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(MAX_CT, 0);
+
+/// `--cluster-cidr`: sources inside take the pod route, all others the external one.
+#[map]
+pub static CLUSTER_CIDR4: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_CLUSTER_CIDRS, 0);
+
+/// `loadBalancerSourceRanges` per frontend (see `SourceRange4`).
+#[map]
+pub static LB4_SOURCE_RANGES: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);

@@ -46,13 +46,18 @@ pub fn monitoring(rev_nat_index: u16) -> bool {
     now < config.expires_ns
 }
 
-/// Streams one event; a full ring buffer drops it rather than slow the caller.
+/// Streams one event of a socket program, naming the calling process.
 #[inline(always)]
 pub fn emit(mut event: MonitorEvent) {
-    // SAFETY: helper calls with no arguments.
-    unsafe {
-        event.timestamp_ns = bpf_ktime_get_ns();
-        event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    }
+    event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    emit_packet(event);
+}
+
+/// Streams one event (no process: a packet program runs for no particular one); a
+/// full ring buffer drops it rather than slow the caller.
+#[inline(always)]
+pub fn emit_packet(mut event: MonitorEvent) {
+    // SAFETY: helper call with no arguments.
+    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     let _ = LB_EVENTS.output::<MonitorEvent>(&event, 0);
 }

@@ -30,7 +30,8 @@ pub fn xlate_fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // user_port holds the network-order port in its low 16 bits.
     let dport_be = port_u32 as u16;
     let proto = proto as u8;
-    let Some(svc) = lb::lookup_service4(address_be, dport_be, proto) else {
+    let frontend = lb::frontend_key(address_be, dport_be, proto, 0);
+    let Some(svc) = lb::lookup(&frontend) else {
         return SYS_PROCEED;
     };
     let rev_nat_index = svc.rev_nat_index;
@@ -45,16 +46,15 @@ pub fn xlate_fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
         proto,
         ..MonitorEvent::default()
     };
-    let chosen = if let Some(listener) = lb::local_redirect4(address_be, dport_be, proto) {
+    let chosen = if let Some(listener) = lb::local_redirect(&frontend) {
         Some((0, listener, VERDICT_LOCAL_REDIRECT, 0))
     } else if svc.flags & SERVICE_FLAG_AFFINITY != 0 {
         // SAFETY: valid context pointer; allowed in sock_addr programs.
         let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-        affinity::select4(client, address_be, dport_be, proto, &svc)
+        affinity::select4(client, &frontend, &svc)
             .map(|(id, backend, reason)| (id, backend, VERDICT_NAT, reason))
     } else {
-        lb::select_backend4(address_be, dport_be, proto, &svc)
-            .map(|(id, backend, _)| (id, backend, VERDICT_NAT, 0))
+        lb::select_backend(&frontend, &svc).map(|(id, backend, _)| (id, backend, VERDICT_NAT, 0))
     };
     let Some((backend_id, backend, verdict, reason)) = chosen else {
         event.verdict = VERDICT_REJECT;

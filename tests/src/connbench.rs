@@ -167,8 +167,8 @@ fn install(
             Installed::Nothing
         }
         _ => {
-            let mut dp =
-                ebpf::EbpfDataplane::start(bpffs, &cluster.node("node1").cgroup).expect("ebpf");
+            let mut dp = ebpf::EbpfDataplane::start(bpffs, &cluster.node("node1").cgroup, None)
+                .expect("ebpf");
             dp.apply(&model::diff(&DesiredState::default(), desired), desired)
                 .expect("ebpf apply");
             Installed::Ebpf(Box::new(dp))

@@ -185,6 +185,11 @@ fn north_south_with_nftables() {
     north_south("ns", "nftables");
 }
 
+#[test]
+fn north_south_with_ebpf() {
+    north_south("nse", "ebpf");
+}
+
 fn north_south(tag: &str, dataplane: &str) {
     let bed = setup(tag, dataplane);
 
@@ -263,6 +268,16 @@ fn north_south(tag: &str, dataplane: &str) {
         drops(1, "no_local_endpoints") >= 2.0,
         "eTP=Local drops not counted"
     );
+    if dataplane == "ebpf" {
+        // Every flow from outside was a decision of the per-packet program, per backend.
+        let (_, text) = bed.agents[0].http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");
+        let flows = sample_sum(
+            &text,
+            "proxyagent_datapath_decisions_total",
+            &["hook=\"tc_ingress\"", "service=\"default/np-cluster:http\""],
+        );
+        assert!(flows >= 24.0, "NodePort flows on node1 not counted: {flows}");
+    }
 
     // An address added to the node later serves NodePorts within a second (rtnetlink).
     let _ = bed.cluster.run_on_node(

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
     AffinityKey, AffinityValue, SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_AFFINITY4,
-    MAP_SOCK_REVNAT4, SERVICE_FLAG_AFFINITY, VERDICT_REJECT,
+    MAP_SOCK_REVNAT4, SERVICE_FLAG_AFFINITY,
 };
 
 use super::{
@@ -123,10 +123,10 @@ impl State {
                         "random backend".to_owned()
                     },
                     decisions: Some(
-                        self.counted(|k| k.rev_nat_index == index && k.verdict != VERDICT_REJECT),
+                        self.counted(|k| k.rev_nat_index == index && k.carries_backend()),
                     ),
                     rejects: Some(
-                        self.counted(|k| k.rev_nat_index == index && k.verdict == VERDICT_REJECT),
+                        self.counted(|k| k.rev_nat_index == index && !k.carries_backend()),
                     ),
                 }
             })
@@ -167,9 +167,7 @@ impl State {
                     .get(id)
                     .map(|s| s.iter().cloned().collect())
                     .unwrap_or_default(),
-                decisions: Some(
-                    self.counted(|k| k.backend_id == *id && k.verdict != VERDICT_REJECT),
-                ),
+                decisions: Some(self.counted(|k| k.backend_id == *id && k.carries_backend())),
             })
             .collect()
     }

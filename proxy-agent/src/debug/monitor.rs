@@ -86,13 +86,14 @@ pub fn describe(event: &MonitorEvent, names: &Names) -> Line {
             .to_string()
         },
     );
-    let backend = (event.verdict != VERDICT_REJECT).then(|| {
-        Backend {
-            ip: Ipv4Addr::from(event.backend_be.to_ne_bytes()).into(),
-            port: u16::from_be(event.backend_port_be),
-        }
-        .to_string()
-    });
+    let backend = (event.verdict != VERDICT_REJECT && event.verdict != proxy_common::VERDICT_DROP)
+        .then(|| {
+            Backend {
+                ip: Ipv4Addr::from(event.backend_be.to_ne_bytes()).into(),
+                port: u16::from_be(event.backend_port_be),
+            }
+            .to_string()
+        });
     Line {
         time: wall_time(event.timestamp_ns),
         hook: hook_name(event.hook),
@@ -111,7 +112,8 @@ fn wanted(filters: &[VerdictFilter], verdict: u8) -> bool {
     filters.is_empty()
         || filters.iter().any(|f| match f {
             VerdictFilter::Nat => verdict == VERDICT_NAT || verdict == VERDICT_LOCAL_REDIRECT,
-            VerdictFilter::Reject | VerdictFilter::Drop => verdict == VERDICT_REJECT,
+            VerdictFilter::Reject => verdict == VERDICT_REJECT,
+            VerdictFilter::Drop => verdict == proxy_common::VERDICT_DROP,
             VerdictFilter::ReverseNat => verdict == proxy_common::VERDICT_REVERSE_NAT,
         })
 }

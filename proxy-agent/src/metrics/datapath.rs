@@ -9,9 +9,10 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
 };
 use proxy_common::{
-    HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4, REASON_AFFINITY,
-    REASON_BACKEND_MISSING, REASON_NO_ENDPOINTS, VERDICT_LOCAL_REDIRECT, VERDICT_NAT,
-    VERDICT_REJECT, VERDICT_REVERSE_NAT,
+    HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4, HOOK_TC_INGRESS,
+    REASON_AFFINITY, REASON_BACKEND_GONE, REASON_BACKEND_MISSING, REASON_NO_ENDPOINTS,
+    REASON_NO_LOCAL_ENDPOINTS, REASON_RESELECTED, REASON_SOURCE_RANGE, VERDICT_DROP,
+    VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT, VERDICT_REVERSE_NAT,
 };
 
 use crate::{dataplane::ebpf, introspect::Live};
@@ -38,6 +39,7 @@ pub fn hook_name(hook: u8) -> &'static str {
         HOOK_SENDMSG4 => "sendmsg4",
         HOOK_RECVMSG4 => "recvmsg4",
         HOOK_GETPEERNAME4 => "getpeername4",
+        HOOK_TC_INGRESS => "tc_ingress",
         _ => "unknown",
     }
 }
@@ -49,6 +51,7 @@ pub fn verdict_name(verdict: u8) -> &'static str {
         VERDICT_LOCAL_REDIRECT => "local_redirect",
         VERDICT_REJECT => "reject",
         VERDICT_REVERSE_NAT => "reverse_nat",
+        VERDICT_DROP => "drop",
         _ => "unknown",
     }
 }
@@ -59,6 +62,10 @@ pub fn reason_name(reason: u8) -> &'static str {
         REASON_NO_ENDPOINTS => "no_endpoints",
         REASON_BACKEND_MISSING => "backend_missing",
         REASON_AFFINITY => "affinity",
+        REASON_NO_LOCAL_ENDPOINTS => "no_local_endpoints",
+        REASON_SOURCE_RANGE => "source_range",
+        REASON_BACKEND_GONE => "backend_gone",
+        REASON_RESELECTED => "reselected",
         _ => "",
     }
 }
@@ -84,15 +91,16 @@ fn family<M: EncodeMetric>(
 }
 
 impl EbpfCounters {
-    fn decisions(&self) -> (Rows, Rows) {
+    /// Decisions, rejects and drops.
+    fn decisions(&self) -> (Rows, Rows, Rows) {
         let Ok(stats) = ebpf::observe::read_stats(&self.bpffs) else {
-            return (Vec::new(), Vec::new());
+            return (Vec::new(), Vec::new(), Vec::new());
         };
         // Held, not copied: the loop below does no I/O, and a copy of every id at
         // 10 000 Services per scrape would cost more than the brief wait of a sync.
         let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
         let programmed = self.live.get();
-        let (mut decisions, mut rejects) = (Vec::new(), Vec::new());
+        let (mut decisions, mut rejects, mut drops) = (Vec::new(), Vec::new(), Vec::new());
         for (key, value) in stats {
             let Some(frontend) = index.frontends.get(&key.rev_nat_index) else {
                 continue;
@@ -107,10 +115,15 @@ impl EbpfCounters {
                 ("frontend", frontend.to_string()),
                 ("hook", hook_name(key.hook).to_owned()),
             ];
-            if key.verdict == VERDICT_REJECT {
+            if key.verdict == VERDICT_REJECT || key.verdict == VERDICT_DROP {
                 let reason = u8::try_from(key.backend_id).unwrap_or(0);
                 labels.push(("reason", reason_name(reason).to_owned()));
-                rejects.push((labels, ConstCounter::new(value.count)));
+                let rows = if key.verdict == VERDICT_DROP {
+                    &mut drops
+                } else {
+                    &mut rejects
+                };
+                rows.push((labels, ConstCounter::new(value.count)));
             } else {
                 let backend = match key.verdict {
                     VERDICT_LOCAL_REDIRECT => "node-local".to_owned(),
@@ -125,26 +138,33 @@ impl EbpfCounters {
                 decisions.push((labels, ConstCounter::new(value.count)));
             }
         }
-        (decisions, rejects)
+        (decisions, rejects, drops)
     }
 }
 
 impl Collector for EbpfCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (decisions, rejects) = self.decisions();
+        let (decisions, rejects, drops) = self.decisions();
         family(
             &mut encoder,
             "proxyagent_datapath_decisions",
-            "Connections (connect4) and datagrams (sendmsg4) sent to each backend by the socket load balancer",
+            "Connections (connect4), datagrams (sendmsg4) and flows from outside the node (tc_ingress) sent to each backend",
             MetricType::Counter,
             &decisions,
         )?;
         family(
             &mut encoder,
             "proxyagent_datapath_rejects",
-            "Connections and datagrams to a Service refused by the socket load balancer, by reason",
+            "Connections, datagrams and packets to a Service refused, by reason",
             MetricType::Counter,
             &rejects,
+        )?;
+        family(
+            &mut encoder,
+            "proxyagent_datapath_drops",
+            "Packets from outside the node dropped by the per-packet program, by reason",
+            MetricType::Counter,
+            &drops,
         )?;
         let fill = ebpf::observe::map_fill(&self.bpffs);
         let entries: Vec<_> = fill

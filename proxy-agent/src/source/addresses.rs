@@ -26,17 +26,38 @@ pub fn local() -> Result<Vec<IpAddr>, NetlinkError> {
 }
 
 fn dump(netlink: &mut Netlink) -> Result<Vec<IpAddr>, NetlinkError> {
+    let mut found: Vec<IpAddr> = dump_with_interfaces(netlink)?
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    Ok(found)
+}
+
+/// Every address as [`local`] reports them, with the index of its interface.
+///
+/// # Errors
+/// When rtnetlink cannot be used.
+pub fn by_interface() -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
+    let mut netlink = Netlink::open(NETLINK_ROUTE, 0)?;
+    dump_with_interfaces(&mut netlink)
+}
+
+fn dump_with_interfaces(netlink: &mut Netlink) -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
     // ifaddrmsg: any family, every interface.
     netlink.send(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, &[0; 8], &[])?;
     let mut found = Vec::new();
     netlink.receive(|kind, body| {
         if kind == RTM_NEWADDR {
-            found.extend(parse(body));
+            let index = body
+                .get(4..8)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_ne_bytes);
+            found.extend(index.zip(parse(body)));
         }
     })?;
-    found.retain(|ip| !ip.is_loopback() && !is_link_local(ip));
-    found.sort_unstable();
-    found.dedup();
+    found.retain(|(_, ip)| !ip.is_loopback() && !is_link_local(ip));
     Ok(found)
 }
 

@@ -1,13 +1,20 @@
 //! `MapStore` over the pinned kernel maps.
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
-use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, Stats, StatsKey, VERDICT_REJECT};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    HashMap, Map, MapData, PerCpuHashMap,
+};
+use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, SourceRange4, Stats, StatsKey};
 
-use super::{store::MapContents, store::MapStore, EbpfError};
+use super::{
+    store::{MapContents, MapStore, SourceRange},
+    EbpfError,
+};
 
 pub struct KernelMaps {
     services: HashMap<MapData, Service4Key, ServiceValue>,
     backends: HashMap<MapData, u32, Backend4>,
     revnat: HashMap<MapData, u16, RevNat4>,
+    source_ranges: Option<LpmTrie<MapData, SourceRange4, u8>>,
     stats: Option<PerCpuHashMap<MapData, StatsKey, Stats>>,
 }
 
@@ -16,12 +23,14 @@ impl KernelMaps {
         services: Map,
         backends: Map,
         revnat: Map,
+        source_ranges: Option<Map>,
         stats: Option<Map>,
     ) -> Result<Self, EbpfError> {
         Ok(Self {
             services: HashMap::try_from(services)?,
             backends: HashMap::try_from(backends)?,
             revnat: HashMap::try_from(revnat)?,
+            source_ranges: source_ranges.map(LpmTrie::try_from).transpose()?,
             stats: stats.map(PerCpuHashMap::try_from).transpose()?,
         })
     }
@@ -35,10 +44,14 @@ impl KernelMaps {
         let stats = MapData::from_pin(dir.join(proxy_common::MAP_STATS))
             .ok()
             .map(Map::PerCpuLruHashMap);
+        let source_ranges = MapData::from_pin(dir.join(proxy_common::MAP_SOURCE_RANGES4))
+            .ok()
+            .map(Map::LpmTrie);
         Self::new(
             open(proxy_common::MAP_SERVICES4)?,
             open(proxy_common::MAP_BACKENDS4)?,
             open(proxy_common::MAP_REVNAT4)?,
+            source_ranges,
             stats,
         )
     }
@@ -71,6 +84,18 @@ impl MapStore for KernelMaps {
     fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
         ignore_missing(self.revnat.remove(&index))
     }
+    fn put_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
+        match &mut self.source_ranges {
+            Some(trie) => Ok(trie.insert(&Key::new(range.0, range.1), 1, 0)?),
+            None => Ok(()),
+        }
+    }
+    fn del_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
+        match &mut self.source_ranges {
+            Some(trie) => ignore_missing(trie.remove(&Key::new(range.0, range.1))),
+            None => Ok(()),
+        }
+    }
     fn forget_stats(&mut self, revnat: &[u16], backends: &[u32]) -> Result<(), EbpfError> {
         let Some(stats) = &mut self.stats else {
             return Ok(());
@@ -82,7 +107,7 @@ impl MapStore for KernelMaps {
             .filter_map(Result::ok)
             .filter(|key| {
                 revnat.contains(&key.rev_nat_index)
-                    || (key.verdict != VERDICT_REJECT && backends.contains(&key.backend_id))
+                    || (key.carries_backend() && backends.contains(&key.backend_id))
             })
             .collect();
         for key in &doomed {
@@ -96,6 +121,13 @@ impl MapStore for KernelMaps {
             services: self.services.iter().collect::<Result<_, _>>()?,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
             revnat: self.revnat.iter().collect::<Result<_, _>>()?,
+            source_ranges: match &self.source_ranges {
+                Some(trie) => trie
+                    .keys()
+                    .map(|key| key.map(|k| (k.prefix_len(), k.data())))
+                    .collect::<Result<_, _>>()?,
+                None => std::collections::BTreeSet::new(),
+            },
         })
     }
 }

@@ -28,8 +28,9 @@ pub fn links_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("links")
 }
 
-/// Loads, pins and attaches; returns the maps to write.
-pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<KernelMaps, EbpfError> {
+/// Loads, pins and attaches the socket programs; returns the maps to write and the
+/// object, whose per-packet programs `nodeport.rs` attaches.
+pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<(KernelMaps, Ebpf), EbpfError> {
     if OBJECT.is_empty() {
         return Err(EbpfError::NoObject);
     }
@@ -57,12 +58,14 @@ pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<KernelMaps, EbpfError> {
         ebpf.take_map(name)
             .ok_or(EbpfError::MissingMap(name.to_owned()))
     };
-    KernelMaps::new(
+    let maps = KernelMaps::new(
         take(proxy_common::MAP_SERVICES4)?,
         take(proxy_common::MAP_BACKENDS4)?,
         take(proxy_common::MAP_REVNAT4)?,
+        Some(take(proxy_common::MAP_SOURCE_RANGES4)?),
         Some(take(proxy_common::MAP_STATS)?),
-    )
+    )?;
+    Ok((maps, ebpf))
 }
 
 /// Attaches one program next to any previous agent's, then retires the old link: both
@@ -93,7 +96,7 @@ fn attach_release(ebpf: &mut Ebpf, cgroup: &fs::File, bpffs: &Path) -> Result<()
 }
 
 /// Pins `link` as `name`, unpinning (and so detaching) the previous agent's.
-fn swap_pin(link: FdLink, name: &str, bpffs: &Path) -> Result<(), EbpfError> {
+pub(super) fn swap_pin(link: FdLink, name: &str, bpffs: &Path) -> Result<(), EbpfError> {
     let pin = links_dir(bpffs).join(name);
     // bpffs refuses names with a dot (reserved), hence `_new`.
     let fresh = links_dir(bpffs).join(format!("{name}_new"));
@@ -108,8 +111,12 @@ fn swap_pin(link: FdLink, name: &str, bpffs: &Path) -> Result<(), EbpfError> {
     Ok(())
 }
 
-/// Detaches every program (by unpinning its link) and removes every pinned map.
+/// Detaches every program (by unpinning its link), removes every pinned map and the
+/// netfilter table the per-packet programs rely on.
 pub fn cleanup(bpffs: &Path) -> Result<usize, EbpfError> {
+    if let Err(error) = super::nodeport::remove_netfilter_table() {
+        debug!(%error, "no eBPF netfilter table removed");
+    }
     let mut removed = 0;
     let links = links_dir(bpffs);
     for dir in [links.as_path(), bpffs] {

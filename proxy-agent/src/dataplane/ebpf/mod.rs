@@ -1,8 +1,10 @@
-//! eBPF dataplane: socket-level load balancing programs and the maps they read.
+//! eBPF dataplane: socket-level load balancing programs, per-packet programs for
+//! traffic from outside the node, and the maps they read.
 mod ids;
 pub mod index;
 pub mod kernel;
 pub mod loader;
+pub mod nodeport;
 pub mod observe;
 pub mod render;
 pub mod store;
@@ -12,6 +14,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use thiserror::Error;
 
 pub use writer::MapWriter;
@@ -42,19 +45,31 @@ pub enum EbpfError {
     Exhausted(&'static str),
     #[error("backend {0} is not IPv4")]
     Family(String),
+    #[error("loading the netfilter table for masquerade and reject failed: {0}")]
+    Netfilter(String),
 }
 
 /// The eBPF dataplane as the sync loop drives it.
 pub struct EbpfDataplane {
     writer: MapWriter<kernel::KernelMaps>,
+    packets: Option<nodeport::PacketPrograms>,
 }
 
 impl EbpfDataplane {
     /// Loads and attaches the programs and takes over the state pinned by a previous run.
-    pub fn start(bpffs: &Path, cgroup_root: &Path) -> Result<Self, EbpfError> {
-        let maps = loader::load(bpffs, cgroup_root)?;
+    /// With `cluster_cidrs` `None`, only the socket programs attach: nothing touches
+    /// this network namespace's interfaces or netfilter (the bench, in-process).
+    pub fn start(
+        bpffs: &Path,
+        cgroup_root: &Path,
+        cluster_cidrs: Option<&[IpNet]>,
+    ) -> Result<Self, EbpfError> {
+        let (maps, ebpf) = loader::load(bpffs, cgroup_root)?;
         let writer = MapWriter::restore(maps)?;
-        Ok(Self { writer })
+        let packets = cluster_cidrs
+            .map(|cidrs| nodeport::PacketPrograms::start(ebpf, bpffs.to_owned(), cidrs))
+            .transpose()?;
+        Ok(Self { writer, packets })
     }
 }
 
@@ -72,6 +87,10 @@ impl super::Dataplane for EbpfDataplane {
         plan: &Plan,
         _desired: &DesiredState,
     ) -> Result<super::Applied, super::DataplaneError> {
+        // Node addresses come and go with interfaces; each sync follows them.
+        if let Some(packets) = &mut self.packets {
+            packets.refresh()?;
+        }
         let writes = self.writer.apply(plan)?;
         Ok(super::Applied {
             writes,

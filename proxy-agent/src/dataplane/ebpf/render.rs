@@ -1,4 +1,4 @@
-//! JSON view of the LB maps, for `render --dataplane ebpf` (and later `dump`).
+//! JSON view of the LB maps, for `render --dataplane ebpf`.
 use std::net::Ipv4Addr;
 
 use serde::Serialize;
@@ -11,12 +11,15 @@ struct ServiceEntry {
     address: Ipv4Addr,
     port: u16,
     protocol: String,
+    /// `external` for the entries of external clients (`SCOPE_EXTERNAL`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'static str>,
     slot: u16,
     backend_id: u32,
     count: u16,
     rev_nat_index: u16,
-    #[serde(skip_serializing_if = "is_zero")]
-    flags: u8,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    flags: Vec<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     service: Option<String>,
 }
@@ -37,6 +40,12 @@ struct RevNatEntry {
 }
 
 #[derive(Serialize)]
+struct SourceRangeEntry {
+    rev_nat_index: u16,
+    range: String,
+}
+
+#[derive(Serialize)]
 struct Maps {
     #[serde(rename = "lb4_services")]
     services: Vec<ServiceEntry>,
@@ -44,14 +53,28 @@ struct Maps {
     backends: Vec<BackendEntry>,
     #[serde(rename = "lb4_revnat")]
     revnat: Vec<RevNatEntry>,
+    #[serde(rename = "lb4_source_ranges", skip_serializing_if = "Vec::is_empty")]
+    source_ranges: Vec<SourceRangeEntry>,
 }
 
-#[allow(
-    clippy::trivially_copy_pass_by_ref,
-    reason = "serde's skip_serializing_if signature"
-)]
-fn is_zero(n: &u8) -> bool {
-    *n == 0
+/// The names of a slot-0 entry's flags.
+#[must_use]
+pub fn flag_names(flags: u8) -> Vec<&'static str> {
+    [
+        (proxy_common::SERVICE_FLAG_AFFINITY, "affinity"),
+        (proxy_common::SERVICE_FLAG_MASQ, "masquerade"),
+        (proxy_common::SERVICE_FLAG_DROP_EMPTY, "drop-when-empty"),
+        (proxy_common::SERVICE_FLAG_SOURCE_RANGES, "source-ranges"),
+        (proxy_common::SERVICE_FLAG_EXTERNAL_SCOPE, "external-scope"),
+        (
+            proxy_common::SERVICE_FLAG_EXTERNAL_MASQ,
+            "external-masquerade",
+        ),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 fn protocol_name(n: u8) -> String {
@@ -81,12 +104,13 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
                 address: ip(k.address_be),
                 port: u16::from_be(k.dport_be),
                 protocol: protocol_name(k.proto),
+                scope: (k.scope == proxy_common::SCOPE_EXTERNAL).then_some("external"),
                 slot: k.backend_slot,
                 backend_id: v.backend_id,
                 count: v.count,
                 rev_nat_index: v.rev_nat_index,
-                flags: v.flags,
-                service: (k.backend_slot == 0)
+                flags: flag_names(v.flags),
+                service: (k.backend_slot == 0 && k.scope == 0)
                     .then(|| name_of(k.address_be, u16::from_be(k.dport_be), k.proto))
                     .flatten(),
             })
@@ -110,11 +134,19 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
                 port: u16::from_be(r.port_be),
             })
             .collect(),
+        source_ranges: contents
+            .source_ranges
+            .iter()
+            .map(|(len, data)| SourceRangeEntry {
+                rev_nat_index: u16::from_be(data.rev_nat_index_be),
+                range: format!("{}/{}", ip(data.address_be), len.saturating_sub(32)),
+            })
+            .collect(),
     };
     let mut maps = maps;
     // Keys sort by their raw (network-order) bytes; people read addresses in order.
     maps.services
-        .sort_by_key(|e| (e.address, e.port, e.protocol.clone(), e.slot));
+        .sort_by_key(|e| (e.address, e.port, e.protocol.clone(), e.scope, e.slot));
     maps.revnat.sort_by_key(|e| e.index);
     serde_json::to_string_pretty(&maps).unwrap_or_default()
 }

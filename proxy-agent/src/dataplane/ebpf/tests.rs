@@ -30,6 +30,16 @@ impl CheckedStore {
                 self.maps.revnat.contains_key(&value.rev_nat_index),
                 "frontend without reverse NAT"
             );
+            if value.flags & proxy_common::SERVICE_FLAG_EXTERNAL_SCOPE != 0 {
+                let external = Service4Key {
+                    scope: proxy_common::SCOPE_EXTERNAL,
+                    ..*key
+                };
+                assert!(
+                    self.maps.services.contains_key(&external),
+                    "frontend {key:?} sends external clients to a missing scope"
+                );
+            }
             for slot in 1..=value.count {
                 let slot_key = Service4Key {
                     backend_slot: slot,
@@ -73,6 +83,16 @@ impl MapStore for CheckedStore {
     }
     fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError> {
         self.maps.put_revnat(index, revnat)?;
+        self.check();
+        Ok(())
+    }
+    fn put_source_range(&mut self, range: &super::store::SourceRange) -> Result<(), EbpfError> {
+        self.maps.put_source_range(range)?;
+        self.check();
+        Ok(())
+    }
+    fn del_source_range(&mut self, range: &super::store::SourceRange) -> Result<(), EbpfError> {
+        self.maps.del_source_range(range)?;
         self.check();
         Ok(())
     }
@@ -207,4 +227,78 @@ fn affinity_lives_in_the_frontend_entry_and_survives_a_restart() {
         .values()
         .find(|v| v.count == 2);
     assert_eq!(front.map(|v| (v.flags, v.backend_id)), Some((0, 0)));
+}
+
+#[test]
+fn external_clients_get_their_own_scope_only_where_their_route_differs() {
+    use crate::model::{EmptyVerdict, Route};
+    use proxy_common::{
+        SCOPE_EXTERNAL, SERVICE_FLAG_DROP_EMPTY, SERVICE_FLAG_EXTERNAL_MASQ,
+        SERVICE_FLAG_EXTERNAL_SCOPE, SERVICE_FLAG_SOURCE_RANGES,
+    };
+    let a = key(1, Protocol::Tcp);
+    let cluster = state(&[(a, &[1, 2])]);
+    let mut local = cluster.clone();
+    let frontend = local.frontends.get_mut(&a).unwrap();
+    let only_first: Vec<Backend> = frontend.pod.backends[..1].to_vec();
+    frontend.external = Route::new(only_first.into(), false, EmptyVerdict::Drop, true);
+    frontend.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+    let mut writer = MapWriter::restore(CheckedStore::default()).unwrap();
+    writer
+        .apply(&diff(&DesiredState::default(), &local))
+        .unwrap();
+    let maps = &writer.store().maps;
+    let scope0 = maps
+        .services
+        .iter()
+        .find(|(k, _)| k.backend_slot == 0 && k.scope == 0);
+    let scope1 = maps
+        .services
+        .iter()
+        .find(|(k, _)| k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL);
+    assert_eq!(
+        scope0.map(|(_, v)| (v.count, v.flags)),
+        Some((2, SERVICE_FLAG_EXTERNAL_SCOPE | SERVICE_FLAG_SOURCE_RANGES))
+    );
+    assert_eq!(
+        scope1.map(|(_, v)| (v.count, v.flags)),
+        Some((1, SERVICE_FLAG_DROP_EMPTY))
+    );
+    assert_eq!(maps.source_ranges.len(), 1);
+    assert_eq!(maps.source_ranges.first().map(|r| r.0), Some(32 + 8));
+
+    // A restarted writer finds both scopes and the ranges, and rewrites nothing.
+    let store = CheckedStore {
+        maps: maps.clone(),
+        ops: 0,
+    };
+    let mut restarted = MapWriter::restore(store).unwrap();
+    restarted
+        .apply(&diff(&restarted.programmed(), &local))
+        .unwrap();
+    assert_eq!(restarted.store().ops, 0);
+
+    // Back to a Cluster policy with masquerade: one scope, flagged.
+    let mut masqueraded = cluster.clone();
+    masqueraded
+        .frontends
+        .get_mut(&a)
+        .unwrap()
+        .external
+        .masquerade = true;
+    restarted.apply(&diff(&local, &masqueraded)).unwrap();
+    let maps = &restarted.store().maps;
+    assert!(maps.services.keys().all(|k| k.scope == 0));
+    assert!(maps.source_ranges.is_empty());
+    let flags = maps
+        .services
+        .iter()
+        .find(|(k, _)| k.backend_slot == 0)
+        .map(|(_, v)| v.flags);
+    assert_eq!(flags, Some(SERVICE_FLAG_EXTERNAL_MASQ));
+    restarted
+        .apply(&diff(&masqueraded, &DesiredState::default()))
+        .unwrap();
+    let left = &restarted.store().maps;
+    assert!(left.services.is_empty() && left.backends.is_empty() && left.revnat.is_empty());
 }

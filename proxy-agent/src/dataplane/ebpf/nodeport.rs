@@ -1,0 +1,214 @@
+//! The per-packet programs (traffic from outside the node) on every interface holding a
+//! node IPv4 address, through pinned TCX links that a restarted agent swaps in place;
+//! `--cluster-cidr` for telling pods from external clients; and the small netfilter
+//! table that masquerades and rejects what the programs mark.
+use std::{collections::BTreeSet, fs, net::IpAddr, path::PathBuf};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        MapData,
+    },
+    programs::{links::FdLink, SchedClassifier, TcAttachType},
+    Ebpf,
+};
+use ipnet::IpNet;
+use tracing::{info, warn};
+
+use super::{loader, EbpfError};
+use crate::{dataplane::nftables, source::addresses};
+
+/// The programs, by the names the object gives them.
+pub const INGRESS_PROGRAM: &str = "nodeport_ingress";
+pub const EGRESS_PROGRAM: &str = "nodeport_egress";
+/// Our netfilter table (the marks' consumers).
+pub const TABLE: &str = "proxy-agent-ebpf";
+/// Pinned link names start with these, then the interface name.
+const INGRESS_PIN: &str = "tc_in_";
+const EGRESS_PIN: &str = "tc_out_";
+
+/// The loaded per-packet programs and the interfaces they are attached to.
+pub struct PacketPrograms {
+    ebpf: Ebpf,
+    bpffs: PathBuf,
+    attached: BTreeSet<String>,
+}
+
+impl PacketPrograms {
+    /// Loads the programs, writes the cluster CIDRs, installs the netfilter table, and
+    /// attaches to the interfaces there are now.
+    pub fn start(
+        mut ebpf: Ebpf,
+        bpffs: PathBuf,
+        cluster_cidrs: &[IpNet],
+    ) -> Result<Self, EbpfError> {
+        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| EbpfError::MissingProgram(name.to_owned()))?
+                .try_into()?;
+            program.load()?;
+        }
+        write_cluster_cidrs(&mut ebpf, cluster_cidrs)?;
+        nftables::load(&netfilter_table()).map_err(|e| EbpfError::Netfilter(e.to_string()))?;
+        let mut programs = Self {
+            ebpf,
+            bpffs,
+            attached: BTreeSet::new(),
+        };
+        programs.detach_stale()?;
+        programs.refresh()?;
+        Ok(programs)
+    }
+
+    /// Attaches to interfaces that gained a node address since the last call, and
+    /// detaches from those that lost theirs.
+    pub fn refresh(&mut self) -> Result<(), EbpfError> {
+        let wanted = external_interfaces();
+        for name in wanted.difference(&self.attached.clone()) {
+            match self.attach(name) {
+                Ok(()) => {
+                    info!(interface = %name, "per-packet load balancing attached");
+                    self.attached.insert(name.clone());
+                }
+                Err(error) => {
+                    warn!(interface = %name, %error, "cannot attach the per-packet programs");
+                }
+            }
+        }
+        for name in self.attached.clone().difference(&wanted) {
+            self.detach(name)?;
+            self.attached.remove(name);
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, interface: &str) -> Result<(), EbpfError> {
+        for (program, attach_type, pin) in [
+            (INGRESS_PROGRAM, TcAttachType::Ingress, INGRESS_PIN),
+            (EGRESS_PROGRAM, TcAttachType::Egress, EGRESS_PIN),
+        ] {
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program)
+                .ok_or_else(|| EbpfError::MissingProgram(program.to_owned()))?
+                .try_into()?;
+            // TCX: appended after any previous agent's program, which the pin swap
+            // then detaches; both translate the same way, so no packet misses.
+            let link_id = program.attach(interface, attach_type)?;
+            let link = FdLink::try_from(program.take_link(link_id)?)?;
+            loader::swap_pin(link, &pin_name(pin, interface), &self.bpffs)?;
+        }
+        Ok(())
+    }
+
+    fn detach(&self, interface: &str) -> Result<(), EbpfError> {
+        for pin in [INGRESS_PIN, EGRESS_PIN] {
+            let path = loader::links_dir(&self.bpffs).join(pin_name(pin, interface));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EbpfError::Io(path, e)),
+            }
+        }
+        info!(interface, "per-packet load balancing detached");
+        Ok(())
+    }
+
+    /// Links a previous agent pinned for interfaces that no longer hold a node address.
+    fn detach_stale(&self) -> Result<(), EbpfError> {
+        let wanted: BTreeSet<String> = external_interfaces()
+            .iter()
+            .map(|name| pin_name("", name))
+            .collect();
+        let Ok(entries) = fs::read_dir(loader::links_dir(&self.bpffs)) else {
+            return Ok(());
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let interface = name
+                .strip_prefix(INGRESS_PIN)
+                .or_else(|| name.strip_prefix(EGRESS_PIN));
+            if interface.is_some_and(|i| !wanted.contains(i)) {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(|e| EbpfError::Io(path, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// bpffs refuses dots in names; interface names may have them.
+fn pin_name(prefix: &str, interface: &str) -> String {
+    format!("{prefix}{}", interface.replace('.', "_"))
+}
+
+/// Interfaces holding a node IPv4 address (loopback and link-local left out): where
+/// NodePort, external and load-balancer traffic arrives.
+fn external_interfaces() -> BTreeSet<String> {
+    let found = match addresses::by_interface() {
+        Ok(found) => found,
+        Err(error) => {
+            warn!(%error, "cannot list the node's interfaces");
+            return BTreeSet::new();
+        }
+    };
+    found
+        .into_iter()
+        .filter(|(_, ip)| matches!(ip, IpAddr::V4(_)))
+        .filter_map(|(index, _)| nix::net::if_::if_indextoname(index).ok())
+        .filter_map(|name| name.into_string().ok())
+        .collect()
+}
+
+/// Replaces the pinned `CLUSTER_CIDR4` entries with `cidrs` (IPv4 ones).
+fn write_cluster_cidrs(ebpf: &mut Ebpf, cidrs: &[IpNet]) -> Result<(), EbpfError> {
+    let name = proxy_common::MAP_CLUSTER_CIDR4;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| EbpfError::MissingMap(name.to_owned()))?;
+    let mut trie: LpmTrie<&mut MapData, u32, u8> = LpmTrie::try_from(map)?;
+    let old: Vec<Key<u32>> = trie.keys().filter_map(Result::ok).collect();
+    let new: Vec<Key<u32>> = cidrs
+        .iter()
+        .filter_map(|cidr| match cidr {
+            IpNet::V4(net) => Some(Key::new(
+                u32::from(net.prefix_len()),
+                u32::from_ne_bytes(net.network().octets()),
+            )),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    for key in &new {
+        trie.insert(key, 1, 0)?;
+    }
+    let same =
+        |a: &Key<u32>, b: &Key<u32>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+    for key in old.iter().filter(|k| !new.iter().any(|n| same(n, k))) {
+        let _ = trie.remove(key);
+    }
+    Ok(())
+}
+
+/// Masquerade for flows the ingress program marked (the node picks the source address,
+/// as kube-proxy's KUBE-POSTROUTING does), and the REJECT kube-proxy sends: a TCP reset
+/// for TCP (which an established connection heeds), ICMP port unreachable otherwise.
+fn netfilter_table() -> String {
+    let masq = proxy_common::MARK_MASQ;
+    let reject = proxy_common::MARK_REJECT;
+    let rejects = format!(
+        "meta mark & {reject:#x} == {reject:#x} meta l4proto tcp reject with tcp reset\n\t\tmeta mark & {reject:#x} == {reject:#x} reject\n"
+    );
+    format!(
+        "add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n\
+         \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tmeta mark & {masq:#x} == {masq:#x} masquerade fully-random\n\t}}\n\
+         \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\t{rejects}\t}}\n\
+         \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\t{rejects}\t}}\n}}\n"
+    )
+}
+
+/// Removes our netfilter table, whether it exists or not.
+pub fn remove_netfilter_table() -> Result<(), nftables::NftError> {
+    nftables::load(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))
+}
