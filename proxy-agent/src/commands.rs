@@ -64,6 +64,9 @@ fn start_nftables(args: &RunArgs, reason: &str) -> Result<Box<dyn Dataplane>> {
     if let Err(error) = ebpf::loader::cleanup(&args.paths.bpffs) {
         warn!(%error, "could not remove a previous eBPF dataplane's pins");
     }
+    if let Err(error) = ebpf::nodeport::remove_netfilter_table() {
+        debug!(%error, "no eBPF netfilter table to remove");
+    }
     info!(dataplane = "nftables", reason, "dataplane chosen");
     Ok(Box::new(dataplane))
 }
@@ -296,6 +299,9 @@ pub fn cleanup(args: &CleanupArgs) -> Result<()> {
         let removed = ebpf::loader::cleanup(bpffs)
             .with_context(|| format!("cleaning {}", bpffs.display()))?;
         info!(bpffs = %bpffs.display(), removed, "eBPF programs detached and maps removed");
+        if let Err(error) = ebpf::nodeport::remove_netfilter_table() {
+            warn!(%error, "cannot remove the eBPF dataplane's netfilter table");
+        }
     }
     if matches!(
         args.dataplane,

@@ -468,7 +468,8 @@ impl Cluster {
 
 /// Mounts bpffs at /sys/fs/bpf once per process if nothing is mounted there, so agents
 /// started in parallel never race to mount it (a second mount would hide the first's pins).
-fn ensure_bpffs() {
+/// Mounts bpffs at /sys/fs/bpf unless it is there.
+pub fn ensure_bpffs() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let fs_type = sh(&["stat", "-f", "-c", "%T", BPFFS]);

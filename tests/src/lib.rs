@@ -11,6 +11,7 @@ pub mod flowbed;
 pub mod flows;
 pub mod kube_proxy_iptables;
 pub mod manifests;
+pub mod progtest;
 pub mod rssbench;
 pub mod scale;
 pub mod scenarios;

@@ -276,7 +276,10 @@ fn north_south(tag: &str, dataplane: &str) {
             "proxyagent_datapath_decisions_total",
             &["hook=\"tc_ingress\"", "service=\"default/np-cluster:http\""],
         );
-        assert!(flows >= 24.0, "NodePort flows on node1 not counted: {flows}");
+        assert!(
+            flows >= 24.0,
+            "NodePort flows on node1 not counted: {flows}"
+        );
     }
 
     // An address added to the node later serves NodePorts within a second (rtnetlink).

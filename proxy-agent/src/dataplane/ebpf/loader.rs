@@ -17,6 +17,12 @@ use super::{kernel::KernelMaps, EbpfError};
 /// The object `cargo xtask build` compiled, embedded at build time.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
+/// The embedded eBPF object (empty when built without it).
+#[must_use]
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 /// The socket-LB programs, by the names the object gives them.
 pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 /// The program that forgets a closed socket's backend.
@@ -111,12 +117,9 @@ pub(super) fn swap_pin(link: FdLink, name: &str, bpffs: &Path) -> Result<(), Ebp
     Ok(())
 }
 
-/// Detaches every program (by unpinning its link), removes every pinned map and the
-/// netfilter table the per-packet programs rely on.
+/// Detaches every program (by unpinning its link) and removes every pinned map (the
+/// netfilter table is `nodeport::remove_netfilter_table`'s).
 pub fn cleanup(bpffs: &Path) -> Result<usize, EbpfError> {
-    if let Err(error) = super::nodeport::remove_netfilter_table() {
-        debug!(%error, "no eBPF netfilter table removed");
-    }
     let mut removed = 0;
     let links = links_dir(bpffs);
     for dir in [links.as_path(), bpffs] {

@@ -1,0 +1,292 @@
+//! The per-packet programs run on crafted packets through `BPF_PROG_TEST_RUN`: the real
+//! object and maps, written by the agent's own map writer, with no network at all.
+#![allow(
+    unsafe_code,
+    reason = "BPF_PROG_TEST_RUN has no safe wrapper in aya; one bpf(2) call"
+)]
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Map, MapData,
+    },
+    programs::SchedClassifier,
+    Ebpf, EbpfLoader,
+};
+use proxy_agent::{
+    dataplane::ebpf::{kernel::KernelMaps, loader, nodeport, MapWriter},
+    model::{diff, DesiredState},
+};
+
+/// `TC_ACT_OK` and `TC_ACT_SHOT`.
+pub const PASS: u32 = 0;
+pub const DROP: u32 = 2;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// `sizeof(struct __sk_buff)`, and where `mark` sits in it.
+const SKB_SIZE: usize = 192;
+const SKB_MARK: usize = 8;
+
+/// The object loaded with its maps pinned in a directory of its own.
+pub struct Programs {
+    ebpf: Ebpf,
+    dir: PathBuf,
+    writer: MapWriter<KernelMaps>,
+    programmed: DesiredState,
+}
+
+/// What a program did to one packet.
+#[derive(Debug)]
+pub struct Outcome {
+    pub verdict: u32,
+    pub packet: Vec<u8>,
+    pub mark: u32,
+}
+
+impl Programs {
+    /// Loads the embedded object; `tag` names its pin directory.
+    ///
+    /// # Panics
+    /// When the object or the kernel refuses (these tests need root).
+    #[must_use]
+    pub fn load(tag: &str) -> Self {
+        crate::cluster::ensure_bpffs();
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/pa-progtest-{}-{tag}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("pin directory");
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(loader::object())
+            .expect("eBPF object");
+        for name in [nodeport::INGRESS_PROGRAM, nodeport::EGRESS_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("program")
+                .try_into()
+                .expect("classifier");
+            program.load().expect("verifier");
+        }
+        let writer =
+            MapWriter::restore(KernelMaps::from_pins(&dir).expect("pinned maps")).expect("writer");
+        Self {
+            ebpf,
+            dir,
+            writer,
+            programmed: DesiredState::default(),
+        }
+    }
+
+    /// Programs `desired` as the agent would.
+    ///
+    /// # Panics
+    /// When a map write fails.
+    pub fn program(&mut self, desired: &DesiredState) {
+        self.writer
+            .apply(&diff(&self.programmed, desired))
+            .expect("map writes");
+        self.programmed = desired.clone();
+    }
+
+    /// Sets the cluster CIDRs (sources taking the pod route).
+    ///
+    /// # Panics
+    /// When the map cannot be written.
+    pub fn cluster_cidr(&self, network: Ipv4Addr, prefix_len: u32) {
+        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CLUSTER_CIDR4)).expect("pin");
+        let mut trie: LpmTrie<MapData, u32, u8> =
+            LpmTrie::try_from(Map::LpmTrie(data)).expect("trie");
+        trie.insert(
+            &Key::new(prefix_len, u32::from_ne_bytes(network.octets())),
+            1,
+            0,
+        )
+        .expect("insert");
+    }
+
+    /// Runs the ingress or egress program once on `packet` (Ethernet frame).
+    ///
+    /// # Panics
+    /// When the kernel refuses the run.
+    #[must_use]
+    pub fn run(&self, ingress: bool, packet: &[u8]) -> Outcome {
+        let name = if ingress {
+            nodeport::INGRESS_PROGRAM
+        } else {
+            nodeport::EGRESS_PROGRAM
+        };
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .expect("program")
+            .try_into()
+            .expect("classifier");
+        let fd = program.fd().expect("loaded").as_fd().as_raw_fd();
+        let mut out = vec![0u8; packet.len() + 256];
+        let ctx_in = [0u8; SKB_SIZE];
+        let mut ctx_out = [0u8; SKB_SIZE];
+        let mut attr = [0u8; 80];
+        let put32 = |attr: &mut [u8; 80], at: usize, v: u32| {
+            attr[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+        };
+        let put64 = |attr: &mut [u8; 80], at: usize, v: u64| {
+            attr[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+        };
+        put32(&mut attr, 0, u32::try_from(fd).expect("fd"));
+        put32(&mut attr, 8, u32::try_from(packet.len()).expect("size"));
+        put32(&mut attr, 12, u32::try_from(out.len()).expect("size"));
+        put64(&mut attr, 16, packet.as_ptr() as u64);
+        put64(&mut attr, 24, out.as_mut_ptr() as u64);
+        put32(&mut attr, 32, 1);
+        put32(&mut attr, 40, u32::try_from(SKB_SIZE).expect("size"));
+        put32(&mut attr, 44, u32::try_from(SKB_SIZE).expect("size"));
+        put64(&mut attr, 48, ctx_in.as_ptr() as u64);
+        put64(&mut attr, 56, ctx_out.as_mut_ptr() as u64);
+        // SAFETY: `attr` is a valid bpf_attr for BPF_PROG_TEST_RUN whose pointers refer to
+        // buffers of the sizes given, all alive across the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_TEST_RUN,
+                attr.as_mut_ptr(),
+                attr.len(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_PROG_TEST_RUN: {}",
+            std::io::Error::last_os_error()
+        );
+        let read32 = |bytes: &[u8], at: usize| {
+            u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+        };
+        let size = usize::try_from(read32(&attr, 12)).expect("size");
+        out.truncate(size);
+        Outcome {
+            verdict: read32(&attr, 4),
+            packet: out,
+            mark: read32(&ctx_out, SKB_MARK),
+        }
+    }
+}
+
+impl Drop for Programs {
+    fn drop(&mut self) {
+        let _ = loader::cleanup(&self.dir);
+    }
+}
+
+/// An Ethernet frame carrying an IPv4 TCP segment with `flags` (checksums correct).
+#[must_use]
+pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    let mut l4 = vec![0u8; 20];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    l4[12] = 5 << 4;
+    l4[13] = flags;
+    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    frame(src, dst, proxy_common::PROTO_TCP, l4, 16)
+}
+
+/// An Ethernet frame carrying an IPv4 UDP datagram, with or without a checksum.
+#[must_use]
+pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], checksum: bool) -> Vec<u8> {
+    let mut l4 = vec![0u8; 8];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    let len = u16::try_from(8 + payload.len()).expect("length");
+    l4[4..6].copy_from_slice(&len.to_be_bytes());
+    l4.extend_from_slice(payload);
+    let at = if checksum { 6 } else { usize::MAX };
+    frame(src, dst, proxy_common::PROTO_UDP, l4, at)
+}
+
+fn frame(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    proto: u8,
+    mut l4: Vec<u8>,
+    csum_at: usize,
+) -> Vec<u8> {
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    let total = u16::try_from(20 + l4.len()).expect("length");
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.ip().octets());
+    ip[16..20].copy_from_slice(&dst.ip().octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    if csum_at != usize::MAX {
+        let mut sum = checksum(&[pseudo_header(&ip, l4.len()), l4.clone()].concat());
+        if sum == 0 && proto == proxy_common::PROTO_UDP {
+            sum = 0xffff;
+        }
+        l4[csum_at..csum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00];
+    frame.extend(ip);
+    frame.extend(l4);
+    frame
+}
+
+fn pseudo_header(ip: &[u8], l4_len: usize) -> Vec<u8> {
+    let mut pseudo = ip[12..20].to_vec();
+    pseudo.extend([0, ip[9]]);
+    pseudo.extend(u16::try_from(l4_len).expect("length").to_be_bytes());
+    pseudo
+}
+
+/// The Internet checksum of `bytes`.
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).expect("folded")
+}
+
+/// Source and destination of a frame built by [`tcp`] or [`udp`].
+#[must_use]
+pub fn endpoints(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
+    let ip = &frame[14..];
+    let at = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([ip[20 + o], ip[21 + o]]);
+    (
+        SocketAddrV4::new(at(12), port(0)),
+        SocketAddrV4::new(at(16), port(2)),
+    )
+}
+
+/// Whether the IPv4 header and the TCP/UDP checksums of a frame verify; a zero UDP
+/// checksum (none) counts as valid, and is reported by [`udp_checksum`].
+#[must_use]
+pub fn checksums_valid(frame: &[u8]) -> bool {
+    let ip = &frame[14..34];
+    let l4 = &frame[34..];
+    if checksum(ip) != 0 {
+        return false;
+    }
+    if ip[9] == proxy_common::PROTO_UDP && udp_checksum(frame) == 0 {
+        return true;
+    }
+    checksum(&[pseudo_header(ip, l4.len()), l4.to_vec()].concat()) == 0
+}
+
+/// The UDP checksum field of a frame built by [`udp`].
+#[must_use]
+pub fn udp_checksum(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[40], frame[41]])
+}

@@ -1,0 +1,250 @@
+//! The per-packet programs as a table of packet in → verdict, packet out and mark, run
+//! by the kernel through `BPF_PROG_TEST_RUN` on maps the agent's writer filled: DNAT and
+//! reverse NAT with their checksums, each verdict, both client classes, and flows whose
+//! backend leaves.
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
+
+use proxy_agent::model::{
+    Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
+    ServicePortName,
+};
+use proxy_agent_tests::progtest::{
+    checksums_valid, endpoints, tcp, udp, udp_checksum, Programs, DROP, PASS,
+};
+use proxy_common::{MARK_MASQ, MARK_REJECT};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 201);
+const B1: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8080);
+const B2: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 2), 8080);
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn at(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+fn client(port: u16) -> SocketAddrV4 {
+    at(Ipv4Addr::new(192, 0, 2, 10), port)
+}
+
+fn route(backends: &[SocketAddrV4], masquerade: bool, when_empty: EmptyVerdict) -> Route {
+    let backends: Arc<[Backend]> = backends
+        .iter()
+        .map(|b| Backend {
+            ip: (*b.ip()).into(),
+            port: b.port(),
+        })
+        .collect();
+    Route::new(
+        backends,
+        masquerade,
+        when_empty,
+        when_empty == EmptyVerdict::Drop,
+    )
+}
+
+fn frontend(name: &str, kind: FrontendKind, pod: Route, external: Route) -> Frontend {
+    Frontend {
+        service: ServicePortName {
+            namespace: "default".into(),
+            name: name.into(),
+            port: String::new(),
+        },
+        kind,
+        node: pod.clone(),
+        pod,
+        external,
+        affinity_timeout: None,
+        source_ranges: Vec::new(),
+        health_check_node_port: None,
+    }
+}
+
+fn key(ip: Ipv4Addr, port: u16, protocol: Protocol) -> FrontendKey {
+    FrontendKey {
+        ip: ip.into(),
+        port,
+        protocol,
+    }
+}
+
+/// NodePorts with eTP Cluster (TCP and UDP) and Local (no endpoint on this node), one
+/// without endpoints, and a load-balancer IP with source ranges; `backends` serve all.
+fn services(backends: &[SocketAddrV4]) -> DesiredState {
+    use EmptyVerdict::{Drop, Reject};
+    use FrontendKind::{LoadBalancer, NodePort};
+    let masqueraded = route(backends, true, Reject);
+    let mut state = DesiredState::default();
+    let mut add = |key: FrontendKey, frontend: Frontend| {
+        state.frontends.insert(key, frontend);
+    };
+    add(
+        key(NODE, 30080, Protocol::Tcp),
+        frontend("np", NodePort, masqueraded.clone(), masqueraded.clone()),
+    );
+    add(
+        key(NODE, 30053, Protocol::Udp),
+        frontend("np-udp", NodePort, masqueraded.clone(), masqueraded.clone()),
+    );
+    add(
+        key(NODE, 30081, Protocol::Tcp),
+        frontend(
+            "np-local",
+            NodePort,
+            route(backends, false, Reject),
+            route(&[], false, Drop),
+        ),
+    );
+    add(
+        key(NODE, 30090, Protocol::Tcp),
+        frontend(
+            "noeps",
+            NodePort,
+            route(&[], true, Reject),
+            route(&[], true, Reject),
+        ),
+    );
+    let mut lb = frontend("lb", LoadBalancer, masqueraded.clone(), masqueraded);
+    lb.source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+    add(key(LB_IP, 80, Protocol::Tcp), lb);
+    state
+}
+
+fn loaded(tag: &str) -> Programs {
+    let mut programs = Programs::load(tag);
+    programs.program(&services(&[B1, B2]));
+    programs.cluster_cidr(Ipv4Addr::new(10, 244, 0, 0), 16);
+    programs
+}
+
+#[test]
+fn nodeport_flows_are_translated_both_ways_with_valid_checksums() {
+    let programs = loaded("nat");
+    let frontend = at(NODE, 30080);
+    let syn = tcp(client(40000), frontend, SYN);
+    let first = programs.run(true, &syn);
+    assert_eq!(first.verdict, PASS);
+    let (src, backend) = endpoints(&first.packet);
+    assert_eq!(
+        src,
+        client(40000),
+        "the client address is kept (netfilter masquerades)"
+    );
+    assert!(
+        backend == B1 || backend == B2,
+        "DNAT to a backend, got {backend}"
+    );
+    assert!(checksums_valid(&first.packet), "checksums after DNAT");
+    assert_eq!(first.mark, MARK_MASQ, "eTP=Cluster marks for masquerade");
+
+    // The flow keeps its backend.
+    for _ in 0..8 {
+        let next = programs.run(true, &tcp(client(40000), frontend, ACK));
+        assert_eq!(endpoints(&next.packet).1, backend);
+    }
+    // The backend's reply leaves from the frontend.
+    let reply = programs.run(false, &tcp(backend, client(40000), SYN | ACK));
+    assert_eq!(reply.verdict, PASS);
+    assert_eq!(endpoints(&reply.packet), (frontend, client(40000)));
+    assert!(
+        checksums_valid(&reply.packet),
+        "checksums after reverse NAT"
+    );
+    // Packets of no flow and to no Service pass untouched.
+    let stranger = tcp(B1, client(40001), ACK);
+    assert_eq!(programs.run(false, &stranger).packet, stranger);
+    let ssh = tcp(client(40002), at(NODE, 22), SYN);
+    let out = programs.run(true, &ssh);
+    assert_eq!((out.verdict, out.mark, out.packet), (PASS, 0, ssh));
+}
+
+#[test]
+fn udp_checksums_are_updated_and_an_absent_one_stays_absent() {
+    let programs = loaded("udp");
+    let frontend = at(NODE, 30053);
+    let with = programs.run(true, &udp(client(5000), frontend, b"query", true));
+    assert_eq!(with.verdict, PASS);
+    assert!(checksums_valid(&with.packet) && udp_checksum(&with.packet) != 0);
+    let backend = endpoints(&with.packet).1;
+    assert!(backend == B1 || backend == B2);
+    let without = programs.run(true, &udp(client(5001), frontend, b"query", false));
+    assert_eq!(
+        udp_checksum(&without.packet),
+        0,
+        "no checksum stays no checksum"
+    );
+    assert!(checksums_valid(&without.packet));
+}
+
+#[test]
+fn each_verdict_for_each_class_of_client() {
+    let programs = loaded("verdicts");
+    // eTP=Local without a local endpoint: external clients are dropped...
+    let local = at(NODE, 30081);
+    let out = programs.run(true, &tcp(client(41000), local, SYN));
+    assert_eq!(out.verdict, DROP);
+    // ...pods (inside --cluster-cidr) take the pod route: every endpoint, kept address.
+    let pod = at(Ipv4Addr::new(10, 244, 2, 7), 5000);
+    let out = programs.run(true, &tcp(pod, local, SYN));
+    assert_eq!((out.verdict, out.mark), (PASS, 0));
+    assert_eq!(endpoints(&out.packet).0, pod);
+    assert_ne!(endpoints(&out.packet).1, local);
+    // No endpoints at all: marked for netfilter's REJECT, untranslated.
+    let none = tcp(client(41001), at(NODE, 30090), SYN);
+    let out = programs.run(true, &none);
+    assert_eq!(
+        (out.verdict, out.mark, &out.packet),
+        (PASS, MARK_REJECT, &none)
+    );
+    // loadBalancerSourceRanges: outside dropped, inside translated.
+    let lb = at(LB_IP, 80);
+    let outsider = at(Ipv4Addr::new(198, 51, 100, 1), 41002);
+    assert_eq!(programs.run(true, &tcp(outsider, lb, SYN)).verdict, DROP);
+    let out = programs.run(true, &tcp(client(41003), lb, SYN));
+    assert_eq!(out.verdict, PASS);
+    assert_ne!(endpoints(&out.packet).1, lb);
+}
+
+/// A source port of a new flow to `frontend` that lands on `backend`.
+fn flow_on(
+    programs: &Programs,
+    frontend: SocketAddrV4,
+    backend: SocketAddrV4,
+    tcp_flow: bool,
+    from: u16,
+) -> u16 {
+    (from..from + 200)
+        .find(|&port| {
+            let packet = if tcp_flow {
+                tcp(client(port), frontend, SYN)
+            } else {
+                udp(client(port), frontend, b"x", true)
+            };
+            endpoints(&programs.run(true, &packet).packet).1 == backend
+        })
+        .expect("random choice never picked the backend in 200 flows")
+}
+
+#[test]
+fn flows_of_a_backend_that_left_move_udp_and_reset_tcp() {
+    let mut programs = loaded("stale");
+    let udp_port = flow_on(&programs, at(NODE, 30053), B1, false, 20000);
+    let tcp_port = flow_on(&programs, at(NODE, 30080), B1, true, 30000);
+    programs.program(&services(&[B2]));
+    // The UDP flow's next datagram goes to the live backend, and stays there.
+    for _ in 0..4 {
+        let out = programs.run(true, &udp(client(udp_port), at(NODE, 30053), b"x", true));
+        assert_eq!((out.verdict, endpoints(&out.packet).1), (PASS, B2));
+    }
+    // The TCP flow is reset (marked for netfilter's REJECT with a TCP reset), not hung.
+    let segment = tcp(client(tcp_port), at(NODE, 30080), ACK);
+    let out = programs.run(true, &segment);
+    assert_eq!(
+        (out.verdict, out.mark, &out.packet),
+        (PASS, MARK_REJECT, &segment)
+    );
+}
