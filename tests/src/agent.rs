@@ -79,13 +79,18 @@ impl Agent {
     /// Starts another agent process for the same node with the same source (a restart
     /// or upgrade).
     pub fn respawn(&self, cluster: &mut Cluster) {
+        self.respawn_with(cluster, &agent_bin());
+    }
+
+    /// [`Self::respawn`] running `binary` (an upgrade).
+    pub fn respawn_with(&self, cluster: &mut Cluster, binary: &Path) {
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("agent log");
         let mut args = vec![
-            agent_bin().display().to_string(),
+            binary.display().to_string(),
             "run".into(),
             "--node-name".into(),
             self.node.clone(),

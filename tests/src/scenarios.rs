@@ -13,7 +13,8 @@ pub const SVC_PORTS: [(&str, &str, u16); 2] = [("http", "TCP", 80), ("dns", "UDP
 pub const POD_PORTS: [(&str, &str, u16); 2] = [("http", "TCP", 8080), ("dns", "UDP", 5353)];
 
 /// Two nodes; echo pods web-a (10.244.1.2, node1), web-b (10.244.2.2, node2) and
-/// web-c (10.244.2.3, node2) answering on TCP 8080 and UDP 5353; a client pod
+/// web-c (10.244.2.3, node2) answering on TCP 8080 and UDP 5353 (and echoing lines on
+/// TCP 7070); a client pod
 /// (10.244.1.10) on node1. No agent yet.
 #[must_use]
 pub fn echo_cluster(tag: &str) -> Cluster {
@@ -27,7 +28,10 @@ pub fn echo_cluster(tag: &str) -> Cluster {
         ("node2", "web-c", 3),
     ] {
         cluster.add_pod(node, pod, host);
-        cluster.spawn_in_pod(pod, &[&testpod, "serve", pod, "tcp:8080", "udp:5353"]);
+        cluster.spawn_in_pod(
+            pod,
+            &[&testpod, "serve", pod, "tcp:8080", "udp:5353", "echo:7070"],
+        );
     }
     cluster.add_pod("node1", "client", 10);
     cluster

@@ -13,6 +13,9 @@ use proxy_agent_tests::{
     scenarios::{self, POD_PORTS},
 };
 
+/// The echo pods' ports, with the line-echo port long-lived connections use.
+const PORTS: [(&str, &str, u16); 3] = [POD_PORTS[0], POD_PORTS[1], ("echo", "TCP", 7070)];
+
 const CLIENT: &str = "10.100.0.254";
 /// A second LAN address outside the load balancer's source ranges.
 const OTHER_CLIENT: &str = "10.100.0.253";
@@ -27,7 +30,8 @@ spec:
   type: NodePort
   clusterIP: 10.96.0.60
   ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30080},
-          {name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}]
+          {name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053},
+          {name: echo, protocol: TCP, port: 7070, targetPort: echo, nodePort: 30070}]
 ---
 apiVersion: v1
 kind: Service
@@ -86,7 +90,7 @@ fn setup(tag: &str, dataplane: &str) -> Bed {
         manifests::write(
             &dir,
             &format!("{slice}.yaml"),
-            &manifests::slice(slice, service, &POD_PORTS, endpoints),
+            &manifests::slice(slice, service, &PORTS, endpoints),
         );
     }
     // The outside world: a second client address, and routes to the external and
@@ -324,4 +328,72 @@ fn autoscaler_taint(bed: &Bed) {
     let (code, body) = agent2.http_get(&bed.cluster, "127.0.0.1:10256", "/livez");
     assert_eq!(code, 200, "{body}");
     assert_eq!(bed.agents[0].healthz(&bed.cluster).0, 200);
+}
+
+#[test]
+fn restarts_and_upgrades_drop_no_north_south_connection_with_ebpf() {
+    restarts_drop_nothing("nre", "ebpf");
+}
+
+#[test]
+fn restarts_and_upgrades_drop_no_north_south_connection_with_nftables() {
+    restarts_drop_nothing("nrn", "nftables");
+}
+
+/// A long-lived connection and a stream of new ones through node1's NodePorts from
+/// outside, across a SIGTERM + restart of node1's agent and then an upgrade to another
+/// binary: no exchange and no connection may fail.
+fn restarts_drop_nothing(tag: &str, dataplane: &str) {
+    let mut bed = setup(tag, dataplane);
+    let testpod = testpod_bin().display().to_string();
+    let upgraded = bed.cluster.scratch().join("proxy-agent-upgraded");
+    std::fs::copy(proxy_agent_tests::agent::agent_bin(), &upgraded).unwrap();
+    let lan = format!("/run/netns/{}", bed.cluster.lan_netns());
+    let spawn = |args: &[&str]| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={lan}"))
+            .arg("--")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let held = spawn(&[&testpod, "hold", "10.100.0.1:30070", "4000"]);
+    let stream = spawn(&[&testpod, "request-for", "tcp", "10.100.0.1:30080", "4000"]);
+    std::thread::sleep(Duration::from_millis(400));
+    for binary in [None, Some(&upgraded)] {
+        let exits = bed.cluster.terminate("node1", "agent");
+        assert!(
+            exits.iter().all(std::process::ExitStatus::success),
+            "{exits:?}"
+        );
+        match binary {
+            None => bed.agents[0].respawn(&mut bed.cluster),
+            Some(path) => bed.agents[0].respawn_with(&mut bed.cluster, path),
+        }
+        bed.agents[0].wait_healthy(&bed.cluster);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let report = |child: std::process::Child| {
+        let output = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    let (held, stream) = (report(held), report(stream));
+    println!("{dataplane}: long-lived connection {held}; new connections {stream}");
+    assert!(
+        held.ends_with("err=0"),
+        "the long-lived connection broke: {held}"
+    );
+    assert!(
+        stream.contains(" err=0"),
+        "new connections failed: {stream}"
+    );
+    let count = |text: &str, key: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(key))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count(&held, "exchanges=") > 100, "{held}");
+    assert!(count(&stream, "ok=") > 100, "{stream}");
 }

@@ -1,6 +1,7 @@
 //! Runs inside a simulated pod: `serve` answers every TCP connection and UDP datagram
-//! with the pod's name and the peer address it saw; `request` is the client, printing
-//! one line per attempt; `http-get` reads the agent's health endpoint from its node.
+//! with the pod's name and the peer address it saw (and `echo:PORT` echoes lines on a
+//! connection kept open); `request` is the client, printing one line per attempt;
+//! `hold` keeps one connection busy; `http-get` reads the agent's health endpoint.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -10,7 +11,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT]...\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS"
     );
     std::process::exit(2)
 }
@@ -55,6 +56,11 @@ fn main() {
             }
         }
         Some("http-get") if args.len() == 3 => http_get(&args[1], &args[2]),
+        Some("hold") if args.len() == 3 => {
+            let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
+            let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
+            hold(to, Duration::from_millis(millis));
+        }
         Some("serve-rate") if args.len() == 2 => {
             serve_rate(args[1].parse().unwrap_or_else(|_| usage()));
         }
@@ -106,12 +112,68 @@ fn serve(name: &str, listeners: &[String]) {
                     }
                 }));
             }
+            "echo" => {
+                let listener = TcpListener::bind(addr).expect("bind echo");
+                threads.push(thread::spawn(move || {
+                    for stream in listener.incoming().flatten() {
+                        let name = name.clone();
+                        thread::spawn(move || echo_lines(&name, stream));
+                    }
+                }));
+            }
             _ => usage(),
         }
     }
     println!("ready");
     for t in threads {
         let _ = t.join();
+    }
+}
+
+/// Answers each line of one connection with `<name> <line>` until the peer closes.
+fn echo_lines(name: &str, stream: TcpStream) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let reader = std::io::BufReader::new(stream);
+    for line in std::io::BufRead::lines(reader) {
+        let Ok(line) = line else { return };
+        if writer
+            .write_all(format!("{name} {line}\n").as_bytes())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// One connection for a while, a line sent and its echo read every 10 ms; prints
+/// `exchanges=N err=0` or, at the first failure, `exchanges=N err=1 <kind>`.
+fn hold(to: SocketAddr, duration: Duration) {
+    let started = Instant::now();
+    let mut exchanges = 0u64;
+    let result = (|| -> std::io::Result<()> {
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut writer = stream.try_clone()?;
+        let mut reader = std::io::BufReader::new(stream);
+        while started.elapsed() < duration {
+            writer.write_all(format!("ping {exchanges}\n").as_bytes())?;
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if !line.trim_end().ends_with(&format!("ping {exchanges}")) {
+                return Err(std::io::ErrorKind::InvalidData.into());
+            }
+            exchanges += 1;
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => println!("exchanges={exchanges} err=0"),
+        Err(e) => println!("exchanges={exchanges} err=1 {:?}", e.kind()),
     }
 }
 
