@@ -204,6 +204,10 @@ pub struct RunArgs {
     /// Which backend programs the kernel.
     #[arg(long, value_enum, default_value_t = DataplaneKind::Auto)]
     pub dataplane: DataplaneKind,
+    /// Entries of each Maglev table of the eBPF per-packet path (a prime up to 16381;
+    /// a backend change moves about 1/N of flows, and a table costs 4 bytes per entry).
+    #[arg(long, default_value_t = crate::dataplane::ebpf::maglev::DEFAULT_SIZE, value_parser = parse_maglev_size)]
+    pub maglev_table_size: u32,
     #[command(flatten)]
     pub paths: KernelPaths,
     #[command(flatten)]
@@ -259,4 +263,16 @@ pub struct CleanupArgs {
     pub dataplane: DataplaneKind,
     #[command(flatten)]
     pub paths: KernelPaths,
+}
+
+fn parse_maglev_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text.parse().map_err(|e| format!("{e}"))?;
+    if crate::dataplane::ebpf::maglev::valid_size(size) {
+        Ok(size)
+    } else {
+        Err(format!(
+            "{size} is not a prime between 3 and {}",
+            proxy_common::MAGLEV_MAX
+        ))
+    }
 }

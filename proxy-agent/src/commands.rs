@@ -54,6 +54,7 @@ fn start_ebpf(args: &RunArgs) -> Result<ebpf::EbpfDataplane> {
         &args.paths.bpffs,
         &cgroup,
         Some(&args.node.cluster_cidr),
+        args.maglev_table_size,
     )?)
 }
 

@@ -36,6 +36,13 @@ pub const MAP_AFFINITY4: &str = "LB4_AFFINITY";
 pub const MAP_CT4: &str = "LB4_CT";
 pub const MAP_CLUSTER_CIDR4: &str = "CLUSTER_CIDR4";
 pub const MAP_SOURCE_RANGES4: &str = "LB4_SOURCE_RANGES";
+pub const MAP_MAGLEV4: &str = "LB4_MAGLEV";
+
+/// Largest Maglev lookup table (a prime, Cilium's default); `--maglev-table-size` may
+/// choose a smaller prime.
+pub const MAGLEV_MAX: usize = 16381;
+/// Maglev tables (one per distinct backend set of the per-packet path's frontends).
+pub const MAX_MAGLEV_TABLES: u32 = 1 << 14;
 
 /// Flows the per-packet programs translate (LRU: under pressure the coldest flow is
 /// forgotten and re-chosen on its next packet, never a wedged map).
@@ -154,7 +161,10 @@ pub struct ServiceValue {
     pub count: u16,
     pub rev_nat_index: u16,
     pub flags: u8,
-    pub pad: [u8; 3],
+    pub pad: u8,
+    /// Slot 0: the `LB4_MAGLEV` table the per-packet path chooses backends from (0:
+    /// none, choose at random).
+    pub maglev_table: u16,
 }
 const _: () = assert!(size_of::<ServiceValue>() == 12);
 
@@ -317,6 +327,16 @@ pub struct AffinityValue {
 }
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 
+/// Value of `LB4_MAGLEV`, keyed by a table id (`u16`, non-zero): `size` entries of
+/// backend ids, a flow going to `backend_ids[hash % size]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevTable {
+    pub size: u32,
+    pub backend_ids: [u32; MAGLEV_MAX],
+}
+const _: () = assert!(size_of::<MaglevTable>() == 4 + 4 * MAGLEV_MAX);
+
 /// `Ct4Key::direction`: the client's packets (keyed as they arrive), and the backend's
 /// replies (keyed as they leave, after the kernel undid any masquerade).
 pub const CT_FORWARD: u8 = 0;
@@ -393,4 +413,5 @@ mod user {
     unsafe impl aya::Pod for super::Ct4Key {}
     unsafe impl aya::Pod for super::Ct4Value {}
     unsafe impl aya::Pod for super::SourceRange4 {}
+    unsafe impl aya::Pod for super::MaglevTable {}
 }

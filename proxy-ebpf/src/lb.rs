@@ -2,7 +2,7 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{Backend4, Service4Key, ServiceValue, LOCAL_REDIRECT_TTL_NS};
 
-use crate::maps::{LB4_BACKENDS, LB4_SERVICES, LOCAL_REDIRECT4};
+use crate::maps::{LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LOCAL_REDIRECT4};
 
 /// The slot-0 key of a frontend in one scope.
 #[inline(always)]
@@ -39,6 +39,23 @@ pub fn select_backend(frontend: &Service4Key, svc: &ServiceValue) -> Option<(u32
     let slot = (random % count) as u16 + 1;
     let (id, backend) = slot_backend(frontend, slot)?;
     Some((id, backend, slot))
+}
+
+/// The backend a flow hashing to `hash` gets from a Maglev table, and its id: every node
+/// holding the same table sends the flow to the same backend, and a backend change
+/// moves only about its share of flows.
+#[inline(always)]
+pub fn maglev_backend(table: u16, hash: u32) -> Option<(u32, Backend4)> {
+    // SAFETY: the value is read in place, one entry; the agent replaces whole tables.
+    let table = unsafe { LB4_MAGLEV.get(table) }?;
+    let size = table.size;
+    if size == 0 {
+        return None;
+    }
+    let id = *table.backend_ids.get((hash % size) as usize)?;
+    // SAFETY: copied out at once.
+    let backend = unsafe { LB4_BACKENDS.get(id) }.copied()?;
+    Some((id, backend))
 }
 
 /// The backend in one slot of a frontend, and its id.

@@ -4,11 +4,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Ct4Key, Ct4Value, LocalRedirect4, MonitorConfig, RevNat4,
-    Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key, SourceRange4, Stats, StatsKey,
-    EVENTS_BYTES, MAP_NO_PREALLOC, MAX_AFFINITY, MAX_BACKENDS, MAX_CLUSTER_CIDRS, MAX_CT,
-    MAX_LOCAL_REDIRECT, MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES,
-    MAX_STATS,
+    AffinityKey, AffinityValue, Backend4, Ct4Key, Ct4Value, LocalRedirect4, MaglevTable,
+    MonitorConfig, RevNat4, Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key, SourceRange4,
+    Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC, MAX_AFFINITY, MAX_BACKENDS, MAX_CLUSTER_CIDRS,
+    MAX_CT, MAX_LOCAL_REDIRECT, MAX_MAGLEV_TABLES, MAX_REVNAT, MAX_SERVICE_ENTRIES,
+    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_STATS,
 };
 
 #[map]
@@ -63,3 +63,9 @@ pub static CLUSTER_CIDR4: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_CLUSTER_CIDRS, 
 /// `loadBalancerSourceRanges` per frontend (see `SourceRange4`).
 #[map]
 pub static LB4_SOURCE_RANGES: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+/// Maglev lookup tables of the per-packet path (see `MaglevTable`); allocated per
+/// table in use, never preallocated.
+#[map]
+pub static LB4_MAGLEV: HashMap<u16, MaglevTable> =
+    HashMap::pinned(MAX_MAGLEV_TABLES, MAP_NO_PREALLOC);

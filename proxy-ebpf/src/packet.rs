@@ -85,6 +85,15 @@ impl Packet {
         })
     }
 
+    /// The flow's hash for Maglev: the same on every node.
+    fn hash(&self) -> u32 {
+        let ports = (u32::from(self.sport_be) << 16) | u32::from(self.dport_be);
+        let mut h = mix(0x9e37_79b9 ^ self.src_be);
+        h = mix(h ^ self.dst_be);
+        h = mix(h ^ ports);
+        mix(h ^ u32::from(self.proto))
+    }
+
     fn key(&self, direction: u8) -> Ct4Key {
         Ct4Key {
             src_be: self.src_be,
@@ -129,6 +138,15 @@ impl Packet {
         ctx.store(port_at, &port_be, 0).ok()?;
         Some(())
     }
+}
+
+/// Murmur3's finalizer: every input bit reaches every output bit.
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 fn now() -> u64 {
@@ -208,6 +226,8 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     let chosen = if route.flags & SERVICE_FLAG_AFFINITY != 0 {
         let client = ADDRESS_CLIENT | u64::from(packet.src_be);
         affinity::select4(client, &frontend, &route)
+    } else if route.maglev_table != 0 && route.count != 0 {
+        lb::maglev_backend(route.maglev_table, packet.hash()).map(|(id, backend)| (id, backend, 0))
     } else {
         lb::select_backend(&frontend, &route).map(|(id, backend, _)| (id, backend, 0))
     };

@@ -167,8 +167,9 @@ fn install(
             Installed::Nothing
         }
         _ => {
-            let mut dp = ebpf::EbpfDataplane::start(bpffs, &cluster.node("node1").cgroup, None)
-                .expect("ebpf");
+            let mut dp =
+                ebpf::EbpfDataplane::start(bpffs, &cluster.node("node1").cgroup, None, 16381)
+                    .expect("ebpf");
             dp.apply(&model::diff(&DesiredState::default(), desired), desired)
                 .expect("ebpf apply");
             Installed::Ebpf(Box::new(dp))

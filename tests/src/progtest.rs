@@ -110,6 +110,20 @@ impl Programs {
         .expect("insert");
     }
 
+    /// Forgets every flow the programs remember (as if each packet were a new flow).
+    ///
+    /// # Panics
+    /// When the map cannot be read or written.
+    pub fn forget_flows(&self) {
+        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CT4)).expect("pin");
+        let mut flows: aya::maps::HashMap<MapData, proxy_common::Ct4Key, proxy_common::Ct4Value> =
+            aya::maps::HashMap::try_from(Map::LruHashMap(data)).expect("flow map");
+        let keys: Vec<proxy_common::Ct4Key> = flows.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = flows.remove(&key);
+        }
+    }
+
     /// Runs the ingress or egress program once on `packet` (Ethernet frame).
     ///
     /// # Panics

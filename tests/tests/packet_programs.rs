@@ -248,3 +248,56 @@ fn flows_of_a_backend_that_left_move_udp_and_reset_tcp() {
         (PASS, MARK_REJECT, &segment)
     );
 }
+
+/// Ten backends behind one NodePort, and the backend each of 2 000 flows gets.
+fn maglev_choices(programs: &Programs) -> Vec<SocketAddrV4> {
+    programs.forget_flows();
+    (0..2000)
+        .map(|i| {
+            let packet = tcp(client(10_000 + i), at(NODE, 30080), SYN);
+            endpoints(&programs.run(true, &packet).packet).1
+        })
+        .collect()
+}
+
+fn ten(skip: Option<u8>) -> Vec<SocketAddrV4> {
+    (1..=10u8)
+        .filter(|i| Some(*i) != skip)
+        .map(|i| at(Ipv4Addr::new(10, 244, 3, i), 8080))
+        .collect()
+}
+
+#[test]
+fn maglev_sends_a_flow_to_the_same_backend_on_every_node_and_moves_few_flows() {
+    let mut node1 = loaded("maglev1");
+    let mut node2 = loaded("maglev2");
+    node1.program(&services(&ten(None)));
+    node2.program(&services(&ten(None)));
+    let before = maglev_choices(&node1);
+    assert_eq!(
+        before,
+        maglev_choices(&node2),
+        "two nodes chose differently"
+    );
+    let used: std::collections::BTreeSet<_> = before.iter().collect();
+    assert_eq!(used.len(), 10, "not every backend was used");
+
+    // One backend of ten leaves: its flows move, the others' stay put.
+    let removed = at(Ipv4Addr::new(10, 244, 3, 4), 8080);
+    node1.program(&services(&ten(Some(4))));
+    let after = maglev_choices(&node1);
+    let survivors = before.iter().filter(|b| **b != removed).count();
+    let moved = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| **b != removed && b != a)
+        .count();
+    let fraction =
+        f64::from(u32::try_from(moved).unwrap()) / f64::from(u32::try_from(survivors).unwrap());
+    println!(
+        "Maglev remap fraction after removing 1 of 10 backends: {moved}/{survivors} = {fraction:.4} of the other backends' flows moved; {} flows had to",
+        before.len() - survivors
+    );
+    assert!(after.iter().all(|b| *b != removed));
+    assert!(fraction < 0.02, "{fraction} of surviving flows moved");
+}

@@ -406,7 +406,7 @@ fn main() {
     let node = cluster.add_node("node1", 1);
     let bpffs = cluster.bpffs_dir("node1");
     std::fs::create_dir_all(&bpffs).expect("bpffs dir");
-    let mut ebpf = EbpfDataplane::start(&bpffs, &node.cgroup, None).expect("eBPF dataplane");
+    let mut ebpf = EbpfDataplane::start(&bpffs, &node.cgroup, None, 16381).expect("eBPF dataplane");
     let full: Vec<Value> = cfg
         .scales
         .iter()

@@ -3,7 +3,9 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
     HashMap, Map, MapData, PerCpuHashMap,
 };
-use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, SourceRange4, Stats, StatsKey};
+use proxy_common::{
+    Backend4, MaglevTable, RevNat4, Service4Key, ServiceValue, SourceRange4, Stats, StatsKey,
+};
 
 use super::{
     store::{MapContents, MapStore, SourceRange},
@@ -15,6 +17,7 @@ pub struct KernelMaps {
     backends: HashMap<MapData, u32, Backend4>,
     revnat: HashMap<MapData, u16, RevNat4>,
     source_ranges: Option<LpmTrie<MapData, SourceRange4, u8>>,
+    maglev: Option<HashMap<MapData, u16, MaglevTable>>,
     stats: Option<PerCpuHashMap<MapData, StatsKey, Stats>>,
 }
 
@@ -24,6 +27,7 @@ impl KernelMaps {
         backends: Map,
         revnat: Map,
         source_ranges: Option<Map>,
+        maglev: Option<Map>,
         stats: Option<Map>,
     ) -> Result<Self, EbpfError> {
         Ok(Self {
@@ -31,6 +35,7 @@ impl KernelMaps {
             backends: HashMap::try_from(backends)?,
             revnat: HashMap::try_from(revnat)?,
             source_ranges: source_ranges.map(LpmTrie::try_from).transpose()?,
+            maglev: maglev.map(HashMap::try_from).transpose()?,
             stats: stats.map(PerCpuHashMap::try_from).transpose()?,
         })
     }
@@ -47,11 +52,13 @@ impl KernelMaps {
         let source_ranges = MapData::from_pin(dir.join(proxy_common::MAP_SOURCE_RANGES4))
             .ok()
             .map(Map::LpmTrie);
+        let maglev = open(proxy_common::MAP_MAGLEV4).ok();
         Self::new(
             open(proxy_common::MAP_SERVICES4)?,
             open(proxy_common::MAP_BACKENDS4)?,
             open(proxy_common::MAP_REVNAT4)?,
             source_ranges,
+            maglev,
             stats,
         )
     }
@@ -96,6 +103,18 @@ impl MapStore for KernelMaps {
             None => Ok(()),
         }
     }
+    fn put_maglev(&mut self, id: u16, table: &MaglevTable) -> Result<(), EbpfError> {
+        match &mut self.maglev {
+            Some(map) => Ok(map.insert(id, table, 0)?),
+            None => Ok(()),
+        }
+    }
+    fn del_maglev(&mut self, id: u16) -> Result<(), EbpfError> {
+        match &mut self.maglev {
+            Some(map) => ignore_missing(map.remove(&id)),
+            None => Ok(()),
+        }
+    }
     fn forget_stats(&mut self, revnat: &[u16], backends: &[u32]) -> Result<(), EbpfError> {
         let Some(stats) = &mut self.stats else {
             return Ok(());
@@ -127,6 +146,15 @@ impl MapStore for KernelMaps {
                     .map(|key| key.map(|k| (k.prefix_len(), k.data())))
                     .collect::<Result<_, _>>()?,
                 None => std::collections::BTreeSet::new(),
+            },
+            maglev: match &self.maglev {
+                Some(map) => map
+                    .iter()
+                    .map(|entry| {
+                        entry.map(|(id, table)| (id, super::store::maglev_summary(&table)))
+                    })
+                    .collect::<Result<_, _>>()?,
+                None => std::collections::BTreeMap::new(),
             },
         })
     }

@@ -69,6 +69,7 @@ pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<(KernelMaps, Ebpf), Ebpf
         take(proxy_common::MAP_BACKENDS4)?,
         take(proxy_common::MAP_REVNAT4)?,
         Some(take(proxy_common::MAP_SOURCE_RANGES4)?),
+        Some(take(proxy_common::MAP_MAGLEV4)?),
         Some(take(proxy_common::MAP_STATS)?),
     )?;
     Ok((maps, ebpf))

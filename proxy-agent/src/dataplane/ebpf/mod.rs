@@ -4,6 +4,7 @@ mod ids;
 pub mod index;
 pub mod kernel;
 pub mod loader;
+pub mod maglev;
 pub mod nodeport;
 pub mod observe;
 pub mod render;
@@ -63,9 +64,10 @@ impl EbpfDataplane {
         bpffs: &Path,
         cgroup_root: &Path,
         cluster_cidrs: Option<&[IpNet]>,
+        maglev_size: u32,
     ) -> Result<Self, EbpfError> {
         let (maps, ebpf) = loader::load(bpffs, cgroup_root)?;
-        let writer = MapWriter::restore(maps)?;
+        let writer = MapWriter::restore_with(maps, maglev_size)?;
         let packets = cluster_cidrs
             .map(|cidrs| nodeport::PacketPrograms::start(ebpf, bpffs.to_owned(), cidrs))
             .transpose()?;

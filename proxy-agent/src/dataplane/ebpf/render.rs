@@ -20,6 +20,8 @@ struct ServiceEntry {
     rev_nat_index: u16,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     flags: Vec<&'static str>,
+    #[serde(skip_serializing_if = "is_zero")]
+    maglev_table: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     service: Option<String>,
 }
@@ -55,6 +57,23 @@ struct Maps {
     revnat: Vec<RevNatEntry>,
     #[serde(rename = "lb4_source_ranges", skip_serializing_if = "Vec::is_empty")]
     source_ranges: Vec<SourceRangeEntry>,
+    #[serde(rename = "lb4_maglev", skip_serializing_if = "Vec::is_empty")]
+    maglev: Vec<MaglevEntry>,
+}
+
+#[derive(Serialize)]
+struct MaglevEntry {
+    table: u16,
+    size: u32,
+    backend_ids: Vec<u32>,
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if signature"
+)]
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 /// The names of a slot-0 entry's flags.
@@ -110,6 +129,7 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
                 count: v.count,
                 rev_nat_index: v.rev_nat_index,
                 flags: flag_names(v.flags),
+                maglev_table: v.maglev_table,
                 service: (k.backend_slot == 0 && k.scope == 0)
                     .then(|| name_of(k.address_be, u16::from_be(k.dport_be), k.proto))
                     .flatten(),
@@ -140,6 +160,15 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
             .map(|(len, data)| SourceRangeEntry {
                 rev_nat_index: u16::from_be(data.rev_nat_index_be),
                 range: format!("{}/{}", ip(data.address_be), len.saturating_sub(32)),
+            })
+            .collect(),
+        maglev: contents
+            .maglev
+            .iter()
+            .map(|(table, (size, ids))| MaglevEntry {
+                table: *table,
+                size: *size,
+                backend_ids: ids.clone(),
             })
             .collect(),
     };

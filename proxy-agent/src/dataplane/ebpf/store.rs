@@ -2,7 +2,7 @@
 //! pinned kernel maps (`kernel.rs`), behind one trait so both take the same write sequence.
 use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue, SourceRange4};
+use proxy_common::{Backend4, MaglevTable, RevNat4, Service4Key, ServiceValue, SourceRange4};
 
 use super::EbpfError;
 
@@ -16,6 +16,9 @@ pub trait MapStore {
     /// A `loadBalancerSourceRanges` prefix (`prefix_len` counts the key's first 32 bits).
     fn put_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError>;
     fn del_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError>;
+    /// A Maglev table, replaced whole.
+    fn put_maglev(&mut self, id: u16, table: &MaglevTable) -> Result<(), EbpfError>;
+    fn del_maglev(&mut self, id: u16) -> Result<(), EbpfError>;
     /// Everything the maps hold now, for restoring ids after a restart.
     fn read_all(&self) -> Result<MapContents, EbpfError>;
     /// Drops the datapath counters of freed reverse-NAT indexes and backend ids.
@@ -34,6 +37,20 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend4>,
     pub revnat: BTreeMap<u16, RevNat4>,
     pub source_ranges: BTreeSet<SourceRange>,
+    /// Maglev tables: their size and the backend ids they hold (sorted, unique).
+    pub maglev: BTreeMap<u16, (u32, Vec<u32>)>,
+}
+
+/// The size and sorted distinct backend ids of a Maglev table.
+#[must_use]
+pub fn maglev_summary(table: &MaglevTable) -> (u32, Vec<u32>) {
+    let size = usize::try_from(table.size)
+        .unwrap_or(0)
+        .min(table.backend_ids.len());
+    let mut ids = table.backend_ids[..size].to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    (table.size, ids)
 }
 
 impl MapStore for MapContents {
@@ -67,6 +84,14 @@ impl MapStore for MapContents {
     }
     fn del_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
         self.source_ranges.remove(range);
+        Ok(())
+    }
+    fn put_maglev(&mut self, id: u16, table: &MaglevTable) -> Result<(), EbpfError> {
+        self.maglev.insert(id, maglev_summary(table));
+        Ok(())
+    }
+    fn del_maglev(&mut self, id: u16) -> Result<(), EbpfError> {
+        self.maglev.remove(&id);
         Ok(())
     }
     fn read_all(&self) -> Result<MapContents, EbpfError> {

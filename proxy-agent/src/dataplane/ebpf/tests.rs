@@ -30,6 +30,17 @@ impl CheckedStore {
                 self.maps.revnat.contains_key(&value.rev_nat_index),
                 "frontend without reverse NAT"
             );
+            if value.maglev_table != 0 {
+                let (_, ids) = self
+                    .maps
+                    .maglev
+                    .get(&value.maglev_table)
+                    .expect("frontend points at a missing Maglev table");
+                assert!(
+                    ids.iter().all(|id| self.maps.backends.contains_key(id)),
+                    "Maglev table names a missing backend"
+                );
+            }
             if value.flags & proxy_common::SERVICE_FLAG_EXTERNAL_SCOPE != 0 {
                 let external = Service4Key {
                     scope: proxy_common::SCOPE_EXTERNAL,
@@ -93,6 +104,16 @@ impl MapStore for CheckedStore {
     }
     fn del_source_range(&mut self, range: &super::store::SourceRange) -> Result<(), EbpfError> {
         self.maps.del_source_range(range)?;
+        self.check();
+        Ok(())
+    }
+    fn put_maglev(&mut self, id: u16, table: &proxy_common::MaglevTable) -> Result<(), EbpfError> {
+        self.maps.put_maglev(id, table)?;
+        self.check();
+        Ok(())
+    }
+    fn del_maglev(&mut self, id: u16) -> Result<(), EbpfError> {
+        self.maps.del_maglev(id)?;
         self.check();
         Ok(())
     }

@@ -1,61 +1,65 @@
 //! Applies a plan to the LB maps in Cilium's order (backends → slots → reverse NAT →
 //! frontend with the new count → surplus slots → unused backends), so a program reading
-//! the maps mid-update always finds a complete service, old or new.
+//! the maps mid-update always finds a complete service, old or new. Frontends and their
+//! scopes are written in `frontends.rs`.
+mod frontends;
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
     sync::{Arc, PoisonError},
 };
 
-use ipnet::IpNet;
 use proxy_common::{
-    Backend4, RevNat4, Service4Key, ServiceValue, SourceRange4, MAX_BACKENDS, MAX_REVNAT,
-    SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_DROP_EMPTY, SERVICE_FLAG_EXTERNAL_MASQ,
-    SERVICE_FLAG_EXTERNAL_SCOPE, SERVICE_FLAG_MASQ, SERVICE_FLAG_SOURCE_RANGES,
+    Backend4, RevNat4, Service4Key, ServiceValue, MAX_BACKENDS, MAX_REVNAT, SCOPE_EXTERNAL,
+    SERVICE_FLAG_AFFINITY,
 };
 use tracing::debug;
 
 use super::{
     ids::IdAllocator,
     index::{Index, SharedIndex},
+    maglev,
     store::{MapStore, SourceRange},
     EbpfError,
 };
-use crate::model::{
-    Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, Plan, Protocol, Route,
-};
+use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Plan, Protocol};
 
 /// A backend as the maps identify it.
 type BackendKey = (Ipv4Addr, u16, u8);
+
+/// One scope of a frontend as written: its slots' backend ids, slot-0 flags and
+/// Maglev table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Scope {
+    slots: Vec<u32>,
+    flags: u8,
+    maglev: u16,
+}
 
 #[derive(Debug, Clone, Default)]
 struct ProgrammedFrontend {
     rev_nat: u16,
     /// Scope 0: the pod route (the socket LB's, and pods' per packet).
-    slots: Vec<u32>,
-    flags: u8,
+    pod: Scope,
     /// `SCOPE_EXTERNAL`: external clients' route where it differs.
-    external: Option<(Vec<u32>, u8)>,
+    external: Option<Scope>,
     /// `sessionAffinity: ClientIP` timeout (seconds).
     affinity: Option<u32>,
     source_ranges: Vec<SourceRange>,
 }
 
 impl ProgrammedFrontend {
-    /// The slot-0 value this frontend was written with, for a scope of `count` slots.
-    fn front(&self, count: usize, flags: u8) -> ServiceValue {
-        front(count, flags, self.rev_nat, self.affinity)
-    }
-}
-
-/// A slot-0 value. It has no backend: its id field carries the affinity timeout.
-fn front(count: usize, flags: u8, rev_nat: u16, affinity: Option<u32>) -> ServiceValue {
-    ServiceValue {
-        count: slot_number(count),
-        rev_nat_index: rev_nat,
-        backend_id: affinity.unwrap_or(0),
-        flags,
-        ..Default::default()
+    /// The slot-0 value of one of its scopes. Slot 0 has no backend: its id field
+    /// carries the affinity timeout.
+    fn front(&self, scope: &Scope) -> ServiceValue {
+        ServiceValue {
+            count: slot_number(scope.slots.len()),
+            rev_nat_index: self.rev_nat,
+            backend_id: self.affinity.unwrap_or(0),
+            flags: scope.flags,
+            maglev_table: scope.maglev,
+            ..Default::default()
+        }
     }
 }
 
@@ -77,11 +81,20 @@ pub struct MapWriter<S> {
     /// Ids given out by the apply under way.
     new_frontends: Vec<(u16, FrontendKey)>,
     new_backends: Vec<(u32, Backend)>,
+    /// Maglev tables of the per-packet path.
+    maglev: maglev::Tables,
 }
 
 impl<S: MapStore> MapWriter<S> {
-    /// Takes over whatever the store already holds (a previous agent's state).
+    /// Takes over whatever the store already holds (a previous agent's state), with
+    /// Maglev tables of the default size.
     pub fn restore(store: S) -> Result<Self, EbpfError> {
+        Self::restore_with(store, maglev::DEFAULT_SIZE)
+    }
+
+    /// [`Self::restore`] with Maglev tables of `maglev_size` entries (a prime); tables
+    /// of another size are rebuilt as their frontends are next written.
+    pub fn restore_with(store: S, maglev_size: u32) -> Result<Self, EbpfError> {
         let contents = store.read_all()?;
         let mut writer = Self {
             store,
@@ -96,7 +109,11 @@ impl<S: MapStore> MapWriter<S> {
             freed_backends: Vec::new(),
             new_frontends: Vec::new(),
             new_backends: Vec::new(),
+            maglev: maglev::Tables::new(maglev_size),
         };
+        for (&id, (size, set)) in &contents.maglev {
+            writer.maglev.restore(id, *size, set.clone());
+        }
         for (&id, backend) in &contents.backends {
             writer.backend_alloc.take(id);
             writer.backend_ids.insert(backend_key(*backend), id);
@@ -110,15 +127,15 @@ impl<S: MapStore> MapWriter<S> {
             let Some(frontend_key) = frontend_key(key) else {
                 continue;
             };
-            let slots = writer.restore_slots(&contents.services, key, value.count);
+            let pod = writer.restore_scope(&contents.services, key, value);
             let external_key = Service4Key {
                 scope: SCOPE_EXTERNAL,
                 ..*key
             };
-            let external = contents.services.get(&external_key).map(|external| {
-                let slots = writer.restore_slots(&contents.services, &external_key, external.count);
-                (slots, external.flags)
-            });
+            let external = contents
+                .services
+                .get(&external_key)
+                .map(|external| writer.restore_scope(&contents.services, &external_key, external));
             let rev_nat_be = value.rev_nat_index.to_be();
             let source_ranges = contents
                 .source_ranges
@@ -131,8 +148,7 @@ impl<S: MapStore> MapWriter<S> {
                 frontend_key,
                 ProgrammedFrontend {
                     rev_nat: value.rev_nat_index,
-                    slots,
-                    flags: value.flags,
+                    pod,
                     external,
                     affinity: (value.flags & SERVICE_FLAG_AFFINITY != 0)
                         .then_some(value.backend_id),
@@ -144,14 +160,14 @@ impl<S: MapStore> MapWriter<S> {
         Ok(writer)
     }
 
-    /// The backend ids in a restored frontend's slots, each taking a reference.
-    fn restore_slots(
+    /// A restored frontend scope; its backends and Maglev table take a reference.
+    fn restore_scope(
         &mut self,
         services: &BTreeMap<Service4Key, ServiceValue>,
         base: &Service4Key,
-        count: u16,
-    ) -> Vec<u32> {
-        let slots: Vec<u32> = (1..=count)
+        front: &ServiceValue,
+    ) -> Scope {
+        let slots: Vec<u32> = (1..=front.count)
             .filter_map(|slot| {
                 let slot_key = Service4Key {
                     backend_slot: slot,
@@ -165,7 +181,14 @@ impl<S: MapStore> MapWriter<S> {
                 *refs += 1;
             }
         }
-        slots
+        if front.maglev_table != 0 {
+            self.maglev.restored_user(front.maglev_table);
+        }
+        Scope {
+            slots,
+            flags: front.flags,
+            maglev: front.maglev_table,
+        }
     }
 
     /// The ids as the maps use them, kept current by every apply.
@@ -209,6 +232,7 @@ impl<S: MapStore> MapWriter<S> {
             .iter()
             .map(|(key, programmed)| {
                 let backends = programmed
+                    .pod
                     .slots
                     .iter()
                     .filter_map(|id| self.backends.get(id))
@@ -258,6 +282,11 @@ impl<S: MapStore> MapWriter<S> {
     }
 
     fn apply_all(&mut self, plan: &Plan) -> Result<(), EbpfError> {
+        for id in self.maglev.unused() {
+            if self.maglev.release(id) {
+                self.write().del_maglev(id)?;
+            }
+        }
         for key in &plan.remove {
             self.remove(key)?;
         }
@@ -274,186 +303,6 @@ impl<S: MapStore> MapWriter<S> {
     #[must_use]
     pub fn store(&self) -> &S {
         &self.store
-    }
-
-    fn upsert(&mut self, key: &FrontendKey, frontend: &Frontend) -> Result<(), EbpfError> {
-        let IpAddr::V4(ip) = key.ip else {
-            return Ok(());
-        };
-        let proto = key.protocol.number();
-        let old = self.frontends.get(key).cloned().unwrap_or_default();
-        let is_new = !self.frontends.contains_key(key);
-        let rev_nat = if is_new {
-            let index = self.new_revnat(ip, key.port)?;
-            self.new_frontends.push((index, *key));
-            index
-        } else {
-            old.rev_nat
-        };
-        let base = service_key(ip, key.port, proto, 0);
-        let affinity = frontend.affinity_timeout;
-        let source_ranges = source_ranges(rev_nat, &frontend.source_ranges);
-        let (flags, external_flags) = route_flags(frontend, !source_ranges.is_empty());
-        // Everything a new slot-0 entry points at is written before it: ranges, then
-        // the external scope, then the pod scope.
-        for range in source_ranges
-            .iter()
-            .filter(|r| !old.source_ranges.contains(r))
-        {
-            self.write().put_source_range(range)?;
-        }
-        let mut released = Vec::new();
-        let external = if let Some(external_flags) = external_flags {
-            let ids = self.acquire_all(key, &frontend.external, proto)?;
-            let old_external = old
-                .external
-                .as_ref()
-                .map(|(s, f)| (s.as_slice(), old.front(s.len(), *f)));
-            let scoped = Service4Key {
-                scope: SCOPE_EXTERNAL,
-                ..base
-            };
-            let front = front(ids.len(), external_flags, rev_nat, affinity);
-            self.write_route(&scoped, &ids, old_external, &front)?;
-            released.extend(old.external.iter().flat_map(|(s, _)| s.iter().copied()));
-            Some((ids, external_flags))
-        } else {
-            None
-        };
-        let ids = self.acquire_all(key, &frontend.pod, proto)?;
-        let old_pod =
-            (!is_new).then(|| (old.slots.as_slice(), old.front(old.slots.len(), old.flags)));
-        self.write_route(
-            &base,
-            &ids,
-            old_pod,
-            &front(ids.len(), flags, rev_nat, affinity),
-        )?;
-        released.extend(old.slots.iter().copied());
-        if external.is_none() {
-            if let Some((old_external, _)) = &old.external {
-                self.delete_route(SCOPE_EXTERNAL, &base, old_external.len())?;
-                released.extend(old_external.iter().copied());
-            }
-        }
-        for range in old
-            .source_ranges
-            .iter()
-            .filter(|r| !source_ranges.contains(r))
-        {
-            self.write().del_source_range(range)?;
-        }
-        for id in released {
-            self.release_backend(id)?;
-        }
-        self.frontends.insert(
-            *key,
-            ProgrammedFrontend {
-                rev_nat,
-                slots: ids,
-                flags,
-                external,
-                affinity,
-                source_ranges,
-            },
-        );
-        Ok(())
-    }
-
-    /// The ids of a route's backends (written first where new), one reference each.
-    fn acquire_all(
-        &mut self,
-        key: &FrontendKey,
-        route: &Route,
-        proto: u8,
-    ) -> Result<Vec<u32>, EbpfError> {
-        let limit = usize::from(u16::MAX);
-        if route.backends.len() > limit {
-            tracing::warn!(frontend = %key, backends = route.backends.len(), limit, "too many backends; extra ones ignored");
-        }
-        let mut ids = Vec::with_capacity(route.backends.len().min(limit));
-        for backend in route.backends.iter().take(limit) {
-            ids.push(self.acquire_backend(backend, proto)?);
-        }
-        Ok(ids)
-    }
-
-    /// One scope of a frontend: changed slots, then slot 0 if it changed, then surplus
-    /// slots; `old` is what the scope held (slots, slot-0 value).
-    fn write_route(
-        &mut self,
-        base: &Service4Key,
-        ids: &[u32],
-        old: Option<(&[u32], ServiceValue)>,
-        front: &ServiceValue,
-    ) -> Result<(), EbpfError> {
-        let old_slots = old.map(|(s, _)| s).unwrap_or_default();
-        for (i, id) in ids.iter().enumerate() {
-            if old_slots.get(i) != Some(id) {
-                let slot = Service4Key {
-                    backend_slot: slot_number(i + 1),
-                    ..*base
-                };
-                self.write().put_service(
-                    &slot,
-                    &ServiceValue {
-                        backend_id: *id,
-                        rev_nat_index: front.rev_nat_index,
-                        ..Default::default()
-                    },
-                )?;
-            }
-        }
-        if old.map(|(_, value)| value) != Some(*front) {
-            self.write().put_service(base, front)?;
-        }
-        for i in ids.len()..old_slots.len() {
-            self.write().del_service(&Service4Key {
-                backend_slot: slot_number(i + 1),
-                ..*base
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Deletes slot 0 and `count` slots of one scope.
-    fn delete_route(
-        &mut self,
-        scope: u8,
-        base: &Service4Key,
-        count: usize,
-    ) -> Result<(), EbpfError> {
-        let scoped = Service4Key { scope, ..*base };
-        self.write().del_service(&scoped)?;
-        for i in 0..count {
-            self.write().del_service(&Service4Key {
-                backend_slot: slot_number(i + 1),
-                ..scoped
-            })?;
-        }
-        Ok(())
-    }
-
-    fn remove(&mut self, key: &FrontendKey) -> Result<(), EbpfError> {
-        let (IpAddr::V4(ip), Some(old)) = (key.ip, self.frontends.remove(key)) else {
-            return Ok(());
-        };
-        let base = service_key(ip, key.port, key.protocol.number(), 0);
-        self.delete_route(0, &base, old.slots.len())?;
-        if let Some((external, _)) = &old.external {
-            self.delete_route(SCOPE_EXTERNAL, &base, external.len())?;
-        }
-        for range in &old.source_ranges {
-            self.write().del_source_range(range)?;
-        }
-        self.write().del_revnat(old.rev_nat)?;
-        self.revnat_alloc.release(u32::from(old.rev_nat));
-        self.freed_revnat.push(old.rev_nat);
-        let external = old.external.into_iter().flat_map(|(slots, _)| slots);
-        for id in old.slots.into_iter().chain(external) {
-            self.release_backend(id)?;
-        }
-        Ok(())
     }
 
     fn new_revnat(&mut self, ip: Ipv4Addr, port: u16) -> Result<u16, EbpfError> {
@@ -516,57 +365,6 @@ impl<S: MapStore> MapWriter<S> {
         }
         Ok(())
     }
-}
-
-/// The slot-0 flags of the pod scope, and of the external scope where external clients
-/// need one (their backends or empty verdict differ).
-fn route_flags(frontend: &Frontend, has_source_ranges: bool) -> (u8, Option<u8>) {
-    let of = |route: &Route| {
-        let mut flags = 0;
-        if frontend.affinity_timeout.is_some() {
-            flags |= SERVICE_FLAG_AFFINITY;
-        }
-        if route.masquerade {
-            flags |= SERVICE_FLAG_MASQ;
-        }
-        if route.when_empty == EmptyVerdict::Drop {
-            flags |= SERVICE_FLAG_DROP_EMPTY;
-        }
-        flags
-    };
-    let external_differs = frontend.external.backends != frontend.pod.backends
-        || frontend.external.when_empty != frontend.pod.when_empty;
-    let mut flags = of(&frontend.pod);
-    if has_source_ranges {
-        flags |= SERVICE_FLAG_SOURCE_RANGES;
-    }
-    if external_differs {
-        flags |= SERVICE_FLAG_EXTERNAL_SCOPE;
-    } else if frontend.external.masquerade {
-        flags |= SERVICE_FLAG_EXTERNAL_MASQ;
-    }
-    (flags, external_differs.then(|| of(&frontend.external)))
-}
-
-/// The IPv4 `loadBalancerSourceRanges` of a frontend as `LB4_SOURCE_RANGES` keys.
-fn source_ranges(rev_nat: u16, ranges: &[IpNet]) -> Vec<SourceRange> {
-    let mut keys: Vec<SourceRange> = ranges
-        .iter()
-        .filter_map(|range| match range {
-            IpNet::V4(net) => Some((
-                32 + u32::from(net.prefix_len()),
-                SourceRange4 {
-                    rev_nat_index_be: rev_nat.to_be(),
-                    pad: 0,
-                    address_be: u32::from_ne_bytes(net.network().octets()),
-                },
-            )),
-            IpNet::V6(_) => None,
-        })
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    keys
 }
 
 fn slot_number(n: usize) -> u16 {
