@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::connbench;
+use crate::{connbench, nodeportbench};
 
 fn verdict(met: Option<bool>) -> &'static str {
     match met {
@@ -46,11 +46,29 @@ pub fn report(results: &Value) -> String {
             fall.map(|f| f <= 0.03),
         );
     }
-    line(
-        "NodePort from outside: eBPF ≥ 0.90×, nftables ≥ 0.80×; UDP NodePort eBPF ≥ 0.90×",
-        "eBPF has no per-packet (tc) programs yet".to_owned(),
-        None,
-    );
+    let nodeport = &results["nodeport"];
+    for (mode, protocol, floor, what) in [
+        (
+            "ebpf",
+            "tcp",
+            0.90,
+            "eBPF NodePort TCP connection rate from outside",
+        ),
+        (
+            "nftables",
+            "tcp",
+            0.80,
+            "nftables NodePort TCP connection rate from outside",
+        ),
+        ("ebpf", "udp", 0.90, "eBPF NodePort UDP rate from outside"),
+    ] {
+        let r = nodeportbench::ratio(nodeport, mode, protocol);
+        line(
+            &format!("{what} ≥ {floor}× direct through the node"),
+            r.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}×")),
+            r.map(|r| r >= floor),
+        );
+    }
     let full = row_at(&results["full_sync"], 10_000);
     for (mode, key, limit) in [("eBPF", "ebpf_s", 1.0), ("nftables", "nftables_s", 3.0)] {
         let s = full.and_then(|r| r[key].as_f64());

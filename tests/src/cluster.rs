@@ -414,6 +414,17 @@ impl Cluster {
         })
     }
 
+    /// A command to run in the LAN namespace (an outside client).
+    #[must_use]
+    pub fn command_in_lan(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.lan()))
+            .arg("--")
+            .args(args);
+        command
+    }
+
     /// The LAN namespace's name.
     #[must_use]
     pub fn lan_netns(&self) -> String {

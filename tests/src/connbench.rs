@@ -31,15 +31,28 @@ pub const MODES: [&str; 4] = ["conntrack", "iptables", "nftables", "ebpf"];
 
 /// Connections per second and latency of one measurement.
 #[derive(Debug, Clone, Copy, Default)]
-struct Rate {
-    per_second: f64,
-    p50_us: f64,
-    p99_us: f64,
-    errors: u64,
+pub struct Rate {
+    pub per_second: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub errors: u64,
 }
 
 impl Rate {
-    fn json(&self, baseline: Option<f64>) -> Value {
+    /// A client's `ok=N err=M p50_us=X p99_us=Y` line over `seconds`.
+    #[must_use]
+    pub fn parse(text: &str, seconds: f64) -> Self {
+        let line = text.lines().next().unwrap_or_default();
+        Self {
+            per_second: float(field(line, "ok=")) / seconds,
+            errors: field(line, "err="),
+            p50_us: float(field(line, "p50_us=")),
+            p99_us: float(field(line, "p99_us=")),
+        }
+    }
+
+    #[must_use]
+    pub fn json(&self, baseline: Option<f64>) -> Value {
         let mut v = json!({
             "per_second": self.per_second, "p50_us": self.p50_us,
             "p99_us": self.p99_us, "errors": self.errors,
@@ -109,7 +122,9 @@ fn measure_pair(cluster: &Cluster, to: &str, seconds: f64) -> Pair {
     }
 }
 
-fn node_info() -> NodeInfo {
+/// node1 with the pod CIDR as `--cluster-cidr`.
+#[must_use]
+pub fn node_info() -> NodeInfo {
     NodeInfo {
         cluster_cidrs: vec![POD_CIDR.parse().expect("cidr")],
         ..NodeInfo::named("node1")
@@ -117,13 +132,16 @@ fn node_info() -> NodeInfo {
 }
 
 /// What a mode leaves installed, to be removed after its measurement.
-enum Installed {
+pub enum Installed {
     Nothing,
     Ebpf(Box<ebpf::EbpfDataplane>),
 }
 
 /// Programs `mode` for `desired` in node1; seconds it took, or why it could not load.
-fn install(
+///
+/// # Errors
+/// When the mode's rules or programs do not load.
+pub fn install(
     cluster: &Cluster,
     mode: &str,
     desired: &DesiredState,
@@ -182,6 +200,11 @@ fn load_nft(netns: &str, text: &str) {
     crate::cluster::sh_in_with_stdin(netns, &["nft", "-f", "-"], text);
 }
 
+/// Removes what `install` put in node1 for a mode other than eBPF.
+pub fn uninstall_mode(cluster: &Cluster, mode: &str, bpffs: &Path) {
+    uninstall(cluster, mode, Installed::Nothing, bpffs);
+}
+
 /// Removes what `install` put in node1.
 fn uninstall(cluster: &Cluster, mode: &str, installed: Installed, bpffs: &Path) {
     let netns = cluster.node("node1").netns.clone();
@@ -227,7 +250,9 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
-fn server_ip(i: usize) -> Ipv4Addr {
+/// The address of server pod `i`.
+#[must_use]
+pub fn server_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, 1, SERVERS[i].1)
 }
 

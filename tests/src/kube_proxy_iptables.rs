@@ -1,8 +1,10 @@
 //! The `iptables-restore` input kube-proxy's iptables proxier writes for a desired
 //! state's ClusterIP frontends (pkg/proxy/iptables/proxier.go: KUBE-SERVICES →
 //! KUBE-SVC-* with `statistic mode random` splits → KUBE-SEP-* DNAT, masquerade by mark),
-//! for the bench's baseline. Deviation: only the nat table and ClusterIP frontends; the
-//! filter-table chains (KUBE-FORWARD, KUBE-EXTERNAL-SERVICES) are left out.
+//! and for `externalTrafficPolicy: Cluster` NodePorts KUBE-NODEPORTS → KUBE-EXT-*
+//! (mark for masquerade) → the Service's KUBE-SVC-*, for the bench's baseline.
+//! Deviation: only the nat table; the filter-table chains (KUBE-FORWARD,
+//! KUBE-EXTERNAL-SERVICES) and Local-policy KUBE-SVL-* chains are left out.
 use std::fmt::Write;
 
 use proxy_agent::{
@@ -20,7 +22,24 @@ pub fn ruleset(desired: &DesiredState, cluster_cidr: &str) -> String {
     let mut rules = String::from(
         "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n",
     );
+    let mut nodeports = std::collections::BTreeSet::new();
     for (key, frontend) in &desired.frontends {
+        let external = frontend.kind == FrontendKind::NodePort
+            && !frontend.external.local
+            && !frontend.pod.backends.is_empty();
+        if external && key.ip.is_ipv4() && nodeports.insert((key.port, key.protocol)) {
+            // One rule per port: KUBE-NODEPORTS matches any local address.
+            let (svc, proto) = (&frontend.service, key.protocol);
+            let p = proto.to_string().to_lowercase();
+            let ext = names::external_chain(svc, proto);
+            let _ = writeln!(chains, ":{ext} - [0:0]");
+            let _ = writeln!(
+                rules,
+                "-A KUBE-NODEPORTS -m comment --comment \"{svc}\" -m {p} -p {p} --dport {} -j {ext}\n-A {ext} -m comment --comment \"masquerade traffic for {svc} external destinations\" -j KUBE-MARK-MASQ\n-A {ext} -j {}",
+                key.port,
+                names::service_chain(svc, proto)
+            );
+        }
         if frontend.kind != FrontendKind::ClusterIp || key.ip.is_ipv6() {
             continue;
         }

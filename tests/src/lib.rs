@@ -11,6 +11,8 @@ pub mod flowbed;
 pub mod flows;
 pub mod kube_proxy_iptables;
 pub mod manifests;
+pub mod nodeportbench;
+pub mod plots;
 pub mod progtest;
 pub mod rssbench;
 pub mod scale;

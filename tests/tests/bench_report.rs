@@ -2,7 +2,7 @@
 //! dataplane and the baseline present, every time, count and rate non-zero.
 use std::process::Command;
 
-use proxy_agent_tests::agent::agent_bin;
+use proxy_agent_tests::{agent::agent_bin, nodeportbench};
 use serde_json::Value;
 
 #[test]
@@ -24,6 +24,10 @@ fn the_quick_bench_measures_every_mode() {
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("json"))
             .expect("results.json parses");
     let report = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    for plot in ["full_sync.png", "connection_rate.png", "nodeport.png"] {
+        let size = std::fs::metadata(out.join(plot)).map_or(0, |m| m.len());
+        assert!(size > 1000, "{plot} missing or empty ({size} bytes)");
+    }
     let _ = std::fs::remove_dir_all(&out);
     let full = &results["full_sync"][0];
     for key in [
@@ -60,9 +64,23 @@ fn the_quick_bench_measures_every_mode() {
             }
         }
     }
-    let scales = results["datapath"]["scales"]
-        .as_array()
-        .expect("datapath scales");
+    check_datapath(&results["datapath"]);
+    check_nodeport(&results["nodeport"]);
+    for mode in [
+        "iptables",
+        "nftables",
+        "eBPF",
+        "unbound",
+        "Connection rate",
+        "NodePort",
+    ] {
+        assert!(report.contains(mode), "report lacks {mode}:\n{report}");
+    }
+}
+
+/// Every connection-rate mode measured at every scale.
+fn check_datapath(datapath: &Value) {
+    let scales = datapath["scales"].as_array().expect("datapath scales");
     assert!(!scales.is_empty());
     for row in scales {
         let direct = row["direct"]["single"]["per_second"]
@@ -92,7 +110,26 @@ fn the_quick_bench_measures_every_mode() {
             }
         }
     }
-    for mode in ["iptables", "nftables", "eBPF", "unbound", "Connection rate"] {
-        assert!(report.contains(mode), "report lacks {mode}:\n{report}");
+}
+
+/// Every NodePort mode measured, both protocols, without errors.
+fn check_nodeport(nodeport: &Value) {
+    let modes: Vec<&str> = nodeport["modes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["mode"].as_str())
+        .collect();
+    assert_eq!(modes, nodeportbench::MODES, "{nodeport}");
+    for mode in nodeport["modes"].as_array().into_iter().flatten() {
+        for protocol in ["tcp", "udp"] {
+            let cell = &mode[protocol];
+            assert!(
+                cell["per_second"].as_f64().unwrap_or(0.0) > 0.0
+                    && cell["ratio"].as_f64().unwrap_or(0.0) > 0.0
+                    && cell["errors"].as_u64() == Some(0),
+                "NodePort {protocol} {mode}"
+            );
+        }
     }
 }

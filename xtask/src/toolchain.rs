@@ -32,6 +32,11 @@ const PACKAGES: &[&str] = &[
     "dnsperf",
     "unbound",
     "dnsmasq-base",
+    // The bench's plots (plotters draws text through fontconfig and FreeType).
+    "pkg-config",
+    "libfontconfig-dev",
+    "libfreetype-dev",
+    "fonts-dejavu-core",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";

@@ -14,7 +14,7 @@ use proxy_agent::{
 };
 use proxy_agent_tests::{
     cluster::{sh_in, sh_in_with_stdin, try_sh_in_with_stdin, Cluster},
-    connbench, dnsbench, kube_proxy_iptables, rssbench, scale,
+    connbench, dnsbench, kube_proxy_iptables, nodeportbench, rssbench, scale,
 };
 use serde_json::{json, Value};
 
@@ -330,6 +330,7 @@ fn report(results: &Value) -> String {
     }
     md.push_str("\nTimes are the plan (`model::diff`) and the dataplane's `apply` (render and load), not the model build, which all share. The nftables JSON column loads the same ruleset through `nft -j -f`, exported with `nft -j list ruleset`.\n");
     md.push_str(&connbench::report(&results["datapath"]));
+    md.push_str(&nodeportbench::report(&results["nodeport"]));
     md.push_str(&rssbench::report(&results["memory"]));
     md.push_str(&proxy_agent_tests::benchtargets::report(results));
     md
@@ -371,6 +372,16 @@ fn main() {
             .position(|a| a == flag)
             .and_then(|i| args.get(i + 1))
     };
+    if let Some(dir) = value("--replot") {
+        // The report and plots again from a run's results.json (no measurement).
+        let dir = PathBuf::from(dir);
+        let text = std::fs::read_to_string(dir.join("results.json")).expect("results.json");
+        write(
+            &dir,
+            &serde_json::from_str(&text).expect("results.json parses"),
+        );
+        return;
+    }
     let mut cfg = if quick {
         Config {
             dns_seconds: 1,
@@ -423,6 +434,15 @@ fn main() {
         &cfg.datapath_scales,
         cfg.datapath_seconds,
     );
+    // Needs the connection-rate bench's pods; the largest scale up to 10 000.
+    let nodeport_scale = cfg
+        .scales
+        .iter()
+        .copied()
+        .filter(|n| *n <= 10_000)
+        .max()
+        .unwrap_or(1_000);
+    let nodeport = nodeportbench::run(&mut cluster, &bpffs, nodeport_scale, cfg.datapath_seconds);
     let results = json!({
         "quick": quick,
         "machine": machine(),
@@ -430,6 +450,7 @@ fn main() {
         "endpoint_change": change,
         "dns": dns,
         "datapath": datapath,
+        "nodeport": nodeport,
         "memory": memory,
     });
     write(&out, &results);
@@ -442,7 +463,18 @@ fn write(out: &Path, results: &Value) {
         serde_json::to_string_pretty(results).expect("json"),
     )
     .expect("results.json");
-    let md = report(results);
+    let mut md = report(results);
+    match proxy_agent_tests::plots::draw(out, results) {
+        Ok(files) => {
+            md.push_str("\n## Plots\n\n");
+            for file in files {
+                let _ = writeln!(md, "![{file}]({file})");
+            }
+        }
+        Err(error) => {
+            let _ = writeln!(md, "\n(plots not drawn: {error})");
+        }
+    }
     std::fs::write(out.join("report.md"), &md).expect("report.md");
     println!("{md}");
     println!("written to {}", out.display());

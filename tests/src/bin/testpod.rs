@@ -11,7 +11,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS"
     );
     std::process::exit(2)
 }
@@ -68,6 +68,11 @@ fn main() {
             let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
             let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
             rate(to, Duration::from_millis(millis));
+        }
+        Some("udp-rate") if args.len() == 3 => {
+            let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
+            let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
+            udp_rate(to, Duration::from_millis(millis));
         }
         Some("serve-each") if args.len() >= 2 => serve_each(&args[1..]),
         Some("probe") if args.len() == 6 => {
@@ -345,6 +350,13 @@ fn probe_udp(
 /// then wait for the client's close. Two accepting threads.
 fn serve_rate(port: u16) {
     let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let udp = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+    thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], peer);
+        }
+    });
     println!("ready");
     let threads: Vec<_> = (0..2)
         .map(|_| {
@@ -365,6 +377,37 @@ fn serve_rate(port: u16) {
     for t in threads {
         let _ = t.join();
     }
+}
+
+/// The UDP client: one flow, a datagram out and its echo back, for a while (each
+/// exchange is two packets through the path); prints `ok=N err=M p50_us=X p99_us=Y`.
+fn udp_rate(to: SocketAddr, duration: Duration) {
+    let started = Instant::now();
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut micros = Vec::with_capacity(1 << 16);
+    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    socket.connect(to).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    while started.elapsed() < duration {
+        let one = Instant::now();
+        match socket.send(b"x").and_then(|_| socket.recv(&mut buf)) {
+            Ok(_) => {
+                ok += 1;
+                micros.push(one.elapsed().as_micros());
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    micros.sort_unstable();
+    let quantile = |q: usize| micros.get(micros.len() * q / 100).copied().unwrap_or(0);
+    println!(
+        "ok={ok} err={errors} p50_us={} p99_us={}",
+        quantile(50),
+        quantile(99)
+    );
 }
 
 /// The connection-rate client: connect, send a byte, read the answer, close with a

@@ -32,6 +32,9 @@ pub struct PacketPrograms {
     ebpf: Ebpf,
     bpffs: PathBuf,
     attached: BTreeSet<String>,
+    /// The network namespace the programs serve: the one `start` ran in, whichever
+    /// thread later calls `refresh` (the bench starts a node's dataplane in-process).
+    netns: fs::File,
 }
 
 impl PacketPrograms {
@@ -51,10 +54,13 @@ impl PacketPrograms {
         }
         write_cluster_cidrs(&mut ebpf, cluster_cidrs)?;
         nftables::load(&netfilter_table()).map_err(|e| EbpfError::Netfilter(e.to_string()))?;
+        let netns = fs::File::open("/proc/thread-self/ns/net")
+            .map_err(|e| EbpfError::Io("/proc/thread-self/ns/net".into(), e))?;
         let mut programs = Self {
             ebpf,
             bpffs,
             attached: BTreeSet::new(),
+            netns,
         };
         programs.detach_stale()?;
         programs.refresh()?;
@@ -64,6 +70,31 @@ impl PacketPrograms {
     /// Attaches to interfaces that gained a node address since the last call, and
     /// detaches from those that lost theirs.
     pub fn refresh(&mut self) -> Result<(), EbpfError> {
+        if !same_netns(&self.netns) {
+            let netns = self
+                .netns
+                .try_clone()
+                .map_err(|e| EbpfError::Io("netns".into(), e))?;
+            return std::thread::scope(|scope| {
+                scope
+                    .spawn(move || {
+                        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_err(|e| EbpfError::Io("setns".into(), e.into()))?;
+                        self.refresh_here()
+                    })
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(EbpfError::Io(
+                            "netns thread".into(),
+                            std::io::Error::other("panicked"),
+                        ))
+                    })
+            });
+        }
+        self.refresh_here()
+    }
+
+    fn refresh_here(&mut self) -> Result<(), EbpfError> {
         let wanted = external_interfaces();
         for name in wanted.difference(&self.attached.clone()) {
             match self.attach(name) {
@@ -135,6 +166,16 @@ impl PacketPrograms {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether this thread is in the network namespace `netns` refers to.
+fn same_netns(netns: &fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let here = fs::metadata("/proc/thread-self/ns/net");
+    match (here, netns.metadata()) {
+        (Ok(here), Ok(there)) => here.ino() == there.ino() && here.dev() == there.dev(),
+        _ => true,
     }
 }
 
