@@ -124,6 +124,27 @@ impl Programs {
         }
     }
 
+    /// Entries in the flow map now.
+    ///
+    /// # Panics
+    /// When the map cannot be read.
+    #[must_use]
+    pub fn flow_count(&self) -> usize {
+        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CT4)).expect("pin");
+        let flows: aya::maps::HashMap<MapData, proxy_common::Ct4Key, proxy_common::Ct4Value> =
+            aya::maps::HashMap::try_from(Map::LruHashMap(data)).expect("flow map");
+        flows.keys().filter_map(Result::ok).count()
+    }
+
+    /// One garbage-collection sweep as the agent runs it, at `now_ns` (`CLOCK_MONOTONIC`).
+    ///
+    /// # Panics
+    /// When the map cannot be swept.
+    #[must_use]
+    pub fn sweep_flows(&self, now_ns: u64) -> usize {
+        proxy_agent::dataplane::ebpf::flows::sweep(&self.dir, now_ns).expect("sweep")
+    }
+
     /// Runs the ingress or egress program once on `packet` (Ethernet frame).
     ///
     /// # Panics

@@ -301,3 +301,26 @@ fn maglev_sends_a_flow_to_the_same_backend_on_every_node_and_moves_few_flows() {
     assert!(after.iter().all(|b| *b != removed));
     assert!(fraction < 0.02, "{fraction} of surviving flows moved");
 }
+
+#[test]
+fn garbage_collection_removes_closed_and_idle_flows_and_keeps_live_ones() {
+    let programs = loaded("gc");
+    let frontend = at(NODE, 30080);
+    // A TCP flow that closed (FIN seen), a live TCP flow, and a UDP flow.
+    let _ = programs.run(true, &tcp(client(45000), frontend, SYN));
+    let _ = programs.run(true, &tcp(client(45000), frontend, 0x01 | ACK));
+    let _ = programs.run(true, &tcp(client(45001), frontend, SYN));
+    let _ = programs.run(true, &udp(client(45002), at(NODE, 30053), b"x", true));
+    assert_eq!(programs.flow_count(), 6, "three flows, two entries each");
+    let now = proxy_agent::dataplane::system::monotonic_ns();
+    // Now: nothing has been idle long enough.
+    assert_eq!(programs.sweep_flows(now), 0);
+    // 30 s on: the closed flow is gone (10 s after its FIN), the others stay.
+    assert_eq!(programs.sweep_flows(now + 30_000_000_000), 2);
+    // 2 min on: the UDP flow is idle past 60 s; the open TCP flow stays for hours.
+    assert_eq!(programs.sweep_flows(now + 120_000_000_000), 2);
+    assert_eq!(programs.flow_count(), 2);
+    // The survivor is still translated as before.
+    let out = programs.run(true, &tcp(client(45001), frontend, ACK));
+    assert_ne!(endpoints(&out.packet).1, frontend);
+}

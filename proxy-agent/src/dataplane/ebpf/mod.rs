@@ -1,5 +1,6 @@
 //! eBPF dataplane: socket-level load balancing programs, per-packet programs for
 //! traffic from outside the node, and the maps they read.
+pub mod flows;
 mod ids;
 pub mod index;
 pub mod kernel;
@@ -71,6 +72,9 @@ impl EbpfDataplane {
         let packets = cluster_cidrs
             .map(|cidrs| nodeport::PacketPrograms::start(ebpf, bpffs.to_owned(), cidrs))
             .transpose()?;
+        if packets.is_some() {
+            flows::spawn(bpffs.to_owned());
+        }
         Ok(Self { writer, packets })
     }
 }
