@@ -1,6 +1,6 @@
 //! The bench's north-south part: a client outside the cluster (the LAN namespace) to a
 //! NodePort on node1 whose Service is the last of N, TCP connection rate and UDP
-//! request/response rate, through kube-proxy's iptables layout, our nftables and our
+//! packet rate (a bounded flood), through kube-proxy's iptables layout, our nftables and our
 //! eBPF per-packet programs; the baseline is the same client straight to the pod
 //! through the node (routed, no NAT), measured before and after each mode.
 use std::{path::Path, process::Stdio};
@@ -77,7 +77,7 @@ fn measure(cluster: &Cluster, kind: &str, to: &str, seconds: f64) -> Rate {
 fn measure_both(cluster: &Cluster, tcp: &str, udp: &str, seconds: f64) -> (Rate, Rate) {
     (
         measure(cluster, "rate", tcp, seconds),
-        measure(cluster, "udp-rate", udp, seconds),
+        measure(cluster, "udp-flood", udp, seconds),
     )
 }
 
@@ -217,7 +217,7 @@ pub fn ratio(results: &Value, mode: &str, protocol: &str) -> Option<f64> {
 pub fn report(results: &Value) -> String {
     use std::fmt::Write as _;
     let mut md = format!(
-        "\n## NodePort from outside the cluster ({} Services, the NodePort the last), ratio to direct through the node\n\nA client in the LAN namespace to node1's NodePort (TCP: connect + request + response + reset close; UDP: one flow, a datagram and its echo, two packets through the path per exchange), {} s per measurement, each between two of the same client straight to the pod through node1 (routed, no NAT). \"conntrack\" is that direct path with connection tracking on.\n\n| path | TCP connections | latency p50 / p99 | UDP exchanges | latency p50 / p99 |\n|---|---|---|---|---|\n",
+        "\n## NodePort from outside the cluster ({} Services, the NodePort the last), ratio to direct through the node\n\nA client in the LAN namespace to node1's NodePort (TCP: connect + request + response + reset close; UDP: a bounded flood, one flow keeping 32 datagrams in flight, counting echoes: two packets through the path per echo), {} s per measurement, each between two of the same client straight to the pod through node1 (routed, no NAT). \"conntrack\" is that direct path with connection tracking on.\n\n| path | TCP connections | latency p50 / p99 | UDP echoes | latency p50 / p99 |\n|---|---|---|---|---|\n",
         results["services"], results["seconds_per_measurement"]
     );
     let _ = writeln!(
@@ -240,7 +240,11 @@ pub fn report(results: &Value) -> String {
             let f = |k: &str| rate[k].as_f64().unwrap_or(0.0);
             (
                 format!("{:.0}/s ({:.3}×)", f("per_second"), f("ratio")),
-                format!("{:.0} / {:.0} µs", f("p50_us"), f("p99_us")),
+                if f("p99_us") > 0.0 {
+                    format!("{:.0} / {:.0} µs", f("p50_us"), f("p99_us"))
+                } else {
+                    "-".to_owned()
+                },
             )
         };
         let ((tcp, tcp_latency), (udp, udp_latency)) = (cell(&mode["tcp"]), cell(&mode["udp"]));

@@ -127,7 +127,8 @@ fn check_nodeport(nodeport: &Value) {
             assert!(
                 cell["per_second"].as_f64().unwrap_or(0.0) > 0.0
                     && cell["ratio"].as_f64().unwrap_or(0.0) > 0.0
-                    && cell["errors"].as_u64() == Some(0),
+                    // A flood may lose a datagram; a connection may not fail.
+                    && (protocol == "udp" || cell["errors"].as_u64() == Some(0)),
                 "NodePort {protocol} {mode}"
             );
         }

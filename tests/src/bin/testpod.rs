@@ -11,7 +11,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS"
     );
     std::process::exit(2)
 }
@@ -73,6 +73,11 @@ fn main() {
             let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
             let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
             udp_rate(to, Duration::from_millis(millis));
+        }
+        Some("udp-flood") if args.len() == 3 => {
+            let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
+            let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
+            udp_flood(to, Duration::from_millis(millis));
         }
         Some("serve-each") if args.len() >= 2 => serve_each(&args[1..]),
         Some("probe") if args.len() == 6 => {
@@ -408,6 +413,36 @@ fn udp_rate(to: SocketAddr, duration: Duration) {
         quantile(50),
         quantile(99)
     );
+}
+
+/// A bounded UDP flood: one flow keeping 32 datagrams in flight, for a while; prints
+/// `ok=N err=M` (echoes received; a 100 ms silence counts the window as lost).
+fn udp_flood(to: SocketAddr, duration: Duration) {
+    const WINDOW: u32 = 32;
+    let started = Instant::now();
+    let (mut ok, mut errors, mut in_flight) = (0u64, 0u64, 0u32);
+    let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+    socket.connect(to).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    while started.elapsed() < duration {
+        while in_flight < WINDOW {
+            if socket.send(b"x").is_err() {
+                break;
+            }
+            in_flight += 1;
+        }
+        if socket.recv(&mut buf).is_ok() {
+            ok += 1;
+            in_flight = in_flight.saturating_sub(1);
+        } else {
+            errors += u64::from(in_flight);
+            in_flight = 0;
+        }
+    }
+    println!("ok={ok} err={errors} p50_us=0 p99_us=0");
 }
 
 /// The connection-rate client: connect, send a byte, read the answer, close with a
