@@ -325,30 +325,22 @@ fn translate(ctx: &TcContext, packet: &Packet, address_be: u32, port_be: u16, fl
 
 /// Hands the packet to netfilter marked for rejection (TCP reset, ICMP unreachable).
 fn reject(ctx: &TcContext, packet: &Packet, rev_nat_index: u16, reason: u8) -> i32 {
-    observe::count(
-        rev_nat_index,
-        HOOK_TC_INGRESS,
-        VERDICT_REJECT,
-        u32::from(reason),
-    );
-    if observe::monitoring(rev_nat_index) {
-        observe::emit_packet(event(packet, rev_nat_index, VERDICT_REJECT, reason));
-    }
+    refuse(packet, rev_nat_index, VERDICT_REJECT, reason);
     ctx.set_mark(MARK_REJECT);
     TC_ACT_OK
 }
 
 fn drop_packet(packet: &Packet, rev_nat_index: u16, reason: u8) -> i32 {
-    observe::count(
-        rev_nat_index,
-        HOOK_TC_INGRESS,
-        VERDICT_DROP,
-        u32::from(reason),
-    );
-    if observe::monitoring(rev_nat_index) {
-        observe::emit_packet(event(packet, rev_nat_index, VERDICT_DROP, reason));
-    }
+    refuse(packet, rev_nat_index, VERDICT_DROP, reason);
     TC_ACT_SHOT
+}
+
+/// Counts a reject or drop (the reason in the backend field) and streams it.
+fn refuse(packet: &Packet, rev_nat_index: u16, verdict: u8, reason: u8) {
+    observe::count(rev_nat_index, HOOK_TC_INGRESS, verdict, u32::from(reason));
+    if observe::monitoring(rev_nat_index) {
+        observe::emit_packet(event(packet, rev_nat_index, verdict, reason));
+    }
 }
 
 fn event(packet: &Packet, rev_nat_index: u16, verdict: u8, reason: u8) -> MonitorEvent {

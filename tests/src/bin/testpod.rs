@@ -406,13 +406,7 @@ fn udp_rate(to: SocketAddr, duration: Duration) {
             Err(_) => errors += 1,
         }
     }
-    micros.sort_unstable();
-    let quantile = |q: usize| micros.get(micros.len() * q / 100).copied().unwrap_or(0);
-    println!(
-        "ok={ok} err={errors} p50_us={} p99_us={}",
-        quantile(50),
-        quantile(99)
-    );
+    print_rate(ok, errors, &mut micros);
 }
 
 /// A bounded UDP flood: one flow keeping 32 datagrams in flight, for a while; prints
@@ -470,6 +464,11 @@ fn rate(to: SocketAddr, duration: Duration) {
             Err(_) => errors += 1,
         }
     }
+    print_rate(ok, errors, &mut micros);
+}
+
+/// Prints `ok=N err=M p50_us=X p99_us=Y` from per-exchange microseconds.
+fn print_rate(ok: u64, errors: u64, micros: &mut [u128]) {
     micros.sort_unstable();
     let quantile = |q: usize| micros.get(micros.len() * q / 100).copied().unwrap_or(0);
     println!(
