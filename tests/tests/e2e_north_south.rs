@@ -55,6 +55,15 @@ spec:
 status:
   loadBalancer:
     ingress: [{ip: 10.100.0.201}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-sticky, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.63
+  sessionAffinity: ClientIP
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30083}]
 ";
 
 struct Bed {
@@ -85,6 +94,7 @@ fn setup(tag: &str, dataplane: &str) -> Bed {
     for (slice, service, endpoints) in [
         ("np-cluster-1", "np-cluster", &both[..]),
         ("lb-1", "lb", &both[..]),
+        ("np-sticky-1", "np-sticky", &both[..]),
         ("np-local-1", "np-local", &both[..1]),
     ] {
         manifests::write(
@@ -304,7 +314,99 @@ fn north_south(tag: &str, dataplane: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    sticky_clients(&bed);
     autoscaler_taint(&bed);
+}
+
+/// `sessionAffinity: ClientIP` from outside: every connection of one client goes to
+/// one backend, on either node (masqueraded or not, the client address is the key).
+fn sticky_clients(bed: &Bed) {
+    for node_ip in ["10.100.0.1", "10.100.0.2"] {
+        let (pods, _) = answered(&probe(bed, "tcp", CLIENT, &format!("{node_ip}:30083"), 20));
+        assert_eq!(
+            pods.len(),
+            1,
+            "20 connections of one client via {node_ip}: {pods:?}"
+        );
+    }
+}
+
+#[test]
+fn a_nodeport_udp_flow_moves_off_a_removed_endpoint_with_ebpf() {
+    nodeport_udp_flow_moves("nue", "ebpf");
+}
+
+#[test]
+fn a_nodeport_udp_flow_moves_off_a_removed_endpoint_with_nftables() {
+    nodeport_udp_flow_moves("nun", "nftables");
+}
+
+/// One UDP flow from outside (a fixed source port) to node1's NodePort, pinned to a
+/// backend; that backend leaves the Service but keeps running; the flow's next
+/// datagrams reach the other backend instead of vanishing into the removed one.
+fn nodeport_udp_flow_moves(tag: &str, dataplane: &str) {
+    let bed = setup(tag, dataplane);
+    let testpod = testpod_bin().display().to_string();
+    let flow = |count: usize| -> Vec<String> {
+        bed.cluster
+            .run_in_lan(&[
+                &testpod,
+                "udp-from",
+                "40053",
+                "10.100.0.1:30053",
+                &count.to_string(),
+            ])
+            .lines()
+            .map(|l| {
+                assert!(l.starts_with("ok "), "datagram lost: {l}");
+                l.split_whitespace().nth(1).unwrap().to_owned()
+            })
+            .collect()
+    };
+    let first = flow(5);
+    assert!(
+        first.iter().all(|p| *p == first[0]),
+        "one flow, one backend: {first:?}"
+    );
+    let (gone, survivor) = if first[0] == "web-a" {
+        ("10.244.1.2", "web-b")
+    } else {
+        ("10.244.2.2", "web-a")
+    };
+    let endpoints: Vec<Endpoint> = [("10.244.1.2", "node1"), ("10.244.2.2", "node2")]
+        .into_iter()
+        .map(|(ip, node)| Endpoint {
+            ip,
+            ready: ip != gone,
+            node,
+        })
+        .collect();
+    manifests::write(
+        &bed.dir,
+        "np-cluster-1.yaml",
+        &manifests::slice("np-cluster-1", "np-cluster", &PORTS, &endpoints),
+    );
+    let started = Instant::now();
+    while flow(1)[0] != survivor {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the flow still reaches the removed endpoint {} after 3 s\n{}",
+            first[0],
+            bed.agents[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = flow(5);
+    assert!(
+        after.iter().all(|p| p == survivor),
+        "the flow went back to the removed endpoint {}: {after:?}",
+        first[0]
+    );
+    println!(
+        "{dataplane}: flow moved from {} to {survivor} after {:?}",
+        first[0],
+        started.elapsed()
+    );
 }
 
 /// The autoscaler taints node2 for removal: its /healthz fails (load balancers drain
