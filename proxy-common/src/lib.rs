@@ -37,6 +37,13 @@ pub const MAP_CT4: &str = "LB4_CT";
 pub const MAP_CLUSTER_CIDR4: &str = "CLUSTER_CIDR4";
 pub const MAP_SOURCE_RANGES4: &str = "LB4_SOURCE_RANGES";
 pub const MAP_MAGLEV4: &str = "LB4_MAGLEV";
+pub const MAP_SERVICES6: &str = "LB6_SERVICES";
+pub const MAP_BACKENDS6: &str = "LB6_BACKENDS";
+pub const MAP_REVNAT6: &str = "LB6_REVNAT";
+pub const MAP_SOCK_REVNAT6: &str = "LB6_SK_REVNAT";
+pub const MAP_CT6: &str = "LB6_CT";
+pub const MAP_CLUSTER_CIDR6: &str = "CLUSTER_CIDR6";
+pub const MAP_SOURCE_RANGES6: &str = "LB6_SOURCE_RANGES";
 
 /// Largest Maglev lookup table (a prime, Cilium's default); `--maglev-table-size` may
 /// choose a smaller prime.
@@ -90,6 +97,10 @@ pub const HOOK_GETPEERNAME4: u8 = 4;
 /// The per-packet program on the node's external interfaces (NodePort, external and
 /// load-balancer IPs, ClusterIPs routed from outside).
 pub const HOOK_TC_INGRESS: u8 = 5;
+pub const HOOK_CONNECT6: u8 = 6;
+pub const HOOK_SENDMSG6: u8 = 7;
+pub const HOOK_RECVMSG6: u8 = 8;
+pub const HOOK_GETPEERNAME6: u8 = 9;
 
 // What was decided.
 /// The destination became a backend.
@@ -201,6 +212,38 @@ pub struct RevNat4 {
 }
 const _: () = assert!(size_of::<RevNat4>() == 8);
 
+/// Value of `LB6_REVNAT`, keyed by the service's `rev_nat_index` (one index space for
+/// both families).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNat6 {
+    pub address: [u8; 16],
+    pub port_be: u16,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<RevNat6>() == 20);
+
+/// Key of `LB6_SK_REVNAT`: which IPv6 backend a given socket was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat6Key {
+    pub cookie: u64,
+    pub address: [u8; 16],
+    pub port_be: u16,
+    pub pad: [u8; 6],
+}
+const _: () = assert!(size_of::<SockRevNat6Key>() == 32);
+
+/// Value of `LB6_SK_REVNAT`: the IPv6 frontend the socket originally asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat6 {
+    pub address: [u8; 16],
+    pub port_be: u16,
+    pub rev_nat_index: u16,
+}
+const _: () = assert!(size_of::<SockRevNat6>() == 20);
+
 /// Key of `LB4_SK_REVNAT`: which backend a given socket was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -303,6 +346,17 @@ pub struct MonitorEvent {
 }
 const _: () = assert!(size_of::<MonitorEvent>() == 48);
 
+/// A record of `LB_EVENTS` about an IPv6 frontend: the event (its IPv4 address fields
+/// zero) and the addresses. Readers tell the two kinds apart by record length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MonitorEvent6 {
+    pub event: MonitorEvent,
+    pub frontend: [u8; 16],
+    pub backend: [u8; 16],
+}
+const _: () = assert!(size_of::<MonitorEvent6>() == 80);
+
 /// Key of `LB4_AFFINITY`: a client of one frontend. At the socket the client is its
 /// network namespace (its cookie): one per pod, and the node's own for host processes,
 /// which is what kube-proxy's per-address affinity amounts to.
@@ -387,6 +441,44 @@ pub struct SourceRange4 {
 }
 const _: () = assert!(size_of::<SourceRange4>() == 8);
 
+/// Key of `LB6_CT` (as `Ct4Key`); its value is a `Ct6Value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct6Key {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Ct6Key>() == 40);
+
+/// Value of `LB6_CT` (as `Ct4Value`, with an IPv6 address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ct6Value {
+    pub last_seen_ns: u64,
+    pub nat: [u8; 16],
+    pub nat_port_be: u16,
+    pub rev_nat_index: u16,
+    pub backend_id: u32,
+    pub flags: u8,
+    pub pad: [u8; 7],
+}
+const _: () = assert!(size_of::<Ct6Value>() == 40);
+
+/// Data of an `LB6_SOURCE_RANGES` LPM key (as `SourceRange4`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange6 {
+    pub rev_nat_index_be: u16,
+    pub pad: u16,
+    pub address: [u8; 16],
+}
+const _: () = assert!(size_of::<SourceRange6>() == 20);
+
 #[cfg(feature = "user")]
 mod user {
     #![allow(
@@ -401,6 +493,10 @@ mod user {
     unsafe impl aya::Pod for super::Backend4 {}
     unsafe impl aya::Pod for super::Backend6 {}
     unsafe impl aya::Pod for super::RevNat4 {}
+    unsafe impl aya::Pod for super::RevNat6 {}
+    unsafe impl aya::Pod for super::SockRevNat6Key {}
+    unsafe impl aya::Pod for super::SockRevNat6 {}
+    unsafe impl aya::Pod for super::MonitorEvent6 {}
     unsafe impl aya::Pod for super::SockRevNat4Key {}
     unsafe impl aya::Pod for super::SockRevNat4 {}
     unsafe impl aya::Pod for super::LocalRedirect4 {}
@@ -414,4 +510,7 @@ mod user {
     unsafe impl aya::Pod for super::Ct4Value {}
     unsafe impl aya::Pod for super::SourceRange4 {}
     unsafe impl aya::Pod for super::MaglevTable {}
+    unsafe impl aya::Pod for super::Ct6Key {}
+    unsafe impl aya::Pod for super::Ct6Value {}
+    unsafe impl aya::Pod for super::SourceRange6 {}
 }

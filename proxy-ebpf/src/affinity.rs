@@ -1,20 +1,19 @@
 //! `sessionAffinity: ClientIP` at the socket: a client keeps its backend while it
 //! reconnects within the timeout (kube-proxy's `recent` match refreshes on each use).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Service4Key, ServiceValue, REASON_AFFINITY,
-};
+use proxy_common::{AffinityKey, AffinityValue, ServiceValue, REASON_AFFINITY};
 
-use crate::{lb, maps::LB4_AFFINITY};
+use crate::{family::Family, lb, maps::LB4_AFFINITY};
 
 /// The client's remembered backend if still valid, else a fresh random choice that is
-/// remembered: (backend id, backend, reason for monitor events).
+/// remembered: (backend id, backend, reason for monitor events). Both families share
+/// the map: reverse-NAT indexes are unique across them.
 #[inline(always)]
-pub fn select4(
+pub fn select<F: Family>(
     client_cookie: u64,
-    frontend: &Service4Key,
+    frontend: &F::Key,
     svc: &ServiceValue,
-) -> Option<(u32, Backend4, u8)> {
+) -> Option<(u32, F::Backend, u8)> {
     let key = AffinityKey {
         client_cookie,
         rev_nat_index: svc.rev_nat_index,
@@ -35,7 +34,7 @@ pub fn select4(
             )
         };
         if now.wrapping_sub(last) < timeout_ns && slot != 0 && slot <= svc.count {
-            if let Some((current, backend)) = lb::slot_backend(frontend, slot) {
+            if let Some((current, backend)) = lb::slot_backend::<F>(frontend, slot) {
                 if current == id {
                     // SAFETY: as above.
                     unsafe { (*remembered).last_used_ns = now };
@@ -44,7 +43,7 @@ pub fn select4(
             }
         }
     }
-    let (id, backend, slot) = lb::select_backend(frontend, svc)?;
+    let (id, backend, slot) = lb::select_backend::<F>(frontend, svc)?;
     let value = AffinityValue {
         last_used_ns: now,
         backend_id: id,

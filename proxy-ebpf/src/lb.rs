@@ -1,8 +1,11 @@
-//! Frontend lookup and backend selection over the services map.
+//! Frontend lookup and backend selection over the services maps (either family).
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use proxy_common::{Backend4, Service4Key, ServiceValue, LOCAL_REDIRECT_TTL_NS};
 
-use crate::maps::{LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LOCAL_REDIRECT4};
+use crate::{
+    family::Family,
+    maps::{LB4_MAGLEV, LOCAL_REDIRECT4},
+};
 
 /// The slot-0 key of a frontend in one scope.
 #[inline(always)]
@@ -17,18 +20,20 @@ pub fn frontend_key(address_be: u32, dport_be: u16, proto: u8, scope: u8) -> Ser
     }
 }
 
-/// The frontend entry (slot 0) for a key, if it is a Service.
+/// The frontend entry (slot 0) for a key, if it is a Service. The agent never rewrites
+/// a slot-0 entry in place with a count its slots do not back (its write order).
 #[inline(always)]
-pub fn lookup(frontend: &Service4Key) -> Option<ServiceValue> {
-    // SAFETY: the value is copied out at once; the agent never rewrites a slot-0 entry
-    // in place with a count its slots do not back (write order in the agent).
-    unsafe { LB4_SERVICES.get(frontend) }.copied()
+pub fn lookup<F: Family>(frontend: &F::Key) -> Option<ServiceValue> {
+    F::service(frontend)
 }
 
 /// A uniformly random backend of a frontend with `svc.count > 0`, its id and slot, or
 /// `None` if the slot or backend is missing (only while the agent deletes the service).
 #[inline(always)]
-pub fn select_backend(frontend: &Service4Key, svc: &ServiceValue) -> Option<(u32, Backend4, u16)> {
+pub fn select_backend<F: Family>(
+    frontend: &F::Key,
+    svc: &ServiceValue,
+) -> Option<(u32, F::Backend, u16)> {
     let count = u32::from(svc.count);
     if count == 0 {
         return None;
@@ -37,7 +42,7 @@ pub fn select_backend(frontend: &Service4Key, svc: &ServiceValue) -> Option<(u32
     let random = unsafe { bpf_get_prandom_u32() };
     // `count` is non-zero and at most u16::MAX, so the slot fits in u16.
     let slot = (random % count) as u16 + 1;
-    let (id, backend) = slot_backend(frontend, slot)?;
+    let (id, backend) = slot_backend::<F>(frontend, slot)?;
     Some((id, backend, slot))
 }
 
@@ -45,7 +50,7 @@ pub fn select_backend(frontend: &Service4Key, svc: &ServiceValue) -> Option<(u32
 /// holding the same table sends the flow to the same backend, and a backend change
 /// moves only about its share of flows.
 #[inline(always)]
-pub fn maglev_backend(table: u16, hash: u32) -> Option<(u32, Backend4)> {
+pub fn maglev_backend<F: Family>(table: u16, hash: u32) -> Option<(u32, F::Backend)> {
     // SAFETY: the value is read in place, one entry; the agent replaces whole tables.
     let table = unsafe { LB4_MAGLEV.get(table) }?;
     let size = table.size;
@@ -53,22 +58,14 @@ pub fn maglev_backend(table: u16, hash: u32) -> Option<(u32, Backend4)> {
         return None;
     }
     let id = *table.backend_ids.get((hash % size) as usize)?;
-    // SAFETY: copied out at once.
-    let backend = unsafe { LB4_BACKENDS.get(id) }.copied()?;
-    Some((id, backend))
+    Some((id, F::backend(id)?))
 }
 
 /// The backend in one slot of a frontend, and its id.
 #[inline(always)]
-pub fn slot_backend(frontend: &Service4Key, slot: u16) -> Option<(u32, Backend4)> {
-    let key = Service4Key {
-        backend_slot: slot,
-        ..*frontend
-    };
-    // SAFETY: copied out at once.
-    let slot_value = unsafe { LB4_SERVICES.get(key) }.copied()?;
-    // SAFETY: copied out at once.
-    let backend = unsafe { LB4_BACKENDS.get(slot_value.backend_id) }.copied()?;
+pub fn slot_backend<F: Family>(frontend: &F::Key, slot: u16) -> Option<(u32, F::Backend)> {
+    let slot_value = F::service(&F::with_slot(frontend, slot))?;
+    let backend = F::backend(slot_value.backend_id)?;
     Some((slot_value.backend_id, backend))
 }
 

@@ -5,17 +5,22 @@
 #![no_main]
 
 mod affinity;
+mod family;
 mod lb;
 mod maps;
 mod observe;
 mod packet;
 mod sock;
+mod wire;
 
 use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier},
     programs::{SockAddrContext, SockContext, TcContext},
 };
-use proxy_common::{HOOK_CONNECT4, HOOK_GETPEERNAME4, HOOK_RECVMSG4, HOOK_SENDMSG4};
+use proxy_common::{
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_GETPEERNAME4, HOOK_GETPEERNAME6, HOOK_RECVMSG4,
+    HOOK_RECVMSG6, HOOK_SENDMSG4, HOOK_SENDMSG6,
+};
 
 /// Verdicts of cgroup sock_addr programs.
 const SYS_PROCEED: i32 = 1;
@@ -39,6 +44,28 @@ pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
     sock::xlate_rev4(&ctx, HOOK_GETPEERNAME4);
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    sock::xlate_fwd6(&ctx, HOOK_CONNECT6)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::xlate_fwd6(&ctx, HOOK_SENDMSG6)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::xlate_rev6(&ctx, HOOK_RECVMSG6);
+    SYS_PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::xlate_rev6(&ctx, HOOK_GETPEERNAME6);
     SYS_PROCEED
 }
 

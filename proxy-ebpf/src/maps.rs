@@ -4,11 +4,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, Ct4Key, Ct4Value, LocalRedirect4, MaglevTable,
-    MonitorConfig, RevNat4, Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key, SourceRange4,
-    Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC, MAX_AFFINITY, MAX_BACKENDS, MAX_CLUSTER_CIDRS,
-    MAX_CT, MAX_LOCAL_REDIRECT, MAX_MAGLEV_TABLES, MAX_REVNAT, MAX_SERVICE_ENTRIES,
-    MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_STATS,
+    AffinityKey, AffinityValue, Backend4, Backend6, Ct4Key, Ct4Value, Ct6Key, Ct6Value,
+    LocalRedirect4, MaglevTable, MonitorConfig, RevNat4, RevNat6, Service4Key, Service6Key,
+    ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
+    SourceRange6, Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC, MAX_AFFINITY, MAX_BACKENDS,
+    MAX_CLUSTER_CIDRS, MAX_CT, MAX_LOCAL_REDIRECT, MAX_MAGLEV_TABLES, MAX_REVNAT,
+    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_STATS,
 };
 
 #[map]
@@ -69,3 +70,32 @@ pub static LB4_SOURCE_RANGES: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(MAX_SO
 #[map]
 pub static LB4_MAGLEV: HashMap<u16, MaglevTable> =
     HashMap::pinned(MAX_MAGLEV_TABLES, MAP_NO_PREALLOC);
+
+/// IPv6 frontends, backends and reverse NAT: the same layout as their IPv4 twins, the
+/// ids shared with them (one backend id space, one reverse-NAT index space).
+#[map]
+pub static LB6_SERVICES: HashMap<Service6Key, ServiceValue> =
+    HashMap::pinned(MAX_SERVICE_ENTRIES, MAP_NO_PREALLOC);
+
+#[map]
+pub static LB6_BACKENDS: HashMap<u32, Backend6> = HashMap::pinned(MAX_BACKENDS, MAP_NO_PREALLOC);
+
+#[map]
+pub static LB6_REVNAT: HashMap<u16, RevNat6> = HashMap::pinned(MAX_REVNAT, MAP_NO_PREALLOC);
+
+/// `LB4_SK_REVNAT` for sockets sent to IPv6 backends.
+#[map]
+pub static LB6_SK_REVNAT: LruHashMap<SockRevNat6Key, SockRevNat6> =
+    LruHashMap::pinned(MAX_SOCK_REVNAT, 0);
+
+/// `LB4_CT` for IPv6 flows.
+#[map]
+pub static LB6_CT: LruHashMap<Ct6Key, Ct6Value> = LruHashMap::pinned(MAX_CT, 0);
+
+/// `--cluster-cidr`'s IPv6 prefixes.
+#[map]
+pub static CLUSTER_CIDR6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_CLUSTER_CIDRS, 0);
+
+/// IPv6 `loadBalancerSourceRanges` per frontend (see `SourceRange6`).
+#[map]
+pub static LB6_SOURCE_RANGES: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);

@@ -1,7 +1,7 @@
 //! Counters and monitor events for every decision the programs take: counting is a
 //! per-CPU increment; events cost one array read unless a monitor is listening.
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
-use proxy_common::{MonitorEvent, Stats, StatsKey};
+use proxy_common::{MonitorEvent, MonitorEvent6, Stats, StatsKey};
 
 use crate::maps::{LB_EVENTS, LB_MONITOR, LB_STATS};
 
@@ -46,18 +46,36 @@ pub fn monitoring(rev_nat_index: u16) -> bool {
     now < config.expires_ns
 }
 
-/// Streams one event of a socket program, naming the calling process.
+/// The calling process (thread group id), for events of socket programs (a packet
+/// program runs for no particular one).
 #[inline(always)]
-pub fn emit(mut event: MonitorEvent) {
-    event.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    emit_packet(event);
+pub fn pid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
-/// Streams one event (no process: a packet program runs for no particular one); a
-/// full ring buffer drops it rather than slow the caller.
+/// Streams one event; a full ring buffer drops it rather than slow the caller.
 #[inline(always)]
-pub fn emit_packet(mut event: MonitorEvent) {
+pub fn emit(mut event: MonitorEvent) {
     // SAFETY: helper call with no arguments.
     event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     let _ = LB_EVENTS.output::<MonitorEvent>(&event, 0);
+}
+
+/// [`emit`] for an IPv6 frontend's event, written in place in the ring buffer (the
+/// per-packet path has no stack to spare for a copy).
+#[inline(always)]
+pub fn emit6(event: &MonitorEvent, frontend: &[u8; 16], backend: &[u8; 16]) {
+    let Some(mut entry) = LB_EVENTS.reserve::<MonitorEvent6>(0) else {
+        return;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` points at a reserved, writable MonitorEvent6; every field is
+    // written before it is submitted.
+    unsafe {
+        (*record).event = *event;
+        (*record).event.timestamp_ns = bpf_ktime_get_ns();
+        (*record).frontend = *frontend;
+        (*record).backend = *backend;
+    }
+    entry.submit(0);
 }

@@ -6,7 +6,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -25,6 +25,8 @@ pub struct Node {
     pub name: String,
     pub index: u8,
     pub ip: Ipv4Addr,
+    /// `fd00:10:100::index` on the LAN.
+    pub ip6: Ipv6Addr,
     pub netns: String,
     pub cgroup: PathBuf,
 }
@@ -35,6 +37,8 @@ pub struct Pod {
     pub name: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// `fd00:10:244:<node index>::<host>`.
+    pub ip6: Ipv6Addr,
     pub netns: String,
 }
 
@@ -131,6 +135,14 @@ fn sysctl(netns: &str, key: &str, value: &str) {
     sh_in(netns, &["sysctl", "-qw", &format!("{key}={value}")]);
 }
 
+/// No duplicate address detection in a new namespace: its interfaces' addresses (link
+/// local ones included) are usable at once, not seconds later.
+fn no_dad(netns: &str) {
+    for key in ["all", "default"] {
+        sysctl(netns, &format!("net.ipv6.conf.{key}.accept_dad"), "0");
+    }
+}
+
 impl Cluster {
     /// A new, empty cluster; removes leftovers of earlier runs whose process is gone.
     #[must_use]
@@ -154,16 +166,25 @@ impl Cluster {
         };
         let lan = cluster.lan();
         sh(&["ip", "netns", "add", &lan]);
+        no_dad(&lan);
         sh_in(&lan, &["ip", "link", "set", "lo", "up"]);
         sh_in(&lan, &["ip", "link", "add", "br0", "type", "bridge"]);
         sh_in(
             &lan,
             &["ip", "addr", "add", "10.100.0.254/24", "dev", "br0"],
         );
+        sh_in(
+            &lan,
+            &["ip", "addr", "add", "fd00:10:100::254/64", "dev", "br0"],
+        );
         sh_in(&lan, &["ip", "link", "set", "br0", "up"]);
         // The sink router: knows the LAN only and answers everything else unreachable,
         // so no test packet can leave the simulated cluster.
         sh_in(&lan, &["ip", "route", "add", "unreachable", "default"]);
+        sh_in(
+            &lan,
+            &["ip", "-6", "route", "add", "unreachable", "default"],
+        );
         cluster
     }
 
@@ -171,12 +192,15 @@ impl Cluster {
         format!("{}-lan", self.id)
     }
 
-    /// Adds node `index` (1-based): address 10.100.0.index, pod CIDR 10.244.index.0/24.
+    /// Adds node `index` (1-based): address 10.100.0.index and `fd00:10:100::index`, pod
+    /// CIDRs 10.244.index.0/24 and `fd00:10:244:index::/64`.
     pub fn add_node(&mut self, name: &str, index: u8) -> Node {
         let netns = format!("{}-{name}", self.id);
         let ip = Ipv4Addr::new(10, 100, 0, index);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0x100, 0, 0, 0, 0, index.into());
         let lan = self.lan();
         sh(&["ip", "netns", "add", &netns]);
+        no_dad(&netns);
         let lan_side = format!("n{index}");
         sh(&[
             "ip", "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name",
@@ -191,18 +215,46 @@ impl Cluster {
             &netns,
             &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
         );
+        sh_in(
+            &netns,
+            &["ip", "addr", "add", &format!("{ip6}/64"), "dev", "eth0"],
+        );
         sh_in(&netns, &["ip", "link", "set", "eth0", "up"]);
         sh_in(
             &netns,
             &["ip", "route", "add", "default", "via", "10.100.0.254"],
         );
+        sh_in(
+            &netns,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:10:100::254",
+            ],
+        );
         sysctl(&netns, "net.ipv4.ip_forward", "1");
         sysctl(&netns, "net.ipv4.icmp_ratelimit", "0");
+        sysctl(&netns, "net.ipv6.conf.all.forwarding", "1");
         for other in &self.nodes {
-            let (cidr, via) = (format!("10.244.{}.0/24", other.index), other.ip.to_string());
-            sh_in(&netns, &["ip", "route", "add", &cidr, "via", &via]);
-            let (cidr, via) = (format!("10.244.{index}.0/24"), ip.to_string());
-            sh_in(&other.netns, &["ip", "route", "add", &cidr, "via", &via]);
+            for (cidr, via) in [
+                (format!("10.244.{}.0/24", other.index), other.ip.to_string()),
+                (
+                    format!("fd00:10:244:{}::/64", other.index),
+                    other.ip6.to_string(),
+                ),
+            ] {
+                sh_in(&netns, &["ip", "route", "add", &cidr, "via", &via]);
+            }
+            for (cidr, via) in [
+                (format!("10.244.{index}.0/24"), ip.to_string()),
+                (format!("fd00:10:244:{index}::/64"), ip6.to_string()),
+            ] {
+                sh_in(&other.netns, &["ip", "route", "add", &cidr, "via", &via]);
+            }
         }
         let cgroup = cgroup_base(&self.id).join(name);
         fs::create_dir_all(&cgroup).expect("node cgroup");
@@ -210,6 +262,7 @@ impl Cluster {
             name: name.to_owned(),
             index,
             ip,
+            ip6,
             netns,
             cgroup,
         };
@@ -233,13 +286,16 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
-    /// Adds a pod on `node` with address 10.244.<node index>.<host>.
+    /// Adds a pod on `node` with addresses 10.244.<node index>.<host> and
+    /// `fd00:10:244:<node index>::<host>` (its IPv6 gateway is the node's `fe80::1`).
     pub fn add_pod(&mut self, node: &str, name: &str, host: u8) -> Pod {
         let node = self.node(node).clone();
         let netns = format!("{}-{name}", self.id);
         let ip = Ipv4Addr::new(10, 244, node.index, host);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, node.index.into(), 0, 0, 0, host.into());
         let node_side = format!("v{host}");
         sh(&["ip", "netns", "add", &netns]);
+        no_dad(&netns);
         sh(&[
             "ip",
             "link",
@@ -260,6 +316,10 @@ impl Cluster {
             &netns,
             &["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"],
         );
+        sh_in(
+            &netns,
+            &["ip", "addr", "add", &format!("{ip6}/128"), "dev", "eth0"],
+        );
         sh_in(&netns, &["ip", "link", "set", "eth0", "up"]);
         let gateway = node.ip.to_string();
         sh_in(
@@ -268,15 +328,37 @@ impl Cluster {
                 "ip", "route", "add", "default", "via", &gateway, "dev", "eth0", "onlink",
             ],
         );
+        sh_in(
+            &node.netns,
+            &["ip", "addr", "add", "fe80::1/64", "dev", &node_side],
+        );
         sh_in(&node.netns, &["ip", "link", "set", &node_side, "up"]);
         sh_in(
             &node.netns,
             &["ip", "route", "add", &format!("{ip}/32"), "dev", &node_side],
         );
+        sh_in(
+            &node.netns,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                &node_side,
+            ],
+        );
+        sh_in(
+            &netns,
+            &[
+                "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ],
+        );
         let pod = Pod {
             name: name.to_owned(),
             node: node.name,
             ip,
+            ip6,
             netns,
         };
         self.pods.push(pod.clone());

@@ -196,7 +196,7 @@ fn uninstall_ebpf(cluster: &Cluster, bpffs: &Path) {
             "nft",
             "delete",
             "table",
-            "ip",
+            "inet",
             proxy_agent::dataplane::ebpf::nodeport::TABLE,
         ],
     );

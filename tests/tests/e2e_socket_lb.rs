@@ -178,7 +178,8 @@ fn changes(dataplane: &str) {
         );
         assert!(
             started.elapsed() < Duration::from_secs(1),
-            "added endpoint not used after 1 s: {pods:?}"
+            "added endpoint not used after 1 s: {pods:?}\n{}",
+            bed.agent.log_text()
         );
     }
     println!("addition live after {:?}", started.elapsed());

@@ -2,15 +2,15 @@
 //! and the socket LB's per-socket memory, read straight from bpffs.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
-    AffinityKey, AffinityValue, SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_AFFINITY4,
-    MAP_SOCK_REVNAT4, SERVICE_FLAG_AFFINITY,
+    AffinityKey, AffinityValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, Stats,
+    StatsKey, MAP_AFFINITY4, MAP_SOCK_REVNAT4, MAP_SOCK_REVNAT6, SERVICE_FLAG_AFFINITY,
 };
 
 use super::{
@@ -21,7 +21,7 @@ use crate::{
     dataplane::ebpf::{
         kernel::KernelMaps,
         observe,
-        store::{MapContents, MapStore},
+        store::{BackendValue, MapContents, MapStore},
     },
     model::{Backend, FrontendKey, Protocol},
 };
@@ -30,8 +30,35 @@ use crate::{
 pub struct State {
     maps: MapContents,
     stats: BTreeMap<StatsKey, Stats>,
-    sockets: Vec<(SockRevNat4Key, SockRevNat4)>,
+    sockets: Vec<Socket>,
     affinity: Vec<(AffinityKey, AffinityValue)>,
+}
+
+/// A socket the socket LB sent to a backend, of either family.
+struct Socket {
+    cookie: u64,
+    backend: Backend,
+    frontend: Backend,
+    rev_nat_index: u16,
+}
+
+impl Socket {
+    fn v4((key, value): (SockRevNat4Key, SockRevNat4)) -> Self {
+        Self {
+            cookie: key.cookie,
+            backend: address(ip(key.address_be).into(), key.port_be),
+            frontend: address(ip(value.address_be).into(), value.port_be),
+            rev_nat_index: value.rev_nat_index,
+        }
+    }
+    fn v6((key, value): (SockRevNat6Key, SockRevNat6)) -> Self {
+        Self {
+            cookie: key.cookie,
+            backend: address(Ipv6Addr::from(key.address).into(), key.port_be),
+            frontend: address(Ipv6Addr::from(value.address).into(), value.port_be),
+            rev_nat_index: value.rev_nat_index,
+        }
+    }
 }
 
 /// Every entry of an LRU hash map pinned under `bpffs` (empty when it is missing).
@@ -47,12 +74,16 @@ fn ip(address_be: u32) -> Ipv4Addr {
     Ipv4Addr::from(address_be.to_ne_bytes())
 }
 
-fn backend(address_be: u32, port_be: u16) -> String {
+fn address(ip: IpAddr, port_be: u16) -> Backend {
     Backend {
-        ip: ip(address_be).into(),
+        ip,
         port: u16::from_be(port_be),
     }
-    .to_string()
+}
+
+fn backend_name(backend: &BackendValue) -> String {
+    let (ip, port, _) = backend.parts();
+    Backend { ip, port }.to_string()
 }
 
 impl State {
@@ -68,7 +99,15 @@ impl State {
         Ok(Self {
             maps,
             stats,
-            sockets: lru_entries(bpffs, MAP_SOCK_REVNAT4),
+            sockets: lru_entries(bpffs, MAP_SOCK_REVNAT4)
+                .into_iter()
+                .map(Socket::v4)
+                .chain(
+                    lru_entries(bpffs, MAP_SOCK_REVNAT6)
+                        .into_iter()
+                        .map(Socket::v6),
+                )
+                .collect(),
             affinity: lru_entries(bpffs, MAP_AFFINITY4),
         })
     }
@@ -87,12 +126,12 @@ impl State {
         self.maps
             .services
             .iter()
-            .filter(|(k, _)| k.backend_slot == 0)
+            .filter(|(k, _)| k.slot() == 0)
             .filter_map(|(k, v)| {
                 let key = FrontendKey {
-                    ip: ip(k.address_be).into(),
-                    port: u16::from_be(k.dport_be),
-                    protocol: Protocol::from_number(k.proto)?,
+                    ip: k.ip(),
+                    port: k.port(),
+                    protocol: Protocol::from_number(k.proto())?,
                 };
                 Some((v.rev_nat_index, (key, v.count)))
             })
@@ -136,15 +175,10 @@ impl State {
     #[must_use]
     pub fn backends(&self, names: &Names) -> Vec<BackendRow> {
         let mut users: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-        for (k, v) in self
-            .maps
-            .services
-            .iter()
-            .filter(|(k, _)| k.backend_slot > 0)
-        {
-            let frontend = Protocol::from_number(k.proto).map(|protocol| FrontendKey {
-                ip: ip(k.address_be).into(),
-                port: u16::from_be(k.dport_be),
+        for (k, v) in self.maps.services.iter().filter(|(k, _)| k.slot() > 0) {
+            let frontend = Protocol::from_number(k.proto()).map(|protocol| FrontendKey {
+                ip: k.ip(),
+                port: k.port(),
                 protocol,
             });
             if let Some(frontend) = frontend {
@@ -161,7 +195,7 @@ impl State {
             .backends
             .iter()
             .map(|(id, b)| BackendRow {
-                backend: backend(b.address_be, b.port_be),
+                backend: backend_name(b),
                 id: id.to_string(),
                 services: users
                     .get(id)
@@ -179,23 +213,22 @@ impl State {
         let mut rows: Vec<FlowRow> = self
             .sockets
             .iter()
-            .map(|(key, value)| {
-                let frontend = frontends.get(&value.rev_nat_index).map_or_else(
-                    || backend(value.address_be, value.port_be),
-                    |(k, _)| k.to_string(),
-                );
+            .map(|socket| {
+                let frontend = frontends
+                    .get(&socket.rev_nat_index)
+                    .map_or_else(|| socket.frontend.to_string(), |(k, _)| k.to_string());
                 FlowRow {
                     table: "socket",
                     protocol: frontends
-                        .get(&value.rev_nat_index)
+                        .get(&socket.rev_nat_index)
                         .map_or_else(|| "-".to_owned(), |(k, _)| k.protocol.to_string()),
                     client: None,
                     service: names.of(&frontend),
                     frontend,
-                    backend: backend(key.address_be, key.port_be),
+                    backend: socket.backend.to_string(),
                     state: None,
                     expires_in: None,
-                    socket_cookie: Some(key.cookie),
+                    socket_cookie: Some(socket.cookie),
                 }
             })
             .collect();
@@ -212,7 +245,7 @@ impl State {
             .maps
             .services
             .iter()
-            .filter(|(k, v)| k.backend_slot == 0 && v.flags & SERVICE_FLAG_AFFINITY != 0)
+            .filter(|(k, v)| k.slot() == 0 && v.flags & SERVICE_FLAG_AFFINITY != 0)
             .map(|(_, v)| (v.rev_nat_index, u64::from(v.backend_id)))
             .collect();
         let frontends = self.indexed_frontends();
@@ -222,10 +255,11 @@ impl State {
                 let timeout = *timeouts.get(&key.rev_nat_index)?;
                 let idle = now.saturating_sub(value.last_used_ns) / 1_000_000_000;
                 let frontend = frontends.get(&key.rev_nat_index)?.to_string();
-                let backend = self.maps.backends.get(&value.backend_id).map_or_else(
-                    || format!("backend {}", value.backend_id),
-                    |b| backend(b.address_be, b.port_be),
-                );
+                let backend = self
+                    .maps
+                    .backends
+                    .get(&value.backend_id)
+                    .map_or_else(|| format!("backend {}", value.backend_id), backend_name);
                 Some(AffinityRow {
                     service: names.of(&frontend),
                     client: format!("netns cookie {}", key.client_cookie),

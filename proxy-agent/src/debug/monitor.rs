@@ -3,18 +3,20 @@
 //! nothing but one array read per decision.
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
-use proxy_common::{MonitorEvent, VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT};
+use proxy_common::{VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT};
 use serde::Serialize;
 
 use super::Names;
 use crate::{
     cli::{MonitorArgs, VerdictFilter},
-    dataplane::{ebpf::observe, system::monotonic_ns},
+    dataplane::{
+        ebpf::observe::{self, Event},
+        system::monotonic_ns,
+    },
     metrics::datapath::{hook_name, reason_name, verdict_name},
     model::{Backend, FrontendKey, Protocol},
 };
@@ -68,18 +70,19 @@ fn wall_time(timestamp_ns: u64) -> String {
 
 /// An event in words.
 #[must_use]
-pub fn describe(event: &MonitorEvent, names: &Names) -> Line {
+pub fn describe(decoded: &Event, names: &Names) -> Line {
+    let event = &decoded.record;
     let frontend = Protocol::from_number(event.proto).map_or_else(
         || {
             Backend {
-                ip: Ipv4Addr::from(event.frontend_be.to_ne_bytes()).into(),
+                ip: decoded.frontend,
                 port: u16::from_be(event.frontend_port_be),
             }
             .to_string()
         },
         |protocol| {
             FrontendKey {
-                ip: Ipv4Addr::from(event.frontend_be.to_ne_bytes()).into(),
+                ip: decoded.frontend,
                 port: u16::from_be(event.frontend_port_be),
                 protocol,
             }
@@ -89,7 +92,7 @@ pub fn describe(event: &MonitorEvent, names: &Names) -> Line {
     let backend = (event.verdict != VERDICT_REJECT && event.verdict != proxy_common::VERDICT_DROP)
         .then(|| {
             Backend {
-                ip: Ipv4Addr::from(event.backend_be.to_ne_bytes()).into(),
+                ip: decoded.backend,
                 port: u16::from_be(event.backend_port_be),
             }
             .to_string()
@@ -170,8 +173,8 @@ pub fn run(args: &MonitorArgs) -> Result<()> {
         for event in monitor.next_batch(Duration::from_millis(200))? {
             let in_service = indexes
                 .as_ref()
-                .is_none_or(|i| i.contains(&event.rev_nat_index));
-            if !in_service || !wanted(&args.verdict, event.verdict) {
+                .is_none_or(|i| i.contains(&event.record.rev_nat_index));
+            if !in_service || !wanted(&args.verdict, event.record.verdict) {
                 continue;
             }
             let line = describe(&event, &names);

@@ -93,50 +93,91 @@ fn main() {
     }
 }
 
+/// A socket bound to `addr`; an IPv6 one takes IPv6 only, so IPv4 peers keep showing
+/// as IPv4 addresses on the IPv4 twin.
+fn bound(addr: SocketAddr, kind: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if kind == socket2::Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = bound(addr, socket2::Type::STREAM)?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Serves each listener on IPv4 and, where the pod has IPv6, on IPv6 too.
 fn serve(name: &str, listeners: &[String]) {
     let mut threads = Vec::new();
     for spec in listeners {
         let (proto, port) = spec.split_once(':').unwrap_or_else(|| usage());
-        let addr = SocketAddr::from(([0, 0, 0, 0], port.parse().unwrap_or_else(|_| usage())));
-        let name = name.to_owned();
-        match proto {
-            "tcp" => {
-                let listener = TcpListener::bind(addr).expect("bind tcp");
-                threads.push(thread::spawn(move || {
-                    for stream in listener.incoming().flatten() {
-                        let peer = stream
-                            .peer_addr()
-                            .map(|p| p.to_string())
-                            .unwrap_or_default();
-                        let mut stream = stream;
-                        let _ = stream.write_all(format!("{name} {peer}\n").as_bytes());
-                    }
-                }));
+        let port: u16 = port.parse().unwrap_or_else(|_| usage());
+        let v4 = SocketAddr::from(([0, 0, 0, 0], port));
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        for addr in [v4, v6] {
+            let required = addr.is_ipv4();
+            if let Some(thread) = serve_one(name, proto, addr, required) {
+                threads.push(thread);
             }
-            "udp" => {
-                let socket = UdpSocket::bind(addr).expect("bind udp");
-                threads.push(thread::spawn(move || {
-                    let mut buf = [0u8; 1500];
-                    while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                        let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
-                    }
-                }));
-            }
-            "echo" => {
-                let listener = TcpListener::bind(addr).expect("bind echo");
-                threads.push(thread::spawn(move || {
-                    for stream in listener.incoming().flatten() {
-                        let name = name.clone();
-                        thread::spawn(move || echo_lines(&name, stream));
-                    }
-                }));
-            }
-            _ => usage(),
         }
     }
     println!("ready");
     for t in threads {
         let _ = t.join();
+    }
+}
+
+/// One listener's thread; `None` where an optional (IPv6) address cannot be bound.
+fn serve_one(
+    name: &str,
+    proto: &str,
+    addr: SocketAddr,
+    required: bool,
+) -> Option<thread::JoinHandle<()>> {
+    let unbound = |e: std::io::Error| {
+        assert!(!required, "bind {proto} {addr}: {e}");
+    };
+    let name = name.to_owned();
+    match proto {
+        "tcp" | "echo" => {
+            let listener = tcp_listener(addr).map_err(unbound).ok()?;
+            let echo = proto == "echo";
+            Some(thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    if echo {
+                        let name = name.clone();
+                        thread::spawn(move || echo_lines(&name, stream));
+                        continue;
+                    }
+                    let peer = stream
+                        .peer_addr()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default();
+                    let mut stream = stream;
+                    let _ = stream.write_all(format!("{name} {peer}\n").as_bytes());
+                }
+            }))
+        }
+        "udp" => {
+            let socket: UdpSocket = bound(addr, socket2::Type::DGRAM)
+                .map_err(unbound)
+                .ok()?
+                .into();
+            Some(thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+                }
+            }))
+        }
+        _ => usage(),
     }
 }
 
@@ -242,7 +283,11 @@ fn tcp_request(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
 }
 
 fn udp_request(to: SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = if to.is_ipv6() {
+        UdpSocket::bind("[::]:0")?
+    } else {
+        UdpSocket::bind("0.0.0.0:0")?
+    };
     socket.set_read_timeout(Some(Duration::from_secs(2)))?;
     if connected {
         socket.connect(to)?;

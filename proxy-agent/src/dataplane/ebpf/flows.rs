@@ -1,11 +1,15 @@
-//! Garbage collection of the per-packet flow map (`LB4_CT`): the LRU keeps it from
-//! ever filling, but idle and closed flows would otherwise sit there until pushed out,
-//! hiding live ones from `dump` and the fill metrics. A flow goes when it is idle past
-//! its protocol's timeout, or 10 s after a FIN or RST; a reply entry goes with its flow.
-use std::{collections::HashSet, path::PathBuf, time::Duration};
+//! Garbage collection of the per-packet flow maps (`LB4_CT`, `LB6_CT`): the LRU keeps
+//! them from ever filling, but idle and closed flows would otherwise sit there until
+//! pushed out, hiding live ones from `dump` and the fill metrics. A flow goes when it is
+//! idle past its protocol's timeout, or 10 s after a FIN or RST; a reply entry goes with
+//! its flow.
+use std::{collections::HashSet, hash::Hash, path::PathBuf, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData};
-use proxy_common::{Ct4Key, Ct4Value, CT_FLAG_CLOSING, CT_FORWARD, CT_REPLY, MAP_CT4, PROTO_TCP};
+use proxy_common::{
+    Ct4Key, Ct4Value, Ct6Key, Ct6Value, CT_FLAG_CLOSING, CT_FORWARD, CT_REPLY, MAP_CT4, MAP_CT6,
+    PROTO_TCP,
+};
 use tracing::{debug, warn};
 
 use super::EbpfError;
@@ -19,12 +23,81 @@ const TCP_IDLE_NS: u64 = 6 * 3600 * SECOND;
 const OTHER_IDLE_NS: u64 = 60 * SECOND;
 const CLOSING_NS: u64 = 10 * SECOND;
 
+/// What the sweep reads of a flow map's entries, per family.
+pub trait FlowKey: aya::Pod + Eq + Hash {
+    type Value: aya::Pod;
+    const MAP: &'static str;
+    fn direction(&self) -> u8;
+    fn proto(&self) -> u8;
+    fn last_seen(value: &Self::Value) -> u64;
+    fn flags(value: &Self::Value) -> u8;
+    /// The reply entry a forward entry created.
+    #[must_use]
+    fn reply_of(&self, value: &Self::Value) -> Self;
+}
+
+impl FlowKey for Ct4Key {
+    type Value = Ct4Value;
+    const MAP: &'static str = MAP_CT4;
+    fn direction(&self) -> u8 {
+        self.direction
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    fn last_seen(value: &Ct4Value) -> u64 {
+        value.last_seen_ns
+    }
+    fn flags(value: &Ct4Value) -> u8 {
+        value.flags
+    }
+    fn reply_of(&self, value: &Ct4Value) -> Self {
+        Self {
+            src_be: value.nat_be,
+            dst_be: self.src_be,
+            sport_be: value.nat_port_be,
+            dport_be: self.sport_be,
+            proto: self.proto,
+            direction: CT_REPLY,
+            pad: [0; 2],
+        }
+    }
+}
+
+impl FlowKey for Ct6Key {
+    type Value = Ct6Value;
+    const MAP: &'static str = MAP_CT6;
+    fn direction(&self) -> u8 {
+        self.direction
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    fn last_seen(value: &Ct6Value) -> u64 {
+        value.last_seen_ns
+    }
+    fn flags(value: &Ct6Value) -> u8 {
+        value.flags
+    }
+    fn reply_of(&self, value: &Ct6Value) -> Self {
+        Self {
+            src: value.nat,
+            dst: self.src,
+            sport_be: value.nat_port_be,
+            dport_be: self.sport_be,
+            proto: self.proto,
+            direction: CT_REPLY,
+            pad: [0; 2],
+        }
+    }
+}
+
 /// Whether a forward entry has expired at `now_ns`.
-fn expired(key: &Ct4Key, value: &Ct4Value, now_ns: u64) -> bool {
-    let idle = now_ns.saturating_sub(value.last_seen_ns);
-    let limit = if value.flags & CT_FLAG_CLOSING != 0 {
+fn expired<K: FlowKey>(key: &K, value: &K::Value, now_ns: u64) -> bool {
+    let idle = now_ns.saturating_sub(K::last_seen(value));
+    let limit = if K::flags(value) & CT_FLAG_CLOSING != 0 {
         CLOSING_NS
-    } else if key.proto == PROTO_TCP {
+    } else if key.proto() == PROTO_TCP {
         TCP_IDLE_NS
     } else {
         OTHER_IDLE_NS
@@ -32,35 +105,22 @@ fn expired(key: &Ct4Key, value: &Ct4Value, now_ns: u64) -> bool {
     idle >= limit
 }
 
-/// The reply entry a forward entry created.
-fn reply_of(key: &Ct4Key, value: &Ct4Value) -> Ct4Key {
-    Ct4Key {
-        src_be: value.nat_be,
-        dst_be: key.src_be,
-        sport_be: value.nat_port_be,
-        dport_be: key.sport_be,
-        proto: key.proto,
-        direction: CT_REPLY,
-        pad: [0; 2],
-    }
-}
-
 /// The entries to delete: expired flows with their replies, and replies whose flow is
 /// gone and that have been idle as long as a non-TCP flow may be.
 #[must_use]
-pub fn doomed(entries: &[(Ct4Key, Ct4Value)], now_ns: u64) -> Vec<Ct4Key> {
+pub fn doomed<K: FlowKey>(entries: &[(K, K::Value)], now_ns: u64) -> Vec<K> {
     let mut out = Vec::new();
     let mut kept_replies = HashSet::new();
-    for (key, value) in entries.iter().filter(|(k, _)| k.direction == CT_FORWARD) {
+    for (key, value) in entries.iter().filter(|(k, _)| k.direction() == CT_FORWARD) {
         if expired(key, value, now_ns) {
             out.push(*key);
-            out.push(reply_of(key, value));
+            out.push(key.reply_of(value));
         } else {
-            kept_replies.insert(reply_of(key, value));
+            kept_replies.insert(key.reply_of(value));
         }
     }
-    for (key, value) in entries.iter().filter(|(k, _)| k.direction == CT_REPLY) {
-        let orphan_idle = now_ns.saturating_sub(value.last_seen_ns) >= OTHER_IDLE_NS;
+    for (key, value) in entries.iter().filter(|(k, _)| k.direction() == CT_REPLY) {
+        let orphan_idle = now_ns.saturating_sub(K::last_seen(value)) >= OTHER_IDLE_NS;
         if !kept_replies.contains(key) && orphan_idle && !out.contains(key) {
             out.push(*key);
         }
@@ -68,14 +128,18 @@ pub fn doomed(entries: &[(Ct4Key, Ct4Value)], now_ns: u64) -> Vec<Ct4Key> {
     out
 }
 
-/// One sweep of the pinned map under `bpffs`; returns how many entries went.
+/// One sweep of the pinned maps under `bpffs`; returns how many entries went.
 ///
 /// # Errors
-/// When the map cannot be opened or read.
+/// When a map cannot be opened or read.
 pub fn sweep(bpffs: &std::path::Path, now_ns: u64) -> Result<usize, EbpfError> {
-    let data = MapData::from_pin(bpffs.join(MAP_CT4))?;
-    let mut map: HashMap<MapData, Ct4Key, Ct4Value> = HashMap::try_from(Map::LruHashMap(data))?;
-    let entries: Vec<(Ct4Key, Ct4Value)> = map.iter().filter_map(Result::ok).collect();
+    Ok(sweep_map::<Ct4Key>(bpffs, now_ns)? + sweep_map::<Ct6Key>(bpffs, now_ns)?)
+}
+
+fn sweep_map<K: FlowKey>(bpffs: &std::path::Path, now_ns: u64) -> Result<usize, EbpfError> {
+    let data = MapData::from_pin(bpffs.join(K::MAP))?;
+    let mut map: HashMap<MapData, K, K::Value> = HashMap::try_from(Map::LruHashMap(data))?;
+    let entries: Vec<(K, K::Value)> = map.iter().filter_map(Result::ok).collect();
     let doomed = doomed(&entries, now_ns);
     let mut removed = 0;
     for key in &doomed {
@@ -110,7 +174,7 @@ pub fn spawn(bpffs: PathBuf) {
 
 #[cfg(test)]
 mod tests {
-    use super::{doomed, Ct4Key, Ct4Value, CT_FLAG_CLOSING, CT_FORWARD, CT_REPLY, SECOND};
+    use super::{doomed, Ct4Key, Ct4Value, FlowKey, CT_FLAG_CLOSING, CT_FORWARD, CT_REPLY, SECOND};
     use proxy_common::{PROTO_TCP, PROTO_UDP};
 
     fn flow(sport: u16, proto: u8, last_seen_s: u64, flags: u8) -> [(Ct4Key, Ct4Value); 2] {
@@ -130,7 +194,7 @@ mod tests {
             flags,
             ..Ct4Value::default()
         };
-        let reply = super::reply_of(&key, &value);
+        let reply = key.reply_of(&value);
         [
             (key, value),
             (

@@ -1,40 +1,59 @@
-//! `MapStore` over the pinned kernel maps.
+//! `MapStore` over the pinned kernel maps, each entry to its family's map.
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
     HashMap, Map, MapData, PerCpuHashMap,
 };
 use proxy_common::{
-    Backend4, MaglevTable, RevNat4, Service4Key, ServiceValue, SourceRange4, Stats, StatsKey,
+    Backend4, Backend6, MaglevTable, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue,
+    SourceRange4, SourceRange6, Stats, StatsKey,
 };
 
 use super::{
-    store::{MapContents, MapStore, SourceRange},
+    store::{BackendValue, MapContents, MapStore, RevNatValue, SlotKey, SourceRange},
     EbpfError,
 };
 
+/// The LB maps of one family.
+pub struct FamilyMaps<K, B, R> {
+    services: HashMap<MapData, K, ServiceValue>,
+    backends: HashMap<MapData, u32, B>,
+    revnat: HashMap<MapData, u16, R>,
+}
+
+impl<K: aya::Pod, B: aya::Pod, R: aya::Pod> FamilyMaps<K, B, R> {
+    /// The services, backends and reverse-NAT maps, in that order.
+    pub fn new([services, backends, revnat]: [Map; 3]) -> Result<Self, EbpfError> {
+        Ok(Self {
+            services: HashMap::try_from(services)?,
+            backends: HashMap::try_from(backends)?,
+            revnat: HashMap::try_from(revnat)?,
+        })
+    }
+}
+
 pub struct KernelMaps {
-    services: HashMap<MapData, Service4Key, ServiceValue>,
-    backends: HashMap<MapData, u32, Backend4>,
-    revnat: HashMap<MapData, u16, RevNat4>,
+    v4: FamilyMaps<Service4Key, Backend4, RevNat4>,
+    v6: FamilyMaps<Service6Key, Backend6, RevNat6>,
     source_ranges: Option<LpmTrie<MapData, SourceRange4, u8>>,
+    source_ranges6: Option<LpmTrie<MapData, SourceRange6, u8>>,
     maglev: Option<HashMap<MapData, u16, MaglevTable>>,
     stats: Option<PerCpuHashMap<MapData, StatsKey, Stats>>,
 }
 
 impl KernelMaps {
     pub fn new(
-        services: Map,
-        backends: Map,
-        revnat: Map,
-        source_ranges: Option<Map>,
+        v4: [Map; 3],
+        v6: [Map; 3],
+        source_ranges: [Option<Map>; 2],
         maglev: Option<Map>,
         stats: Option<Map>,
     ) -> Result<Self, EbpfError> {
+        let [v4_ranges, v6_ranges] = source_ranges;
         Ok(Self {
-            services: HashMap::try_from(services)?,
-            backends: HashMap::try_from(backends)?,
-            revnat: HashMap::try_from(revnat)?,
-            source_ranges: source_ranges.map(LpmTrie::try_from).transpose()?,
+            v4: FamilyMaps::new(v4)?,
+            v6: FamilyMaps::new(v6)?,
+            source_ranges: v4_ranges.map(LpmTrie::try_from).transpose()?,
+            source_ranges6: v6_ranges.map(LpmTrie::try_from).transpose()?,
             maglev: maglev.map(HashMap::try_from).transpose()?,
             stats: stats.map(PerCpuHashMap::try_from).transpose()?,
         })
@@ -49,14 +68,23 @@ impl KernelMaps {
         let stats = MapData::from_pin(dir.join(proxy_common::MAP_STATS))
             .ok()
             .map(Map::PerCpuLruHashMap);
-        let source_ranges = MapData::from_pin(dir.join(proxy_common::MAP_SOURCE_RANGES4))
-            .ok()
-            .map(Map::LpmTrie);
+        let trie = |name: &str| MapData::from_pin(dir.join(name)).ok().map(Map::LpmTrie);
+        let source_ranges = [
+            trie(proxy_common::MAP_SOURCE_RANGES4),
+            trie(proxy_common::MAP_SOURCE_RANGES6),
+        ];
         let maglev = open(proxy_common::MAP_MAGLEV4).ok();
         Self::new(
-            open(proxy_common::MAP_SERVICES4)?,
-            open(proxy_common::MAP_BACKENDS4)?,
-            open(proxy_common::MAP_REVNAT4)?,
+            [
+                open(proxy_common::MAP_SERVICES4)?,
+                open(proxy_common::MAP_BACKENDS4)?,
+                open(proxy_common::MAP_REVNAT4)?,
+            ],
+            [
+                open(proxy_common::MAP_SERVICES6)?,
+                open(proxy_common::MAP_BACKENDS6)?,
+                open(proxy_common::MAP_REVNAT6)?,
+            ],
             source_ranges,
             maglev,
             stats,
@@ -64,43 +92,77 @@ impl KernelMaps {
     }
 }
 
-/// A missing key on delete is not an error: the goal (no entry) holds.
+/// A missing key on delete is not an error: the goal (no entry) holds. (aya reports
+/// it as the syscall's ENOENT.)
 fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), EbpfError> {
     match result {
         Err(aya::maps::MapError::KeyNotFound) | Ok(()) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }
 
 impl MapStore for KernelMaps {
-    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError> {
-        Ok(self.backends.insert(id, backend, 0)?)
+    fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
+        match backend {
+            BackendValue::V4(b) => Ok(self.v4.backends.insert(id, b, 0)?),
+            BackendValue::V6(b) => Ok(self.v6.backends.insert(id, b, 0)?),
+        }
     }
-    fn del_backend(&mut self, id: u32) -> Result<(), EbpfError> {
-        ignore_missing(self.backends.remove(&id))
+    fn del_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
+        match backend {
+            BackendValue::V4(_) => ignore_missing(self.v4.backends.remove(&id)),
+            BackendValue::V6(_) => ignore_missing(self.v6.backends.remove(&id)),
+        }
     }
-    fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError> {
-        Ok(self.services.insert(key, value, 0)?)
+    fn put_service(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), EbpfError> {
+        match key {
+            SlotKey::V4(k) => Ok(self.v4.services.insert(k, value, 0)?),
+            SlotKey::V6(k) => Ok(self.v6.services.insert(k, value, 0)?),
+        }
     }
-    fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError> {
-        ignore_missing(self.services.remove(key))
+    fn del_service(&mut self, key: &SlotKey) -> Result<(), EbpfError> {
+        match key {
+            SlotKey::V4(k) => ignore_missing(self.v4.services.remove(k)),
+            SlotKey::V6(k) => ignore_missing(self.v6.services.remove(k)),
+        }
     }
-    fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError> {
-        Ok(self.revnat.insert(index, revnat, 0)?)
+    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+        match revnat {
+            RevNatValue::V4(r) => Ok(self.v4.revnat.insert(index, r, 0)?),
+            RevNatValue::V6(r) => Ok(self.v6.revnat.insert(index, r, 0)?),
+        }
     }
-    fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
-        ignore_missing(self.revnat.remove(&index))
+    fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+        match revnat {
+            RevNatValue::V4(_) => ignore_missing(self.v4.revnat.remove(&index)),
+            RevNatValue::V6(_) => ignore_missing(self.v6.revnat.remove(&index)),
+        }
     }
     fn put_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
-        match &mut self.source_ranges {
-            Some(trie) => Ok(trie.insert(&Key::new(range.0, range.1), 1, 0)?),
-            None => Ok(()),
+        match (range, &mut self.source_ranges, &mut self.source_ranges6) {
+            (SourceRange::V4(len, data), Some(trie), _) => {
+                Ok(trie.insert(&Key::new(*len, *data), 1, 0)?)
+            }
+            (SourceRange::V6(len, data), _, Some(trie)) => {
+                Ok(trie.insert(&Key::new(*len, *data), 1, 0)?)
+            }
+            _ => Ok(()),
         }
     }
     fn del_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
-        match &mut self.source_ranges {
-            Some(trie) => ignore_missing(trie.remove(&Key::new(range.0, range.1))),
-            None => Ok(()),
+        match (range, &mut self.source_ranges, &mut self.source_ranges6) {
+            (SourceRange::V4(len, data), Some(trie), _) => {
+                ignore_missing(trie.remove(&Key::new(*len, *data)))
+            }
+            (SourceRange::V6(len, data), _, Some(trie)) => {
+                ignore_missing(trie.remove(&Key::new(*len, *data)))
+            }
+            _ => Ok(()),
         }
     }
     fn put_maglev(&mut self, id: u16, table: &MaglevTable) -> Result<(), EbpfError> {
@@ -137,16 +199,29 @@ impl MapStore for KernelMaps {
 
     fn read_all(&self) -> Result<MapContents, EbpfError> {
         Ok(MapContents {
-            services: self.services.iter().collect::<Result<_, _>>()?,
-            backends: self.backends.iter().collect::<Result<_, _>>()?,
-            revnat: self.revnat.iter().collect::<Result<_, _>>()?,
-            source_ranges: match &self.source_ranges {
-                Some(trie) => trie
-                    .keys()
-                    .map(|key| key.map(|k| (k.prefix_len(), k.data())))
-                    .collect::<Result<_, _>>()?,
-                None => std::collections::BTreeSet::new(),
-            },
+            services: (self.v4.services.iter())
+                .map(|e| e.map(|(k, v)| (SlotKey::V4(k), v)))
+                .chain((self.v6.services.iter()).map(|e| e.map(|(k, v)| (SlotKey::V6(k), v))))
+                .collect::<Result<_, _>>()?,
+            backends: (self.v4.backends.iter())
+                .map(|e| e.map(|(id, b)| (id, BackendValue::V4(b))))
+                .chain(
+                    (self.v6.backends.iter()).map(|e| e.map(|(id, b)| (id, BackendValue::V6(b)))),
+                )
+                .collect::<Result<_, _>>()?,
+            revnat: (self.v4.revnat.iter())
+                .map(|e| e.map(|(i, r)| (i, RevNatValue::V4(r))))
+                .chain((self.v6.revnat.iter()).map(|e| e.map(|(i, r)| (i, RevNatValue::V6(r)))))
+                .collect::<Result<_, _>>()?,
+            source_ranges: (self.source_ranges.iter())
+                .flat_map(LpmTrie::keys)
+                .map(|key| key.map(|k| SourceRange::V4(k.prefix_len(), k.data())))
+                .chain(
+                    (self.source_ranges6.iter())
+                        .flat_map(LpmTrie::keys)
+                        .map(|key| key.map(|k| SourceRange::V6(k.prefix_len(), k.data()))),
+                )
+                .collect::<Result<_, _>>()?,
             maglev: match &self.maglev {
                 Some(map) => map
                     .iter()

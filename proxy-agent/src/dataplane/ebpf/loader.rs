@@ -24,7 +24,16 @@ pub fn object() -> &'static [u8] {
 }
 
 /// The socket-LB programs, by the names the object gives them.
-pub const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+pub const SOCKET_PROGRAMS: [&str; 8] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "connect6",
+    "sendmsg6",
+    "recvmsg6",
+    "getpeername6",
+];
 /// The program that forgets a closed socket's backend.
 pub const RELEASE_PROGRAM: &str = "sock_release";
 
@@ -65,10 +74,20 @@ pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<(KernelMaps, Ebpf), Ebpf
             .ok_or(EbpfError::MissingMap(name.to_owned()))
     };
     let maps = KernelMaps::new(
-        take(proxy_common::MAP_SERVICES4)?,
-        take(proxy_common::MAP_BACKENDS4)?,
-        take(proxy_common::MAP_REVNAT4)?,
-        Some(take(proxy_common::MAP_SOURCE_RANGES4)?),
+        [
+            take(proxy_common::MAP_SERVICES4)?,
+            take(proxy_common::MAP_BACKENDS4)?,
+            take(proxy_common::MAP_REVNAT4)?,
+        ],
+        [
+            take(proxy_common::MAP_SERVICES6)?,
+            take(proxy_common::MAP_BACKENDS6)?,
+            take(proxy_common::MAP_REVNAT6)?,
+        ],
+        [
+            Some(take(proxy_common::MAP_SOURCE_RANGES4)?),
+            Some(take(proxy_common::MAP_SOURCE_RANGES6)?),
+        ],
         Some(take(proxy_common::MAP_MAGLEV4)?),
         Some(take(proxy_common::MAP_STATS)?),
     )?;

@@ -1,8 +1,8 @@
 //! The per-packet programs (traffic from outside the node) on every interface holding a
-//! node IPv4 address, through pinned TCX links that a restarted agent swaps in place;
+//! node address, through pinned TCX links that a restarted agent swaps in place;
 //! `--cluster-cidr` for telling pods from external clients; and the small netfilter
 //! table that masquerades and rejects what the programs mark.
-use std::{collections::BTreeSet, fs, net::IpAddr, path::PathBuf};
+use std::{collections::BTreeSet, fs, path::PathBuf};
 
 use aya::{
     maps::{
@@ -10,7 +10,7 @@ use aya::{
         MapData,
     },
     programs::{links::FdLink, SchedClassifier, TcAttachType},
-    Ebpf,
+    Ebpf, Pod,
 };
 use ipnet::IpNet;
 use tracing::{info, warn};
@@ -184,7 +184,7 @@ fn pin_name(prefix: &str, interface: &str) -> String {
     format!("{prefix}{}", interface.replace('.', "_"))
 }
 
-/// Interfaces holding a node IPv4 address (loopback and link-local left out): where
+/// Interfaces holding a node address (loopback and link-local left out): where
 /// NodePort, external and load-balancer traffic arrives.
 fn external_interfaces() -> BTreeSet<String> {
     let found = match addresses::by_interface() {
@@ -196,35 +196,40 @@ fn external_interfaces() -> BTreeSet<String> {
     };
     found
         .into_iter()
-        .filter(|(_, ip)| matches!(ip, IpAddr::V4(_)))
         .filter_map(|(index, _)| nix::net::if_::if_indextoname(index).ok())
         .filter_map(|name| name.into_string().ok())
         .collect()
 }
 
-/// Replaces the pinned `CLUSTER_CIDR4` entries with `cidrs` (IPv4 ones).
+/// Replaces the pinned `CLUSTER_CIDR4` and `CLUSTER_CIDR6` entries with `cidrs`.
 fn write_cluster_cidrs(ebpf: &mut Ebpf, cidrs: &[IpNet]) -> Result<(), EbpfError> {
-    let name = proxy_common::MAP_CLUSTER_CIDR4;
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for cidr in cidrs {
+        let len = u32::from(cidr.prefix_len());
+        match cidr {
+            IpNet::V4(net) => v4.push(Key::new(len, u32::from_ne_bytes(net.network().octets()))),
+            IpNet::V6(net) => v6.push(Key::new(len, net.network().octets())),
+        }
+    }
+    replace_trie(ebpf, proxy_common::MAP_CLUSTER_CIDR4, &v4)?;
+    replace_trie(ebpf, proxy_common::MAP_CLUSTER_CIDR6, &v6)
+}
+
+/// Makes a pinned trie hold exactly `new` (added first, then the rest removed).
+fn replace_trie<K: Pod + PartialEq>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    new: &[Key<K>],
+) -> Result<(), EbpfError> {
     let map = ebpf
         .map_mut(name)
         .ok_or_else(|| EbpfError::MissingMap(name.to_owned()))?;
-    let mut trie: LpmTrie<&mut MapData, u32, u8> = LpmTrie::try_from(map)?;
-    let old: Vec<Key<u32>> = trie.keys().filter_map(Result::ok).collect();
-    let new: Vec<Key<u32>> = cidrs
-        .iter()
-        .filter_map(|cidr| match cidr {
-            IpNet::V4(net) => Some(Key::new(
-                u32::from(net.prefix_len()),
-                u32::from_ne_bytes(net.network().octets()),
-            )),
-            IpNet::V6(_) => None,
-        })
-        .collect();
-    for key in &new {
+    let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map)?;
+    let old: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    for key in new {
         trie.insert(key, 1, 0)?;
     }
-    let same =
-        |a: &Key<u32>, b: &Key<u32>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+    let same = |a: &Key<K>, b: &Key<K>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
     for key in old.iter().filter(|k| !new.iter().any(|n| same(n, k))) {
         let _ = trie.remove(key);
     }
@@ -246,8 +251,11 @@ fn netfilter_table() -> String {
     let rejects = format!(
         "meta mark & {reject:#x} == {reject:#x} meta l4proto tcp reject with tcp reset\n\t\tmeta mark & {reject:#x} == {reject:#x} reject\n"
     );
+    // Both families in one `inet` table; the `ip` table of earlier versions goes in the
+    // same transaction.
     format!(
-        "add table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n\
+        "add table ip {TABLE}\ndelete table ip {TABLE}\n\
+         add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n\
          \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tmeta mark & {masq:#x} == {masq:#x} masquerade\n\t}}\n\
          \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\t{rejects}\t}}\n\
@@ -255,7 +263,9 @@ fn netfilter_table() -> String {
     )
 }
 
-/// Removes our netfilter table, whether it exists or not.
+/// Removes our netfilter table (and an earlier version's), whether it exists or not.
 pub fn remove_netfilter_table() -> Result<(), nftables::NftError> {
-    nftables::load(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))
+    nftables::load(&format!(
+        "add table ip {TABLE}\ndelete table ip {TABLE}\nadd table inet {TABLE}\ndelete table inet {TABLE}\n"
+    ))
 }

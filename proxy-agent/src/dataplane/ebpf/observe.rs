@@ -1,13 +1,20 @@
 //! What the datapath reports about itself, read from the pinned maps: the per-CPU
 //! decision counters (summed), how full each map is, and the monitor's event stream.
-use std::{collections::BTreeMap, os::fd::AsFd, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
+    path::Path,
+    time::Duration,
+};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap, RingBuf};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend4, LocalRedirect4, MonitorConfig, MonitorEvent, RevNat4,
-    Service4Key, ServiceValue, SockRevNat4, SockRevNat4Key, Stats, StatsKey, MAP_AFFINITY4,
-    MAP_BACKENDS4, MAP_EVENTS, MAP_LOCAL_REDIRECT4, MAP_MONITOR, MAP_REVNAT4, MAP_SERVICES4,
-    MAP_SOCK_REVNAT4, MAP_STATS,
+    AffinityKey, AffinityValue, Backend4, Backend6, LocalRedirect4, MonitorConfig, MonitorEvent,
+    MonitorEvent6, RevNat4, RevNat6, Service4Key, Service6Key, ServiceValue, SockRevNat4,
+    SockRevNat4Key, SockRevNat6, SockRevNat6Key, Stats, StatsKey, MAP_AFFINITY4, MAP_BACKENDS4,
+    MAP_BACKENDS6, MAP_EVENTS, MAP_LOCAL_REDIRECT4, MAP_MONITOR, MAP_REVNAT4, MAP_REVNAT6,
+    MAP_SERVICES4, MAP_SERVICES6, MAP_SOCK_REVNAT4, MAP_SOCK_REVNAT6, MAP_STATS,
 };
 
 use super::EbpfError;
@@ -52,6 +59,10 @@ pub fn map_fill(bpffs: &Path) -> Vec<MapFill> {
         MAP_BACKENDS4,
         MAP_REVNAT4,
         MAP_SOCK_REVNAT4,
+        MAP_SERVICES6,
+        MAP_BACKENDS6,
+        MAP_REVNAT6,
+        MAP_SOCK_REVNAT6,
         MAP_LOCAL_REDIRECT4,
         MAP_AFFINITY4,
         MAP_STATS,
@@ -71,6 +82,10 @@ pub fn map_fill(bpffs: &Path) -> Vec<MapFill> {
             MAP_BACKENDS4 => count_keys::<u32, Backend4>(map),
             MAP_REVNAT4 => count_keys::<u16, RevNat4>(map),
             MAP_SOCK_REVNAT4 => count_keys::<SockRevNat4Key, SockRevNat4>(map),
+            MAP_SERVICES6 => count_keys::<Service6Key, ServiceValue>(map),
+            MAP_BACKENDS6 => count_keys::<u32, Backend6>(map),
+            MAP_REVNAT6 => count_keys::<u16, RevNat6>(map),
+            MAP_SOCK_REVNAT6 => count_keys::<SockRevNat6Key, SockRevNat6>(map),
             MAP_LOCAL_REDIRECT4 => count_keys::<Service4Key, LocalRedirect4>(map),
             MAP_AFFINITY4 => count_keys::<AffinityKey, AffinityValue>(map),
             _ => PerCpuHashMap::<MapData, StatsKey, Stats>::try_from(map)
@@ -129,7 +144,7 @@ impl Monitor {
     }
 
     /// The events that arrive within `wait` (at least one, unless none came).
-    pub fn next_batch(&mut self, wait: Duration) -> Result<Vec<MonitorEvent>, EbpfError> {
+    pub fn next_batch(&mut self, wait: Duration) -> Result<Vec<Event>, EbpfError> {
         if monotonic_ns().saturating_sub(self.renewed_ns) >= 1_000_000_000 {
             self.renew()?;
         }
@@ -148,7 +163,7 @@ impl Monitor {
         Ok(events)
     }
 
-    fn drain(&mut self) -> Vec<MonitorEvent> {
+    fn drain(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
         while let Some(item) = self.ring.next() {
             if let Some(event) = decode(&item) {
@@ -166,10 +181,40 @@ impl Drop for Monitor {
     }
 }
 
-/// A `MonitorEvent` from its bytes (the programs' `repr(C)` layout, host byte order
-/// for the integers, network order where the field says `_be`).
+/// A decision as streamed: the record, and its frontend and backend addresses (IPv4
+/// in the record itself, IPv6 appended to it: `MonitorEvent6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub record: MonitorEvent,
+    pub frontend: IpAddr,
+    pub backend: IpAddr,
+}
+
+/// An event from its bytes (the programs' `repr(C)` layout, host byte order for the
+/// integers, network order where the field says `_be`).
 #[must_use]
-pub fn decode(bytes: &[u8]) -> Option<MonitorEvent> {
+pub fn decode(bytes: &[u8]) -> Option<Event> {
+    let record = decode_record(bytes)?;
+    let v6 = |at: usize| -> Option<IpAddr> {
+        let octets: [u8; 16] = bytes.get(at..at + 16)?.try_into().ok()?;
+        Some(Ipv6Addr::from(octets).into())
+    };
+    if bytes.len() >= size_of::<MonitorEvent6>() {
+        let base = size_of::<MonitorEvent>();
+        return Some(Event {
+            record,
+            frontend: v6(base)?,
+            backend: v6(base + 16)?,
+        });
+    }
+    Some(Event {
+        record,
+        frontend: Ipv4Addr::from(record.frontend_be.to_ne_bytes()).into(),
+        backend: Ipv4Addr::from(record.backend_be.to_ne_bytes()).into(),
+    })
+}
+
+fn decode_record(bytes: &[u8]) -> Option<MonitorEvent> {
     if bytes.len() < size_of::<MonitorEvent>() {
         return None;
     }
@@ -230,7 +275,21 @@ mod tests {
         bytes.extend([9, 10, 11, 12, 0, 0]);
         bytes.extend(13u32.to_ne_bytes());
         bytes.extend(0u32.to_ne_bytes());
-        assert_eq!(super::decode(&bytes), Some(event));
+        let decoded = super::decode(&bytes).expect("an IPv4 record");
+        assert_eq!(decoded.record, event);
+        assert_eq!(decoded.frontend.to_string(), "3.0.0.0");
         assert_eq!(super::decode(&bytes[..47]), None);
+        let v6: Vec<u8> = (1..=32).collect();
+        bytes.extend(&v6);
+        let decoded = super::decode(&bytes).expect("an IPv6 record");
+        assert_eq!(decoded.record, event);
+        assert_eq!(
+            decoded.frontend.to_string(),
+            "102:304:506:708:90a:b0c:d0e:f10"
+        );
+        assert_eq!(
+            decoded.backend.to_string(),
+            "1112:1314:1516:1718:191a:1b1c:1d1e:1f20"
+        );
     }
 }

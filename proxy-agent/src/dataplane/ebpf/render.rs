@@ -1,5 +1,5 @@
 //! JSON view of the LB maps, for `render --dataplane ebpf`.
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -8,7 +8,7 @@ use crate::model::{DesiredState, FrontendKey, Protocol};
 
 #[derive(Serialize)]
 struct ServiceEntry {
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
     protocol: String,
     /// `external` for the entries of external clients (`SCOPE_EXTERNAL`).
@@ -29,7 +29,7 @@ struct ServiceEntry {
 #[derive(Serialize)]
 struct BackendEntry {
     id: u32,
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
     protocol: String,
 }
@@ -37,7 +37,7 @@ struct BackendEntry {
 #[derive(Serialize)]
 struct RevNatEntry {
     index: u16,
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
 }
 
@@ -59,6 +59,14 @@ struct Maps {
     source_ranges: Vec<SourceRangeEntry>,
     #[serde(rename = "lb4_maglev", skip_serializing_if = "Vec::is_empty")]
     maglev: Vec<MaglevEntry>,
+    #[serde(rename = "lb6_services", skip_serializing_if = "Vec::is_empty")]
+    services6: Vec<ServiceEntry>,
+    #[serde(rename = "lb6_backends", skip_serializing_if = "Vec::is_empty")]
+    backends6: Vec<BackendEntry>,
+    #[serde(rename = "lb6_revnat", skip_serializing_if = "Vec::is_empty")]
+    revnat6: Vec<RevNatEntry>,
+    #[serde(rename = "lb6_source_ranges", skip_serializing_if = "Vec::is_empty")]
+    source_ranges6: Vec<SourceRangeEntry>,
 }
 
 #[derive(Serialize)]
@@ -100,68 +108,91 @@ fn protocol_name(n: u8) -> String {
     Protocol::from_number(n).map_or_else(|| n.to_string(), |p| p.to_string())
 }
 
-fn ip(address_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(address_be.to_ne_bytes())
-}
-
 /// Pretty JSON of `contents`; frontends are named from `state` where it knows them.
 #[must_use]
 pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
-    let name_of = |address_be: u32, port: u16, proto: u8| {
+    let name_of = |ip: IpAddr, port: u16, proto: u8| {
         let key = FrontendKey {
-            ip: ip(address_be).into(),
+            ip,
             port,
             protocol: Protocol::from_number(proto)?,
         };
         state.frontends.get(&key).map(|f| f.service.to_string())
     };
-    let maps = Maps {
-        services: contents
-            .services
-            .iter()
-            .map(|(k, v)| ServiceEntry {
-                address: ip(k.address_be),
-                port: u16::from_be(k.dport_be),
-                protocol: protocol_name(k.proto),
-                scope: (k.scope == proxy_common::SCOPE_EXTERNAL).then_some("external"),
-                slot: k.backend_slot,
-                backend_id: v.backend_id,
-                count: v.count,
-                rev_nat_index: v.rev_nat_index,
-                flags: flag_names(v.flags),
-                maglev_table: v.maglev_table,
-                service: (k.backend_slot == 0 && k.scope == 0)
-                    .then(|| name_of(k.address_be, u16::from_be(k.dport_be), k.proto))
-                    .flatten(),
-            })
-            .collect(),
-        backends: contents
-            .backends
-            .iter()
-            .map(|(id, b)| BackendEntry {
+    let (mut services, mut services6): (Vec<_>, Vec<_>) = contents
+        .services
+        .iter()
+        .map(|(k, v)| ServiceEntry {
+            address: k.ip(),
+            port: k.port(),
+            protocol: protocol_name(k.proto()),
+            scope: (k.scope() == proxy_common::SCOPE_EXTERNAL).then_some("external"),
+            slot: k.slot(),
+            backend_id: v.backend_id,
+            count: v.count,
+            rev_nat_index: v.rev_nat_index,
+            flags: flag_names(v.flags),
+            maglev_table: v.maglev_table,
+            service: (k.slot() == 0 && k.scope() == 0)
+                .then(|| name_of(k.ip(), k.port(), k.proto()))
+                .flatten(),
+        })
+        .partition(|e| e.address.is_ipv4());
+    let (backends, backends6): (Vec<_>, Vec<_>) = contents
+        .backends
+        .iter()
+        .map(|(id, b)| {
+            let (address, port, proto) = b.parts();
+            BackendEntry {
                 id: *id,
-                address: ip(b.address_be),
-                port: u16::from_be(b.port_be),
-                protocol: protocol_name(b.proto),
-            })
-            .collect(),
-        revnat: contents
-            .revnat
-            .iter()
-            .map(|(index, r)| RevNatEntry {
+                address,
+                port,
+                protocol: protocol_name(proto),
+            }
+        })
+        .partition(|e| e.address.is_ipv4());
+    let (mut revnat, mut revnat6): (Vec<_>, Vec<_>) = contents
+        .revnat
+        .iter()
+        .map(|(index, r)| {
+            let (address, port) = r.parts();
+            RevNatEntry {
                 index: *index,
-                address: ip(r.address_be),
-                port: u16::from_be(r.port_be),
-            })
-            .collect(),
-        source_ranges: contents
-            .source_ranges
-            .iter()
-            .map(|(len, data)| SourceRangeEntry {
-                rev_nat_index: u16::from_be(data.rev_nat_index_be),
-                range: format!("{}/{}", ip(data.address_be), len.saturating_sub(32)),
-            })
-            .collect(),
+                address,
+                port,
+            }
+        })
+        .partition(|e| e.address.is_ipv4());
+    // Keys sort by their raw (network-order) bytes; people read addresses in order.
+    for services in [&mut services, &mut services6] {
+        services.sort_by_key(|e| (e.address, e.port, e.protocol.clone(), e.scope, e.slot));
+    }
+    revnat.sort_by_key(|e| e.index);
+    let (source_ranges, source_ranges6): (Vec<_>, Vec<_>) = contents
+        .source_ranges
+        .iter()
+        .map(|range| {
+            let entry = SourceRangeEntry {
+                rev_nat_index: range.rev_nat_index(),
+                range: range.range(),
+            };
+            (matches!(range, super::store::SourceRange::V4(..)), entry)
+        })
+        .partition(|(v4, _)| *v4);
+    let (source_ranges, source_ranges6) = (
+        source_ranges.into_iter().map(|(_, e)| e).collect(),
+        source_ranges6.into_iter().map(|(_, e)| e).collect(),
+    );
+    revnat6.sort_by_key(|e| e.index);
+    let maps = Maps {
+        services,
+        backends,
+        revnat,
+        services6,
+        backends6,
+        revnat6,
+        source_ranges,
+        source_ranges6,
         maglev: contents
             .maglev
             .iter()
@@ -172,11 +203,6 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
             })
             .collect(),
     };
-    let mut maps = maps;
-    // Keys sort by their raw (network-order) bytes; people read addresses in order.
-    maps.services
-        .sort_by_key(|e| (e.address, e.port, e.protocol.clone(), e.scope, e.slot));
-    maps.revnat.sort_by_key(|e| e.index);
     serde_json::to_string_pretty(&maps).unwrap_or_default()
 }
 

@@ -2,18 +2,20 @@
 //! pinned kernel maps (`kernel.rs`), behind one trait so both take the same write sequence.
 use std::collections::{BTreeMap, BTreeSet};
 
-use proxy_common::{Backend4, MaglevTable, RevNat4, Service4Key, ServiceValue, SourceRange4};
+use proxy_common::{MaglevTable, ServiceValue};
 
+pub use super::entries::{BackendValue, RevNatValue, SlotKey, SourceRange};
 use super::EbpfError;
 
 pub trait MapStore {
-    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError>;
-    fn del_backend(&mut self, id: u32) -> Result<(), EbpfError>;
-    fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError>;
-    fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError>;
-    fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError>;
-    fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError>;
-    /// A `loadBalancerSourceRanges` prefix (`prefix_len` counts the key's first 32 bits).
+    fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError>;
+    /// Deletes a backend (`backend` is the value it holds: it names the family's map).
+    fn del_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError>;
+    fn put_service(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), EbpfError>;
+    fn del_service(&mut self, key: &SlotKey) -> Result<(), EbpfError>;
+    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError>;
+    fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError>;
+    /// A `loadBalancerSourceRanges` prefix.
     fn put_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError>;
     fn del_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError>;
     /// A Maglev table, replaced whole.
@@ -27,15 +29,12 @@ pub trait MapStore {
     }
 }
 
-/// An `LB4_SOURCE_RANGES` key: (prefix length, data).
-pub type SourceRange = (u32, SourceRange4);
-
 /// A copy of the maps' content; also the in-memory store.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
-    pub services: BTreeMap<Service4Key, ServiceValue>,
-    pub backends: BTreeMap<u32, Backend4>,
-    pub revnat: BTreeMap<u16, RevNat4>,
+    pub services: BTreeMap<SlotKey, ServiceValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub revnat: BTreeMap<u16, RevNatValue>,
     pub source_ranges: BTreeSet<SourceRange>,
     /// Maglev tables: their size and the backend ids they hold (sorted, unique).
     pub maglev: BTreeMap<u16, (u32, Vec<u32>)>,
@@ -54,27 +53,27 @@ pub fn maglev_summary(table: &MaglevTable) -> (u32, Vec<u32>) {
 }
 
 impl MapStore for MapContents {
-    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError> {
+    fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
         self.backends.insert(id, *backend);
         Ok(())
     }
-    fn del_backend(&mut self, id: u32) -> Result<(), EbpfError> {
+    fn del_backend(&mut self, id: u32, _backend: &BackendValue) -> Result<(), EbpfError> {
         self.backends.remove(&id);
         Ok(())
     }
-    fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError> {
+    fn put_service(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), EbpfError> {
         self.services.insert(*key, *value);
         Ok(())
     }
-    fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError> {
+    fn del_service(&mut self, key: &SlotKey) -> Result<(), EbpfError> {
         self.services.remove(key);
         Ok(())
     }
-    fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError> {
+    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.revnat.insert(index, *revnat);
         Ok(())
     }
-    fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
+    fn del_revnat(&mut self, index: u16, _revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.revnat.remove(&index);
         Ok(())
     }

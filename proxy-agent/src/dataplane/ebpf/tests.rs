@@ -2,10 +2,10 @@
 //! every single map operation.
 use std::net::{IpAddr, Ipv4Addr};
 
-use proxy_common::{Backend4, RevNat4, Service4Key, ServiceValue};
+use proxy_common::ServiceValue;
 
 use super::{
-    store::{MapContents, MapStore},
+    store::{BackendValue, MapContents, MapStore, RevNatValue, SlotKey},
     EbpfError, MapWriter,
 };
 use crate::model::{diff, Backend, DesiredState, Frontend, FrontendKey, Protocol};
@@ -20,12 +20,7 @@ struct CheckedStore {
 impl CheckedStore {
     fn check(&mut self) {
         self.ops += 1;
-        for (key, value) in self
-            .maps
-            .services
-            .iter()
-            .filter(|(k, _)| k.backend_slot == 0)
-        {
+        for (key, value) in self.maps.services.iter().filter(|(k, _)| k.slot() == 0) {
             assert!(
                 self.maps.revnat.contains_key(&value.rev_nat_index),
                 "frontend without reverse NAT"
@@ -42,20 +37,14 @@ impl CheckedStore {
                 );
             }
             if value.flags & proxy_common::SERVICE_FLAG_EXTERNAL_SCOPE != 0 {
-                let external = Service4Key {
-                    scope: proxy_common::SCOPE_EXTERNAL,
-                    ..*key
-                };
+                let external = key.with_scope(proxy_common::SCOPE_EXTERNAL);
                 assert!(
                     self.maps.services.contains_key(&external),
                     "frontend {key:?} sends external clients to a missing scope"
                 );
             }
             for slot in 1..=value.count {
-                let slot_key = Service4Key {
-                    backend_slot: slot,
-                    ..*key
-                };
+                let slot_key = key.with_slot(slot);
                 let Some(slot_value) = self.maps.services.get(&slot_key) else {
                     panic!(
                         "frontend {key:?} counts {} slots but slot {slot} is missing",
@@ -72,27 +61,27 @@ impl CheckedStore {
 }
 
 impl MapStore for CheckedStore {
-    fn put_backend(&mut self, id: u32, backend: &Backend4) -> Result<(), EbpfError> {
+    fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
         self.maps.put_backend(id, backend)?;
         self.check();
         Ok(())
     }
-    fn del_backend(&mut self, id: u32) -> Result<(), EbpfError> {
-        self.maps.del_backend(id)?;
+    fn del_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
+        self.maps.del_backend(id, backend)?;
         self.check();
         Ok(())
     }
-    fn put_service(&mut self, key: &Service4Key, value: &ServiceValue) -> Result<(), EbpfError> {
+    fn put_service(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), EbpfError> {
         self.maps.put_service(key, value)?;
         self.check();
         Ok(())
     }
-    fn del_service(&mut self, key: &Service4Key) -> Result<(), EbpfError> {
+    fn del_service(&mut self, key: &SlotKey) -> Result<(), EbpfError> {
         self.maps.del_service(key)?;
         self.check();
         Ok(())
     }
-    fn put_revnat(&mut self, index: u16, revnat: &RevNat4) -> Result<(), EbpfError> {
+    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.maps.put_revnat(index, revnat)?;
         self.check();
         Ok(())
@@ -117,8 +106,8 @@ impl MapStore for CheckedStore {
         self.check();
         Ok(())
     }
-    fn del_revnat(&mut self, index: u16) -> Result<(), EbpfError> {
-        self.maps.del_revnat(index)?;
+    fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+        self.maps.del_revnat(index, revnat)?;
         self.check();
         Ok(())
     }
@@ -272,11 +261,11 @@ fn external_clients_get_their_own_scope_only_where_their_route_differs() {
     let scope0 = maps
         .services
         .iter()
-        .find(|(k, _)| k.backend_slot == 0 && k.scope == 0);
+        .find(|(k, _)| k.slot() == 0 && k.scope() == 0);
     let scope1 = maps
         .services
         .iter()
-        .find(|(k, _)| k.backend_slot == 0 && k.scope == SCOPE_EXTERNAL);
+        .find(|(k, _)| k.slot() == 0 && k.scope() == SCOPE_EXTERNAL);
     assert_eq!(
         scope0.map(|(_, v)| (v.count, v.flags)),
         Some((2, SERVICE_FLAG_EXTERNAL_SCOPE | SERVICE_FLAG_SOURCE_RANGES))
@@ -286,7 +275,12 @@ fn external_clients_get_their_own_scope_only_where_their_route_differs() {
         Some((1, SERVICE_FLAG_DROP_EMPTY))
     );
     assert_eq!(maps.source_ranges.len(), 1);
-    assert_eq!(maps.source_ranges.first().map(|r| r.0), Some(32 + 8));
+    assert_eq!(
+        maps.source_ranges
+            .first()
+            .map(super::store::SourceRange::range),
+        Some("10.0.0.0/8".to_owned())
+    );
 
     // A restarted writer finds both scopes and the ranges, and rewrites nothing.
     let store = CheckedStore {
@@ -309,12 +303,12 @@ fn external_clients_get_their_own_scope_only_where_their_route_differs() {
         .masquerade = true;
     restarted.apply(&diff(&local, &masqueraded)).unwrap();
     let maps = &restarted.store().maps;
-    assert!(maps.services.keys().all(|k| k.scope == 0));
+    assert!(maps.services.keys().all(|k| k.scope() == 0));
     assert!(maps.source_ranges.is_empty());
     let flags = maps
         .services
         .iter()
-        .find(|(k, _)| k.backend_slot == 0)
+        .find(|(k, _)| k.slot() == 0)
         .map(|(_, v)| v.flags);
     assert_eq!(flags, Some(SERVICE_FLAG_EXTERNAL_MASQ));
     restarted
@@ -322,4 +316,48 @@ fn external_clients_get_their_own_scope_only_where_their_route_differs() {
         .unwrap();
     let left = &restarted.store().maps;
     assert!(left.services.is_empty() && left.backends.is_empty() && left.revnat.is_empty());
+}
+
+#[test]
+fn ipv6_frontends_share_the_id_spaces_and_survive_a_restart() {
+    let v6 = FrontendKey {
+        ip: "fd00:10:96::1".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let v4 = key(1, Protocol::Tcp);
+    let mut desired = state(&[(v4, &[1, 2])]);
+    let backends = ["fd00:10:244:1::2", "fd00:10:244:2::2"]
+        .iter()
+        .map(|ip| Backend {
+            ip: ip.parse().unwrap(),
+            port: 8080,
+        })
+        .collect();
+    desired
+        .frontends
+        .insert(v6, Frontend::backends_only(backends));
+    let mut first = MapWriter::restore(CheckedStore::default()).unwrap();
+    step(&mut first, &DesiredState::default(), &desired);
+    let maps = &first.store().maps;
+    let families = |v4: bool| {
+        maps.services
+            .keys()
+            .filter(|k| k.ip().is_ipv4() == v4)
+            .count()
+    };
+    // Slot 0 and two slots each; four backends and two reverse-NAT indexes, no id
+    // given twice.
+    assert_eq!((families(true), families(false)), (3, 3));
+    assert_eq!((maps.backends.len(), maps.revnat.len()), (4, 2));
+    let store = CheckedStore {
+        maps: maps.clone(),
+        ops: 0,
+    };
+    let mut second = MapWriter::restore(store).unwrap();
+    assert_eq!(second.programmed(), desired);
+    second.apply(&diff(&second.programmed(), &desired)).unwrap();
+    assert_eq!(second.store().ops, 0);
+    step(&mut second, &desired, &DesiredState::default());
+    assert!(second.store().maps.services.is_empty() && second.store().maps.backends.is_empty());
 }

@@ -1,18 +1,16 @@
 //! Writing and removing one frontend: its pod scope, its external scope where external
 //! clients' route differs, its source ranges and Maglev tables, each entry written
 //! before anything points at it and removed after nothing does.
-use std::net::IpAddr;
-
 use ipnet::IpNet;
 use proxy_common::{
-    Service4Key, ServiceValue, SourceRange4, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY,
-    SERVICE_FLAG_DROP_EMPTY, SERVICE_FLAG_EXTERNAL_MASQ, SERVICE_FLAG_EXTERNAL_SCOPE,
-    SERVICE_FLAG_MASQ, SERVICE_FLAG_SOURCE_RANGES,
+    ServiceValue, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_DROP_EMPTY,
+    SERVICE_FLAG_EXTERNAL_MASQ, SERVICE_FLAG_EXTERNAL_SCOPE, SERVICE_FLAG_MASQ,
+    SERVICE_FLAG_SOURCE_RANGES,
 };
 
 use super::{
     maglev::{self, Change},
-    service_key, slot_number, MapStore, MapWriter, ProgrammedFrontend, Scope, SourceRange,
+    slot_number, MapStore, MapWriter, ProgrammedFrontend, RevNatValue, Scope, SlotKey, SourceRange,
 };
 use crate::{
     dataplane::ebpf::EbpfError,
@@ -39,20 +37,17 @@ impl<S: MapStore> MapWriter<S> {
         key: &FrontendKey,
         frontend: &Frontend,
     ) -> Result<(), EbpfError> {
-        let IpAddr::V4(ip) = key.ip else {
-            return Ok(());
-        };
         let proto = key.protocol.number();
         let old = self.frontends.get(key).cloned();
         let rev_nat = if let Some(old) = &old {
             old.rev_nat
         } else {
-            let index = self.new_revnat(ip, key.port)?;
+            let index = self.new_revnat(key.ip, key.port)?;
             self.new_frontends.push((index, *key));
             index
         };
-        let base = service_key(ip, key.port, proto, 0);
-        let source_ranges = source_ranges(rev_nat, &frontend.source_ranges);
+        let base = SlotKey::new(key.ip, key.port, proto, 0);
+        let source_ranges = source_ranges(rev_nat, key.ip.is_ipv4(), &frontend.source_ranges);
         let (flags, external_flags) = route_flags(frontend, !source_ranges.is_empty());
         // Only the per-packet path (traffic from outside) balances by Maglev; a
         // ClusterIP is balanced at the socket.
@@ -75,10 +70,7 @@ impl<S: MapStore> MapWriter<S> {
         let mut released = Released::default();
         if let Some(external_flags) = external_flags {
             let scope = self.acquire_scope(key, &frontend.external, external_flags, maglev)?;
-            let scoped = Service4Key {
-                scope: SCOPE_EXTERNAL,
-                ..base
-            };
+            let scoped = base.with_scope(SCOPE_EXTERNAL);
             let old_external = old.as_ref().and_then(|o| Some((o, o.external.as_ref()?)));
             self.write_scope(&scoped, &new, &scope, old_external)?;
             if let Some((_, old_scope)) = old_external {
@@ -110,10 +102,10 @@ impl<S: MapStore> MapWriter<S> {
     }
 
     pub(super) fn remove(&mut self, key: &FrontendKey) -> Result<(), EbpfError> {
-        let (IpAddr::V4(ip), Some(old)) = (key.ip, self.frontends.remove(key)) else {
+        let Some(old) = self.frontends.remove(key) else {
             return Ok(());
         };
-        let base = service_key(ip, key.port, key.protocol.number(), 0);
+        let base = SlotKey::new(key.ip, key.port, key.protocol.number(), 0);
         self.delete_scope(0, &base, old.pod.slots.len())?;
         let mut released = Released::default();
         released.scope(&old.pod);
@@ -124,7 +116,8 @@ impl<S: MapStore> MapWriter<S> {
         for range in &old.source_ranges {
             self.write().del_source_range(range)?;
         }
-        self.write().del_revnat(old.rev_nat)?;
+        self.write()
+            .del_revnat(old.rev_nat, &RevNatValue::new(key.ip, key.port))?;
         self.revnat_alloc.release(u32::from(old.rev_nat));
         self.freed_revnat.push(old.rev_nat);
         self.release(released)
@@ -190,7 +183,7 @@ impl<S: MapStore> MapWriter<S> {
     /// slots; `old` is the frontend and scope as they were.
     fn write_scope(
         &mut self,
-        base: &Service4Key,
+        base: &SlotKey,
         frontend: &ProgrammedFrontend,
         scope: &Scope,
         old: Option<(&ProgrammedFrontend, &Scope)>,
@@ -198,10 +191,7 @@ impl<S: MapStore> MapWriter<S> {
         let old_slots = old.map(|(_, s)| s.slots.as_slice()).unwrap_or_default();
         for (i, id) in scope.slots.iter().enumerate() {
             if old_slots.get(i) != Some(id) {
-                let slot = Service4Key {
-                    backend_slot: slot_number(i + 1),
-                    ..*base
-                };
+                let slot = base.with_slot(slot_number(i + 1));
                 self.write().put_service(
                     &slot,
                     &ServiceValue {
@@ -217,28 +207,19 @@ impl<S: MapStore> MapWriter<S> {
             self.write().put_service(base, &front)?;
         }
         for i in scope.slots.len()..old_slots.len() {
-            self.write().del_service(&Service4Key {
-                backend_slot: slot_number(i + 1),
-                ..*base
-            })?;
+            self.write()
+                .del_service(&base.with_slot(slot_number(i + 1)))?;
         }
         Ok(())
     }
 
     /// Deletes slot 0 and `count` slots of one scope.
-    fn delete_scope(
-        &mut self,
-        scope: u8,
-        base: &Service4Key,
-        count: usize,
-    ) -> Result<(), EbpfError> {
-        let scoped = Service4Key { scope, ..*base };
+    fn delete_scope(&mut self, scope: u8, base: &SlotKey, count: usize) -> Result<(), EbpfError> {
+        let scoped = base.with_scope(scope);
         self.write().del_service(&scoped)?;
         for i in 0..count {
-            self.write().del_service(&Service4Key {
-                backend_slot: slot_number(i + 1),
-                ..scoped
-            })?;
+            self.write()
+                .del_service(&scoped.with_slot(slot_number(i + 1)))?;
         }
         Ok(())
     }
@@ -274,21 +255,13 @@ fn route_flags(frontend: &Frontend, has_source_ranges: bool) -> (u8, Option<u8>)
     (flags, external_differs.then(|| of(&frontend.external)))
 }
 
-/// The IPv4 `loadBalancerSourceRanges` of a frontend as `LB4_SOURCE_RANGES` keys.
-fn source_ranges(rev_nat: u16, ranges: &[IpNet]) -> Vec<SourceRange> {
+/// The `loadBalancerSourceRanges` of a frontend's family as source-range keys: as in
+/// kube-proxy, a family without ranges of its own is not filtered.
+fn source_ranges(rev_nat: u16, ipv4: bool, ranges: &[IpNet]) -> Vec<SourceRange> {
     let mut keys: Vec<SourceRange> = ranges
         .iter()
-        .filter_map(|range| match range {
-            IpNet::V4(net) => Some((
-                32 + u32::from(net.prefix_len()),
-                SourceRange4 {
-                    rev_nat_index_be: rev_nat.to_be(),
-                    pad: 0,
-                    address_be: u32::from_ne_bytes(net.network().octets()),
-                },
-            )),
-            IpNet::V6(_) => None,
-        })
+        .filter(|range| matches!(range, IpNet::V4(_)) == ipv4)
+        .map(|range| SourceRange::new(rev_nat, range))
         .collect();
     keys.sort_unstable();
     keys.dedup();

@@ -5,27 +5,23 @@
 mod frontends;
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     sync::{Arc, PoisonError},
 };
 
-use proxy_common::{
-    Backend4, RevNat4, Service4Key, ServiceValue, MAX_BACKENDS, MAX_REVNAT, SCOPE_EXTERNAL,
-    SERVICE_FLAG_AFFINITY,
-};
-use tracing::debug;
+use proxy_common::{ServiceValue, MAX_BACKENDS, MAX_REVNAT, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY};
 
 use super::{
     ids::IdAllocator,
     index::{Index, SharedIndex},
     maglev,
-    store::{MapStore, SourceRange},
+    store::{BackendValue, MapStore, RevNatValue, SlotKey, SourceRange},
     EbpfError,
 };
 use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Plan, Protocol};
 
 /// A backend as the maps identify it.
-type BackendKey = (Ipv4Addr, u16, u8);
+type BackendKey = (IpAddr, u16, u8);
 
 /// One scope of a frontend as written: its slots' backend ids, slot-0 flags and
 /// Maglev table.
@@ -68,7 +64,7 @@ pub struct MapWriter<S> {
     store: S,
     frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
     backend_ids: HashMap<BackendKey, u32>,
-    backends: HashMap<u32, (Backend4, u32)>,
+    backends: HashMap<u32, (BackendValue, u32)>,
     backend_alloc: IdAllocator,
     revnat_alloc: IdAllocator,
     /// Map operations performed so far.
@@ -116,31 +112,27 @@ impl<S: MapStore> MapWriter<S> {
         }
         for (&id, backend) in &contents.backends {
             writer.backend_alloc.take(id);
-            writer.backend_ids.insert(backend_key(*backend), id);
+            writer.backend_ids.insert(backend.parts(), id);
             writer.backends.insert(id, (*backend, 0));
         }
         for (key, value) in contents
             .services
             .iter()
-            .filter(|(k, _)| k.backend_slot == 0 && k.scope == 0)
+            .filter(|(k, _)| k.slot() == 0 && k.scope() == 0)
         {
             let Some(frontend_key) = frontend_key(key) else {
                 continue;
             };
             let pod = writer.restore_scope(&contents.services, key, value);
-            let external_key = Service4Key {
-                scope: SCOPE_EXTERNAL,
-                ..*key
-            };
+            let external_key = key.with_scope(SCOPE_EXTERNAL);
             let external = contents
                 .services
                 .get(&external_key)
                 .map(|external| writer.restore_scope(&contents.services, &external_key, external));
-            let rev_nat_be = value.rev_nat_index.to_be();
             let source_ranges = contents
                 .source_ranges
                 .iter()
-                .filter(|(_, data)| data.rev_nat_index_be == rev_nat_be)
+                .filter(|range| range.rev_nat_index() == value.rev_nat_index)
                 .copied()
                 .collect();
             writer.revnat_alloc.take(u32::from(value.rev_nat_index));
@@ -163,18 +155,12 @@ impl<S: MapStore> MapWriter<S> {
     /// A restored frontend scope; its backends and Maglev table take a reference.
     fn restore_scope(
         &mut self,
-        services: &BTreeMap<Service4Key, ServiceValue>,
-        base: &Service4Key,
+        services: &BTreeMap<SlotKey, ServiceValue>,
+        base: &SlotKey,
         front: &ServiceValue,
     ) -> Scope {
         let slots: Vec<u32> = (1..=front.count)
-            .filter_map(|slot| {
-                let slot_key = Service4Key {
-                    backend_slot: slot,
-                    ..*base
-                };
-                services.get(&slot_key).map(|v| v.backend_id)
-            })
+            .filter_map(|slot| services.get(&base.with_slot(slot)).map(|v| v.backend_id))
             .collect();
         for id in &slots {
             if let Some((_, refs)) = self.backends.get_mut(id) {
@@ -210,14 +196,8 @@ impl<S: MapStore> MapWriter<S> {
                 .backends
                 .iter()
                 .map(|(id, (backend, _))| {
-                    let (ip, port, _) = backend_key(*backend);
-                    (
-                        *id,
-                        Backend {
-                            ip: ip.into(),
-                            port,
-                        },
-                    )
+                    let (ip, port, _) = backend.parts();
+                    (*id, Backend { ip, port })
                 })
                 .collect(),
         };
@@ -236,9 +216,9 @@ impl<S: MapStore> MapWriter<S> {
                     .slots
                     .iter()
                     .filter_map(|id| self.backends.get(id))
-                    .map(|(b, _)| Backend {
-                        ip: IpAddr::V4(Ipv4Addr::from(b.address_be.to_ne_bytes())),
-                        port: u16::from_be(b.port_be),
+                    .map(|(b, _)| {
+                        let (ip, port, _) = b.parts();
+                        Backend { ip, port }
                     })
                     .collect();
                 let mut frontend = Frontend::backends_only(backends);
@@ -291,11 +271,7 @@ impl<S: MapStore> MapWriter<S> {
             self.remove(key)?;
         }
         for (key, frontend) in &plan.upsert {
-            if key.ip.is_ipv4() {
-                self.upsert(key, frontend)?;
-            } else {
-                debug!(frontend = %key, "IPv6 frontends are not programmed by the eBPF dataplane yet");
-            }
+            self.upsert(key, frontend)?;
         }
         Ok(())
     }
@@ -305,27 +281,20 @@ impl<S: MapStore> MapWriter<S> {
         &self.store
     }
 
-    fn new_revnat(&mut self, ip: Ipv4Addr, port: u16) -> Result<u16, EbpfError> {
+    fn new_revnat(&mut self, ip: IpAddr, port: u16) -> Result<u16, EbpfError> {
         let index = self
             .revnat_alloc
             .allocate()
             .and_then(|i| u16::try_from(i).ok())
             .ok_or(EbpfError::Exhausted("reverse NAT"))?;
-        let value = RevNat4 {
-            address_be: u32::from_ne_bytes(ip.octets()),
-            port_be: port.to_be(),
-            pad: 0,
-        };
-        self.write().put_revnat(index, &value)?;
+        self.write()
+            .put_revnat(index, &RevNatValue::new(ip, port))?;
         Ok(index)
     }
 
     /// The id of a backend, writing it first if it is new; takes a reference.
     fn acquire_backend(&mut self, backend: &Backend, proto: u8) -> Result<u32, EbpfError> {
-        let IpAddr::V4(ip) = backend.ip else {
-            return Err(EbpfError::Family(backend.to_string()));
-        };
-        let key = (ip, backend.port, proto);
+        let key = (backend.ip, backend.port, proto);
         if let Some(&id) = self.backend_ids.get(&key) {
             if let Some((_, refs)) = self.backends.get_mut(&id) {
                 *refs += 1;
@@ -336,12 +305,7 @@ impl<S: MapStore> MapWriter<S> {
             .backend_alloc
             .allocate()
             .ok_or(EbpfError::Exhausted("backend"))?;
-        let value = Backend4 {
-            address_be: u32::from_ne_bytes(ip.octets()),
-            port_be: backend.port.to_be(),
-            proto,
-            flags: 0,
-        };
+        let value = BackendValue::new(backend.ip, backend.port, proto);
         self.write().put_backend(id, &value)?;
         self.new_backends.push((id, *backend));
         self.backend_ids.insert(key, id);
@@ -356,12 +320,13 @@ impl<S: MapStore> MapWriter<S> {
         };
         *refs = refs.saturating_sub(1);
         if *refs == 0 {
-            let key = backend_key(*backend);
+            let backend = *backend;
+            let key = backend.parts();
             self.backends.remove(&id);
             self.backend_ids.remove(&key);
             self.backend_alloc.release(id);
             self.freed_backends.push(id);
-            self.write().del_backend(id)?;
+            self.write().del_backend(id, &backend)?;
         }
         Ok(())
     }
@@ -371,29 +336,10 @@ fn slot_number(n: usize) -> u16 {
     u16::try_from(n).unwrap_or(u16::MAX)
 }
 
-fn service_key(ip: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Service4Key {
-    Service4Key {
-        address_be: u32::from_ne_bytes(ip.octets()),
-        dport_be: port.to_be(),
-        backend_slot: slot,
-        proto,
-        scope: 0,
-        pad: [0; 2],
-    }
-}
-
-fn backend_key(b: Backend4) -> BackendKey {
-    (
-        Ipv4Addr::from(b.address_be.to_ne_bytes()),
-        u16::from_be(b.port_be),
-        b.proto,
-    )
-}
-
-fn frontend_key(key: &Service4Key) -> Option<FrontendKey> {
+fn frontend_key(key: &SlotKey) -> Option<FrontendKey> {
     Some(FrontendKey {
-        ip: IpAddr::V4(Ipv4Addr::from(key.address_be.to_ne_bytes())),
-        port: u16::from_be(key.dport_be),
-        protocol: Protocol::from_number(key.proto)?,
+        ip: key.ip(),
+        port: key.port(),
+        protocol: Protocol::from_number(key.proto())?,
     })
 }

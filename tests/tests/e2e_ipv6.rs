@@ -1,0 +1,180 @@
+//! End to end over IPv6: a dual-stack Service's IPv6 ClusterIP from a pod (the socket
+//! LB's connect6/sendmsg6/recvmsg6/getpeername6, or nftables' ip6 rules), an IPv4
+//! ClusterIP asked for through a dual-stack socket (`::ffff:a.b.c.d`), and the IPv6
+//! NodePort from outside.
+use std::collections::BTreeSet;
+
+use proxy_agent_tests::{
+    agent::{sample_sum, testpod_bin, Agent},
+    cluster::Cluster,
+    manifests,
+    scenarios::{self, POD_PORTS},
+};
+
+const CLUSTER_IP6: &str = "fd00:10:96::70";
+const CLUSTER_IP4: &str = "10.96.0.70";
+const CLIENT6: &str = "fd00:10:244:1::a";
+
+const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: dual, namespace: default}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIP: fd00:10:96::70
+  clusterIPs: [fd00:10:96::70, 10.96.0.70]
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30090},
+          {name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30091}]
+";
+
+/// The echo cluster with a dual-stack Service over web-a (node1) and web-b (node2),
+/// and an agent on node1.
+fn setup(tag: &str, dataplane: &str) -> (Cluster, Agent) {
+    let mut cluster = scenarios::echo_cluster(tag);
+    let dir = cluster.scratch().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    manifests::write(&dir, "dual.yaml", SERVICE);
+    let v4 = manifests::slice(
+        "dual-4",
+        "dual",
+        &POD_PORTS,
+        &[
+            manifests::Endpoint {
+                ip: "10.244.1.2",
+                ready: true,
+                node: "node1",
+            },
+            manifests::Endpoint {
+                ip: "10.244.2.2",
+                ready: true,
+                node: "node2",
+            },
+        ],
+    );
+    manifests::write(&dir, "dual-4.yaml", &v4);
+    let v6 = v4
+        .replace("name: dual-4", "name: dual-6")
+        .replace("addressType: IPv4", "addressType: IPv6")
+        .replace("10.244.1.2", "fd00:10:244:1::2")
+        .replace("10.244.2.2", "fd00:10:244:2::2");
+    manifests::write(&dir, "dual-6.yaml", &v6);
+    let agent = Agent::start_with(
+        &mut cluster,
+        "node1",
+        &[
+            "--manifests".into(),
+            dir.display().to_string(),
+            "--dataplane".into(),
+            dataplane.into(),
+            "--cluster-cidr".into(),
+            "10.244.0.0/16,fd00:10:244::/48".into(),
+        ],
+    );
+    (cluster, agent)
+}
+
+/// `count` requests from the client pod to `to`: the pods that answered; every one
+/// must have been answered, seen by the server as `client` and by the client as `to`.
+fn answered(cluster: &Cluster, proto: &str, to: &str, client: &str) -> BTreeSet<String> {
+    let mut pods = BTreeSet::new();
+    for line in scenarios::requests(cluster, proto, to, 20) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            fields.first(),
+            Some(&"ok"),
+            "request to {to} failed: {line}"
+        );
+        let seen_client = fields[2].rsplit_once(':').map_or(fields[2], |(ip, _)| ip);
+        assert_eq!(seen_client, client, "server saw another client: {line}");
+        assert_eq!(
+            fields[3], to,
+            "the client saw the backend, not the Service: {line}"
+        );
+        pods.insert(fields[1].to_owned());
+    }
+    pods
+}
+
+fn both() -> BTreeSet<String> {
+    ["web-a", "web-b"].iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn ipv6_cluster_ip_and_nodeport_with_ebpf() {
+    ipv6("v6e", "ebpf");
+}
+
+#[test]
+fn ipv6_cluster_ip_and_nodeport_with_nftables() {
+    ipv6("v6n", "nftables");
+}
+
+fn ipv6(tag: &str, dataplane: &str) {
+    let (cluster, agent) = setup(tag, dataplane);
+    let client6 = format!("[{CLIENT6}]");
+    let tcp = format!("[{CLUSTER_IP6}]:80");
+    assert_eq!(
+        answered(&cluster, "tcp", &tcp, &client6),
+        both(),
+        "TCP over IPv6"
+    );
+    let udp = format!("[{CLUSTER_IP6}]:53");
+    for mode in ["udp", "udp-connected"] {
+        assert_eq!(
+            answered(&cluster, mode, &udp, &client6),
+            both(),
+            "{mode} over IPv6"
+        );
+    }
+    // A dual-stack socket asking for the IPv4 ClusterIP as an IPv4-mapped address.
+    let mapped = format!("[::ffff:{CLUSTER_IP4}]:80");
+    assert_eq!(
+        answered(&cluster, "tcp", &mapped, "10.244.1.10"),
+        both(),
+        "IPv4-mapped ClusterIP"
+    );
+    if dataplane == "ebpf" {
+        let (_, text) = agent.http_get(&cluster, "127.0.0.1:10249", "/metrics");
+        for hook in ["connect6", "sendmsg6"] {
+            let label = format!("hook=\"{hook}\"");
+            let decisions = sample_sum(&text, "proxyagent_datapath_decisions_total", &[&label]);
+            assert!(
+                decisions >= 20.0,
+                "{hook} decisions not counted: {decisions}"
+            );
+        }
+    }
+    // The IPv6 NodePort from outside the cluster reaches both backends.
+    let testpod = testpod_bin().display().to_string();
+    let out = cluster.run_in_lan(&[
+        &testpod,
+        "probe",
+        "tcp",
+        "fd00:10:100::254",
+        "[fd00:10:100::1]:30090",
+        "20",
+        "700",
+    ]);
+    let pods: BTreeSet<String> = out
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(fields.first(), Some(&"ok"), "IPv6 NodePort failed: {out}");
+            fields[1].to_owned()
+        })
+        .collect();
+    assert_eq!(pods, both(), "IPv6 NodePort from outside");
+    if dataplane == "ebpf" {
+        // Those were the per-packet program's decisions (web-b answering at all shows
+        // the masquerade: node2 would otherwise reply straight to the client).
+        let (_, text) = agent.http_get(&cluster, "127.0.0.1:10249", "/metrics");
+        let flows = sample_sum(
+            &text,
+            "proxyagent_datapath_decisions_total",
+            &["hook=\"tc_ingress\"", "service=\"default/dual:http\""],
+        );
+        assert!(flows >= 20.0, "IPv6 NodePort flows not counted: {flows}");
+    }
+}
