@@ -14,6 +14,7 @@ pub mod manifests;
 pub mod nodeportbench;
 pub mod plots;
 pub mod progtest;
+pub mod progtest6;
 pub mod rssbench;
 pub mod scale;
 pub mod scenarios;

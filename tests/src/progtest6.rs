@@ -1,0 +1,92 @@
+//! IPv6 frames for the `BPF_PROG_TEST_RUN` tests (`progtest` has the IPv4 ones): TCP and
+//! UDP with correct checksums, and their checks after the programs rewrote them.
+use std::net::{Ipv6Addr, SocketAddrV6};
+
+use proxy_common::{PROTO_TCP, PROTO_UDP};
+
+const IP6_HLEN: usize = 40;
+const L4: usize = 14 + IP6_HLEN;
+
+/// An Ethernet frame carrying an IPv6 TCP segment with `flags` (checksum correct).
+#[must_use]
+pub fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Vec<u8> {
+    let mut l4 = vec![0u8; 20];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    l4[12] = 5 << 4;
+    l4[13] = flags;
+    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    frame6(src.ip(), dst.ip(), PROTO_TCP, l4, 16)
+}
+
+/// An Ethernet frame carrying an IPv6 UDP datagram (checksum correct: IPv6 needs one).
+#[must_use]
+pub fn udp6(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![0u8; 8];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    let len = u16::try_from(8 + payload.len()).expect("length");
+    l4[4..6].copy_from_slice(&len.to_be_bytes());
+    l4.extend_from_slice(payload);
+    frame6(src.ip(), dst.ip(), PROTO_UDP, l4, 6)
+}
+
+fn frame6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, mut l4: Vec<u8>, csum_at: usize) -> Vec<u8> {
+    let mut ip = vec![0u8; IP6_HLEN];
+    ip[0] = 0x60;
+    let payload = u16::try_from(l4.len()).expect("length");
+    ip[4..6].copy_from_slice(&payload.to_be_bytes());
+    ip[6] = proto;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    let sum = checksum(&[pseudo_header(&ip, l4.len()), l4.clone()].concat());
+    l4[csum_at..csum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+    frame.extend(ip);
+    frame.extend(l4);
+    frame
+}
+
+fn pseudo_header(ip: &[u8], l4_len: usize) -> Vec<u8> {
+    let mut pseudo = ip[8..40].to_vec();
+    pseudo.extend(u32::try_from(l4_len).expect("length").to_be_bytes());
+    pseudo.extend([0, 0, 0, ip[6]]);
+    pseudo
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).expect("folded")
+}
+
+/// Source and destination of a frame built by [`tcp6`] or [`udp6`].
+#[must_use]
+pub fn endpoints6(frame: &[u8]) -> (SocketAddrV6, SocketAddrV6) {
+    let address = |at: usize| {
+        let octets: [u8; 16] = frame[14 + at..14 + at + 16].try_into().expect("16 bytes");
+        Ipv6Addr::from(octets)
+    };
+    let port = |at: usize| u16::from_be_bytes([frame[L4 + at], frame[L4 + at + 1]]);
+    (
+        SocketAddrV6::new(address(8), port(0), 0, 0),
+        SocketAddrV6::new(address(24), port(2), 0, 0),
+    )
+}
+
+/// Whether the TCP or UDP checksum of an IPv6 frame verifies (and is not absent).
+#[must_use]
+pub fn checksum6_valid(frame: &[u8]) -> bool {
+    let ip = &frame[14..L4];
+    let l4 = &frame[L4..];
+    let field = if ip[6] == PROTO_TCP { 16 } else { 6 };
+    let present = l4[field..field + 2] != [0, 0];
+    present && checksum(&[pseudo_header(ip, l4.len()), l4.to_vec()].concat()) == 0
+}
