@@ -70,7 +70,7 @@ fn frontend(name: &str, kind: FrontendKind, pod: Route, external: Route) -> Fron
 }
 
 /// NodePorts with eTP Cluster (TCP and UDP) and Local (no endpoint here), and a
-/// load-balancer IP open to 2001:db8::/32 only (an IPv4 range beside it is ignored).
+/// load-balancer IP open to `2001:db8::/32` only (an IPv4 range beside it is ignored).
 fn loaded(tag: &str) -> Programs {
     use EmptyVerdict::{Drop, Reject};
     use FrontendKind::{LoadBalancer, NodePort};
