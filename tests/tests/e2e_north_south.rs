@@ -373,6 +373,25 @@ fn nodeport_udp_flow_moves(tag: &str, dataplane: &str) {
     } else {
         ("10.244.2.2", "web-a")
     };
+    if dataplane == "ebpf" {
+        // `dump conntrack` shows the flow the per-packet program remembers.
+        let bin = proxy_agent_tests::agent::agent_bin().display().to_string();
+        let bpffs = bed.agents[0].bpffs.display().to_string();
+        let out = bed.cluster.run_on_node(
+            "node1",
+            &[&bin, "dump", "conntrack", "--json", "--bpffs", &bpffs],
+        );
+        let rows: serde_json::Value = serde_json::from_str(&out).expect("JSON rows");
+        let flow = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["table"] == "packet" && r["client"] == format!("{CLIENT}:40053"))
+            .unwrap_or_else(|| panic!("the UDP flow is not in dump conntrack: {out}"));
+        assert_eq!(flow["service"], "default/np-cluster:dns", "{flow}");
+        assert_eq!(flow["backend"], format!("{gone}:5353"), "{flow}");
+        assert_eq!(flow["state"], "open,masquerade", "{flow}");
+    }
     let endpoints: Vec<Endpoint> = [("10.244.1.2", "node1"), ("10.244.2.2", "node2")]
         .into_iter()
         .map(|(ip, node)| Endpoint {

@@ -31,6 +31,7 @@ pub struct State {
     maps: MapContents,
     stats: BTreeMap<StatsKey, Stats>,
     sockets: Vec<Socket>,
+    packets: Vec<super::packet_flows::PacketFlow>,
     affinity: Vec<(AffinityKey, AffinityValue)>,
 }
 
@@ -62,7 +63,7 @@ impl Socket {
 }
 
 /// Every entry of an LRU hash map pinned under `bpffs` (empty when it is missing).
-fn lru_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Vec<(K, V)> {
+pub(super) fn lru_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Vec<(K, V)> {
     MapData::from_pin(bpffs.join(name))
         .map_err(anyhow::Error::from)
         .and_then(|data| Ok(HashMap::<MapData, K, V>::try_from(Map::LruHashMap(data))?))
@@ -108,6 +109,7 @@ impl State {
                         .map(Socket::v6),
                 )
                 .collect(),
+            packets: super::packet_flows::read(bpffs, crate::dataplane::system::monotonic_ns()),
             affinity: lru_entries(bpffs, MAP_AFFINITY4),
         })
     }
@@ -206,7 +208,8 @@ impl State {
             .collect()
     }
 
-    /// Sockets the socket LB sent to a backend (the eBPF dataplane's flow table).
+    /// Sockets the socket LB sent to a backend, and flows the per-packet programs
+    /// translated (the eBPF dataplane's flow tables).
     #[must_use]
     pub fn flows(&self, names: &Names) -> Vec<FlowRow> {
         let frontends = self.frontends();
@@ -233,6 +236,9 @@ impl State {
             })
             .collect();
         rows.sort_by(|a, b| (&a.frontend, a.socket_cookie).cmp(&(&b.frontend, b.socket_cookie)));
+        let mut packets: Vec<FlowRow> = self.packets.iter().map(|f| f.row(names)).collect();
+        packets.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
+        rows.extend(packets);
         rows
     }
 

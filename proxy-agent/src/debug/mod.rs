@@ -5,6 +5,7 @@ pub mod ebpf;
 pub mod flows;
 pub mod monitor;
 pub mod nft;
+pub mod packet_flows;
 pub mod rows;
 
 use std::{

@@ -72,7 +72,8 @@ impl Row for BackendRow {
 /// One flow pinned to a backend.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowRow {
-    /// `conntrack` or `socket` (the socket LB's per-socket memory).
+    /// `conntrack`, `socket` (the socket LB's per-socket memory) or `packet` (the eBPF
+    /// per-packet programs' flow maps).
     pub table: &'static str,
     pub protocol: String,
     pub client: Option<String>,

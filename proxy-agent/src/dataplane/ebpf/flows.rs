@@ -3,7 +3,13 @@
 //! pushed out, hiding live ones from `dump` and the fill metrics. A flow goes when it is
 //! idle past its protocol's timeout, or 10 s after a FIN or RST; a reply entry goes with
 //! its flow.
-use std::{collections::HashSet, hash::Hash, path::PathBuf, time::Duration};
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
@@ -34,6 +40,8 @@ pub trait FlowKey: aya::Pod + Eq + Hash {
     /// The reply entry a forward entry created.
     #[must_use]
     fn reply_of(&self, value: &Self::Value) -> Self;
+    /// A forward entry's client, frontend and backend (address, port).
+    fn endpoints(&self, value: &Self::Value) -> [(IpAddr, u16); 3];
 }
 
 impl FlowKey for Ct4Key {
@@ -50,6 +58,14 @@ impl FlowKey for Ct4Key {
     }
     fn flags(value: &Ct4Value) -> u8 {
         value.flags
+    }
+    fn endpoints(&self, value: &Ct4Value) -> [(IpAddr, u16); 3] {
+        let ip = |be: u32| IpAddr::V4(Ipv4Addr::from(be.to_ne_bytes()));
+        [
+            (ip(self.src_be), u16::from_be(self.sport_be)),
+            (ip(self.dst_be), u16::from_be(self.dport_be)),
+            (ip(value.nat_be), u16::from_be(value.nat_port_be)),
+        ]
     }
     fn reply_of(&self, value: &Ct4Value) -> Self {
         Self {
@@ -79,6 +95,14 @@ impl FlowKey for Ct6Key {
     fn flags(value: &Ct6Value) -> u8 {
         value.flags
     }
+    fn endpoints(&self, value: &Ct6Value) -> [(IpAddr, u16); 3] {
+        let ip = |octets: [u8; 16]| IpAddr::V6(Ipv6Addr::from(octets));
+        [
+            (ip(self.src), u16::from_be(self.sport_be)),
+            (ip(self.dst), u16::from_be(self.dport_be)),
+            (ip(value.nat), u16::from_be(value.nat_port_be)),
+        ]
+    }
     fn reply_of(&self, value: &Ct6Value) -> Self {
         Self {
             src: value.nat,
@@ -92,8 +116,9 @@ impl FlowKey for Ct6Key {
     }
 }
 
-/// Whether a forward entry has expired at `now_ns`.
-fn expired<K: FlowKey>(key: &K, value: &K::Value, now_ns: u64) -> bool {
+/// How long a forward entry has left at `now_ns` before a sweep removes it.
+#[must_use]
+pub fn remaining_ns<K: FlowKey>(key: &K, value: &K::Value, now_ns: u64) -> u64 {
     let idle = now_ns.saturating_sub(K::last_seen(value));
     let limit = if K::flags(value) & CT_FLAG_CLOSING != 0 {
         CLOSING_NS
@@ -102,7 +127,12 @@ fn expired<K: FlowKey>(key: &K, value: &K::Value, now_ns: u64) -> bool {
     } else {
         OTHER_IDLE_NS
     };
-    idle >= limit
+    limit.saturating_sub(idle)
+}
+
+/// Whether a forward entry has expired at `now_ns`.
+fn expired<K: FlowKey>(key: &K, value: &K::Value, now_ns: u64) -> bool {
+    remaining_ns(key, value, now_ns) == 0
 }
 
 /// The entries to delete: expired flows with their replies, and replies whose flow is
