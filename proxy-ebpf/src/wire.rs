@@ -3,7 +3,8 @@
 //! maps. `packet.rs` holds the logic, written once over this trait.
 use aya_ebpf::{helpers::bpf_csum_diff, maps::lpm_trie::Key, programs::TcContext};
 use proxy_common::{
-    Ct4Key, Ct4Value, Ct6Key, Ct6Value, SourceRange4, SourceRange6, PROTO_TCP, PROTO_UDP,
+    Ct4Key, Ct4Value, Ct6Key, Ct6Value, SourceRange4, SourceRange6, CT_FLAG_CLOSING, PROTO_TCP,
+    PROTO_UDP,
 };
 
 use crate::{
@@ -25,6 +26,8 @@ const IP6_HLEN: usize = 40;
 /// checksum (none) stays zero.
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+/// How stale a flow's `last_seen_ns` may grow before a packet rewrites it.
+const TOUCH_EVERY_NS: u64 = 1_000_000_000;
 /// Marks `affinity::select` clients that are addresses, not network namespaces.
 const ADDRESS_CLIENT: u64 = 1 << 63;
 
@@ -210,10 +213,12 @@ impl Wire for V4 {
     fn ct_touch(value: *mut Ct4Value, now_ns: u64, closing: bool) {
         // SAFETY: a valid map value pointer; racing packets of one flow write the same.
         unsafe {
-            (*value).last_seen_ns = now_ns;
-            if closing {
-                (*value).flags |= proxy_common::CT_FLAG_CLOSING;
-            }
+            touch(
+                &mut (*value).last_seen_ns,
+                &mut (*value).flags,
+                now_ns,
+                closing,
+            )
         }
     }
     #[inline(always)]
@@ -339,10 +344,12 @@ impl Wire for V6 {
     fn ct_touch(value: *mut Ct6Value, now_ns: u64, closing: bool) {
         // SAFETY: as for IPv4.
         unsafe {
-            (*value).last_seen_ns = now_ns;
-            if closing {
-                (*value).flags |= proxy_common::CT_FLAG_CLOSING;
-            }
+            touch(
+                &mut (*value).last_seen_ns,
+                &mut (*value).flags,
+                now_ns,
+                closing,
+            )
         }
     }
     #[inline(always)]
@@ -375,6 +382,19 @@ impl Wire for V6 {
             address: *src,
         };
         LB6_SOURCE_RANGES.get(Key::new(160, data)).is_some()
+    }
+}
+
+/// Another packet of a flow: its time is written only when a second has passed (the
+/// sweep's timeouts are 10 s and more), so a busy flow does not dirty its entry's cache
+/// line on every packet; a FIN or RST marks it closing once.
+#[inline(always)]
+fn touch(last_seen_ns: &mut u64, flags: &mut u8, now_ns: u64, closing: bool) {
+    if now_ns.wrapping_sub(*last_seen_ns) >= TOUCH_EVERY_NS {
+        *last_seen_ns = now_ns;
+    }
+    if closing && *flags & CT_FLAG_CLOSING == 0 {
+        *flags |= CT_FLAG_CLOSING;
     }
 }
 
