@@ -1,7 +1,7 @@
 //! End to end over IPv6: a dual-stack Service's IPv6 ClusterIP from a pod (the socket
 //! LB's connect6/sendmsg6/recvmsg6/getpeername6, or nftables' ip6 rules), an IPv4
 //! ClusterIP asked for through a dual-stack socket (`::ffff:a.b.c.d`), and the IPv6
-//! NodePort from outside.
+//! NodePort from outside with either external traffic policy.
 use std::collections::BTreeSet;
 
 use proxy_agent_tests::{
@@ -27,6 +27,18 @@ spec:
   clusterIPs: [fd00:10:96::70, 10.96.0.70]
   ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30090},
           {name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30091}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dual-local, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIP: fd00:10:96::71
+  clusterIPs: [fd00:10:96::71, 10.96.0.71]
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30092}]
 ";
 
 /// The echo cluster with a dual-stack Service over web-a (node1) and web-b (node2),
@@ -60,6 +72,12 @@ fn setup(tag: &str, dataplane: &str) -> (Cluster, Agent) {
         .replace("10.244.1.2", "fd00:10:244:1::2")
         .replace("10.244.2.2", "fd00:10:244:2::2");
     manifests::write(&dir, "dual-6.yaml", &v6);
+    for (file, text) in [("dual-local-4.yaml", &v4), ("dual-local-6.yaml", &v6)] {
+        let local = text
+            .replace("name: dual-", "name: dual-local-")
+            .replace("service-name: dual", "service-name: dual-local");
+        manifests::write(&dir, file, &local);
+    }
     let agent = Agent::start_with(
         &mut cluster,
         "node1",
@@ -95,6 +113,38 @@ fn answered(cluster: &Cluster, proto: &str, to: &str, client: &str) -> BTreeSet<
         pods.insert(fields[1].to_owned());
     }
     pods
+}
+
+/// The LAN client's IPv6 address, as a server prints it.
+const LAN_CLIENT6: &str = "[fd00:10:100::254]";
+
+/// 20 TCP connections from the LAN client to `to`: the pods that answered and the client
+/// addresses they saw; every one must be answered.
+fn from_outside(cluster: &Cluster, to: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let testpod = testpod_bin().display().to_string();
+    let out = cluster.run_in_lan(&[
+        &testpod,
+        "probe",
+        "tcp",
+        "fd00:10:100::254",
+        to,
+        "20",
+        "700",
+    ]);
+    let mut pods = BTreeSet::new();
+    let mut peers = BTreeSet::new();
+    for line in out.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            fields.first(),
+            Some(&"ok"),
+            "{to} from outside failed: {out}"
+        );
+        pods.insert(fields[1].to_owned());
+        let peer = fields[2].rsplit_once(':').map_or(fields[2], |(ip, _)| ip);
+        peers.insert(peer.to_owned());
+    }
+    (pods, peers)
 }
 
 fn both() -> BTreeSet<String> {
@@ -147,25 +197,20 @@ fn ipv6(tag: &str, dataplane: &str) {
         }
     }
     // The IPv6 NodePort from outside the cluster reaches both backends.
-    let testpod = testpod_bin().display().to_string();
-    let out = cluster.run_in_lan(&[
-        &testpod,
-        "probe",
-        "tcp",
-        "fd00:10:100::254",
-        "[fd00:10:100::1]:30090",
-        "20",
-        "700",
-    ]);
-    let pods: BTreeSet<String> = out
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(fields.first(), Some(&"ok"), "IPv6 NodePort failed: {out}");
-            fields[1].to_owned()
-        })
-        .collect();
+    let (pods, peers) = from_outside(&cluster, "[fd00:10:100::1]:30090");
     assert_eq!(pods, both(), "IPv6 NodePort from outside");
+    assert!(
+        !peers.contains(LAN_CLIENT6),
+        "eTP=Cluster must masquerade: {peers:?}"
+    );
+    // externalTrafficPolicy: Local: node1's own endpoint only, the client address kept.
+    let (pods, peers) = from_outside(&cluster, "[fd00:10:100::1]:30092");
+    assert_eq!(pods, BTreeSet::from(["web-a".to_owned()]), "IPv6 eTP=Local");
+    assert_eq!(
+        peers,
+        BTreeSet::from([LAN_CLIENT6.to_owned()]),
+        "IPv6 eTP=Local keeps the client address"
+    );
     if dataplane == "ebpf" {
         // Those were the per-packet program's decisions (web-b answering at all shows
         // the masquerade: node2 would otherwise reply straight to the client).
