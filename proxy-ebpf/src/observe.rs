@@ -5,7 +5,7 @@ use proxy_common::{MonitorEvent, MonitorEvent6, Stats, StatsKey};
 
 use crate::maps::{LB_EVENTS, LB_MONITOR, LB_STATS};
 
-/// `BPF_NOEXIST`: a concurrent first count on another CPU keeps its own entry.
+/// `BPF_NOEXIST`: a first count never overwrites an entry another CPU just created.
 const BPF_NOEXIST: u64 = 1;
 
 /// One more decision for this frontend, backend, hook and verdict.
@@ -22,9 +22,15 @@ pub fn count(rev_nat_index: u16, hook: u8, verdict: u8, backend_id: u32) {
         Some(stats) => unsafe { (*stats).count += 1 },
         None => {
             let first = Stats { count: 1, bytes: 0 };
-            // A full LRU map evicts its coldest entry; losing a count is not worth a
-            // failed call.
-            let _ = LB_STATS.insert(key, first, BPF_NOEXIST);
+            // Another CPU may have created the entry since the lookup: then count in
+            // this CPU's slot of it. (A full LRU map evicts its coldest entry; losing a
+            // count is not worth a failed call.)
+            if LB_STATS.insert(key, first, BPF_NOEXIST).is_err() {
+                if let Some(stats) = LB_STATS.get_ptr_mut(key) {
+                    // SAFETY: as above.
+                    unsafe { (*stats).count += 1 };
+                }
+            }
         }
     }
 }
