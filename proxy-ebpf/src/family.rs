@@ -124,3 +124,18 @@ impl Family for V6 {
         observe::emit6(&event, &frontend.0, &backend);
     }
 }
+
+/// An IPv6 address as four network-order words (as `user_ip6` and `bpf_csum_diff` take
+/// it): the same 16 bytes.
+#[inline(always)]
+pub fn words(address: [u8; 16]) -> [u32; 4] {
+    // SAFETY: any 16 bytes are valid as either type.
+    unsafe { core::mem::transmute(address) }
+}
+
+/// The inverse of [`words`].
+#[inline(always)]
+pub fn bytes(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: as above.
+    unsafe { core::mem::transmute(words) }
+}

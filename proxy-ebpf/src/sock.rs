@@ -15,7 +15,7 @@ use proxy_common::{
 
 use crate::{
     affinity,
-    family::{Family, V4, V6},
+    family::{bytes, words, Family, V4, V6},
     lb,
     maps::{LB4_SK_REVNAT, LB6_SK_REVNAT},
     observe, SYS_PROCEED,
@@ -259,26 +259,16 @@ fn set_user_ip6(ctx: &SockAddrContext, words: [u32; 4], port_be: u16) {
     }
 }
 
-fn to_bytes(words: [u32; 4]) -> [u8; 16] {
-    // SAFETY: the same 16 bytes; the words hold network-order memory.
-    unsafe { core::mem::transmute(words) }
-}
-
-fn to_words(bytes: [u8; 16]) -> [u32; 4] {
-    // SAFETY: as above.
-    unsafe { core::mem::transmute(bytes) }
-}
-
 /// connect6/sendmsg6: as `xlate_fwd4`, for IPv6 Services and IPv4-mapped destinations.
 #[inline(always)]
 pub fn xlate_fwd6(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let words = user_ip6(ctx);
+    let ip6 = user_ip6(ctx);
     // SAFETY: valid context pointer; readable in connect6 and sendmsg6.
     let (port_u32, proto) = unsafe { ((*ctx.sock_addr).user_port, (*ctx.sock_addr).protocol) };
     let port_be = port_u32 as u16;
     let proto = proto as u8;
-    if v4_mapped(&words) {
-        return match choose::<V4>(ctx, (words[3], port_be), proto, hook) {
+    if v4_mapped(&ip6) {
+        return match choose::<V4>(ctx, (ip6[3], port_be), proto, hook) {
             Choice::Pass => SYS_PROCEED,
             Choice::Refuse => refuse(),
             Choice::To((address_be, port_be)) => {
@@ -287,11 +277,11 @@ pub fn xlate_fwd6(ctx: &SockAddrContext, hook: u8) -> i32 {
             }
         };
     }
-    match choose::<V6>(ctx, (to_bytes(words), port_be), proto, hook) {
+    match choose::<V6>(ctx, (bytes(ip6), port_be), proto, hook) {
         Choice::Pass => SYS_PROCEED,
         Choice::Refuse => refuse(),
         Choice::To((address, port_be)) => {
-            set_user_ip6(ctx, to_words(address), port_be);
+            set_user_ip6(ctx, words(address), port_be);
             SYS_PROCEED
         }
     }
@@ -342,15 +332,15 @@ pub fn xlate_rev4(ctx: &SockAddrContext, hook: u8) {
 /// recvmsg6/getpeername6: as `xlate_rev4`, for IPv6 and IPv4-mapped peers.
 #[inline(always)]
 pub fn xlate_rev6(ctx: &SockAddrContext, hook: u8) {
-    let words = user_ip6(ctx);
+    let ip6 = user_ip6(ctx);
     // SAFETY: valid context pointer; readable in recvmsg6 and getpeername6.
     let port_be = unsafe { (*ctx.sock_addr).user_port } as u16;
-    if v4_mapped(&words) {
-        if let Some((address_be, port_be)) = recall::<V4>(ctx, (words[3], port_be), hook) {
+    if v4_mapped(&ip6) {
+        if let Some((address_be, port_be)) = recall::<V4>(ctx, (ip6[3], port_be), hook) {
             set_user_ip6(ctx, [0, 0, V4_MAPPED_BE, address_be], port_be);
         }
-    } else if let Some((address, port_be)) = recall::<V6>(ctx, (to_bytes(words), port_be), hook) {
-        set_user_ip6(ctx, to_words(address), port_be);
+    } else if let Some((address, port_be)) = recall::<V6>(ctx, (bytes(ip6), port_be), hook) {
+        set_user_ip6(ctx, words(address), port_be);
     }
 }
 
@@ -368,19 +358,19 @@ pub fn forget(ctx: &SockContext) {
     };
     if family == AF_INET6 {
         // SAFETY: as above; dst_ip6 is readable word by word.
-        let words = unsafe {
+        let ip6 = unsafe {
             let sk = &*ctx.sock;
             [sk.dst_ip6[0], sk.dst_ip6[1], sk.dst_ip6[2], sk.dst_ip6[3]]
         };
-        if words == [0; 4] {
+        if ip6 == [0; 4] {
             return;
         }
         // SAFETY: valid context pointer.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if v4_mapped(&words) {
-            V4::forget(cookie, (words[3], port_be));
+        if v4_mapped(&ip6) {
+            V4::forget(cookie, (ip6[3], port_be));
         } else {
-            V6::forget(cookie, (to_bytes(words), port_be));
+            V6::forget(cookie, (bytes(ip6), port_be));
         }
         return;
     }

@@ -8,7 +8,7 @@ use proxy_common::{
 };
 
 use crate::{
-    family::{Family, V4, V6},
+    family::{words, Family, V4, V6},
     maps::{CLUSTER_CIDR4, CLUSTER_CIDR6, LB4_CT, LB4_SOURCE_RANGES, LB6_CT, LB6_SOURCE_RANGES},
 };
 
@@ -396,11 +396,4 @@ fn touch(last_seen_ns: &mut u64, flags: &mut u8, now_ns: u64, closing: bool) {
     if closing && *flags & CT_FLAG_CLOSING == 0 {
         *flags |= CT_FLAG_CLOSING;
     }
-}
-
-/// An IPv6 address as four network-order words.
-#[inline(always)]
-fn words(address: [u8; 16]) -> [u32; 4] {
-    // SAFETY: the same 16 bytes.
-    unsafe { core::mem::transmute(address) }
 }
