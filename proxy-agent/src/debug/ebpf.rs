@@ -31,8 +31,10 @@ pub struct State {
     maps: MapContents,
     stats: BTreeMap<StatsKey, Stats>,
     sockets: Vec<Socket>,
-    packets: Vec<super::packet_flows::PacketFlow>,
     affinity: Vec<(AffinityKey, AffinityValue)>,
+    /// Where the per-packet flow maps are, read only by `flows` (they can hold far more
+    /// entries than any other dump needs).
+    bpffs: std::path::PathBuf,
 }
 
 /// A socket the socket LB sent to a backend, of either family.
@@ -109,8 +111,8 @@ impl State {
                         .map(Socket::v6),
                 )
                 .collect(),
-            packets: super::packet_flows::read(bpffs, crate::dataplane::system::monotonic_ns()),
             affinity: lru_entries(bpffs, MAP_AFFINITY4),
+            bpffs: bpffs.to_owned(),
         })
     }
 
@@ -236,7 +238,11 @@ impl State {
             })
             .collect();
         rows.sort_by(|a, b| (&a.frontend, a.socket_cookie).cmp(&(&b.frontend, b.socket_cookie)));
-        let mut packets: Vec<FlowRow> = self.packets.iter().map(|f| f.row(names)).collect();
+        let now = crate::dataplane::system::monotonic_ns();
+        let mut packets: Vec<FlowRow> = super::packet_flows::read(&self.bpffs, now)
+            .iter()
+            .map(|f| f.row(names))
+            .collect();
         packets.sort_by(|a, b| (&a.frontend, &a.client).cmp(&(&b.frontend, &b.client)));
         rows.extend(packets);
         rows

@@ -46,8 +46,6 @@ pub enum EbpfError {
     Io(PathBuf, #[source] std::io::Error),
     #[error("no free {0} id left")]
     Exhausted(&'static str),
-    #[error("backend {0} is not IPv4")]
-    Family(String),
     #[error("loading the netfilter table for masquerade and reject failed: {0}")]
     Netfilter(String),
 }

@@ -3,7 +3,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use super::store::MapContents;
+use super::store::{MapContents, SourceRange};
 use crate::model::{DesiredState, FrontendKey, Protocol};
 
 #[derive(Serialize)]
@@ -168,21 +168,19 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
         services.sort_by_key(|e| (e.address, e.port, e.protocol.clone(), e.scope, e.slot));
     }
     revnat.sort_by_key(|e| e.index);
-    let (source_ranges, source_ranges6): (Vec<_>, Vec<_>) = contents
+    let (ranges4, ranges6): (Vec<&SourceRange>, Vec<&SourceRange>) = contents
         .source_ranges
         .iter()
-        .map(|range| {
-            let entry = SourceRangeEntry {
+        .partition(|range| matches!(range, SourceRange::V4(..)));
+    let entries = |ranges: Vec<&SourceRange>| -> Vec<SourceRangeEntry> {
+        ranges
+            .into_iter()
+            .map(|range| SourceRangeEntry {
                 rev_nat_index: range.rev_nat_index(),
                 range: range.range(),
-            };
-            (matches!(range, super::store::SourceRange::V4(..)), entry)
-        })
-        .partition(|(v4, _)| *v4);
-    let (source_ranges, source_ranges6) = (
-        source_ranges.into_iter().map(|(_, e)| e).collect(),
-        source_ranges6.into_iter().map(|(_, e)| e).collect(),
-    );
+            })
+            .collect()
+    };
     revnat6.sort_by_key(|e| e.index);
     let maps = Maps {
         services,
@@ -191,8 +189,8 @@ pub fn to_json(contents: &MapContents, state: &DesiredState) -> String {
         services6,
         backends6,
         revnat6,
-        source_ranges,
-        source_ranges6,
+        source_ranges: entries(ranges4),
+        source_ranges6: entries(ranges6),
         maglev: contents
             .maglev
             .iter()
