@@ -20,7 +20,9 @@ use aya::{
 };
 use proxy_agent::{
     dataplane::ebpf::{kernel::KernelMaps, loader, nodeport, MapWriter},
-    model::{diff, DesiredState},
+    model::{
+        diff, Backend, DesiredState, EmptyVerdict, Frontend, FrontendKind, Route, ServicePortName,
+    },
 };
 
 /// `TC_ACT_OK` and `TC_ACT_SHOT`.
@@ -218,28 +220,84 @@ impl Drop for Programs {
     }
 }
 
-/// An Ethernet frame carrying an IPv4 TCP segment with `flags` (checksums correct).
+/// A route to `backends` (either family), as the model builds them.
 #[must_use]
-pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+pub fn route<A: Into<std::net::SocketAddr> + Copy>(
+    backends: &[A],
+    masquerade: bool,
+    when_empty: EmptyVerdict,
+) -> Route {
+    let backends: std::sync::Arc<[Backend]> = backends
+        .iter()
+        .map(|&b| {
+            let b: std::net::SocketAddr = b.into();
+            Backend {
+                ip: b.ip(),
+                port: b.port(),
+            }
+        })
+        .collect();
+    Route::new(
+        backends,
+        masquerade,
+        when_empty,
+        when_empty == EmptyVerdict::Drop,
+    )
+}
+
+/// A frontend of Service `default/<name>` with these routes (nodes use the pods').
+#[must_use]
+pub fn frontend(name: &str, kind: FrontendKind, pod: Route, external: Route) -> Frontend {
+    Frontend {
+        service: ServicePortName {
+            namespace: "default".into(),
+            name: name.into(),
+            port: String::new(),
+        },
+        kind,
+        node: pod.clone(),
+        pod,
+        external,
+        affinity_timeout: None,
+        source_ranges: Vec::new(),
+        health_check_node_port: None,
+    }
+}
+
+/// A TCP header with `flags` and its checksum field zero (either family).
+pub(crate) fn tcp_header(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut l4 = vec![0u8; 20];
-    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
-    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
     l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
     l4[12] = 5 << 4;
     l4[13] = flags;
     l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    l4
+}
+
+/// A UDP datagram with its checksum field zero (either family).
+pub(crate) fn udp_datagram(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![0u8; 8];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    let len = u16::try_from(8 + payload.len()).expect("length");
+    l4[4..6].copy_from_slice(&len.to_be_bytes());
+    l4.extend_from_slice(payload);
+    l4
+}
+
+/// An Ethernet frame carrying an IPv4 TCP segment with `flags` (checksums correct).
+#[must_use]
+pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    let l4 = tcp_header(src.port(), dst.port(), flags);
     frame(src, dst, proxy_common::PROTO_TCP, l4, 16)
 }
 
 /// An Ethernet frame carrying an IPv4 UDP datagram, with or without a checksum.
 #[must_use]
 pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], checksum: bool) -> Vec<u8> {
-    let mut l4 = vec![0u8; 8];
-    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
-    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    let len = u16::try_from(8 + payload.len()).expect("length");
-    l4[4..6].copy_from_slice(&len.to_be_bytes());
-    l4.extend_from_slice(payload);
+    let l4 = udp_datagram(src.port(), dst.port(), payload);
     let at = if checksum { 6 } else { usize::MAX };
     frame(src, dst, proxy_common::PROTO_UDP, l4, at)
 }
@@ -282,7 +340,7 @@ fn pseudo_header(ip: &[u8], l4_len: usize) -> Vec<u8> {
 }
 
 /// The Internet checksum of `bytes`.
-fn checksum(bytes: &[u8]) -> u16 {
+pub(crate) fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))

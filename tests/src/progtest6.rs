@@ -4,31 +4,22 @@ use std::net::{Ipv6Addr, SocketAddrV6};
 
 use proxy_common::{PROTO_TCP, PROTO_UDP};
 
+use crate::progtest::{checksum, tcp_header, udp_datagram};
+
 const IP6_HLEN: usize = 40;
 const L4: usize = 14 + IP6_HLEN;
 
 /// An Ethernet frame carrying an IPv6 TCP segment with `flags` (checksum correct).
 #[must_use]
 pub fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Vec<u8> {
-    let mut l4 = vec![0u8; 20];
-    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
-    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
-    l4[12] = 5 << 4;
-    l4[13] = flags;
-    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let l4 = tcp_header(src.port(), dst.port(), flags);
     frame6(src.ip(), dst.ip(), PROTO_TCP, l4, 16)
 }
 
 /// An Ethernet frame carrying an IPv6 UDP datagram (checksum correct: IPv6 needs one).
 #[must_use]
 pub fn udp6(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
-    let mut l4 = vec![0u8; 8];
-    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
-    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
-    let len = u16::try_from(8 + payload.len()).expect("length");
-    l4[4..6].copy_from_slice(&len.to_be_bytes());
-    l4.extend_from_slice(payload);
+    let l4 = udp_datagram(src.port(), dst.port(), payload);
     frame6(src.ip(), dst.ip(), PROTO_UDP, l4, 6)
 }
 
@@ -54,17 +45,6 @@ fn pseudo_header(ip: &[u8], l4_len: usize) -> Vec<u8> {
     pseudo.extend(u32::try_from(l4_len).expect("length").to_be_bytes());
     pseudo.extend([0, 0, 0, ip[6]]);
     pseudo
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !u16::try_from(sum).expect("folded")
 }
 
 /// Source and destination of a frame built by [`tcp6`] or [`udp6`].

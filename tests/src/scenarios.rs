@@ -51,6 +51,17 @@ pub fn requests(cluster: &Cluster, proto: &str, to: &str, count: usize) -> Vec<S
         .collect()
 }
 
+/// The pod that answered each datagram of `testpod udp-from`; a lost one fails the test.
+#[must_use]
+pub fn udp_flow_pods(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| {
+            assert!(l.starts_with("ok "), "datagram lost: {l}");
+            l.split_whitespace().nth(1).expect("a pod name").to_owned()
+        })
+        .collect()
+}
+
 /// The empty Service (no endpoints) beside echo in a [`Bed`].
 pub const EMPTY_IP: &str = "10.96.0.51";
 

@@ -348,20 +348,11 @@ fn nodeport_udp_flow_moves(tag: &str, dataplane: &str) {
     let bed = setup(tag, dataplane);
     let testpod = testpod_bin().display().to_string();
     let flow = |count: usize| -> Vec<String> {
-        bed.cluster
-            .run_in_lan(&[
-                &testpod,
-                "udp-from",
-                "40053",
-                "10.100.0.1:30053",
-                &count.to_string(),
-            ])
-            .lines()
-            .map(|l| {
-                assert!(l.starts_with("ok "), "datagram lost: {l}");
-                l.split_whitespace().nth(1).unwrap().to_owned()
-            })
-            .collect()
+        let to = "10.100.0.1:30053";
+        let out = bed
+            .cluster
+            .run_in_lan(&[&testpod, "udp-from", "40053", to, &count.to_string()]);
+        scenarios::udp_flow_pods(&out)
     };
     let first = flow(5);
     assert!(

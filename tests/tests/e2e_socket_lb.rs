@@ -202,12 +202,7 @@ fn udp_flow_moves(dataplane: &str) {
             "client",
             &[&testpod, "udp-from", "40053", &to, &count.to_string()],
         );
-        out.lines()
-            .map(|l| {
-                assert!(l.starts_with("ok "), "datagram lost: {l}");
-                l.split_whitespace().nth(1).unwrap().to_owned()
-            })
-            .collect()
+        scenarios::udp_flow_pods(&out)
     };
     let first = flow(5);
     assert!(

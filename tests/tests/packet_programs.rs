@@ -2,17 +2,13 @@
 //! by the kernel through `BPF_PROG_TEST_RUN` on maps the agent's writer filled: DNAT and
 //! reverse NAT with their checksums, each verdict, both client classes, and flows whose
 //! backend leaves.
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    sync::Arc,
-};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use proxy_agent::model::{
-    Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
-    ServicePortName,
+    DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol,
 };
 use proxy_agent_tests::progtest::{
-    checksums_valid, endpoints, tcp, udp, udp_checksum, Programs, DROP, PASS,
+    checksums_valid, endpoints, frontend, route, tcp, udp, udp_checksum, Programs, DROP, PASS,
 };
 use proxy_common::{MARK_MASQ, MARK_REJECT};
 
@@ -29,39 +25,6 @@ fn at(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 
 fn client(port: u16) -> SocketAddrV4 {
     at(Ipv4Addr::new(192, 0, 2, 10), port)
-}
-
-fn route(backends: &[SocketAddrV4], masquerade: bool, when_empty: EmptyVerdict) -> Route {
-    let backends: Arc<[Backend]> = backends
-        .iter()
-        .map(|b| Backend {
-            ip: (*b.ip()).into(),
-            port: b.port(),
-        })
-        .collect();
-    Route::new(
-        backends,
-        masquerade,
-        when_empty,
-        when_empty == EmptyVerdict::Drop,
-    )
-}
-
-fn frontend(name: &str, kind: FrontendKind, pod: Route, external: Route) -> Frontend {
-    Frontend {
-        service: ServicePortName {
-            namespace: "default".into(),
-            name: name.into(),
-            port: String::new(),
-        },
-        kind,
-        node: pod.clone(),
-        pod,
-        external,
-        affinity_timeout: None,
-        source_ranges: Vec::new(),
-        health_check_node_port: None,
-    }
 }
 
 fn key(ip: Ipv4Addr, port: u16, protocol: Protocol) -> FrontendKey {
@@ -96,7 +59,7 @@ fn services(backends: &[SocketAddrV4]) -> DesiredState {
             "np-local",
             NodePort,
             route(backends, false, Reject),
-            route(&[], false, Drop),
+            route::<SocketAddrV4>(&[], false, Drop),
         ),
     );
     add(
@@ -104,8 +67,8 @@ fn services(backends: &[SocketAddrV4]) -> DesiredState {
         frontend(
             "noeps",
             NodePort,
-            route(&[], true, Reject),
-            route(&[], true, Reject),
+            route::<SocketAddrV4>(&[], true, Reject),
+            route::<SocketAddrV4>(&[], true, Reject),
         ),
     );
     let mut lb = frontend("lb", LoadBalancer, masqueraded.clone(), masqueraded);

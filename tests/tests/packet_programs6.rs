@@ -1,17 +1,13 @@
 //! The per-packet programs on IPv6 packets through `BPF_PROG_TEST_RUN`: NodePort DNAT
 //! and reverse NAT with their checksums (TCP and UDP), the masquerade mark, source
 //! ranges, and the drop of a Local policy without local endpoints.
-use std::{
-    net::{Ipv6Addr, SocketAddrV6},
-    sync::Arc,
-};
+use std::net::{Ipv6Addr, SocketAddrV6};
 
 use proxy_agent::model::{
-    Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
-    ServicePortName,
+    DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol,
 };
 use proxy_agent_tests::{
-    progtest::{Programs, DROP, PASS},
+    progtest::{frontend, route, Programs, DROP, PASS},
     progtest6::{checksum6_valid, endpoints6, tcp6, udp6},
 };
 use proxy_common::MARK_MASQ;
@@ -36,39 +32,6 @@ fn client(net: u16, port: u16) -> SocketAddrV6 {
     at(Ipv6Addr::new(0x2001, net, 0, 0, 0, 0, 0, 0x10), port)
 }
 
-fn route(backends: &[SocketAddrV6], masquerade: bool, when_empty: EmptyVerdict) -> Route {
-    let backends: Arc<[Backend]> = backends
-        .iter()
-        .map(|b| Backend {
-            ip: (*b.ip()).into(),
-            port: b.port(),
-        })
-        .collect();
-    Route::new(
-        backends,
-        masquerade,
-        when_empty,
-        when_empty == EmptyVerdict::Drop,
-    )
-}
-
-fn frontend(name: &str, kind: FrontendKind, pod: Route, external: Route) -> Frontend {
-    Frontend {
-        service: ServicePortName {
-            namespace: "default".into(),
-            name: name.into(),
-            port: String::new(),
-        },
-        kind,
-        node: pod.clone(),
-        pod,
-        external,
-        affinity_timeout: None,
-        source_ranges: Vec::new(),
-        health_check_node_port: None,
-    }
-}
-
 /// NodePorts with eTP Cluster (TCP and UDP) and Local (no endpoint here), and a
 /// load-balancer IP open to `2001:db8::/32` only (an IPv4 range beside it is ignored).
 fn loaded(tag: &str) -> Programs {
@@ -91,7 +54,7 @@ fn loaded(tag: &str) -> Programs {
         "np-local",
         NodePort,
         route(&backends(), false, Reject),
-        route(&[], false, Drop),
+        route::<SocketAddrV6>(&[], false, Drop),
     );
     add(NODE, 30081, Protocol::Tcp, local);
     let mut lb = frontend("lb", LoadBalancer, masqueraded.clone(), masqueraded);
