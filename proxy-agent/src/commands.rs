@@ -138,6 +138,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             bpffs: args.paths.bpffs.clone(),
             index,
             live: live.clone(),
+            sockets_destroyed: dataplane.sockets_destroyed().unwrap_or_default(),
         }));
     }
     let metrics = Arc::new(Metrics::new(dataplane.name(), &health.answers, collectors));

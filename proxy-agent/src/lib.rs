@@ -12,5 +12,6 @@ pub mod introspect;
 pub mod metrics;
 pub mod model;
 pub mod netlink;
+pub mod sockdiag;
 pub mod source;
 pub mod sync;

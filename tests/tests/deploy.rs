@@ -176,6 +176,8 @@ fn the_daemonset_is_a_node_agent_without_privileged() {
         .map(|v| v.mount_path.as_str())
         .collect();
     assert!(mounts.contains("/sys/fs/bpf"), "{mounts:?}");
+    // Pods' network namespaces, where stale connected UDP sockets are destroyed.
+    assert!(mounts.contains("/run/netns"), "{mounts:?}");
     let args = c.args.clone().unwrap_or_default();
     assert_eq!(args.first().map(String::as_str), Some("run"));
     // Every flag the DaemonSet passes is one the agent accepts.

@@ -246,6 +246,108 @@ fn udp_flow_moves(dataplane: &str) {
 }
 
 #[test]
+fn a_connected_udp_socket_leaves_a_removed_endpoint() {
+    connected_udp_moves("ebpf");
+}
+
+#[test]
+fn a_connected_udp_socket_leaves_a_removed_endpoint_with_nftables() {
+    connected_udp_moves("nftables");
+}
+
+/// A long-lived connected UDP socket (one `connect()`, a datagram every 50 ms) whose
+/// backend leaves the Service but keeps running: its exchanges reach the remaining
+/// backend within two seconds and never the removed one again. nftables: the stale
+/// conntrack entry goes and the next datagram is balanced afresh. eBPF: the socket LB
+/// chose at `connect()`, so the agent destroys the socket; the client's exchange fails
+/// once and the socket it opens next goes to the survivor.
+fn connected_udp_moves(dataplane: &str) {
+    use std::io::BufRead;
+    let bed = setup_on(&format!("cu{}", &dataplane[..1]), dataplane);
+    let testpod = testpod_bin().display().to_string();
+    let to = format!("{ECHO_IP}:53");
+    let mut client = bed
+        .cluster
+        .command_in_pod("client", &[&testpod, "udp-hold", &to, "5000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(client.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let pinned: Vec<String> = lines.by_ref().take(4).collect();
+    assert!(
+        pinned
+            .iter()
+            .all(|l| *l == pinned[0] && l.starts_with("ok ")),
+        "one socket, one backend: {pinned:?}"
+    );
+    let (gone, survivor) = if pinned[0] == "ok web-a" {
+        (("10.244.1.2", "node1"), ("10.244.2.2", "node2"))
+    } else {
+        (("10.244.2.2", "node2"), ("10.244.1.2", "node1"))
+    };
+    write_echo_slice(
+        &bed.dir,
+        &[(gone.0, false, gone.1), (survivor.0, true, survivor.1)],
+    );
+    let removed_at = Instant::now();
+    let want = if survivor.1 == "node1" {
+        "ok web-a"
+    } else {
+        "ok web-b"
+    };
+    let (mut before, mut after, mut moved_after) = (Vec::new(), Vec::new(), None);
+    for line in lines {
+        if moved_after.is_none() && line == want {
+            moved_after = Some(removed_at.elapsed());
+        }
+        if moved_after.is_some() {
+            after.push(line);
+        } else {
+            before.push(line);
+        }
+    }
+    client.wait().unwrap();
+    let moved_after = moved_after.unwrap_or_else(|| {
+        panic!(
+            "never reached the survivor: {before:?}\n{}",
+            bed.agent.log_text()
+        )
+    });
+    assert!(
+        moved_after < Duration::from_secs(2),
+        "moved only after {moved_after:?}: {before:?}"
+    );
+    assert!(
+        after.iter().all(|l| l == want),
+        "the removed endpoint answered again: {after:?}"
+    );
+    let replaced = before.iter().filter(|l| *l == "reconnect").count();
+    if dataplane == "ebpf" {
+        assert!(
+            replaced >= 1,
+            "the socket was not destroyed: {before:?}\n{}",
+            bed.agent.log_text()
+        );
+        let (_, metrics) = bed
+            .agent
+            .http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");
+        let destroyed = proxy_agent_tests::agent::sample_sum(
+            &metrics,
+            "proxyagent_udp_sockets_destroyed_total",
+            &[],
+        );
+        assert!(destroyed >= 1.0, "{metrics}");
+    }
+    println!(
+        "{dataplane}: connected UDP socket moved from {} to {want} {moved_after:?} after the \
+         removal; sockets replaced: {replaced}; exchanges meanwhile: {before:?}",
+        pinned[0]
+    );
+}
+
+#[test]
 fn malformed_manifests_change_nothing() {
     let bed = setup("bad");
     manifests::write(

@@ -39,4 +39,9 @@ pub trait Dataplane: Send {
     fn ebpf_index(&self) -> Option<ebpf::index::SharedIndex> {
         None
     }
+    /// For the eBPF dataplane: how many connected UDP sockets sent to removed backends
+    /// it has destroyed.
+    fn sockets_destroyed(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+        None
+    }
 }

@@ -23,6 +23,8 @@ pub struct EbpfCounters {
     pub bpffs: PathBuf,
     pub index: ebpf::index::SharedIndex,
     pub live: Arc<Live>,
+    /// Connected UDP sockets destroyed because their backend left.
+    pub sockets_destroyed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for EbpfCounters {
@@ -171,6 +173,15 @@ impl Collector for EbpfCounters {
             MetricType::Counter,
             &drops,
         )?;
+        let destroyed = self
+            .sockets_destroyed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        ConstCounter::new(destroyed).encode(encoder.encode_descriptor(
+            "proxyagent_udp_sockets_destroyed",
+            "Connected UDP sockets destroyed because the backend the socket LB sent them to left its Service",
+            None,
+            MetricType::Counter,
+        )?)?;
         let fill = ebpf::observe::map_fill(&self.bpffs);
         let entries: Vec<_> = fill
             .iter()

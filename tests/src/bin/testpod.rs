@@ -11,7 +11,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod udp-hold IP:PORT MILLISECONDS\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS"
     );
     std::process::exit(2)
 }
@@ -54,6 +54,11 @@ fn main() {
                     Err(e) => println!("err {:?} {}", e.kind(), started.elapsed().as_millis()),
                 }
             }
+        }
+        Some("udp-hold") if args.len() == 3 => {
+            let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
+            let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
+            udp_hold(to, Duration::from_millis(millis));
         }
         Some("http-get") if args.len() == 3 => http_get(&args[1], &args[2]),
         Some("hold") if args.len() == 3 => {
@@ -299,6 +304,35 @@ fn udp_request(to: SocketAddr, connected: bool) -> std::io::Result<(String, Sock
     let (n, from) = socket.recv_from(&mut buf)?;
     let seen = if connected { socket.peer_addr()? } else { from };
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), seen))
+}
+
+/// One connected UDP socket exchanging a datagram every 50 ms for a while, as a
+/// long-lived client would: prints `ok POD` per answer, and on an error
+/// `err KIND ERRNO` and `reconnect` before replacing the socket with a new one.
+fn udp_hold(to: SocketAddr, duration: Duration) {
+    let started = Instant::now();
+    let connect = || -> std::io::Result<UdpSocket> {
+        let socket = UdpSocket::bind(if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        socket.connect(to)?;
+        Ok(socket)
+    };
+    let mut socket = connect().expect("connect");
+    let mut buf = [0u8; 1500];
+    while started.elapsed() < duration {
+        match socket.send(b"hi").and_then(|_| socket.recv(&mut buf)) {
+            Ok(n) => {
+                let reply = String::from_utf8_lossy(&buf[..n]);
+                println!("ok {}", reply.split_whitespace().next().unwrap_or_default());
+            }
+            Err(e) => {
+                println!("err {:?} {}", e.kind(), e.raw_os_error().unwrap_or(0));
+                println!("reconnect");
+                socket = connect().expect("reconnect");
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn http_get(addr: &str, path: &str) {

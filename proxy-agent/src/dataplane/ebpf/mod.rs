@@ -11,6 +11,7 @@ pub mod nodeport;
 pub mod observe;
 pub mod render;
 pub mod store;
+pub mod terminate;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -54,6 +55,9 @@ pub enum EbpfError {
 pub struct EbpfDataplane {
     writer: MapWriter<kernel::KernelMaps>,
     packets: Option<nodeport::PacketPrograms>,
+    terminator: terminate::Terminator,
+    /// The UDP backends as of the last apply; `None` until the first.
+    udp: Option<terminate::UdpBackends>,
 }
 
 impl EbpfDataplane {
@@ -74,7 +78,12 @@ impl EbpfDataplane {
         if packets.is_some() {
             flows::spawn(bpffs.to_owned());
         }
-        Ok(Self { writer, packets })
+        Ok(Self {
+            writer,
+            packets,
+            terminator: terminate::Terminator::spawn(bpffs.to_owned()),
+            udp: None,
+        })
     }
 }
 
@@ -90,13 +99,24 @@ impl super::Dataplane for EbpfDataplane {
     fn apply(
         &mut self,
         plan: &Plan,
-        _desired: &DesiredState,
+        desired: &DesiredState,
     ) -> Result<super::Applied, super::DataplaneError> {
         // Node addresses come and go with interfaces; each sync follows them.
         if let Some(packets) = &mut self.packets {
             packets.refresh()?;
         }
+        // The first apply compares with what a previous agent left in the maps.
+        let before = match self.udp.take() {
+            Some(udp) => udp,
+            None => terminate::UdpBackends::of(&self.writer.programmed()),
+        };
         let writes = self.writer.apply(plan)?;
+        let udp = terminate::UdpBackends::of(desired);
+        let removed = udp.removed_since(&before);
+        if !removed.is_empty() {
+            self.terminator.request(removed);
+        }
+        self.udp = Some(udp);
         Ok(super::Applied {
             writes,
             full: false,
@@ -105,5 +125,9 @@ impl super::Dataplane for EbpfDataplane {
 
     fn ebpf_index(&self) -> Option<index::SharedIndex> {
         Some(self.writer.index())
+    }
+
+    fn sockets_destroyed(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU64>> {
+        Some(self.terminator.destroyed())
     }
 }

@@ -1,0 +1,244 @@
+//! Connected UDP sockets the socket LB sent to a backend that has since left its
+//! Service keep sending straight to it: no hook runs again after `connect()`. As Cilium
+//! does, the agent destroys such sockets (`sock_diag`, in every network namespace it can
+//! see), so their owner's pending receive fails with ECONNABORTED and the socket it
+//! opens next is balanced afresh. TCP connections are left alone, as kube-proxy does.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc,
+    },
+};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use proxy_common::{
+    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, MAP_SOCK_REVNAT4, MAP_SOCK_REVNAT6,
+};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use super::EbpfError;
+use crate::{
+    model::{DesiredState, Protocol},
+    netlink::NetlinkError,
+    sockdiag::SockDiag,
+};
+
+/// A UDP frontend and one of its backends.
+pub type Pair = (SocketAddr, SocketAddr);
+
+#[derive(Debug, Error)]
+pub enum TerminateError {
+    #[error("reading the per-socket map: {0}")]
+    Map(#[from] EbpfError),
+    #[error("entering network namespace {0}: {1}")]
+    Netns(PathBuf, #[source] std::io::Error),
+    #[error("sock_diag: {0}")]
+    Diag(#[from] NetlinkError),
+}
+
+/// Every (frontend, backend) pair of the UDP frontends of a desired state, whichever
+/// class of client the backend serves.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UdpBackends(BTreeSet<Pair>);
+
+impl UdpBackends {
+    #[must_use]
+    pub fn of(desired: &DesiredState) -> Self {
+        let mut pairs = BTreeSet::new();
+        for (key, frontend) in &desired.frontends {
+            if key.protocol != Protocol::Udp {
+                continue;
+            }
+            let at = SocketAddr::new(key.ip, key.port);
+            for route in [&frontend.pod, &frontend.node, &frontend.external] {
+                for backend in route.backends.iter() {
+                    pairs.insert((at, SocketAddr::new(backend.ip, backend.port)));
+                }
+            }
+        }
+        Self(pairs)
+    }
+
+    /// The pairs `before` had that are gone now.
+    #[must_use]
+    pub fn removed_since(&self, before: &Self) -> BTreeSet<Pair> {
+        before.0.difference(&self.0).copied().collect()
+    }
+}
+
+/// The sockets to destroy, by cookie: those the per-socket maps record as sent to a
+/// removed pair's backend in place of its frontend. The value is the backend, which
+/// the socket's peer must still be.
+///
+/// # Errors
+/// When a map cannot be opened.
+pub fn stale_sockets(
+    bpffs: &Path,
+    removed: &BTreeSet<Pair>,
+) -> Result<BTreeMap<u64, SocketAddr>, EbpfError> {
+    let mut out = BTreeMap::new();
+    let v4 = |be: u32| IpAddr::V4(Ipv4Addr::from(be.to_ne_bytes()));
+    let map = open::<SockRevNat4Key, SockRevNat4>(bpffs, MAP_SOCK_REVNAT4)?;
+    for (key, value) in map.iter().filter_map(Result::ok) {
+        let backend = SocketAddr::new(v4(key.address_be), u16::from_be(key.port_be));
+        let frontend = SocketAddr::new(v4(value.address_be), u16::from_be(value.port_be));
+        if removed.contains(&(frontend, backend)) {
+            out.insert(key.cookie, backend);
+        }
+    }
+    let v6 = |octets: [u8; 16]| IpAddr::V6(Ipv6Addr::from(octets));
+    let map = open::<SockRevNat6Key, SockRevNat6>(bpffs, MAP_SOCK_REVNAT6)?;
+    for (key, value) in map.iter().filter_map(Result::ok) {
+        let backend = SocketAddr::new(v6(key.address), u16::from_be(key.port_be));
+        let frontend = SocketAddr::new(v6(value.address), u16::from_be(value.port_be));
+        if removed.contains(&(frontend, backend)) {
+            out.insert(key.cookie, backend);
+        }
+    }
+    Ok(out)
+}
+
+fn open<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Path,
+    name: &str,
+) -> Result<BpfHashMap<MapData, K, V>, EbpfError> {
+    let data = MapData::from_pin(bpffs.join(name))?;
+    Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
+}
+
+/// The network namespaces this process can see, each once: its own, the named ones
+/// (where CRI runtimes keep pods'), and every process's.
+#[must_use]
+pub fn namespaces() -> Vec<PathBuf> {
+    let mut candidates = vec![PathBuf::from("/proc/self/ns/net")];
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            candidates.extend(entries.filter_map(Result::ok).map(|e| e.path()));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        let pids = entries.filter_map(Result::ok).filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        candidates.extend(pids.map(|e| e.path().join("ns/net")));
+    }
+    let mut seen = BTreeSet::new();
+    candidates
+        .into_iter()
+        .filter(|path| {
+            std::fs::metadata(path).is_ok_and(|m| m.dev() != 0 && seen.insert((m.dev(), m.ino())))
+        })
+        .collect()
+}
+
+/// Destroys, in the network namespace at `netns`, the connected UDP sockets among
+/// `stale` whose peer is still the recorded backend; removes them from `stale` and
+/// returns how many went.
+///
+/// # Errors
+/// When the namespace cannot be entered or `sock_diag` fails.
+pub fn destroy_in(
+    netns: &Path,
+    stale: &mut BTreeMap<u64, SocketAddr>,
+) -> Result<usize, TerminateError> {
+    let file = std::fs::File::open(netns).map_err(|e| TerminateError::Netns(netns.into(), e))?;
+    // A thread of its own: the namespace switch ends with it.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| TerminateError::Netns(netns.into(), e.into()))?;
+                let mut diag = SockDiag::open()?;
+                let mut destroyed = 0;
+                for socket in diag.connected_udp()? {
+                    if stale.get(&socket.cookie) == Some(&socket.peer) {
+                        diag.destroy(&socket)?;
+                        stale.remove(&socket.cookie);
+                        destroyed += 1;
+                    }
+                }
+                Ok(destroyed)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(TerminateError::Diag(NetlinkError::Malformed)))
+    })
+}
+
+/// One pass: the stale sockets of `removed`, destroyed wherever they are.
+///
+/// # Errors
+/// When the per-socket maps cannot be read.
+pub fn terminate(bpffs: &Path, removed: &BTreeSet<Pair>) -> Result<usize, TerminateError> {
+    let mut stale = stale_sockets(bpffs, removed)?;
+    let mut destroyed = 0;
+    for netns in namespaces() {
+        if stale.is_empty() {
+            break;
+        }
+        match destroy_in(&netns, &mut stale) {
+            Ok(n) => destroyed += n,
+            // Processes come and go while the walk runs.
+            Err(error) => debug!(%error, "skipping a network namespace"),
+        }
+    }
+    Ok(destroyed)
+}
+
+/// The background worker the dataplane hands removed pairs to.
+pub struct Terminator {
+    tx: mpsc::Sender<BTreeSet<Pair>>,
+    destroyed: Arc<AtomicU64>,
+}
+
+impl Terminator {
+    /// Starts the worker for the maps pinned under `bpffs`.
+    #[must_use]
+    pub fn spawn(bpffs: PathBuf) -> Self {
+        let (tx, rx) = mpsc::channel::<BTreeSet<Pair>>();
+        let destroyed = Arc::new(AtomicU64::new(0));
+        let count = destroyed.clone();
+        let spawned = std::thread::Builder::new()
+            .name("udp-terminate".into())
+            .spawn(move || {
+                while let Ok(mut removed) = rx.recv() {
+                    // Removals queued meanwhile go in the same pass.
+                    removed.extend(rx.try_iter().flatten());
+                    match terminate(&bpffs, &removed) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            count
+                                .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+                            info!(
+                                sockets = n,
+                                "destroyed connected UDP sockets sent to removed backends"
+                            );
+                        }
+                        Err(error) => warn!(%error, "cannot destroy stale UDP sockets"),
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            warn!(%error, "cannot start the stale UDP socket worker");
+        }
+        Self { tx, destroyed }
+    }
+
+    /// Queues the pairs a sync removed.
+    pub fn request(&self, removed: BTreeSet<Pair>) {
+        // The worker only stops when the process does.
+        let _ = self.tx.send(removed);
+    }
+
+    /// Sockets destroyed so far.
+    #[must_use]
+    pub fn destroyed(&self) -> Arc<AtomicU64> {
+        self.destroyed.clone()
+    }
+}
