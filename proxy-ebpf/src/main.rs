@@ -5,6 +5,7 @@
 #![no_main]
 
 mod affinity;
+mod crc32c;
 mod family;
 mod lb;
 mod maps;

@@ -25,8 +25,6 @@ use crate::{
     wire::{Flow, Packet, Wire, ETH_P_IP, ETH_P_IPV6},
 };
 
-const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
-
 /// Murmur3's finalizer: every input bit reaches every output bit.
 fn mix(mut h: u32) -> u32 {
     h ^= h >> 16;
@@ -132,7 +130,7 @@ fn known<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>) -> Known {
         F::same(&address, &flow.nat) && port_be == flow.nat_port_be
     });
     if live {
-        F::ct_touch(value, now(), packet.tcp_flags & TCP_FIN_OR_RST != 0);
+        F::ct_touch(value, now(), packet.closing);
         let to = (flow.nat, flow.nat_port_be);
         return Known::Verdict(translate::<F>(ctx, packet, &to, flow.flags));
     }

@@ -287,6 +287,61 @@ pub(crate) fn udp_datagram(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     l4
 }
 
+/// An SCTP packet: the common header and one chunk of `chunk_type` with four bytes
+/// of value (either family). Its CRC-32C is correct, or zero (left to offload) without
+/// `crc`.
+pub(crate) fn sctp_packet(sport: u16, dport: u16, chunk_type: u8, crc: bool) -> Vec<u8> {
+    let mut l4 = vec![0u8; 12];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    l4[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    l4.extend([chunk_type, 0, 0, 8, 1, 2, 3, 4]);
+    if crc {
+        let sum = crc32c(&l4);
+        l4[8..12].copy_from_slice(&sum.to_le_bytes());
+    }
+    l4
+}
+
+/// CRC-32C (Castagnoli), bit by bit, as RFC 9260 appendix A defines SCTP's checksum.
+#[must_use]
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = u32::MAX;
+    for byte in bytes {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The SCTP packet of an IPv4 or IPv6 frame: its stored CRC-32C, and whether that is
+/// the CRC of the packet as it is now.
+#[must_use]
+pub fn sctp_crc(frame: &[u8]) -> (u32, bool) {
+    let l4 = if frame[12..14] == [0x86, 0xdd] {
+        54
+    } else {
+        34
+    };
+    let mut packet = frame[l4..].to_vec();
+    let stored = u32::from_le_bytes(packet[8..12].try_into().expect("4 bytes"));
+    packet[8..12].fill(0);
+    (stored, crc32c(&packet) == stored)
+}
+
+/// An Ethernet frame carrying an IPv4 SCTP packet (see [`sctp_crc`]).
+#[must_use]
+pub fn sctp(src: SocketAddrV4, dst: SocketAddrV4, chunk_type: u8, crc: bool) -> Vec<u8> {
+    let l4 = sctp_packet(src.port(), dst.port(), chunk_type, crc);
+    frame(src, dst, proxy_common::PROTO_SCTP, l4, usize::MAX)
+}
+
 /// An Ethernet frame carrying an IPv4 TCP segment with `flags` (checksums correct).
 #[must_use]
 pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
@@ -364,13 +419,17 @@ pub fn endpoints(frame: &[u8]) -> (SocketAddrV4, SocketAddrV4) {
 }
 
 /// Whether the IPv4 header and the TCP/UDP checksums of a frame verify; a zero UDP
-/// checksum (none) counts as valid, and is reported by [`udp_checksum`].
+/// checksum (none) counts as valid, and is reported by [`udp_checksum`]. SCTP's is
+/// [`sctp_crc`]'s.
 #[must_use]
 pub fn checksums_valid(frame: &[u8]) -> bool {
     let ip = &frame[14..34];
     let l4 = &frame[34..];
     if checksum(ip) != 0 {
         return false;
+    }
+    if ip[9] == proxy_common::PROTO_SCTP {
+        return sctp_crc(frame).1;
     }
     if ip[9] == proxy_common::PROTO_UDP && udp_checksum(frame) == 0 {
         return true;

@@ -2,9 +2,9 @@
 //! UDP with correct checksums, and their checks after the programs rewrote them.
 use std::net::{Ipv6Addr, SocketAddrV6};
 
-use proxy_common::{PROTO_TCP, PROTO_UDP};
+use proxy_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
-use crate::progtest::{checksum, tcp_header, udp_datagram};
+use crate::progtest::{checksum, sctp_packet, tcp_header, udp_datagram};
 
 const IP6_HLEN: usize = 40;
 const L4: usize = 14 + IP6_HLEN;
@@ -23,6 +23,13 @@ pub fn udp6(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
     frame6(src.ip(), dst.ip(), PROTO_UDP, l4, 6)
 }
 
+/// An Ethernet frame carrying an IPv6 SCTP packet (see `progtest::sctp_crc`).
+#[must_use]
+pub fn sctp6(src: SocketAddrV6, dst: SocketAddrV6, chunk_type: u8, crc: bool) -> Vec<u8> {
+    let l4 = sctp_packet(src.port(), dst.port(), chunk_type, crc);
+    frame6(src.ip(), dst.ip(), PROTO_SCTP, l4, usize::MAX)
+}
+
 fn frame6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, mut l4: Vec<u8>, csum_at: usize) -> Vec<u8> {
     let mut ip = vec![0u8; IP6_HLEN];
     ip[0] = 0x60;
@@ -32,8 +39,10 @@ fn frame6(src: &Ipv6Addr, dst: &Ipv6Addr, proto: u8, mut l4: Vec<u8>, csum_at: u
     ip[7] = 64;
     ip[8..24].copy_from_slice(&src.octets());
     ip[24..40].copy_from_slice(&dst.octets());
-    let sum = checksum(&[pseudo_header(&ip, l4.len()), l4.clone()].concat());
-    l4[csum_at..csum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    if csum_at != usize::MAX {
+        let sum = checksum(&[pseudo_header(&ip, l4.len()), l4.clone()].concat());
+        l4[csum_at..csum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
     let mut frame = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
     frame.extend(ip);
     frame.extend(l4);

@@ -8,7 +8,8 @@ use proxy_agent::model::{
     DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol,
 };
 use proxy_agent_tests::progtest::{
-    checksums_valid, endpoints, frontend, route, tcp, udp, udp_checksum, Programs, DROP, PASS,
+    checksums_valid, endpoints, frontend, route, sctp, sctp_crc, tcp, udp, udp_checksum, Programs,
+    DROP, PASS,
 };
 use proxy_common::{MARK_MASQ, MARK_REJECT};
 
@@ -18,6 +19,11 @@ const B1: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8080);
 const B2: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 2), 8080);
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
+/// SCTP chunk types.
+const DATA: u8 = 0;
+const INIT: u8 = 1;
+const INIT_ACK: u8 = 2;
+const ABORT: u8 = 6;
 
 fn at(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
@@ -52,6 +58,15 @@ fn services(backends: &[SocketAddrV4]) -> DesiredState {
     add(
         key(NODE, 30053, Protocol::Udp),
         frontend("np-udp", NodePort, masqueraded.clone(), masqueraded.clone()),
+    );
+    add(
+        key(NODE, 30132, Protocol::Sctp),
+        frontend(
+            "np-sctp",
+            NodePort,
+            masqueraded.clone(),
+            masqueraded.clone(),
+        ),
     );
     add(
         key(NODE, 30081, Protocol::Tcp),
@@ -141,6 +156,37 @@ fn udp_checksums_are_updated_and_an_absent_one_stays_absent() {
         "no checksum stays no checksum"
     );
     assert!(checksums_valid(&without.packet));
+}
+
+#[test]
+fn sctp_nodeport_flows_are_translated_both_ways_with_a_valid_crc32c() {
+    let programs = loaded("sctp");
+    let frontend = at(NODE, 30132);
+    let init = programs.run(true, &sctp(client(40000), frontend, INIT, true));
+    assert_eq!((init.verdict, init.mark), (PASS, MARK_MASQ));
+    let (src, backend) = endpoints(&init.packet);
+    assert_eq!(src, client(40000));
+    assert!(backend == B1 || backend == B2, "DNAT to {backend}");
+    assert!(checksums_valid(&init.packet), "CRC32c after DNAT");
+    // The association keeps its backend; the reply leaves from the frontend.
+    for _ in 0..4 {
+        let data = programs.run(true, &sctp(client(40000), frontend, DATA, true));
+        assert_eq!(endpoints(&data.packet).1, backend);
+        assert!(checksums_valid(&data.packet));
+    }
+    let reply = programs.run(false, &sctp(backend, client(40000), INIT_ACK, true));
+    assert_eq!(endpoints(&reply.packet), (frontend, client(40000)));
+    assert!(checksums_valid(&reply.packet), "CRC32c after reverse NAT");
+    // A CRC left to offload (zero) is computed later over the rewritten packet: it
+    // stays zero.
+    let partial = programs.run(true, &sctp(client(40000), frontend, DATA, false));
+    assert_eq!(endpoints(&partial.packet).1, backend);
+    assert_eq!(sctp_crc(&partial.packet).0, 0);
+    // ABORT closes the association: swept 10 s on, as a TCP flow after its FIN.
+    let _ = programs.run(true, &sctp(client(40001), frontend, INIT, true));
+    let _ = programs.run(true, &sctp(client(40001), frontend, ABORT, true));
+    let now = proxy_agent::dataplane::system::monotonic_ns();
+    assert_eq!(programs.sweep_flows(now + 30_000_000_000), 2);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The per-packet programs on IPv6 packets through `BPF_PROG_TEST_RUN`: NodePort DNAT
-//! and reverse NAT with their checksums (TCP and UDP), the masquerade mark, source
+//! and reverse NAT with their checksums (TCP, UDP, SCTP), the masquerade mark, source
 //! ranges, and the drop of a Local policy without local endpoints.
 use std::net::{Ipv6Addr, SocketAddrV6};
 
@@ -7,8 +7,8 @@ use proxy_agent::model::{
     DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol,
 };
 use proxy_agent_tests::{
-    progtest::{frontend, route, Programs, DROP, PASS},
-    progtest6::{checksum6_valid, endpoints6, tcp6, udp6},
+    progtest::{frontend, route, sctp_crc, Programs, DROP, PASS},
+    progtest6::{checksum6_valid, endpoints6, sctp6, tcp6, udp6},
 };
 use proxy_common::MARK_MASQ;
 
@@ -49,7 +49,8 @@ fn loaded(tag: &str) -> Programs {
     };
     let np = frontend("np", NodePort, masqueraded.clone(), masqueraded.clone());
     add(NODE, 30080, Protocol::Tcp, np.clone());
-    add(NODE, 30053, Protocol::Udp, np);
+    add(NODE, 30053, Protocol::Udp, np.clone());
+    add(NODE, 30132, Protocol::Sctp, np);
     let local = frontend(
         "np-local",
         NodePort,
@@ -106,6 +107,14 @@ fn ipv6_nodeport_flows_are_translated_both_ways_with_valid_checksums() {
     assert_eq!(datagram.verdict, PASS);
     assert!(backends().contains(&endpoints6(&datagram.packet).1));
     assert!(checksum6_valid(&datagram.packet), "UDP checksum after DNAT");
+    // SCTP: the CRC32c follows the port, both ways (chunk types INIT, INIT ACK).
+    let init = programs.run(true, &sctp6(client, at(NODE, 30132), 1, true));
+    let backend = endpoints6(&init.packet).1;
+    assert!(backends().contains(&backend));
+    assert!(sctp_crc(&init.packet).1, "CRC32c after DNAT");
+    let reply = programs.run(false, &sctp6(backend, client, 2, true));
+    assert_eq!(endpoints6(&reply.packet), (at(NODE, 30132), client));
+    assert!(sctp_crc(&reply.packet).1, "CRC32c after reverse NAT");
     // Not a Service: untouched.
     let ssh = tcp6(client, at(NODE, 22), SYN);
     let out = programs.run(true, &ssh);
