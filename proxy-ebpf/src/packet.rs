@@ -130,7 +130,7 @@ fn known<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>) -> Known {
         F::same(&address, &flow.nat) && port_be == flow.nat_port_be
     });
     if live {
-        F::ct_touch(value, now(), packet.closing);
+        F::ct_touch(value, now(), packet.closing != 0);
         let to = (flow.nat, flow.nat_port_be);
         return Known::Verdict(translate::<F>(ctx, packet, &to, flow.flags));
     }

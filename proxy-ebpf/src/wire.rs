@@ -47,8 +47,10 @@ pub struct Packet<A> {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    /// TCP FIN or RST; SCTP ABORT or SHUTDOWN COMPLETE.
-    pub closing: bool,
+    /// TCP FIN or RST; SCTP ABORT or SHUTDOWN COMPLETE. A `u8`, not a `bool`: a
+    /// `bool`'s niche would make `Option<Packet>` a union whose members do not all
+    /// start at offset 0, BTF the kernel refuses.
+    pub closing: u8,
     /// Where the L4 header starts, and its length with the payload (from the IP
     /// header: a short frame's Ethernet padding is not part of it).
     pub l4: usize,
@@ -73,6 +75,7 @@ impl<A> Packet<A> {
             }
             _ => return None,
         };
+        let closing = u8::from(closing);
         Some(Self {
             src,
             dst,

@@ -544,6 +544,14 @@ impl Cluster {
         self.children.push(child);
     }
 
+    /// A cgroup of its own below the cluster's (a socket-LB root), removed with it.
+    #[must_use]
+    pub fn cgroup_dir(&self, name: &str) -> PathBuf {
+        let cgroup = cgroup_base(&self.id).join(name);
+        fs::create_dir_all(&cgroup).expect("cgroup");
+        cgroup
+    }
+
     /// A scratch directory (manifests, logs) removed with the cluster.
     #[must_use]
     pub fn scratch(&self) -> PathBuf {

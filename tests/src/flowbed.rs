@@ -277,12 +277,93 @@ impl FlowBed {
         None
     }
 
+    /// Whether the case's client is the node itself (loopback or a node address).
+    #[must_use]
+    pub fn from_node(&self, case: &Case) -> bool {
+        case.packet.source.is_loopback() || self.node_addresses.contains(&case.packet.source)
+    }
+
+    /// Runs the real agent on the node under test with `dataplane`, reading the flow
+    /// fixture, and waits until it is healthy.
+    ///
+    /// # Panics
+    /// When the agent does not become healthy within 20 s.
+    pub fn start_agent(&mut self, dataplane: &str) {
+        crate::cluster::ensure_bpffs();
+        let cgroup = self.cluster.cgroup_dir("socket-lb");
+        let bpffs = self.cluster.bpffs_dir(&self.node);
+        let fixture = flows::dir().join("cluster");
+        let agent = crate::agent::agent_bin().display().to_string();
+        let args = [
+            agent.as_str(),
+            "run",
+            "--node-name",
+            &self.node,
+            "--manifests",
+            &fixture.display().to_string(),
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:10:244::/56",
+            "--dataplane",
+            dataplane,
+            "--cgroup-root",
+            &cgroup.display().to_string(),
+            "--bpffs",
+            &bpffs.display().to_string(),
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+        ]
+        .map(ToOwned::to_owned);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let node_ns = self.node_ns.clone();
+        self.cluster.spawn_in_netns(&node_ns, &args);
+        let testpod = testpod_bin().display().to_string();
+        let started = std::time::Instant::now();
+        while !sh_in(
+            &self.node_ns,
+            &[&testpod, "http-get", "127.0.0.1:10256", "/healthz"],
+        )
+        .starts_with("200")
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the agent is not healthy after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Observes every case of this node that neither the bed nor `skip` rules out, and
+    /// adds each outcome to `tally`.
+    pub fn run_table(
+        &self,
+        cases: &[Case],
+        tally: &mut Tally,
+        skip: impl Fn(&Case) -> Option<&'static str>,
+    ) {
+        for case in cases.iter().filter(|c| c.node == self.node) {
+            if let Some(why) = self.unobservable(case).or_else(|| skip(case)) {
+                tally
+                    .skipped
+                    .push(format!("cases.txt:{} ({why})", case.line));
+                continue;
+            }
+            tally.observed += 1;
+            let seen = self.observe(case);
+            if !matches_oracle(&case.expected, &seen) {
+                tally.failures.push(format!(
+                    "cases.txt:{} {:?}\n  want {}\n  saw  {seen}",
+                    case.line, case.packet, case.expected
+                ));
+            }
+        }
+    }
+
     /// Observes `case` with real connections and describes the outcome in the oracle's
     /// words (`PASS`, `REJECT`, `DROP`, or endpoints with `masq`).
     #[must_use]
     pub fn observe(&self, case: &Case) -> String {
         let packet: Packet = case.packet;
-        let from_node = packet.source.is_loopback() || self.node_addresses.contains(&packet.source);
+        let from_node = self.from_node(case);
         let ns = if from_node {
             &self.node_ns
         } else {
@@ -311,6 +392,54 @@ impl FlowBed {
         );
         classify(&out, &to, packet.source)
     }
+}
+
+/// Cases observed, skipped (with why) and differing from the oracle, over a table run.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub observed: usize,
+    pub skipped: Vec<String>,
+    pub failures: Vec<String>,
+}
+
+impl Tally {
+    /// Prints the counts and fails on any difference, or when fewer than
+    /// `min_observed` cases were observed.
+    ///
+    /// # Panics
+    /// On a difference from the oracle or too few observations.
+    pub fn assert_passed(&self, min_observed: usize) {
+        println!(
+            "{} cases observed on the kernel, {} skipped: {}",
+            self.observed,
+            self.skipped.len(),
+            self.skipped.join(", ")
+        );
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} cases differ from the oracle:\n{}",
+            self.failures.len(),
+            self.observed,
+            self.failures.join("\n")
+        );
+        assert!(self.observed >= min_observed, "too few cases observed");
+    }
+}
+
+/// Whether an observed outcome is what the oracle expects: the verdict, or the set of
+/// endpoints and the masquerade (with affinity, one endpoint of the set).
+fn matches_oracle(expected: &str, seen: &str) -> bool {
+    let (want_set, want_masq, want_verdict) = expected_view(expected);
+    if let Some(verdict) = want_verdict {
+        return seen == verdict;
+    }
+    let (got_set, got_masq, _) = expected_view(seen);
+    let set_ok = if expected.contains("affinity=") {
+        got_set.len() == 1 && got_set.is_subset(&want_set)
+    } else {
+        got_set == want_set
+    };
+    set_ok && got_masq == want_masq && !seen.contains("mixed")
 }
 
 /// Turns probe lines into the oracle's outcome text.
