@@ -242,3 +242,72 @@ impl Terminator {
         self.destroyed.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeSet,
+        net::{IpAddr, Ipv4Addr},
+        os::unix::fs::MetadataExt,
+    };
+
+    use super::{namespaces, UdpBackends};
+    use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Protocol};
+
+    fn state(frontends: &[(u8, Protocol, &[u8])]) -> DesiredState {
+        let mut state = DesiredState::default();
+        for &(last, protocol, backends) in frontends {
+            let key = FrontendKey {
+                ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
+                port: 53,
+                protocol,
+            };
+            let backends = backends
+                .iter()
+                .map(|&b| Backend {
+                    ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, b)),
+                    port: 5353,
+                })
+                .collect();
+            state
+                .frontends
+                .insert(key, Frontend::backends_only(backends));
+        }
+        state
+    }
+
+    #[test]
+    fn removed_pairs_are_udp_backends_that_left_their_frontend() {
+        use Protocol::{Tcp, Udp};
+        let before = UdpBackends::of(&state(&[(1, Udp, &[1, 2]), (2, Udp, &[3]), (3, Tcp, &[4])]));
+        let after = UdpBackends::of(&state(&[(1, Udp, &[2, 5]), (3, Tcp, &[])]));
+        let removed: Vec<String> = after
+            .removed_since(&before)
+            .iter()
+            .map(|(f, b)| format!("{f}->{b}"))
+            .collect();
+        // 10.244.0.1 left the first frontend, the second frontend went with its
+        // backend; TCP is not UDP's business, and an added backend removes nothing.
+        assert_eq!(
+            removed,
+            [
+                "10.96.0.1:53->10.244.0.1:5353",
+                "10.96.0.2:53->10.244.0.3:5353"
+            ]
+        );
+        assert!(before.removed_since(&before).is_empty());
+    }
+
+    #[test]
+    fn every_visible_network_namespace_is_listed_once_starting_with_our_own() {
+        let listed = namespaces();
+        assert_eq!(listed[0].to_str(), Some("/proc/self/ns/net"));
+        let mut seen = BTreeSet::new();
+        // A process may exit meanwhile: its namespace is then not read again.
+        for path in &listed {
+            if let Ok(meta) = std::fs::metadata(path) {
+                assert!(seen.insert((meta.dev(), meta.ino())), "{path:?} twice");
+            }
+        }
+    }
+}
