@@ -7,6 +7,7 @@
 mod affinity;
 mod crc32c;
 mod family;
+mod l4;
 mod lb;
 mod maps;
 mod observe;

@@ -3,12 +3,11 @@
 //! maps. `packet.rs` holds the logic, written once over this trait.
 use aya_ebpf::{helpers::bpf_csum_diff, maps::lpm_trie::Key, programs::TcContext};
 use proxy_common::{
-    Ct4Key, Ct4Value, Ct6Key, Ct6Value, SourceRange4, SourceRange6, CT_FLAG_CLOSING, PROTO_SCTP,
-    PROTO_TCP, PROTO_UDP,
+    Ct4Key, Ct4Value, Ct6Key, Ct6Value, SourceRange4, SourceRange6, CT_FLAG_CLOSING,
 };
 
+pub use crate::l4::Packet;
 use crate::{
-    crc32c,
     family::{words, Family, V4, V6},
     maps::{CLUSTER_CIDR4, CLUSTER_CIDR6, LB4_CT, LB4_SOURCE_RANGES, LB6_CT, LB6_SOURCE_RANGES},
 };
@@ -25,117 +24,12 @@ const IP6_NEXT: usize = ETH_HLEN + 6;
 const IP6_SRC: usize = ETH_HLEN + 8;
 const IP6_DST: usize = ETH_HLEN + 24;
 const IP6_HLEN: usize = 40;
-/// `bpf_l4_csum_replace` flags: the change is in the pseudo header; a zero UDP
-/// checksum (none) stays zero.
+/// `bpf_l4_csum_replace` flag: the change is in the pseudo header.
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
-const BPF_F_MARK_MANGLED_0: u64 = 0x20;
-/// `bpf_skb_store_bytes`: keep a receive-side full checksum (`CHECKSUM_COMPLETE`) right.
-const BPF_F_RECOMPUTE_CSUM: u64 = 0x01;
-const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
-/// SCTP chunk types that end an association.
-const SCTP_ABORT: u8 = 6;
-const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 /// How stale a flow's `last_seen_ns` may grow before a packet rewrites it.
 const TOUCH_EVERY_NS: u64 = 1_000_000_000;
 /// Marks `affinity::select` clients that are addresses, not network namespaces.
 const ADDRESS_CLIENT: u64 = 1 << 63;
-
-/// The fields of a TCP, UDP or SCTP packet the programs read.
-pub struct Packet<A> {
-    pub src: A,
-    pub dst: A,
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub proto: u8,
-    /// TCP FIN or RST; SCTP ABORT or SHUTDOWN COMPLETE. A `u8`, not a `bool`: a
-    /// `bool`'s niche would make `Option<Packet>` a union whose members do not all
-    /// start at offset 0, BTF the kernel refuses.
-    pub closing: u8,
-    /// Where the L4 header starts, and its length with the payload (from the IP
-    /// header: a short frame's Ethernet padding is not part of it).
-    pub l4: usize,
-    pub l4_len: u16,
-}
-
-impl<A> Packet<A> {
-    fn l4_fields(
-        ctx: &TcContext,
-        (src, dst): (A, A),
-        proto: u8,
-        l4: usize,
-        l4_len: u16,
-    ) -> Option<Self> {
-        let closing = match proto {
-            PROTO_TCP => ctx.load::<u8>(l4 + 13).ok()? & TCP_FIN_OR_RST != 0,
-            PROTO_UDP => false,
-            PROTO_SCTP => {
-                // The first chunk's type, after the 12-byte common header.
-                let chunk: u8 = ctx.load(l4 + 12).ok()?;
-                chunk == SCTP_ABORT || chunk == SCTP_SHUTDOWN_COMPLETE
-            }
-            _ => return None,
-        };
-        let closing = u8::from(closing);
-        Some(Self {
-            src,
-            dst,
-            sport_be: ctx.load(l4).ok()?,
-            dport_be: ctx.load(l4 + 2).ok()?,
-            proto,
-            closing,
-            l4,
-            l4_len,
-        })
-    }
-
-    /// Where the L4 checksum is, and the flag that keeps an absent UDP checksum absent;
-    /// `None` for SCTP, whose CRC covers neither addresses nor a pseudo header.
-    fn csum(&self) -> Option<(usize, u64)> {
-        match self.proto {
-            PROTO_TCP => Some((self.l4 + 16, 0)),
-            PROTO_UDP => Some((self.l4 + 6, BPF_F_MARK_MANGLED_0)),
-            _ => None,
-        }
-    }
-
-    /// Where the destination (`dst`) or source port is, and its value.
-    fn port(&self, dst: bool) -> (usize, u16) {
-        if dst {
-            (self.l4 + 2, self.dport_be)
-        } else {
-            (self.l4, self.sport_be)
-        }
-    }
-
-    /// Rewrites the destination (`dst`) or source port; the address is the caller's.
-    fn rewrite_port(&self, ctx: &TcContext, dst: bool, port_be: u16) -> Option<()> {
-        let Some((csum_at, mangled)) = self.csum() else {
-            return sctp_port(ctx, self, dst, port_be);
-        };
-        let (at, old) = self.port(dst);
-        ctx.l4_csum_replace(csum_at, u64::from(old), u64::from(port_be), mangled | 2)
-            .ok()?;
-        ctx.store(at, &port_be, 0).ok()
-    }
-}
-
-/// An SCTP port rewrite: the port, and the CRC32c updated for it. A zero CRC is one
-/// the sender left to offload (`CHECKSUM_PARTIAL`), computed later over the packet as
-/// it will be: it stays zero.
-#[inline(never)]
-fn sctp_port<A>(ctx: &TcContext, packet: &Packet<A>, dst: bool, port_be: u16) -> Option<()> {
-    let (at, old) = packet.port(dst);
-    let crc_at = packet.l4 + 8;
-    let crc: u32 = ctx.load(crc_at).ok()?;
-    if crc != 0 {
-        // The four port bytes as a little-endian word: the source port is its low half.
-        let change = u32::from(old ^ port_be);
-        let delta = if dst { change << 16 } else { change };
-        let crc = crc32c::update(crc, delta, packet.l4_len);
-        ctx.store(crc_at, &crc, BPF_F_RECOMPUTE_CSUM).ok()?;
-    }
-    ctx.store(at, &port_be, BPF_F_RECOMPUTE_CSUM).ok()
-}
 
 /// A flow-map value of either family, read out.
 #[derive(Clone, Copy)]
