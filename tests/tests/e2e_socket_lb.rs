@@ -1,7 +1,7 @@
 //! End to end: the real agent on a simulated two-node cluster, real packets from a client
 //! pod to a `ClusterIP` through the socket-level load balancer.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     process::Command,
     time::{Duration, Instant},
 };
@@ -117,6 +117,56 @@ fn spread(dataplane: &str) {
             "{want} missing from /metrics:\n{metrics}"
         );
     }
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service() {
+    hairpin("ebpf");
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service_with_nftables() {
+    hairpin("nftables");
+}
+
+/// Hairpin: backend web-a asks its own Service and is sometimes answered by itself.
+/// nftables masquerades such a connection (kube-proxy's KUBE-SEP source match), else
+/// the pod would get a packet from its own address; the socket LB connects the pod to
+/// itself directly, so it keeps its address.
+fn hairpin(dataplane: &str) {
+    let bed = setup_on(&format!("hp{}", &dataplane[..1]), dataplane);
+    let testpod = testpod_bin().display().to_string();
+    let to = format!("{ECHO_IP}:80");
+    let out = bed
+        .cluster
+        .run_in_pod("web-a", &[&testpod, "request", "tcp", &to, "30"]);
+    let mut seen_by_itself = BTreeSet::new();
+    let mut pods = BTreeSet::new();
+    for line in out.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields.first(), Some(&"ok"), "request failed: {out}");
+        assert_eq!(fields[3], to, "the pod saw the backend, not the Service");
+        if fields[1] == "web-a" {
+            seen_by_itself.insert(fields[2].split(':').next().unwrap_or_default().to_owned());
+        }
+        pods.insert(fields[1]);
+    }
+    assert_eq!(pods, BTreeSet::from(["web-a", "web-b"]), "{out}");
+    let want = if dataplane == "ebpf" {
+        BTreeSet::from(["10.244.1.2".to_owned()])
+    } else {
+        // Masqueraded to node1's address on web-a's link.
+        seen_by_itself
+            .iter()
+            .filter(|a| *a != "10.244.1.2")
+            .cloned()
+            .collect()
+    };
+    assert!(
+        !seen_by_itself.is_empty() && seen_by_itself == want,
+        "web-a saw itself as {seen_by_itself:?}"
+    );
+    println!("{dataplane}: web-a answered itself seeing the client as {seen_by_itself:?}");
 }
 
 #[test]
