@@ -126,6 +126,36 @@ impl Programs {
         }
     }
 
+    /// Fills the flow map with `count` made-up forward entries (clients in
+    /// 198.18.0.0/15, seen now), as a flood of flows would.
+    ///
+    /// # Panics
+    /// When the map cannot be written.
+    pub fn fill_flows(&self, count: u32) {
+        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CT4)).expect("pin");
+        let mut flows: aya::maps::HashMap<MapData, proxy_common::Ct4Key, proxy_common::Ct4Value> =
+            aya::maps::HashMap::try_from(Map::LruHashMap(data)).expect("flow map");
+        let now = proxy_agent::dataplane::system::monotonic_ns();
+        for i in 0..count {
+            let key = proxy_common::Ct4Key {
+                src_be: u32::from(Ipv4Addr::new(198, 18, 0, 0))
+                    .wrapping_add(i >> 8)
+                    .to_be(),
+                dst_be: u32::from(Ipv4Addr::new(10, 100, 0, 1)).to_be(),
+                sport_be: u16::try_from(1024 + (i & 0xff)).expect("port").to_be(),
+                dport_be: 30080u16.to_be(),
+                proto: proxy_common::PROTO_TCP,
+                direction: proxy_common::CT_FORWARD,
+                pad: [0; 2],
+            };
+            let value = proxy_common::Ct4Value {
+                last_seen_ns: now,
+                ..proxy_common::Ct4Value::default()
+            };
+            flows.insert(key, value, 0).expect("insert");
+        }
+    }
+
     /// Entries in the flow map now.
     ///
     /// # Panics

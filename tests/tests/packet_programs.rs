@@ -312,6 +312,29 @@ fn maglev_sends_a_flow_to_the_same_backend_on_every_node_and_moves_few_flows() {
 }
 
 #[test]
+fn a_full_flow_map_evicts_old_flows_and_keeps_translating() {
+    let programs = loaded("full");
+    programs.fill_flows(proxy_common::MAX_CT);
+    let full = programs.flow_count();
+    assert!(
+        full * 10 >= proxy_common::MAX_CT as usize * 9,
+        "only {full} flows"
+    );
+    let frontend = at(NODE, 30080);
+    let first = programs.run(true, &tcp(client(46000), frontend, SYN));
+    let backend = endpoints(&first.packet).1;
+    assert!(backend == B1 || backend == B2, "DNAT to {backend}");
+    // The new flow was remembered (the LRU evicted old entries for it), both ways.
+    for _ in 0..8 {
+        let next = programs.run(true, &tcp(client(46000), frontend, ACK));
+        assert_eq!(endpoints(&next.packet).1, backend);
+    }
+    let reply = programs.run(false, &tcp(backend, client(46000), SYN | ACK));
+    assert_eq!(endpoints(&reply.packet), (frontend, client(46000)));
+    assert!(programs.flow_count() <= proxy_common::MAX_CT as usize);
+}
+
+#[test]
 fn garbage_collection_removes_closed_and_idle_flows_and_keeps_live_ones() {
     let programs = loaded("gc");
     let frontend = at(NODE, 30080);
