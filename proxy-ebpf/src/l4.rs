@@ -3,7 +3,7 @@
 use aya_ebpf::programs::TcContext;
 use proxy_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
-use crate::crc32c;
+use crate::{crc32c, wire::read};
 
 /// `bpf_l4_csum_replace` flag: a zero UDP checksum (none) stays zero.
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
@@ -32,6 +32,7 @@ pub struct Packet<A> {
 }
 
 impl<A> Packet<A> {
+    #[inline(always)]
     pub fn l4_fields(
         ctx: &TcContext,
         (src, dst): (A, A),
@@ -40,11 +41,11 @@ impl<A> Packet<A> {
         l4_len: u16,
     ) -> Option<Self> {
         let closing = match proto {
-            PROTO_TCP => ctx.load::<u8>(l4 + 13).ok()? & TCP_FIN_OR_RST != 0,
+            PROTO_TCP => read::<u8>(ctx, l4 + 13)? & TCP_FIN_OR_RST != 0,
             PROTO_UDP => false,
             PROTO_SCTP => {
                 // The first chunk's type, after the 12-byte common header.
-                let chunk: u8 = ctx.load(l4 + 12).ok()?;
+                let chunk: u8 = read(ctx, l4 + 12)?;
                 chunk == SCTP_ABORT || chunk == SCTP_SHUTDOWN_COMPLETE
             }
             _ => return None,
@@ -53,8 +54,8 @@ impl<A> Packet<A> {
         Some(Self {
             src,
             dst,
-            sport_be: ctx.load(l4).ok()?,
-            dport_be: ctx.load(l4 + 2).ok()?,
+            sport_be: read(ctx, l4)?,
+            dport_be: read(ctx, l4 + 2)?,
             proto,
             closing,
             l4,
@@ -100,7 +101,7 @@ impl<A> Packet<A> {
 fn sctp_port<A>(ctx: &TcContext, packet: &Packet<A>, dst: bool, port_be: u16) -> Option<()> {
     let (at, old) = packet.port(dst);
     let crc_at = packet.l4 + 8;
-    let crc: u32 = ctx.load(crc_at).ok()?;
+    let crc: u32 = read(ctx, crc_at)?;
     if crc != 0 {
         // The four port bytes as a little-endian word: the source port is its low half.
         let change = u32::from(old ^ port_be);

@@ -22,7 +22,7 @@ use crate::{
     affinity,
     family::{V4, V6},
     lb, observe,
-    wire::{Flow, Packet, Wire, ETH_P_IP, ETH_P_IPV6},
+    wire::{read, Flow, Packet, Wire, ETH_P_IP, ETH_P_IPV6},
 };
 
 /// Murmur3's finalizer: every input bit reaches every output bit.
@@ -49,7 +49,7 @@ fn now() -> u64 {
 }
 
 fn ethertype(ctx: &TcContext) -> Option<u16> {
-    ctx.load::<u16>(12).ok().map(u16::from_be)
+    read::<u16>(ctx, 12).map(u16::from_be)
 }
 
 /// Ingress of either family.

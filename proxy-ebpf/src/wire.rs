@@ -24,6 +24,23 @@ const IP6_NEXT: usize = ETH_HLEN + 6;
 const IP6_SRC: usize = ETH_HLEN + 8;
 const IP6_DST: usize = ETH_HLEN + 24;
 const IP6_HLEN: usize = 40;
+/// The `T` at `offset` in the packet: straight from its linear data when it is there
+/// (the common case, no helper call), else through `bpf_skb_load_bytes`.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // The bounds check the verifier needs: the whole value lies before data_end. At
+    // least two bytes: for one, LLVM turns the check into `end > start + offset`, which
+    // proves no range to the verifier (it reads only `start + offset + 1 > end`).
+    let size = core::mem::size_of::<T>().max(2);
+    if start + offset + size <= end {
+        // SAFETY: within the packet's linear data, as just checked; the read makes no
+        // alignment assumption.
+        return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) });
+    }
+    ctx.load(offset).ok()
+}
+
 /// `bpf_l4_csum_replace` flag: the change is in the pseudo header.
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 /// How stale a flow's `last_seen_ns` may grow before a packet rewrites it.
@@ -81,19 +98,19 @@ impl Wire for V4 {
 
     #[inline(always)]
     fn parse(ctx: &TcContext) -> Option<Packet<u32>> {
-        let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        let version_ihl: u8 = read(ctx, ETH_HLEN)?;
         let ihl = usize::from(version_ihl & 0x0f) * 4;
         if version_ihl >> 4 != 4 || ihl < 20 {
             return None;
         }
         // Fragments carry no ports past the first: they pass untouched.
-        let fragment: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+        let fragment: u16 = read(ctx, ETH_HLEN + 6)?;
         if u16::from_be(fragment) & 0x3fff != 0 {
             return None;
         }
-        let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-        let (src, dst) = (ctx.load(IP_SRC).ok()?, ctx.load(IP_DST).ok()?);
-        let total = u16::from_be(ctx.load(IP_TOTAL_LEN).ok()?);
+        let proto: u8 = read(ctx, ETH_HLEN + 9)?;
+        let (src, dst) = (read(ctx, IP_SRC)?, read(ctx, IP_DST)?);
+        let total = u16::from_be(read(ctx, IP_TOTAL_LEN)?);
         // ihl is at most 60, so the cast cannot truncate.
         let l4_len = total.checked_sub(ihl as u16)?;
         Packet::l4_fields(ctx, (src, dst), proto, ETH_HLEN + ihl, l4_len)
@@ -212,15 +229,15 @@ impl Wire for V6 {
     /// Not inlined: the addresses' copies stay off its callers' stack frames.
     #[inline(never)]
     fn parse(ctx: &TcContext) -> Option<Packet<[u8; 16]>> {
-        let version: u8 = ctx.load(ETH_HLEN).ok()?;
+        let version: u8 = read(ctx, ETH_HLEN)?;
         if version >> 4 != 6 {
             return None;
         }
         // Extension headers (fragments among them) are not followed: such packets
         // pass untouched, as the node's own stack would see them.
-        let next: u8 = ctx.load(IP6_NEXT).ok()?;
-        let (src, dst) = (ctx.load(IP6_SRC).ok()?, ctx.load(IP6_DST).ok()?);
-        let l4_len = u16::from_be(ctx.load(IP6_PAYLOAD_LEN).ok()?);
+        let next: u8 = read(ctx, IP6_NEXT)?;
+        let (src, dst) = (read(ctx, IP6_SRC)?, read(ctx, IP6_DST)?);
+        let l4_len = u16::from_be(read(ctx, IP6_PAYLOAD_LEN)?);
         Packet::l4_fields(ctx, (src, dst), next, ETH_HLEN + IP6_HLEN, l4_len)
     }
 

@@ -13,6 +13,7 @@ pub mod kube_proxy_iptables;
 pub mod manifests;
 pub mod nodeportbench;
 pub mod plots;
+pub mod progbench;
 pub mod progtest;
 pub mod progtest6;
 pub mod rssbench;

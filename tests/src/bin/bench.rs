@@ -343,6 +343,7 @@ fn report(results: &Value) -> String {
     md.push_str("\nTimes are the plan (`model::diff`) and the dataplane's `apply` (render and load), not the model build, which all share. The nftables JSON column loads the same ruleset through `nft -j -f`, exported with `nft -j list ruleset`.\n");
     md.push_str(&connbench::report(&results["datapath"]));
     md.push_str(&nodeportbench::report(&results["nodeport"]));
+    md.push_str(&proxy_agent_tests::progbench::report(&results["programs"]));
     md.push_str(&rssbench::report(&results["memory"]));
     md.push_str(&proxy_agent_tests::benchtargets::report(results));
     md
@@ -455,6 +456,7 @@ fn main() {
         .max()
         .unwrap_or(1_000);
     let nodeport = nodeportbench::run(&mut cluster, &bpffs, nodeport_scale, cfg.datapath_seconds);
+    let programs = proxy_agent_tests::progbench::run();
     let results = json!({
         "quick": quick,
         "machine": machine(),
@@ -463,6 +465,7 @@ fn main() {
         "dns": dns,
         "datapath": datapath,
         "nodeport": nodeport,
+        "programs": programs,
         "memory": memory,
     });
     write(&out, &results);
