@@ -534,11 +534,16 @@ impl Cluster {
 
     /// Starts a long-running process in `netns` (in a cgroup of its own); killed on drop.
     pub fn spawn_in_netns(&mut self, netns: &str, args: &[&str]) {
+        self.spawn_in_netns_with(netns, args, Stdio::inherit());
+    }
+
+    /// [`Self::spawn_in_netns`] with the process's standard error going to `stderr`.
+    pub fn spawn_in_netns_with(&mut self, netns: &str, args: &[&str], stderr: Stdio) {
         let cgroup = cgroup_base(&self.id).join("misc");
         fs::create_dir_all(&cgroup).expect("misc cgroup");
         let child = Self::wrapped(netns, &cgroup, args)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn");
         self.children.push(child);

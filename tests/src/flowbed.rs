@@ -315,7 +315,10 @@ impl FlowBed {
         .map(ToOwned::to_owned);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let node_ns = self.node_ns.clone();
-        self.cluster.spawn_in_netns(&node_ns, &args);
+        let log = self.cluster.scratch().join("agent.log");
+        let file = std::fs::File::create(&log).expect("agent log");
+        self.cluster
+            .spawn_in_netns_with(&node_ns, &args, std::process::Stdio::from(file));
         let testpod = testpod_bin().display().to_string();
         let started = std::time::Instant::now();
         while !sh_in(
@@ -326,7 +329,8 @@ impl FlowBed {
         {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
-                "the agent is not healthy after 20 s"
+                "the agent is not healthy after 20 s:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
