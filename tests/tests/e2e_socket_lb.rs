@@ -297,12 +297,22 @@ fn udp_flow_moves(dataplane: &str) {
 
 #[test]
 fn a_connected_udp_socket_leaves_a_removed_endpoint() {
-    connected_udp_moves("ebpf");
+    connected_udp_moves("ebpf", false);
 }
 
 #[test]
 fn a_connected_udp_socket_leaves_a_removed_endpoint_with_nftables() {
-    connected_udp_moves("nftables");
+    connected_udp_moves("nftables", false);
+}
+
+#[test]
+fn a_connected_udp_socket_leaves_an_endpoint_removed_while_the_agent_was_down() {
+    connected_udp_moves("ebpf", true);
+}
+
+#[test]
+fn a_connected_udp_socket_leaves_an_endpoint_removed_while_the_agent_was_down_with_nftables() {
+    connected_udp_moves("nftables", true);
 }
 
 /// A long-lived connected UDP socket (one `connect()`, a datagram every 50 ms) whose
@@ -310,10 +320,13 @@ fn a_connected_udp_socket_leaves_a_removed_endpoint_with_nftables() {
 /// backend within two seconds and never the removed one again. nftables: the stale
 /// conntrack entry goes and the next datagram is balanced afresh. eBPF: the socket LB
 /// chose at `connect()`, so the agent destroys the socket; the client's exchange fails
-/// once and the socket it opens next goes to the survivor.
-fn connected_udp_moves(dataplane: &str) {
+/// once and the socket it opens next goes to the survivor. With `while_down`, the
+/// endpoint leaves while the agent is stopped: the restarted agent finds the change
+/// against what it programmed before (pinned maps, or the conntrack table).
+fn connected_udp_moves(dataplane: &str, while_down: bool) {
     use std::io::BufRead;
-    let bed = setup_on(&format!("cu{}", &dataplane[..1]), dataplane);
+    let tag = format!("c{}{}", u8::from(while_down), &dataplane[..1]);
+    let mut bed = setup_on(&tag, dataplane);
     let testpod = testpod_bin().display().to_string();
     let to = format!("{ECHO_IP}:53");
     let mut client = bed
@@ -337,11 +350,22 @@ fn connected_udp_moves(dataplane: &str) {
     } else {
         (("10.244.2.2", "node2"), ("10.244.1.2", "node1"))
     };
+    if while_down {
+        let exits = bed.cluster.terminate("node1", "agent");
+        assert!(exits.iter().all(std::process::ExitStatus::success));
+    }
     write_echo_slice(
         &bed.dir,
         &[(gone.0, false, gone.1), (survivor.0, true, survivor.1)],
     );
-    let removed_at = Instant::now();
+    let mut removed_at = Instant::now();
+    if while_down {
+        std::thread::sleep(Duration::from_millis(300));
+        bed.agent.respawn(&mut bed.cluster);
+        // The move is timed from the restart.
+        removed_at = Instant::now();
+        bed.agent.wait_healthy(&bed.cluster);
+    }
     let want = if survivor.1 == "node1" {
         "ok web-a"
     } else {
@@ -392,8 +416,9 @@ fn connected_udp_moves(dataplane: &str) {
     }
     println!(
         "{dataplane}: connected UDP socket moved from {} to {want} {moved_after:?} after the \
-         removal; sockets replaced: {replaced}; exchanges meanwhile: {before:?}",
-        pinned[0]
+         {}; sockets replaced: {replaced}; exchanges meanwhile: {before:?}",
+        pinned[0],
+        if while_down { "restart" } else { "removal" }
     );
 }
 
