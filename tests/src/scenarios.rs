@@ -1,8 +1,9 @@
 //! Ready-made simulated clusters shared by the end-to-end tests.
 use std::{
+    io::{BufRead, BufReader, Lines},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    time::Duration,
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -201,4 +202,119 @@ pub fn restart_under_load(
     assert!(count(&held, "exchanges=") > 100, "{held}");
     assert!(count(&stream, "ok=") > 100, "{stream}");
     (held, stream)
+}
+
+/// A long-lived connected UDP client in the client pod (`testpod udp-hold`, one
+/// datagram every 50 ms for 5 s), read line by line.
+pub struct UdpHold {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    /// The `ok POD` line of its first exchanges.
+    pub pinned: String,
+}
+
+/// What a [`UdpHold`] client saw after a change: the lines before it first reached the
+/// wanted pod, how long after the change that was, and the lines from then on.
+#[derive(Debug)]
+pub struct Moved {
+    pub before: Vec<String>,
+    pub after_move: Option<Duration>,
+    pub after: Vec<String>,
+}
+
+impl UdpHold {
+    /// Starts the client toward `to` and waits for four exchanges, which must all have
+    /// reached one pod.
+    ///
+    /// # Panics
+    /// When the client cannot start or its first exchanges disagree.
+    #[must_use]
+    pub fn start(cluster: &Cluster, to: &str) -> Self {
+        let testpod = testpod_bin().display().to_string();
+        let mut child = cluster
+            .command_in_pod("client", &[&testpod, "udp-hold", to, "5000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("udp-hold");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first: Vec<String> = lines.by_ref().take(4).map_while(Result::ok).collect();
+        assert!(
+            first.len() == 4 && first.iter().all(|l| *l == first[0] && l.starts_with("ok ")),
+            "one socket, one backend: {first:?}"
+        );
+        let pinned = first[0].clone();
+        Self {
+            child,
+            lines,
+            pinned,
+        }
+    }
+
+    /// Reads the client to its end: when it first got `want` (`ok POD`), timed from
+    /// `since`.
+    ///
+    /// # Panics
+    /// When the client cannot be waited for.
+    #[must_use]
+    pub fn follow(mut self, want: &str, since: Instant) -> Moved {
+        let mut moved = Moved {
+            before: Vec::new(),
+            after_move: None,
+            after: Vec::new(),
+        };
+        for line in self.lines.map_while(Result::ok) {
+            if moved.after_move.is_none() && line == want {
+                moved.after_move = Some(since.elapsed());
+            }
+            if moved.after_move.is_some() {
+                moved.after.push(line);
+            } else {
+                moved.before.push(line);
+            }
+        }
+        self.child.wait().expect("udp-hold exit");
+        moved
+    }
+}
+
+impl Moved {
+    /// Asserts the client reached `want` within two seconds and never left it again;
+    /// returns how many times it replaced its socket meanwhile.
+    ///
+    /// # Panics
+    /// When it did not move, moved late, or went back.
+    #[must_use]
+    pub fn assert_moved_to(&self, want: &str) -> usize {
+        let after = self
+            .after_move
+            .unwrap_or_else(|| panic!("never reached {want}: {:?}", self.before));
+        assert!(
+            after < Duration::from_secs(2),
+            "moved only after {after:?}: {:?}",
+            self.before
+        );
+        assert!(
+            self.after.iter().all(|l| l == want),
+            "the removed endpoint answered again: {:?}",
+            self.after
+        );
+        self.before.iter().filter(|l| *l == "reconnect").count()
+    }
+}
+
+/// The eBPF agent destroyed a [`UdpHold`] client's socket: the client replaced it
+/// (`replaced` times), and the agent's metric counts it.
+///
+/// # Panics
+/// When neither shows.
+pub fn assert_destroyed(cluster: &Cluster, agent: &Agent, replaced: usize) {
+    assert!(
+        replaced >= 1,
+        "the socket was not destroyed\n{}",
+        agent.log_text()
+    );
+    let (_, metrics) = agent.http_get(cluster, "127.0.0.1:10249", "/metrics");
+    let destroyed =
+        crate::agent::sample_sum(&metrics, "proxyagent_udp_sockets_destroyed_total", &[]);
+    assert!(destroyed >= 1.0, "{metrics}");
 }

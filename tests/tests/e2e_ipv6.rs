@@ -2,7 +2,8 @@
 //! LB's connect6/sendmsg6/recvmsg6/getpeername6, or nftables' ip6 rules), an IPv4
 //! ClusterIP asked for through a dual-stack socket (`::ffff:a.b.c.d`), the IPv6
 //! NodePort from outside with either external traffic policy, its
-//! `loadBalancerSourceRanges`, and IPv6 connections across agent restarts.
+//! `loadBalancerSourceRanges`, a connected UDP socket leaving a removed endpoint, and
+//! IPv6 connections across agent restarts.
 use std::collections::BTreeSet;
 
 use proxy_agent_tests::{
@@ -71,29 +72,9 @@ fn setup(tag: &str, dataplane: &str) -> (Cluster, Agent) {
     let dir = cluster.scratch().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     manifests::write(&dir, "dual.yaml", SERVICE);
-    let v4 = manifests::slice(
-        "dual-4",
-        "dual",
-        &PORTS,
-        &[
-            manifests::Endpoint {
-                ip: "10.244.1.2",
-                ready: true,
-                node: "node1",
-            },
-            manifests::Endpoint {
-                ip: "10.244.2.2",
-                ready: true,
-                node: "node2",
-            },
-        ],
-    );
+    let v4 = dual_slice(true, true);
     manifests::write(&dir, "dual-4.yaml", &v4);
-    let v6 = v4
-        .replace("name: dual-4", "name: dual-6")
-        .replace("addressType: IPv4", "addressType: IPv6")
-        .replace("10.244.1.2", "fd00:10:244:1::2")
-        .replace("10.244.2.2", "fd00:10:244:2::2");
+    let v6 = to_ipv6(&v4);
     manifests::write(&dir, "dual-6.yaml", &v6);
     // A second LAN client outside the source ranges, and the load-balancer IP routed
     // to node1 (as an upstream router would).
@@ -135,6 +116,35 @@ fn setup(tag: &str, dataplane: &str) -> (Cluster, Agent) {
         ],
     );
     (cluster, agent)
+}
+
+/// The IPv4 slice of `dual`: web-a (node1) and web-b (node2), each ready or not.
+fn dual_slice(web_a: bool, web_b: bool) -> String {
+    manifests::slice(
+        "dual-4",
+        "dual",
+        &PORTS,
+        &[
+            manifests::Endpoint {
+                ip: "10.244.1.2",
+                ready: web_a,
+                node: "node1",
+            },
+            manifests::Endpoint {
+                ip: "10.244.2.2",
+                ready: web_b,
+                node: "node2",
+            },
+        ],
+    )
+}
+
+/// The same endpoints' IPv6 slice.
+fn to_ipv6(v4: &str) -> String {
+    v4.replace("name: dual-4", "name: dual-6")
+        .replace("addressType: IPv4", "addressType: IPv6")
+        .replace("10.244.1.2", "fd00:10:244:1::2")
+        .replace("10.244.2.2", "fd00:10:244:2::2")
 }
 
 /// `count` requests from the client pod to `to`: the pods that answered; every one
@@ -285,6 +295,32 @@ fn ipv6(tag: &str, dataplane: &str) {
     assert!(
         filtered.lines().all(|l| l.starts_with("err")),
         "a client outside loadBalancerSourceRanges reached the IPv6 LB IP: {filtered}"
+    );
+    // Last, as it takes a backend away: a connected UDP socket leaves it.
+    ipv6_connected_udp(&cluster, &agent, dataplane);
+}
+
+/// A connected UDP socket to the IPv6 ClusterIP whose backend leaves: as over IPv4,
+/// it reaches the other backend within two seconds (eBPF: the socket is destroyed
+/// through the IPv6 per-socket map and an IPv6 `sock_diag` dump).
+fn ipv6_connected_udp(cluster: &Cluster, agent: &Agent, dataplane: &str) {
+    let hold = scenarios::UdpHold::start(cluster, &format!("[{CLUSTER_IP6}]:53"));
+    let web_a_left = hold.pinned == "ok web-a";
+    let dir = cluster.scratch().join("manifests");
+    manifests::write(
+        &dir,
+        "dual-6.yaml",
+        &to_ipv6(&dual_slice(!web_a_left, web_a_left)),
+    );
+    let want = if web_a_left { "ok web-b" } else { "ok web-a" };
+    let moved = hold.follow(want, std::time::Instant::now());
+    let replaced = moved.assert_moved_to(want);
+    if dataplane == "ebpf" {
+        scenarios::assert_destroyed(cluster, agent, replaced);
+    }
+    println!(
+        "{dataplane} over IPv6: connected UDP socket moved to {want} {:?} after the removal; sockets replaced: {replaced}",
+        moved.after_move
     );
 }
 

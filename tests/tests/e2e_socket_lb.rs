@@ -324,28 +324,10 @@ fn a_connected_udp_socket_leaves_an_endpoint_removed_while_the_agent_was_down_wi
 /// endpoint leaves while the agent is stopped: the restarted agent finds the change
 /// against what it programmed before (pinned maps, or the conntrack table).
 fn connected_udp_moves(dataplane: &str, while_down: bool) {
-    use std::io::BufRead;
     let tag = format!("c{}{}", u8::from(while_down), &dataplane[..1]);
     let mut bed = setup_on(&tag, dataplane);
-    let testpod = testpod_bin().display().to_string();
-    let to = format!("{ECHO_IP}:53");
-    let mut client = bed
-        .cluster
-        .command_in_pod("client", &[&testpod, "udp-hold", &to, "5000"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(client.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok);
-    let pinned: Vec<String> = lines.by_ref().take(4).collect();
-    assert!(
-        pinned
-            .iter()
-            .all(|l| *l == pinned[0] && l.starts_with("ok ")),
-        "one socket, one backend: {pinned:?}"
-    );
-    let (gone, survivor) = if pinned[0] == "ok web-a" {
+    let hold = scenarios::UdpHold::start(&bed.cluster, &format!("{ECHO_IP}:53"));
+    let (gone, survivor) = if hold.pinned == "ok web-a" {
         (("10.244.1.2", "node1"), ("10.244.2.2", "node2"))
     } else {
         (("10.244.2.2", "node2"), ("10.244.1.2", "node1"))
@@ -371,54 +353,18 @@ fn connected_udp_moves(dataplane: &str, while_down: bool) {
     } else {
         "ok web-b"
     };
-    let (mut before, mut after, mut moved_after) = (Vec::new(), Vec::new(), None);
-    for line in lines {
-        if moved_after.is_none() && line == want {
-            moved_after = Some(removed_at.elapsed());
-        }
-        if moved_after.is_some() {
-            after.push(line);
-        } else {
-            before.push(line);
-        }
-    }
-    client.wait().unwrap();
-    let moved_after = moved_after.unwrap_or_else(|| {
-        panic!(
-            "never reached the survivor: {before:?}\n{}",
-            bed.agent.log_text()
-        )
-    });
-    assert!(
-        moved_after < Duration::from_secs(2),
-        "moved only after {moved_after:?}: {before:?}"
-    );
-    assert!(
-        after.iter().all(|l| l == want),
-        "the removed endpoint answered again: {after:?}"
-    );
-    let replaced = before.iter().filter(|l| *l == "reconnect").count();
+    let pinned = hold.pinned.clone();
+    let moved = hold.follow(want, removed_at);
+    let replaced = moved.assert_moved_to(want);
     if dataplane == "ebpf" {
-        assert!(
-            replaced >= 1,
-            "the socket was not destroyed: {before:?}\n{}",
-            bed.agent.log_text()
-        );
-        let (_, metrics) = bed
-            .agent
-            .http_get(&bed.cluster, "127.0.0.1:10249", "/metrics");
-        let destroyed = proxy_agent_tests::agent::sample_sum(
-            &metrics,
-            "proxyagent_udp_sockets_destroyed_total",
-            &[],
-        );
-        assert!(destroyed >= 1.0, "{metrics}");
+        scenarios::assert_destroyed(&bed.cluster, &bed.agent, replaced);
     }
     println!(
-        "{dataplane}: connected UDP socket moved from {} to {want} {moved_after:?} after the \
-         {}; sockets replaced: {replaced}; exchanges meanwhile: {before:?}",
-        pinned[0],
-        if while_down { "restart" } else { "removal" }
+        "{dataplane}: connected UDP socket moved from {pinned} to {want} {:?} after the \
+         {}; sockets replaced: {replaced}; exchanges meanwhile: {:?}",
+        moved.after_move,
+        if while_down { "restart" } else { "removal" },
+        moved.before
     );
 }
 
