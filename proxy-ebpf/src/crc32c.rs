@@ -19,6 +19,16 @@ const fn times_x(b: u32) -> u32 {
     (b >> 1) ^ (POLY & mask(b))
 }
 
+/// b·x^n modulo the polynomial.
+const fn times_x_to(mut b: u32, n: u32) -> u32 {
+    let mut i = 0;
+    while i < n {
+        b = times_x(b);
+        i += 1;
+    }
+    b
+}
+
 /// a·b modulo the polynomial, in 32 fixed steps without branches.
 const fn multiply(a: u32, mut b: u32) -> u32 {
     let mut product = 0;
@@ -34,21 +44,12 @@ const fn multiply(a: u32, mut b: u32) -> u32 {
 /// x^(8·i + 32) for i < 256: the raw CRC of four bytes (x^32) shifted past i zero
 /// bytes.
 const LOW: [u32; 256] = {
-    let mut power = ONE;
-    let mut i = 0;
-    while i < 32 {
-        power = times_x(power);
-        i += 1;
-    }
+    let mut power = times_x_to(ONE, 32);
     let mut table = [0; 256];
     let mut i = 0;
     while i < 256 {
         table[i] = power;
-        let mut bit = 0;
-        while bit < 8 {
-            power = times_x(power);
-            bit += 1;
-        }
+        power = times_x_to(power, 8);
         i += 1;
     }
     table
@@ -57,12 +58,7 @@ const LOW: [u32; 256] = {
 /// x^(8·256·j) for j < 256: shifts past 256·j zero bytes.
 const HIGH: [u32; 256] = {
     // x^8·256 = x^2048: x^8 squared eight times.
-    let mut step = ONE;
-    let mut i = 0;
-    while i < 8 {
-        step = times_x(step);
-        i += 1;
-    }
+    let mut step = times_x_to(ONE, 8);
     let mut i = 0;
     while i < 8 {
         step = multiply(step, step);

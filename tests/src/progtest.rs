@@ -112,14 +112,18 @@ impl Programs {
         .expect("insert");
     }
 
+    /// The pinned IPv4 flow map.
+    fn flows(&self) -> aya::maps::HashMap<MapData, proxy_common::Ct4Key, proxy_common::Ct4Value> {
+        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CT4)).expect("pin");
+        aya::maps::HashMap::try_from(Map::LruHashMap(data)).expect("flow map")
+    }
+
     /// Forgets every flow the programs remember (as if each packet were a new flow).
     ///
     /// # Panics
     /// When the map cannot be read or written.
     pub fn forget_flows(&self) {
-        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CT4)).expect("pin");
-        let mut flows: aya::maps::HashMap<MapData, proxy_common::Ct4Key, proxy_common::Ct4Value> =
-            aya::maps::HashMap::try_from(Map::LruHashMap(data)).expect("flow map");
+        let mut flows = self.flows();
         let keys: Vec<proxy_common::Ct4Key> = flows.keys().filter_map(Result::ok).collect();
         for key in keys {
             let _ = flows.remove(&key);
@@ -132,9 +136,7 @@ impl Programs {
     /// # Panics
     /// When the map cannot be written.
     pub fn fill_flows(&self, count: u32) {
-        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CT4)).expect("pin");
-        let mut flows: aya::maps::HashMap<MapData, proxy_common::Ct4Key, proxy_common::Ct4Value> =
-            aya::maps::HashMap::try_from(Map::LruHashMap(data)).expect("flow map");
+        let mut flows = self.flows();
         let now = proxy_agent::dataplane::system::monotonic_ns();
         for i in 0..count {
             let key = proxy_common::Ct4Key {
@@ -162,9 +164,7 @@ impl Programs {
     /// When the map cannot be read.
     #[must_use]
     pub fn flow_count(&self) -> usize {
-        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CT4)).expect("pin");
-        let flows: aya::maps::HashMap<MapData, proxy_common::Ct4Key, proxy_common::Ct4Value> =
-            aya::maps::HashMap::try_from(Map::LruHashMap(data)).expect("flow map");
+        let flows = self.flows();
         flows.keys().filter_map(Result::ok).count()
     }
 

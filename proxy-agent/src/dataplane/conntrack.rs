@@ -100,7 +100,8 @@ impl UdpServices {
             if key.protocol != Protocol::Udp {
                 continue;
             }
-            let endpoints = [&frontend.pod, &frontend.node, &frontend.external]
+            let endpoints = frontend
+                .routes()
                 .iter()
                 .flat_map(|r| r.backends.iter().map(|b| b.ip))
                 .collect::<BTreeSet<_>>();

@@ -2,15 +2,12 @@
 //! and the socket LB's per-socket memory, read straight from bpffs.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{
-    AffinityKey, AffinityValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, Stats,
-    StatsKey, MAP_AFFINITY4, MAP_SOCK_REVNAT4, MAP_SOCK_REVNAT6, SERVICE_FLAG_AFFINITY,
+    AffinityKey, AffinityValue, Stats, StatsKey, MAP_AFFINITY4, SERVICE_FLAG_AFFINITY,
 };
 
 use super::{
@@ -30,58 +27,16 @@ use crate::{
 pub struct State {
     maps: MapContents,
     stats: BTreeMap<StatsKey, Stats>,
-    sockets: Vec<Socket>,
+    sockets: Vec<observe::SocketEntry>,
     affinity: Vec<(AffinityKey, AffinityValue)>,
     /// Where the per-packet flow maps are, read only by `flows` (they can hold far more
     /// entries than any other dump needs).
     bpffs: std::path::PathBuf,
 }
 
-/// A socket the socket LB sent to a backend, of either family.
-struct Socket {
-    cookie: u64,
-    backend: Backend,
-    frontend: Backend,
-    rev_nat_index: u16,
-}
-
-impl Socket {
-    fn v4((key, value): (SockRevNat4Key, SockRevNat4)) -> Self {
-        Self {
-            cookie: key.cookie,
-            backend: address(ip(key.address_be).into(), key.port_be),
-            frontend: address(ip(value.address_be).into(), value.port_be),
-            rev_nat_index: value.rev_nat_index,
-        }
-    }
-    fn v6((key, value): (SockRevNat6Key, SockRevNat6)) -> Self {
-        Self {
-            cookie: key.cookie,
-            backend: address(Ipv6Addr::from(key.address).into(), key.port_be),
-            frontend: address(Ipv6Addr::from(value.address).into(), value.port_be),
-            rev_nat_index: value.rev_nat_index,
-        }
-    }
-}
-
 /// Every entry of an LRU hash map pinned under `bpffs` (empty when it is missing).
 pub(super) fn lru_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Path, name: &str) -> Vec<(K, V)> {
-    MapData::from_pin(bpffs.join(name))
-        .map_err(anyhow::Error::from)
-        .and_then(|data| Ok(HashMap::<MapData, K, V>::try_from(Map::LruHashMap(data))?))
-        .map(|map| map.iter().filter_map(Result::ok).collect())
-        .unwrap_or_default()
-}
-
-fn ip(address_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(address_be.to_ne_bytes())
-}
-
-fn address(ip: IpAddr, port_be: u16) -> Backend {
-    Backend {
-        ip,
-        port: u16::from_be(port_be),
-    }
+    observe::lru_entries(bpffs, name).unwrap_or_default()
 }
 
 fn backend_name(backend: &BackendValue) -> String {
@@ -102,14 +57,10 @@ impl State {
         Ok(Self {
             maps,
             stats,
-            sockets: lru_entries(bpffs, MAP_SOCK_REVNAT4)
+            sockets: observe::sockets4(bpffs)
+                .unwrap_or_default()
                 .into_iter()
-                .map(Socket::v4)
-                .chain(
-                    lru_entries(bpffs, MAP_SOCK_REVNAT6)
-                        .into_iter()
-                        .map(Socket::v6),
-                )
+                .chain(observe::sockets6(bpffs).unwrap_or_default())
                 .collect(),
             affinity: lru_entries(bpffs, MAP_AFFINITY4),
             bpffs: bpffs.to_owned(),

@@ -203,6 +203,12 @@ pub struct Frontend {
 }
 
 impl Frontend {
+    /// Its three routes: pods', the node's, external clients'.
+    #[must_use]
+    pub fn routes(&self) -> [&Route; 3] {
+        [&self.pod, &self.node, &self.external]
+    }
+
     /// The route a class of client takes.
     #[must_use]
     pub fn route(&self, class: SourceClass) -> &Route {

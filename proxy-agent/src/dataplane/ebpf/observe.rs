@@ -2,7 +2,7 @@
 //! decision counters (summed), how full each map is, and the monitor's event stream.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::Path,
     time::Duration,
@@ -35,6 +35,72 @@ pub fn read_stats(bpffs: &Path) -> Result<BTreeMap<StatsKey, Stats>, EbpfError> 
         out.insert(key, total);
     }
     Ok(out)
+}
+
+/// Every entry of an LRU hash map pinned under `bpffs`.
+///
+/// # Errors
+/// When the map is missing or is not an LRU hash map of these types.
+pub fn lru_entries<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Path,
+    name: &str,
+) -> Result<Vec<(K, V)>, EbpfError> {
+    let data = MapData::from_pin(bpffs.join(name))?;
+    let map = HashMap::<MapData, K, V>::try_from(Map::LruHashMap(data))?;
+    Ok(map.iter().filter_map(Result::ok).collect())
+}
+
+/// A socket the socket LB sent to `backend` in place of `frontend`, from either
+/// family's per-socket map.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketEntry {
+    pub cookie: u64,
+    pub backend: SocketAddr,
+    pub frontend: SocketAddr,
+    pub rev_nat_index: u16,
+}
+
+/// The IPv4 per-socket map's entries (`LB4_SK_REVNAT`).
+///
+/// # Errors
+/// When the map cannot be read.
+pub fn sockets4(bpffs: &Path) -> Result<Vec<SocketEntry>, EbpfError> {
+    let at = |be: u32, port_be: u16| {
+        SocketAddr::new(
+            Ipv4Addr::from(be.to_ne_bytes()).into(),
+            u16::from_be(port_be),
+        )
+    };
+    let entries = lru_entries::<SockRevNat4Key, SockRevNat4>(bpffs, MAP_SOCK_REVNAT4)?;
+    Ok(entries
+        .into_iter()
+        .map(|(key, value)| SocketEntry {
+            cookie: key.cookie,
+            backend: at(key.address_be, key.port_be),
+            frontend: at(value.address_be, value.port_be),
+            rev_nat_index: value.rev_nat_index,
+        })
+        .collect())
+}
+
+/// The IPv6 per-socket map's entries (`LB6_SK_REVNAT`).
+///
+/// # Errors
+/// When the map cannot be read.
+pub fn sockets6(bpffs: &Path) -> Result<Vec<SocketEntry>, EbpfError> {
+    let at = |octets: [u8; 16], port_be: u16| {
+        SocketAddr::new(Ipv6Addr::from(octets).into(), u16::from_be(port_be))
+    };
+    let entries = lru_entries::<SockRevNat6Key, SockRevNat6>(bpffs, MAP_SOCK_REVNAT6)?;
+    Ok(entries
+        .into_iter()
+        .map(|(key, value)| SocketEntry {
+            cookie: key.cookie,
+            backend: at(key.address, key.port_be),
+            frontend: at(value.address, value.port_be),
+            rev_nat_index: value.rev_nat_index,
+        })
+        .collect())
 }
 
 /// One pinned map's occupancy.

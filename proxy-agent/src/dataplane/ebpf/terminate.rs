@@ -5,7 +5,7 @@
 //! opens next is balanced afresh. TCP connections are left alone, as kube-proxy does.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
@@ -14,14 +14,10 @@ use std::{
     },
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use proxy_common::{
-    SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, MAP_SOCK_REVNAT4, MAP_SOCK_REVNAT6,
-};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use super::EbpfError;
+use super::{observe, EbpfError};
 use crate::{
     model::{DesiredState, Protocol},
     netlink::NetlinkError,
@@ -39,6 +35,8 @@ pub enum TerminateError {
     Netns(PathBuf, #[source] std::io::Error),
     #[error("sock_diag: {0}")]
     Diag(#[from] NetlinkError),
+    #[error("the thread in network namespace {0} panicked")]
+    Thread(PathBuf),
 }
 
 /// Every (frontend, backend) pair of the UDP frontends of a desired state, whichever
@@ -55,7 +53,7 @@ impl UdpBackends {
                 continue;
             }
             let at = SocketAddr::new(key.ip, key.port);
-            for route in [&frontend.pod, &frontend.node, &frontend.external] {
+            for route in frontend.routes() {
                 for backend in route.backends.iter() {
                     pairs.insert((at, SocketAddr::new(backend.ip, backend.port)));
                 }
@@ -76,39 +74,18 @@ impl UdpBackends {
 /// the socket's peer must still be.
 ///
 /// # Errors
-/// When a map cannot be opened.
+/// When a map cannot be read.
 pub fn stale_sockets(
     bpffs: &Path,
     removed: &BTreeSet<Pair>,
 ) -> Result<BTreeMap<u64, SocketAddr>, EbpfError> {
-    let mut out = BTreeMap::new();
-    let v4 = |be: u32| IpAddr::V4(Ipv4Addr::from(be.to_ne_bytes()));
-    let map = open::<SockRevNat4Key, SockRevNat4>(bpffs, MAP_SOCK_REVNAT4)?;
-    for (key, value) in map.iter().filter_map(Result::ok) {
-        let backend = SocketAddr::new(v4(key.address_be), u16::from_be(key.port_be));
-        let frontend = SocketAddr::new(v4(value.address_be), u16::from_be(value.port_be));
-        if removed.contains(&(frontend, backend)) {
-            out.insert(key.cookie, backend);
-        }
-    }
-    let v6 = |octets: [u8; 16]| IpAddr::V6(Ipv6Addr::from(octets));
-    let map = open::<SockRevNat6Key, SockRevNat6>(bpffs, MAP_SOCK_REVNAT6)?;
-    for (key, value) in map.iter().filter_map(Result::ok) {
-        let backend = SocketAddr::new(v6(key.address), u16::from_be(key.port_be));
-        let frontend = SocketAddr::new(v6(value.address), u16::from_be(value.port_be));
-        if removed.contains(&(frontend, backend)) {
-            out.insert(key.cookie, backend);
-        }
-    }
-    Ok(out)
-}
-
-fn open<K: aya::Pod, V: aya::Pod>(
-    bpffs: &Path,
-    name: &str,
-) -> Result<BpfHashMap<MapData, K, V>, EbpfError> {
-    let data = MapData::from_pin(bpffs.join(name))?;
-    Ok(BpfHashMap::try_from(Map::LruHashMap(data))?)
+    let entries = observe::sockets4(bpffs)?
+        .into_iter()
+        .chain(observe::sockets6(bpffs)?);
+    Ok(entries
+        .filter(|s| removed.contains(&(s.frontend, s.backend)))
+        .map(|s| (s.cookie, s.backend))
+        .collect())
 }
 
 /// The network namespaces this process can see, each once: its own, the named ones
@@ -167,7 +144,7 @@ pub fn destroy_in(
                 Ok(destroyed)
             })
             .join()
-            .unwrap_or_else(|_| Err(TerminateError::Diag(NetlinkError::Malformed)))
+            .unwrap_or_else(|_| Err(TerminateError::Thread(netns.into())))
     })
 }
 
@@ -245,42 +222,23 @@ impl Terminator {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::BTreeSet,
-        net::{IpAddr, Ipv4Addr},
-        os::unix::fs::MetadataExt,
+    use std::{collections::BTreeSet, os::unix::fs::MetadataExt};
+
+    use super::{
+        super::tests::{key, state},
+        namespaces, UdpBackends,
     };
-
-    use super::{namespaces, UdpBackends};
-    use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Protocol};
-
-    fn state(frontends: &[(u8, Protocol, &[u8])]) -> DesiredState {
-        let mut state = DesiredState::default();
-        for &(last, protocol, backends) in frontends {
-            let key = FrontendKey {
-                ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
-                port: 53,
-                protocol,
-            };
-            let backends = backends
-                .iter()
-                .map(|&b| Backend {
-                    ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, b)),
-                    port: 5353,
-                })
-                .collect();
-            state
-                .frontends
-                .insert(key, Frontend::backends_only(backends));
-        }
-        state
-    }
+    use crate::model::Protocol;
 
     #[test]
     fn removed_pairs_are_udp_backends_that_left_their_frontend() {
         use Protocol::{Tcp, Udp};
-        let before = UdpBackends::of(&state(&[(1, Udp, &[1, 2]), (2, Udp, &[3]), (3, Tcp, &[4])]));
-        let after = UdpBackends::of(&state(&[(1, Udp, &[2, 5]), (3, Tcp, &[])]));
+        let before = UdpBackends::of(&state(&[
+            (key(1, Udp), &[1, 2]),
+            (key(2, Udp), &[3]),
+            (key(3, Tcp), &[4]),
+        ]));
+        let after = UdpBackends::of(&state(&[(key(1, Udp), &[2, 5]), (key(3, Tcp), &[])]));
         let removed: Vec<String> = after
             .removed_since(&before)
             .iter()
@@ -291,8 +249,8 @@ mod tests {
         assert_eq!(
             removed,
             [
-                "10.96.0.1:53->10.244.0.1:5353",
-                "10.96.0.2:53->10.244.0.3:5353"
+                "10.96.0.1:80->10.244.0.1:8080",
+                "10.96.0.2:80->10.244.0.3:8080"
             ]
         );
         assert!(before.removed_since(&before).is_empty());

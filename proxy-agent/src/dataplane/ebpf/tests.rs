@@ -116,7 +116,7 @@ impl MapStore for CheckedStore {
     }
 }
 
-fn key(last: u8, protocol: Protocol) -> FrontendKey {
+pub(super) fn key(last: u8, protocol: Protocol) -> FrontendKey {
     FrontendKey {
         ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
         port: 80,
@@ -124,7 +124,7 @@ fn key(last: u8, protocol: Protocol) -> FrontendKey {
     }
 }
 
-fn state(frontends: &[(FrontendKey, &[u8])]) -> DesiredState {
+pub(super) fn state(frontends: &[(FrontendKey, &[u8])]) -> DesiredState {
     let mut state = DesiredState::default();
     for (key, pods) in frontends {
         let backends = pods

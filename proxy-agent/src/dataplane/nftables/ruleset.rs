@@ -345,7 +345,7 @@ fn group_chains(group: &Group, cidrs_present: bool, family: Family, t: &mut Tabl
     let mut endpoint_sets: BTreeMap<String, Vec<Backend>> = BTreeMap::new();
     let mut endpoints = BTreeSet::new();
     for (_, frontend) in &group.frontends {
-        for route in [&frontend.pod, &frontend.node, &frontend.external] {
+        for route in frontend.routes() {
             if !route.backends.is_empty() {
                 endpoint_sets.insert(target(group, route), route.backends.to_vec());
                 endpoints.extend(route.backends.iter().copied());
