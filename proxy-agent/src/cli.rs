@@ -197,8 +197,9 @@ pub struct RunArgs {
     /// API server credentials (default: in-cluster config, else `~/.kube/config`).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// How long a change from the API server waits for others before it is programmed,
-    /// so a burst costs one sync.
+    /// The shortest time between two syncs (kube-proxy's `--min-sync-period`): a change
+    /// after a quiet period is programmed at once, one within this period of the last
+    /// sync waits for its end, so a burst of changes coalesces into few syncs.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     pub min_sync_period: std::time::Duration,
     /// Which backend programs the kernel.

@@ -177,26 +177,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         let client = source::kube::client(args.kubeconfig.as_deref()).await?;
         info!(node = %node.name, "watching the Kubernetes API");
-        tokio::spawn(source::kube::run(
-            client,
-            node.name.clone(),
-            tx,
-            args.min_sync_period,
-        ))
+        tokio::spawn(source::kube::run(client, node.name.clone(), tx))
     };
     let addresses = source::addresses::follow().unwrap_or_else(|error| {
         warn!(%error, "cannot follow the node's addresses; NodePorts use the Node object's");
         watch::channel(Vec::new()).1
     });
-    let sync = tokio::spawn(sync::run(
-        rx,
+    let sync = sync::spawn(sync::Inputs {
+        updates: rx,
         addresses,
         dataplane,
-        node.clone(),
+        node: node.clone(),
         health,
         metrics,
         live,
-    ));
+        min_sync_period: args.min_sync_period,
+        runtime: tokio::runtime::Handle::current(),
+    });
     info!(node = %node.name, "agent running");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

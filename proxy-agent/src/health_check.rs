@@ -79,15 +79,18 @@ pub struct HealthChecks {
     state: Shared,
     servers: HashMap<u16, AbortHandle>,
     health: Arc<Health>,
+    /// Where the servers run (the agent's main runtime, not the sync thread's).
+    runtime: tokio::runtime::Handle,
 }
 
 impl HealthChecks {
     #[must_use]
-    pub fn new(health: Arc<Health>) -> Self {
+    pub fn new(health: Arc<Health>, runtime: tokio::runtime::Handle) -> Self {
         Self {
             state: Arc::default(),
             servers: HashMap::new(),
             health,
+            runtime,
         }
     }
 
@@ -106,6 +109,7 @@ impl HealthChecks {
                 continue;
             }
             let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+            let _runtime = self.runtime.enter();
             let bound = std::net::TcpListener::bind(addr).and_then(|l| {
                 l.set_nonblocking(true)?;
                 TcpListener::from_std(l)
@@ -113,7 +117,7 @@ impl HealthChecks {
             match bound {
                 Ok(listener) => {
                     info!(port, "health check node port serving");
-                    let task = tokio::spawn(serve(
+                    let task = self.runtime.spawn(serve(
                         listener,
                         port,
                         self.state.clone(),

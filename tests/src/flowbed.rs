@@ -30,7 +30,7 @@ pub struct FlowBed {
 
 fn all_endpoints(snapshot: &Snapshot) -> BTreeSet<(Protocol, IpAddr, u16)> {
     let mut out = BTreeSet::new();
-    for slice in snapshot.endpoint_slices.values() {
+    for slice in snapshot.endpoint_slices().values() {
         for port in slice.ports.iter().flatten() {
             let (Some(protocol), Some(number)) =
                 (Protocol::from_k8s(port.protocol.as_deref()), port.port)

@@ -32,10 +32,8 @@ pub const MODES: [&str; 4] = ["conntrack", "iptables", "nftables", "ebpf"];
 fn with_nodeport(snapshot: &Snapshot, last: usize) -> Snapshot {
     let mut changed = snapshot.clone();
     let name = format!("s{last}");
-    let service = changed
-        .services
-        .get_mut(&("bench".to_owned(), name.clone()))
-        .expect("service");
+    let key = ("bench".to_owned(), name.clone());
+    let mut service = (**changed.services().get(&key).expect("service")).clone();
     let spec = service.spec.as_mut().expect("spec");
     spec.type_ = Some("NodePort".into());
     let ports = spec.ports.as_mut().expect("ports");
@@ -48,16 +46,16 @@ fn with_nodeport(snapshot: &Snapshot, last: usize) -> Snapshot {
         node_port: Some(UDP_NODEPORT),
         ..ServicePort::default()
     });
-    let slice = changed
-        .endpoint_slices
-        .get_mut(&("bench".to_owned(), format!("{name}-1")))
-        .expect("slice");
+    changed.put_service(key, std::sync::Arc::new(service));
+    let slice_key = ("bench".to_owned(), format!("{name}-1"));
+    let mut slice = (**changed.endpoint_slices().get(&slice_key).expect("slice")).clone();
     slice.ports.get_or_insert_with(Vec::new).push(EndpointPort {
         name: Some("dns".into()),
         port: Some(8080),
         protocol: Some("UDP".into()),
         ..EndpointPort::default()
     });
+    changed.put_slice(slice_key, std::sync::Arc::new(slice));
     changed
 }
 

@@ -60,8 +60,9 @@ pub fn snapshot(services: usize, endpoints: usize) -> Snapshot {
 pub fn with_endpoint(snapshot: &Snapshot, i: usize, ip: Ipv4Addr) -> Snapshot {
     let mut changed = snapshot.clone();
     let key = ("bench".to_owned(), format!("s{i}-1"));
-    let slice = changed.endpoint_slices.get_mut(&key).expect("slice");
+    let mut slice = (**changed.endpoint_slices().get(&key).expect("slice")).clone();
     slice.endpoints[0].addresses = vec![ip.to_string()];
+    changed.put_slice(key, std::sync::Arc::new(slice));
     changed
 }
 
@@ -70,7 +71,7 @@ pub fn with_endpoint(snapshot: &Snapshot, i: usize, ip: Ipv4Addr) -> Snapshot {
 pub fn with_endpoints(snapshot: &Snapshot, i: usize, ips: &[Ipv4Addr]) -> Snapshot {
     let mut changed = snapshot.clone();
     let key = ("bench".to_owned(), format!("s{i}-1"));
-    let slice = changed.endpoint_slices.get_mut(&key).expect("slice");
+    let mut slice = (**changed.endpoint_slices().get(&key).expect("slice")).clone();
     let template = slice.endpoints[0].clone();
     slice.endpoints = ips
         .iter()
@@ -80,5 +81,6 @@ pub fn with_endpoints(snapshot: &Snapshot, i: usize, ips: &[Ipv4Addr]) -> Snapsh
             endpoint
         })
         .collect();
+    changed.put_slice(key, std::sync::Arc::new(slice));
     changed
 }

@@ -13,7 +13,7 @@ use proxy_agent::{
         nftables::{delta, ruleset, NftablesDataplane},
         Dataplane,
     },
-    model::{self, Backend, DesiredState, NodeInfo},
+    model::{self, Backend, DesiredState, Frontend, NodeInfo},
 };
 use proxy_agent_tests::{
     cluster::{sh_in, Cluster},
@@ -93,9 +93,22 @@ fn same_as_full(partial: &Listing, full: &Listing, step: &str) -> BTreeSet<Strin
     stale
 }
 
+/// `state` with `change` applied to each frontend.
+fn edited(state: &DesiredState, mut change: impl FnMut(&mut Frontend)) -> DesiredState {
+    let frontends = state
+        .frontends
+        .iter()
+        .map(|(key, frontend)| {
+            let mut frontend = frontend.clone();
+            change(&mut frontend);
+            (*key, frontend)
+        })
+        .collect();
+    DesiredState { frontends }
+}
+
 fn without_backend(state: &DesiredState, drop: Backend) -> DesiredState {
-    let mut state = state.clone();
-    for frontend in state.frontends.values_mut() {
+    edited(state, |frontend| {
         for route in [
             &mut frontend.pod,
             &mut frontend.node,
@@ -109,17 +122,14 @@ fn without_backend(state: &DesiredState, drop: Backend) -> DesiredState {
                 .collect();
             route.backends = Arc::from(kept);
         }
-    }
-    state
+    })
 }
 
 fn with_backend_added(state: &DesiredState, service: &str, added: Backend) -> DesiredState {
-    let mut state = state.clone();
-    for frontend in state
-        .frontends
-        .values_mut()
-        .filter(|f| f.service.name == service)
-    {
+    edited(state, |frontend| {
+        if frontend.service.name != service {
+            return;
+        }
         for route in [
             &mut frontend.pod,
             &mut frontend.node,
@@ -132,24 +142,25 @@ fn with_backend_added(state: &DesiredState, service: &str, added: Backend) -> De
                 route.backends = Arc::from(all);
             }
         }
-    }
-    state
+    })
 }
 
 fn without_service(state: &DesiredState, service: &str) -> DesiredState {
-    let mut state = state.clone();
-    state.frontends.retain(|_, f| f.service.name != service);
-    state
+    let frontends = state
+        .frontends
+        .iter()
+        .filter(|(_, f)| f.service.name != service)
+        .map(|(k, f)| (*k, f.clone()))
+        .collect();
+    DesiredState { frontends }
 }
 
 fn with_affinity(state: &DesiredState, timeout: u32) -> DesiredState {
-    let mut state = state.clone();
-    for frontend in state.frontends.values_mut() {
+    edited(state, |frontend| {
         if frontend.affinity_timeout.is_some() {
             frontend.affinity_timeout = Some(timeout);
         }
-    }
-    state
+    })
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::{
 use netlink_sys::protocols::NETLINK_NETFILTER;
 
 use crate::{
-    model::{DesiredState, FrontendKind, Protocol},
+    model::{DesiredState, Frontend, FrontendKey, FrontendKind, Protocol},
     netlink::{
         attr, attrs, Netlink, NetlinkError, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
     },
@@ -93,10 +93,36 @@ pub struct UdpServices {
 }
 
 impl UdpServices {
+    /// Every UDP frontend of a desired state.
     #[must_use]
     pub fn of(desired: &DesiredState) -> Self {
+        Self::of_frontends(desired.frontends.iter())
+    }
+
+    /// The UDP frontends that differ from `old` to `new`, as `new` has them (a removed
+    /// one is not looked at, as before): the only ones whose entries can have gone stale.
+    #[must_use]
+    pub fn changed(old: &DesiredState, new: &DesiredState) -> Self {
+        let changed = old
+            .frontends
+            .diff(&new.frontends)
+            .filter_map(|item| match item {
+                imbl::ordmap::DiffItem::Add(k, f) => Some((k, f)),
+                imbl::ordmap::DiffItem::Update { new, .. } => Some(new),
+                imbl::ordmap::DiffItem::Remove(..) => None,
+            });
+        Self::of_frontends(changed)
+    }
+
+    /// Whether nothing UDP changed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.by_address.is_empty() && self.by_node_port.is_empty()
+    }
+
+    fn of_frontends<'a>(frontends: impl Iterator<Item = (&'a FrontendKey, &'a Frontend)>) -> Self {
         let mut udp = Self::default();
-        for (key, frontend) in &desired.frontends {
+        for (key, frontend) in frontends {
             if key.protocol != Protocol::Udp {
                 continue;
             }

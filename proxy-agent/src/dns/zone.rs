@@ -244,7 +244,7 @@ impl Zone {
             .append_domain(&domain)
             .expect("short");
         let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-        for slice in snapshot.endpoint_slices.values() {
+        for slice in snapshot.endpoint_slices().values() {
             let service = slice
                 .metadata
                 .labels
@@ -263,7 +263,7 @@ impl Zone {
             records: HashMap::new(),
         };
         let none = Vec::new();
-        for ((namespace, service_name), service) in &snapshot.services {
+        for ((namespace, service_name), service) in snapshot.services() {
             let own = slices
                 .get(&(namespace.clone(), service_name.clone()))
                 .unwrap_or(&none);
@@ -285,7 +285,7 @@ impl Zone {
             }
         }
         let kube_dns = snapshot
-            .services
+            .services()
             .get(&(KUBE_DNS.0.to_owned(), KUBE_DNS.1.to_owned()))
             .map(|_| {
                 let own = slices
@@ -300,7 +300,7 @@ impl Zone {
             })
             .unwrap_or_default();
         let kube_dns_frontends = snapshot
-            .services
+            .services()
             .get(&(KUBE_DNS.0.to_owned(), KUBE_DNS.1.to_owned()))
             .and_then(|s| s.spec.as_ref())
             .map(|spec| {

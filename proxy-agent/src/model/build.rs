@@ -1,6 +1,6 @@
 //! Snapshot + node → desired state, following kube-proxy's choice of frontends, endpoint
 //! sets and masquerading per class of client. Pure: no I/O, no clock.
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use k8s_openapi::api::{
@@ -24,39 +24,52 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Opt-in to zone hints before `trafficDistribution` existed.
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
-const ANNOTATION_TOPOLOGY_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+pub const ANNOTATION_TOPOLOGY_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
-/// Computes what `node` must program for the cluster in `snapshot`.
+/// Computes what `node` must program for the cluster in `snapshot` (the full rebuild;
+/// [`super::tracker::Tracker`] keeps it current change by change).
 #[must_use]
 pub fn build(snapshot: &Snapshot, node: &NodeInfo) -> DesiredState {
-    let mut state = DesiredState::default();
-    let mut by_service = slices_by_service(snapshot);
-    for ((namespace, name), service) in &snapshot.services {
-        let Some(spec) = service.spec.as_ref().filter(|_| is_proxied(service)) else {
-            continue;
-        };
-        let slices = by_service
-            .remove(&(namespace.as_str(), name.as_str()))
-            .unwrap_or_default();
-        let policies = policies_of(service, spec);
-        for ip in cluster_ips(spec) {
-            for port in spec.ports.iter().flatten() {
-                let ctx = PortContext {
-                    service: (namespace, name),
-                    spec,
-                    status: service.status.as_ref(),
-                    port,
-                    policies,
-                    family: ip,
-                    node,
-                };
-                ctx.add_frontends(&mut state, ip, &slices);
-            }
+    super::tracker::Tracker::new(snapshot, node.clone())
+        .desired()
+        .clone()
+}
+
+/// The frontends one Service asks `node` to program, each key once (a key listed twice
+/// keeps its last version, as a full build's inserts do).
+#[must_use]
+pub fn service_frontends(
+    snapshot: &Snapshot,
+    key: &ObjectKey,
+    node: &NodeInfo,
+) -> Vec<(FrontendKey, Frontend)> {
+    let mut state = BTreeMap::new();
+    let Some(service) = snapshot.services().get(key) else {
+        return Vec::new();
+    };
+    let Some(spec) = service.spec.as_ref().filter(|_| is_proxied(service)) else {
+        return Vec::new();
+    };
+    let (namespace, name) = key;
+    let slices = snapshot.slices_of(namespace, name);
+    let policies = policies_of(service, spec);
+    for ip in cluster_ips(spec) {
+        for port in spec.ports.iter().flatten() {
+            let ctx = PortContext {
+                service: (namespace, name),
+                spec,
+                status: service.status.as_ref(),
+                port,
+                policies,
+                family: ip,
+                node,
+            };
+            ctx.add_frontends(&mut state, ip, &slices);
         }
     }
-    state
+    state.into_iter().collect()
 }
 
 /// Whether kube-proxy would program this Service at all (headless and ExternalName
@@ -102,44 +115,6 @@ pub(super) fn policies_of(service: &Service, spec: &ServiceSpec) -> Policies {
     }
 }
 
-/// The service-name label of a slice, when it has one.
-fn service_of(slice: &EndpointSlice) -> Option<&str> {
-    slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get(LABEL_SERVICE_NAME)
-        .map(String::as_str)
-}
-
-/// Every `EndpointSlice` grouped by (namespace, Service) in one pass, so a build costs
-/// O(Services + slices), not their product.
-fn slices_by_service(snapshot: &Snapshot) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
-    let mut out: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for ((namespace, _), slice) in &snapshot.endpoint_slices {
-        if let Some(service) = service_of(slice) {
-            out.entry((namespace.as_str(), service))
-                .or_default()
-                .push(slice);
-        }
-    }
-    out
-}
-
-/// The `EndpointSlice`s of one Service, joined by the service-name label.
-pub(super) fn slices_of<'a>(
-    snapshot: &'a Snapshot,
-    namespace: &str,
-    name: &str,
-) -> Vec<&'a EndpointSlice> {
-    snapshot
-        .endpoint_slices
-        .iter()
-        .filter(|((ns, _), slice)| ns == namespace && service_of(slice) == Some(name))
-        .map(|(_, slice)| slice)
-        .collect()
-}
-
 /// One Service port of one IP family, on one node.
 struct PortContext<'a> {
     service: (&'a str, &'a str),
@@ -154,7 +129,7 @@ struct PortContext<'a> {
 impl PortContext<'_> {
     fn add_frontends(
         &self,
-        state: &mut DesiredState,
+        state: &mut BTreeMap<FrontendKey, Frontend>,
         cluster_ip: IpAddr,
         slices: &[&EndpointSlice],
     ) {
@@ -169,9 +144,7 @@ impl PortContext<'_> {
         let sets = endpoints::categorize(&candidates, self.policies, self.node);
         let mut add = |ip: IpAddr, port: u16, kind: FrontendKind| {
             let key = FrontendKey { ip, port, protocol };
-            state
-                .frontends
-                .insert(key, self.frontend(kind, &port_name, &sets));
+            state.insert(key, self.frontend(kind, &port_name, &sets));
         };
         add(cluster_ip, port, FrontendKind::ClusterIp);
         if let Some(node_port) = self

@@ -1,13 +1,22 @@
-//! What must change to go from the programmed state to the desired one.
+//! What must change to go from the programmed state to the desired one. Both are
+//! persistent maps, so when one was derived from the other the diff skips what they
+//! share and costs what changed.
 use std::collections::BTreeMap;
+
+use imbl::ordmap::DiffItem;
 
 use super::types::{DesiredState, Frontend, FrontendKey};
 
-/// Frontends to write (new or with other backends) and to delete.
+/// Frontends to write (new or with other backends) and to delete, with the version each
+/// of them had before, for consumers that follow what went away (stale UDP flows,
+/// health checks, counters).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub upsert: BTreeMap<FrontendKey, Frontend>,
     pub remove: Vec<FrontendKey>,
+    /// The programmed version of every upserted frontend that existed and of every
+    /// removed one.
+    pub before: BTreeMap<FrontendKey, Frontend>,
 }
 
 impl Plan {
@@ -15,30 +24,46 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.upsert.is_empty() && self.remove.is_empty()
     }
+
+    /// Every frontend the plan touches: (key, before, after).
+    pub fn changes(
+        &self,
+    ) -> impl Iterator<Item = (FrontendKey, Option<&Frontend>, Option<&Frontend>)> {
+        let upserts = self
+            .upsert
+            .iter()
+            .map(|(k, f)| (*k, self.before.get(k), Some(f)));
+        let removes = self.remove.iter().map(|k| (*k, self.before.get(k), None));
+        upserts.chain(removes)
+    }
 }
 
-/// Compares backends only: names are not kept in the kernel, so a restored state
+/// Compares programming only: names are not kept in the kernel, so a restored state
 /// carries none and must not look different for that.
 #[must_use]
 pub fn diff(programmed: &DesiredState, desired: &DesiredState) -> Plan {
-    let upsert = desired
-        .frontends
-        .iter()
-        .filter(|(key, want)| {
-            programmed
-                .frontends
-                .get(key)
-                .is_none_or(|have| !have.same_programming(want))
-        })
-        .map(|(key, want)| (*key, want.clone()))
-        .collect();
-    let remove = programmed
-        .frontends
-        .keys()
-        .filter(|key| !desired.frontends.contains_key(key))
-        .copied()
-        .collect();
-    Plan { upsert, remove }
+    let mut plan = Plan::default();
+    for item in programmed.frontends.diff(&desired.frontends) {
+        match item {
+            DiffItem::Add(key, want) => {
+                plan.upsert.insert(*key, want.clone());
+            }
+            DiffItem::Remove(key, have) => {
+                plan.remove.push(*key);
+                plan.before.insert(*key, have.clone());
+            }
+            DiffItem::Update {
+                old: (key, have),
+                new: (_, want),
+            } => {
+                if !have.same_programming(want) {
+                    plan.upsert.insert(*key, want.clone());
+                    plan.before.insert(*key, have.clone());
+                }
+            }
+        }
+    }
+    plan
 }
 
 #[cfg(test)]

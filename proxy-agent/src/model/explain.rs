@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::{
-    build::{policies_of, slices_of, uses_local_set},
+    build::{policies_of, uses_local_set},
     endpoints::{self, Candidate, Categorized, Policies},
     flow::{self, Outcome, Packet},
     node::NodeInfo,
@@ -113,7 +113,7 @@ pub fn trace(snapshot: &Snapshot, state: &DesiredState, node: &NodeInfo, packet:
         frontend.service.namespace.clone(),
         frontend.service.name.clone(),
     );
-    let Some(service) = snapshot.services.get(&ns_name) else {
+    let Some(service) = snapshot.services().get(&ns_name) else {
         return out;
     };
     let Some(spec) = service.spec.as_ref() else {
@@ -121,7 +121,7 @@ pub fn trace(snapshot: &Snapshot, state: &DesiredState, node: &NodeInfo, packet:
     };
     let policies = policies_of(service, spec);
     out.policies = describe(policies, spec.session_affinity.as_deref());
-    let slices = slices_of(snapshot, &ns_name.0, &ns_name.1);
+    let slices = snapshot.slices_of(&ns_name.0, &ns_name.1);
     let candidates = endpoints::candidates(&slices, &frontend.service.port, key.protocol, key.ip);
     let sets = endpoints::categorize(&candidates, policies, node);
     let local_route = uses_local_set(frontend.kind, decision.class, policies, &sets, node);

@@ -7,17 +7,19 @@ pub mod endpoints;
 pub mod explain;
 pub mod flow;
 mod node;
-mod snapshot;
+pub mod snapshot;
+mod tracker;
 mod types;
 pub mod validate;
 
 pub use build::{
-    build, is_proxied, object_key, ANNOTATION_TOPOLOGY_MODE, DEFAULT_AFFINITY_TIMEOUT,
-    LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+    build, is_proxied, object_key, service_frontends, ANNOTATION_TOPOLOGY_MODE,
+    DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
 };
 pub use diff::{diff, Plan};
 pub use node::{NodeInfo, LABEL_ZONE};
-pub use snapshot::{ObjectKey, Snapshot};
+pub use snapshot::{Changes, ObjectKey, Snapshot};
+pub use tracker::Tracker;
 pub use types::{
     Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
     ServicePortName, SourceClass,

@@ -33,7 +33,7 @@ impl NodeInfo {
     /// Fills zone and addresses from the Node object, when the snapshot has it.
     #[must_use]
     pub fn with_node_object(mut self, snapshot: &Snapshot) -> Self {
-        let Some(node) = snapshot.nodes.get(&self.name) else {
+        let Some(node) = snapshot.nodes().get(&self.name) else {
             return self;
         };
         self.zone = node

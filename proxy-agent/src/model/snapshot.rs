@@ -1,15 +1,300 @@
-//! The source's view of the cluster: every object the model reads, keyed by
-//! namespace/name. Sources fill it; the model only reads it.
-use std::collections::BTreeMap;
+//! The source's view of the cluster: every object the model and DNS read, keyed by
+//! namespace/name, slimmed to the fields they read and held in persistent maps, so a
+//! source publishes a new version in O(1) and a reader finds what changed between two
+//! versions in time proportional to the change (shared subtrees are skipped).
+use std::{collections::BTreeSet, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use imbl::{OrdMap, OrdSet};
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, NodeSpec, NodeStatus, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::build::{
+    ANNOTATION_TOPOLOGY_HINTS, ANNOTATION_TOPOLOGY_MODE, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_PROXY_NAME,
+};
 
 /// `namespace/name` (namespace empty for cluster-scoped objects).
 pub type ObjectKey = (String, String);
 
+/// The EndpointSlice annotation the EndpointSlice controller stamps with the time of
+/// the change that triggered it (kube-proxy's network programming latency starts there).
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub services: BTreeMap<ObjectKey, Service>,
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
-    pub nodes: BTreeMap<String, Node>,
+    services: OrdMap<ObjectKey, Arc<Service>>,
+    endpoint_slices: OrdMap<ObjectKey, Arc<EndpointSlice>>,
+    nodes: OrdMap<String, Arc<Node>>,
+    /// (namespace, Service, slice name) of every slice with a service-name label.
+    slice_index: OrdSet<(String, String, String)>,
+}
+
+/// What differs between two snapshots, as the model rebuilds it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Services whose object or whose slices changed (a Service and its slices are one
+    /// unit), including Services that appeared or went away.
+    pub services: BTreeSet<ObjectKey>,
+    /// Whether any Node object changed.
+    pub nodes: bool,
+}
+
+impl Changes {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.nodes
+    }
+}
+
+/// The Service a slice belongs to, by its service-name label.
+#[must_use]
+pub fn service_of(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_SERVICE_NAME)
+        .map(String::as_str)
+}
+
+/// Metadata with only its name, namespace and the labels and annotations we read: a real
+/// API server's `managedFields`, owner references and unrelated annotations
+/// (`last-applied-configuration`) are most of an object's size.
+fn slim_meta(meta: &mut ObjectMeta, labels: &[&str], annotations: &[&str]) {
+    let keep = |map: Option<std::collections::BTreeMap<String, String>>, keys: &[&str]| {
+        let kept: std::collections::BTreeMap<String, String> = map
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| keys.contains(&k.as_str()))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    };
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        labels: keep(meta.labels.take(), labels),
+        annotations: keep(meta.annotations.take(), annotations),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        ..ObjectMeta::default()
+    };
+}
+
+/// A Service as the model and DNS read it.
+#[must_use]
+pub fn slim_service(mut service: Service) -> Service {
+    slim_meta(
+        &mut service.metadata,
+        &[LABEL_SERVICE_PROXY_NAME],
+        &[ANNOTATION_TOPOLOGY_MODE, ANNOTATION_TOPOLOGY_HINTS],
+    );
+    if let Some(status) = &mut service.status {
+        status.conditions = None;
+    }
+    service
+}
+
+/// An EndpointSlice as the model and DNS read it (no target references).
+#[must_use]
+pub fn slim_slice(mut slice: EndpointSlice) -> EndpointSlice {
+    slim_meta(
+        &mut slice.metadata,
+        &[LABEL_SERVICE_NAME],
+        &[ANNOTATION_TRIGGER_TIME],
+    );
+    for endpoint in &mut slice.endpoints {
+        endpoint.target_ref = None;
+        endpoint.deprecated_topology = None;
+    }
+    slice
+}
+
+/// A Node as the agent reads it: zone label, addresses, pod CIDRs, taints, deletion.
+#[must_use]
+pub fn slim_node(mut node: Node) -> Node {
+    slim_meta(&mut node.metadata, &[super::node::LABEL_ZONE], &[]);
+    node.spec = node.spec.map(|spec| NodeSpec {
+        pod_cidr: spec.pod_cidr,
+        pod_cidrs: spec.pod_cidrs,
+        taints: spec.taints,
+        ..NodeSpec::default()
+    });
+    node.status = node.status.map(|status| NodeStatus {
+        addresses: status.addresses,
+        ..NodeStatus::default()
+    });
+    node
+}
+
+impl Snapshot {
+    #[must_use]
+    pub fn services(&self) -> &OrdMap<ObjectKey, Arc<Service>> {
+        &self.services
+    }
+
+    #[must_use]
+    pub fn endpoint_slices(&self) -> &OrdMap<ObjectKey, Arc<EndpointSlice>> {
+        &self.endpoint_slices
+    }
+
+    #[must_use]
+    pub fn nodes(&self) -> &OrdMap<String, Arc<Node>> {
+        &self.nodes
+    }
+
+    /// Stores a Service under `key` (replacing any earlier version).
+    pub fn put_service(&mut self, key: ObjectKey, service: Arc<Service>) {
+        self.services.insert(key, service);
+    }
+
+    pub fn remove_service(&mut self, key: &ObjectKey) -> Option<Arc<Service>> {
+        self.services.remove(key)
+    }
+
+    /// Stores a slice under `key`, keeping the Service → slices index current.
+    pub fn put_slice(&mut self, key: ObjectKey, slice: Arc<EndpointSlice>) {
+        let service = service_of(&slice).map(str::to_owned);
+        if let Some(old) = self.endpoint_slices.insert(key.clone(), slice) {
+            self.unindex(&key, &old);
+        }
+        if let Some(service) = service {
+            self.slice_index.insert((key.0, service, key.1));
+        }
+    }
+
+    pub fn remove_slice(&mut self, key: &ObjectKey) -> Option<Arc<EndpointSlice>> {
+        let old = self.endpoint_slices.remove(key)?;
+        self.unindex(key, &old);
+        Some(old)
+    }
+
+    fn unindex(&mut self, key: &ObjectKey, slice: &EndpointSlice) {
+        if let Some(service) = service_of(slice) {
+            self.slice_index
+                .remove(&(key.0.clone(), service.to_owned(), key.1.clone()));
+        }
+    }
+
+    pub fn put_node(&mut self, name: String, node: Arc<Node>) {
+        self.nodes.insert(name, node);
+    }
+
+    pub fn remove_node(&mut self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.remove(name)
+    }
+
+    /// The slices of one Service, joined by the service-name label, in key order.
+    #[must_use]
+    pub fn slices_of(&self, namespace: &str, service: &str) -> Vec<&EndpointSlice> {
+        let from = (namespace.to_owned(), service.to_owned(), String::new());
+        self.slice_index
+            .range(from..)
+            .take_while(|(ns, svc, _)| ns == namespace && svc == service)
+            .filter_map(|(ns, _, name)| {
+                self.endpoint_slices
+                    .get(&(ns.clone(), name.clone()))
+                    .map(AsRef::as_ref)
+            })
+            .collect()
+    }
+
+    /// What changed from `self` to `newer`, in time proportional to the change when
+    /// `newer` was derived from `self`.
+    #[must_use]
+    pub fn changes_to(&self, newer: &Self) -> Changes {
+        let mut out = Changes::default();
+        for item in self.services.diff(&newer.services) {
+            out.services.insert(diff_key(&item).clone());
+        }
+        for item in self.endpoint_slices.diff(&newer.endpoint_slices) {
+            let (key, old, new): (&ObjectKey, Option<&Arc<EndpointSlice>>, _) = match item {
+                imbl::ordmap::DiffItem::Add(k, v) => (k, None, Some(v)),
+                imbl::ordmap::DiffItem::Remove(k, v) => (k, Some(v), None),
+                imbl::ordmap::DiffItem::Update { old, new } => (old.0, Some(old.1), Some(new.1)),
+            };
+            for slice in [old, new].into_iter().flatten() {
+                if let Some(service) = service_of(slice) {
+                    out.services.insert((key.0.clone(), service.to_owned()));
+                }
+            }
+        }
+        out.nodes = self.nodes.diff(&newer.nodes).next().is_some();
+        out
+    }
+}
+
+fn diff_key<'a, K, V>(item: &imbl::ordmap::DiffItem<'a, 'a, K, V>) -> &'a K {
+    match item {
+        imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => k,
+        imbl::ordmap::DiffItem::Update { old, .. } => old.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn slice(name: &str, service: &str) -> Arc<EndpointSlice> {
+        Arc::new(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                labels: Some(BTreeMap::from([(
+                    LABEL_SERVICE_NAME.to_owned(),
+                    service.to_owned(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: Vec::new(),
+            ports: None,
+        })
+    }
+
+    #[test]
+    fn a_slice_moving_between_services_changes_both_and_the_index_follows() {
+        let mut old = Snapshot::default();
+        old.put_slice(("ns".into(), "x".into()), slice("x", "a"));
+        old.put_slice(("ns".into(), "y".into()), slice("y", "b"));
+        let mut new = old.clone();
+        new.put_slice(("ns".into(), "x".into()), slice("x", "b"));
+        let changes = old.changes_to(&new);
+        let names: Vec<&str> = changes.services.iter().map(|k| k.1.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(new.slices_of("ns", "a").is_empty());
+        assert_eq!(new.slices_of("ns", "b").len(), 2);
+        assert_eq!(old.slices_of("ns", "a").len(), 1);
+        assert!(new.changes_to(&new).is_empty());
+    }
+
+    #[test]
+    fn slimming_drops_what_no_reader_needs() {
+        let mut service = Service::default();
+        service.metadata.name = Some("web".into());
+        service.metadata.annotations = Some(BTreeMap::from([
+            (
+                "kubectl.kubernetes.io/last-applied-configuration".into(),
+                "{}".into(),
+            ),
+            (ANNOTATION_TOPOLOGY_MODE.into(), "Auto".into()),
+        ]));
+        service.metadata.managed_fields = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry::default(),
+        ]);
+        service.metadata.uid = Some("u".into());
+        let slim = slim_service(service);
+        assert_eq!(slim.metadata.name.as_deref(), Some("web"));
+        assert!(slim.metadata.managed_fields.is_none() && slim.metadata.uid.is_none());
+        let annotations = slim.metadata.annotations.unwrap();
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            [ANNOTATION_TOPOLOGY_MODE]
+        );
+    }
 }

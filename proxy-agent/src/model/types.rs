@@ -1,6 +1,6 @@
 //! The desired state: what every dataplane programs and DNS reads, keyed and sorted so
 //! that renders and golden files are deterministic.
-use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
+use std::{fmt, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -254,7 +254,9 @@ impl Frontend {
 /// Everything a dataplane must program on one node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    /// Persistent: a clone is O(1) and shares structure, so the programmed and the
+    /// desired state diff in time proportional to what changed.
+    pub frontends: imbl::OrdMap<FrontendKey, Frontend>,
 }
 
 fn write_route(f: &mut fmt::Formatter<'_>, who: &str, route: &Route) -> fmt::Result {

@@ -2,7 +2,11 @@
 //! Node with kube-proxy's selectors. Stores are the truth: a relist replaces a kind
 //! whole (so deletes missed while disconnected vanish), nothing is published before
 //! every kind has listed once, and a burst of changes is published once.
-use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::Arc,
+};
 
 use futures::StreamExt;
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
@@ -15,8 +19,15 @@ use kube::{
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::{parse::Kind, SourceError, SourceUpdate};
-use crate::model::{self, ObjectKey, Snapshot};
+use super::{
+    parse::{Kind, Object},
+    SourceError, SourceUpdate,
+};
+use crate::model::{
+    self,
+    snapshot::{slim_node, slim_service, slim_slice},
+    ObjectKey, Snapshot,
+};
 
 /// kube-proxy's selector: objects of another proxy are not ours.
 const NOT_OTHER_PROXY: &str = "!service.kubernetes.io/service-proxy-name";
@@ -44,38 +55,83 @@ enum Change {
     InitDone(Kind),
 }
 
-/// One kind's objects, and the relist in progress.
-#[derive(Default)]
-struct KindStore {
-    objects: BTreeMap<ObjectKey, serde_json::Value>,
-    relist: Option<BTreeMap<ObjectKey, serde_json::Value>>,
-    listed: bool,
-}
+/// The typed, slimmed objects of one kind being relisted.
+type Relist = BTreeMap<ObjectKey, Object>;
 
+/// The published snapshot, kept current object by object, and the relists in progress.
 #[derive(Default)]
 struct Store {
-    kinds: BTreeMap<Kind, KindStore>,
+    snapshot: Snapshot,
+    relist: BTreeMap<Kind, Relist>,
+    listed: BTreeSet<Kind>,
 }
 
 /// Every kind the agent lists and watches (the RBAC in `deploy/` must allow each).
 pub const KINDS: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
 
 impl Store {
-    fn kind(&mut self, kind: Kind) -> &mut KindStore {
-        self.kinds.entry(kind).or_default()
+    fn ready(&self) -> bool {
+        KINDS.iter().all(|k| self.listed.contains(k))
     }
 
-    fn ready(&self) -> bool {
-        KINDS
-            .iter()
-            .all(|k| self.kinds.get(k).is_some_and(|s| s.listed))
+    /// The stored version of an object, if any.
+    fn stored(&self, kind: Kind, key: &ObjectKey) -> Option<Object> {
+        let s = &self.snapshot;
+        match kind {
+            Kind::Service => s.services().get(key).cloned().map(Object::Service),
+            Kind::EndpointSlice => s
+                .endpoint_slices()
+                .get(key)
+                .cloned()
+                .map(Object::EndpointSlice),
+            Kind::Node => s.nodes().get(&key.1).cloned().map(Object::Node),
+        }
+    }
+
+    /// Stores an object unless an equal one is there (keeping the snapshots' shared
+    /// structure); true when it changed.
+    fn put(&mut self, key: ObjectKey, object: Object) -> bool {
+        let id = object.id().0;
+        if self.stored(id, &key).is_some_and(|old| old == object) {
+            return false;
+        }
+        let s = &mut self.snapshot;
+        match object {
+            Object::Service(o) => s.put_service(key, o),
+            Object::EndpointSlice(o) => s.put_slice(key, o),
+            Object::Node(o) => s.put_node(key.1, o),
+        }
+        true
+    }
+
+    fn remove(&mut self, kind: Kind, key: &ObjectKey) -> bool {
+        let s = &mut self.snapshot;
+        match kind {
+            Kind::Service => s.remove_service(key).is_some(),
+            Kind::EndpointSlice => s.remove_slice(key).is_some(),
+            Kind::Node => s.remove_node(&key.1).is_some(),
+        }
+    }
+
+    /// The keys of one kind the snapshot holds.
+    fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        let s = &self.snapshot;
+        match kind {
+            Kind::Service => s.services().keys().cloned().collect(),
+            Kind::EndpointSlice => s.endpoint_slices().keys().cloned().collect(),
+            Kind::Node => s
+                .nodes()
+                .keys()
+                .map(|n| (String::new(), n.clone()))
+                .collect(),
+        }
     }
 
     /// Applies one change; true when the published state may differ.
     fn apply(&mut self, change: Change) -> bool {
         match change {
             Change::Init(kind) => {
-                self.kind(kind).relist = Some(BTreeMap::new());
+                self.relist.insert(kind, Relist::new());
                 false
             }
             Change::Upsert(kind, object, initial) => {
@@ -83,83 +139,66 @@ impl Store {
                     object.metadata.namespace.clone().unwrap_or_default(),
                     object.metadata.name.clone().unwrap_or_default(),
                 );
-                let store = self.kind(kind);
-                let value = match checked(kind, &object) {
-                    Ok(value) => value,
+                let object = match checked(kind, *object) {
+                    Ok(object) => object,
                     Err(error) => {
                         warn!(kind = ?kind, object = %format!("{}/{}", key.0, key.1), %error, "API object skipped; keeping its last good version");
                         // During a relist the last good version must survive the swap.
-                        let Some(previous) = store.objects.get(&key).cloned() else {
+                        let Some(previous) = self.stored(kind, &key) else {
                             return false;
                         };
                         previous
                     }
                 };
-                match (&mut store.relist, initial) {
-                    (Some(relist), true) => {
-                        relist.insert(key, value);
+                match self.relist.get_mut(&kind) {
+                    Some(relist) if initial => {
+                        relist.insert(key, object);
                         false
                     }
-                    _ => store
-                        .objects
-                        .insert(key, value.clone())
-                        .is_none_or(|old| old != value),
+                    _ => self.put(key, object),
                 }
             }
-            Change::Delete(kind, key) => self.kind(kind).objects.remove(&key).is_some(),
+            Change::Delete(kind, key) => self.remove(kind, &key),
             Change::InitDone(kind) => {
-                let store = self.kind(kind);
-                if let Some(relist) = store.relist.take() {
-                    store.objects = relist;
+                let mut changed = false;
+                if let Some(relist) = self.relist.remove(&kind) {
+                    // Deletes missed while disconnected vanish; the rest is compared.
+                    for key in self.keys(kind) {
+                        if !relist.contains_key(&key) {
+                            changed |= self.remove(kind, &key);
+                        }
+                    }
+                    for (key, object) in relist {
+                        changed |= self.put(key, object);
+                    }
                 }
-                store.listed = true;
-                true
+                self.listed.insert(kind) || changed
             }
         }
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        let objects = |kind| {
-            self.kinds
-                .get(&kind)
-                .into_iter()
-                .flat_map(|s| s.objects.iter())
-        };
-        for (key, value) in objects(Kind::Service) {
-            if let Ok(o) = serde_json::from_value::<Service>(value.clone()) {
-                snapshot.services.insert(key.clone(), o);
-            }
-        }
-        for (key, value) in objects(Kind::EndpointSlice) {
-            if let Ok(o) = serde_json::from_value::<EndpointSlice>(value.clone()) {
-                snapshot.endpoint_slices.insert(key.clone(), o);
-            }
-        }
-        for (key, value) in objects(Kind::Node) {
-            if let Ok(o) = serde_json::from_value::<Node>(value.clone()) {
-                snapshot.nodes.insert(key.1.clone(), o);
-            }
-        }
-        snapshot
     }
 }
 
-/// Decodes and validates an API object as its kind; the error names what is wrong.
-fn checked(kind: Kind, object: &DynamicObject) -> Result<serde_json::Value, String> {
+/// Decodes, validates and slims an API object as its kind; the error names what is
+/// wrong. Each object is decoded once, when it arrives.
+fn checked(kind: Kind, object: DynamicObject) -> Result<Object, String> {
     let value = serde_json::to_value(object).map_err(|e| e.to_string())?;
-    let valid = match kind {
-        Kind::Service => serde_json::from_value::<Service>(value.clone())
-            .map_err(|e| format!("does not decode as Service: {e}"))
-            .and_then(|s| model::validate::service(&s).map_err(|e| e.to_string())),
-        Kind::EndpointSlice => serde_json::from_value::<EndpointSlice>(value.clone())
-            .map_err(|e| format!("does not decode as EndpointSlice: {e}"))
-            .and_then(|s| model::validate::endpoint_slice(&s).map_err(|e| e.to_string())),
-        Kind::Node => serde_json::from_value::<Node>(value.clone())
-            .map(|_| ())
+    match kind {
+        Kind::Service => {
+            let service = serde_json::from_value::<Service>(value)
+                .map_err(|e| format!("does not decode as Service: {e}"))?;
+            model::validate::service(&service).map_err(|e| e.to_string())?;
+            Ok(Object::Service(Arc::new(slim_service(service))))
+        }
+        Kind::EndpointSlice => {
+            let slice = serde_json::from_value::<EndpointSlice>(value)
+                .map_err(|e| format!("does not decode as EndpointSlice: {e}"))?;
+            model::validate::endpoint_slice(&slice).map_err(|e| e.to_string())?;
+            Ok(Object::EndpointSlice(Arc::new(slim_slice(slice))))
+        }
+        Kind::Node => serde_json::from_value::<Node>(value)
+            .map(|node| Object::Node(Arc::new(slim_node(node))))
             .map_err(|e| format!("does not decode as Node: {e}")),
-    };
-    valid.map(|()| value)
+    }
 }
 
 /// The API resource of a kind.
@@ -207,13 +246,12 @@ fn spawn_watcher(
     });
 }
 
-/// Watches until the receiver is gone. `coalesce` is how long a change waits for
-/// others before the state is published (kube-proxy's min-sync-period idea).
+/// Watches until the receiver is gone, publishing every change as it arrives (the sync
+/// loop decides how often to program).
 pub async fn run(
     client: Client,
     node_name: String,
     tx: watch::Sender<SourceUpdate>,
-    coalesce: Duration,
 ) -> Result<(), SourceError> {
     let (change_tx, mut changes) = mpsc::unbounded_channel();
     let selected = watcher::Config::default().labels(NOT_OTHER_PROXY);
@@ -235,15 +273,9 @@ pub async fn run(
     let mut announced = false;
     while let Some(change) = changes.recv().await {
         let mut dirty = store.apply(change);
-        let deadline = tokio::time::Instant::now() + coalesce;
-        loop {
-            tokio::select! {
-                change = changes.recv() => match change {
-                    Some(change) => dirty |= store.apply(change),
-                    None => return Ok(()),
-                },
-                () = tokio::time::sleep_until(deadline) => break,
-            }
+        // Whatever else has arrived goes into the same version.
+        while let Ok(change) = changes.try_recv() {
+            dirty |= store.apply(change);
         }
         if !dirty || !store.ready() {
             continue;
@@ -252,10 +284,10 @@ pub async fn run(
             info!("initial lists from the API server complete");
             announced = true;
         }
-        let snapshot = Arc::new(store.snapshot());
+        let snapshot = Arc::new(store.snapshot.clone());
         debug!(
-            services = snapshot.services.len(),
-            slices = snapshot.endpoint_slices.len(),
+            services = snapshot.services().len(),
+            slices = snapshot.endpoint_slices().len(),
             "publishing API state"
         );
         tx.send_modify(|update| {

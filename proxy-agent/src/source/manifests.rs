@@ -1,15 +1,22 @@
-//! `--manifests DIR`: a directory of YAML/JSON files as the cluster. Files are re-read
-//! when inotify says they changed; a file or object that fails keeps its last good content.
+//! `--manifests DIR`: a directory of YAML/JSON files as the cluster. A file is re-read
+//! when inotify says it changed (at once when it was closed after writing or renamed
+//! into place, after a short debounce for other writes); a file or object that fails
+//! keeps its last good content. Only the objects of re-read files are compared, and the
+//! snapshot is updated in place, so a change costs what it changes. Runs on a thread of
+//! its own: file I/O never blocks the runtime serving DNS, health and metrics.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, SystemTime},
+    sync::{mpsc as std_mpsc, Arc},
+    time::{Duration, Instant, SystemTime},
 };
 
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::{mpsc, watch};
+use notify::{
+    event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode},
+    EventKind, RecursiveMode, Watcher,
+};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -18,22 +25,27 @@ use super::{
 };
 use crate::model::{ObjectKey, Snapshot};
 
-/// Changes closer together than this are read in one pass.
+/// Writes that do not end in a close (or a rename) are read this long after the last.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// A full rescan even without events, in case inotify lost some.
 const RESCAN: Duration = Duration::from_secs(5);
 
+type ObjectId = (Kind, ObjectKey);
+
 #[derive(Debug, Default)]
 struct FileState {
     stamp: Option<(SystemTime, u64)>,
-    objects: BTreeMap<(Kind, ObjectKey), Object>,
+    objects: BTreeMap<ObjectId, Object>,
 }
 
-/// The directory's last good content, file by file.
+/// The directory's last good content, file by file, and the snapshot it makes.
 #[derive(Debug, Default)]
 pub struct ManifestsDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// The files defining each object; the last by name wins.
+    defined_in: HashMap<ObjectId, BTreeSet<PathBuf>>,
+    snapshot: Snapshot,
 }
 
 impl ManifestsDir {
@@ -41,51 +53,133 @@ impl ManifestsDir {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_owned(),
-            files: BTreeMap::new(),
+            ..Self::default()
         }
     }
 
-    /// Re-reads changed files; true when anything the snapshot holds may have changed.
+    /// Re-reads every changed file; true when the snapshot changed.
     pub fn reload(&mut self) -> Result<bool, SourceError> {
         let listed = list(&self.dir)?;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !listed.contains(p))
+            .cloned()
+            .collect();
         let mut changed = false;
-        let before = self.files.len();
-        self.files.retain(|path, _| listed.contains(path));
-        changed |= self.files.len() != before;
-        for path in listed {
-            let stamp = fs::metadata(&path)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())));
-            let state = self.files.entry(path.clone()).or_default();
-            if stamp.is_some() && state.stamp == stamp {
-                continue;
-            }
-            state.stamp = stamp;
-            changed |= read_file(&path, state);
+        for path in gone.iter().chain(&listed) {
+            changed |= self.reload_file(path);
         }
         Ok(changed)
     }
 
-    /// Merges every file's objects; a later file (by name) wins on a duplicate.
+    /// Re-reads the given files (gone ones are dropped); true when the snapshot changed.
+    pub fn reload_paths<'a>(&mut self, paths: impl IntoIterator<Item = &'a PathBuf>) -> bool {
+        let mut changed = false;
+        for path in paths {
+            changed |= self.reload_file(path);
+        }
+        changed
+    }
+
+    fn reload_file(&mut self, path: &Path) -> bool {
+        let stamp = if is_manifest(path) {
+            fs::metadata(path)
+                .ok()
+                .filter(fs::Metadata::is_file)
+                .map(|m| (m.modified().ok(), m.len()))
+        } else {
+            None
+        };
+        let Some((modified, len)) = stamp else {
+            let Some(state) = self.files.remove(path) else {
+                return false;
+            };
+            return self.replace(path, &state.objects, &BTreeMap::new());
+        };
+        let stamp = modified.map(|m| (m, len));
+        let state = self.files.entry(path.to_owned()).or_default();
+        if stamp.is_some() && state.stamp == stamp {
+            return false;
+        }
+        state.stamp = stamp;
+        let before = state.objects.clone();
+        if !read_file(path, state) {
+            return false;
+        }
+        let after = state.objects.clone();
+        self.replace(path, &before, &after)
+    }
+
+    /// Follows one file's objects going from `before` to `after`.
+    fn replace(
+        &mut self,
+        path: &Path,
+        before: &BTreeMap<ObjectId, Object>,
+        after: &BTreeMap<ObjectId, Object>,
+    ) -> bool {
+        let mut changed = false;
+        let ids: BTreeSet<&ObjectId> = before.keys().chain(after.keys()).collect();
+        for id in ids {
+            if before.get(id) == after.get(id) {
+                continue;
+            }
+            let files = self.defined_in.entry(id.clone()).or_default();
+            if after.contains_key(id) {
+                files.insert(path.to_owned());
+            } else {
+                files.remove(path);
+            }
+            let winner = files.last().cloned();
+            if winner.is_none() {
+                self.defined_in.remove(id);
+            }
+            let object = winner.and_then(|p| self.files.get(&p)?.objects.get(id).cloned());
+            changed |= self.store(id, object);
+        }
+        changed
+    }
+
+    /// Puts the winning version of an object into the snapshot (or removes it).
+    fn store(&mut self, (kind, key): &ObjectId, object: Option<Object>) -> bool {
+        let s = &mut self.snapshot;
+        let stored = match kind {
+            Kind::Service => s.services().get(key).cloned().map(Object::Service),
+            Kind::EndpointSlice => s
+                .endpoint_slices()
+                .get(key)
+                .cloned()
+                .map(Object::EndpointSlice),
+            Kind::Node => s.nodes().get(&key.1).cloned().map(Object::Node),
+        };
+        if stored == object {
+            return false;
+        }
+        match object {
+            Some(Object::Service(o)) => s.put_service(key.clone(), o),
+            Some(Object::EndpointSlice(o)) => s.put_slice(key.clone(), o),
+            Some(Object::Node(o)) => s.put_node(key.1.clone(), o),
+            None => match kind {
+                Kind::Service => drop(s.remove_service(key)),
+                Kind::EndpointSlice => drop(s.remove_slice(key)),
+                Kind::Node => drop(s.remove_node(&key.1)),
+            },
+        }
+        true
+    }
+
+    /// The merged objects of every file (a later file, by name, wins on a duplicate);
+    /// O(1), sharing structure with the directory's own copy.
     #[must_use]
     pub fn snapshot(&self) -> Snapshot {
-        let mut snapshot = Snapshot::default();
-        for object in self.files.values().flat_map(|f| f.objects.values()) {
-            let (_, key) = object.id();
-            match object {
-                Object::Service(o) => {
-                    snapshot.services.insert(key, (**o).clone());
-                }
-                Object::EndpointSlice(o) => {
-                    snapshot.endpoint_slices.insert(key, (**o).clone());
-                }
-                Object::Node(o) => {
-                    snapshot.nodes.insert(key.1, (**o).clone());
-                }
-            }
-        }
-        snapshot
+        self.snapshot.clone()
     }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
 }
 
 fn list(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
@@ -93,12 +187,7 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     let mut paths: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-        })
+        .filter(|p| p.is_file() && is_manifest(p))
         .collect();
     paths.sort();
     Ok(paths)
@@ -149,38 +238,96 @@ fn read_file(path: &Path, state: &mut FileState) -> bool {
     true
 }
 
-/// Loads the directory, publishes it, then follows changes until the receiver is gone.
+/// When an event's files are to be read: at once when the writer is done with them
+/// (closed after writing, renamed, removed), else after the debounce.
+fn read_after(kind: EventKind) -> Option<Duration> {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(
+            RenameMode::To | RenameMode::From | RenameMode::Both | RenameMode::Any,
+        ))
+        | EventKind::Remove(_) => Some(Duration::ZERO),
+        EventKind::Access(_) | EventKind::Create(CreateKind::Folder) => None,
+        _ => Some(DEBOUNCE),
+    }
+}
+
+/// Loads the directory, publishes it, then follows changes until the receiver is gone,
+/// on a thread of its own.
 pub async fn run(dir: PathBuf, tx: watch::Sender<SourceUpdate>) -> Result<(), SourceError> {
-    let (event_tx, mut events) = mpsc::unbounded_channel();
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("manifests".into())
+        .spawn(move || {
+            let _ = done_tx.send(follow(&dir, &tx));
+        })
+        .map_err(|e| SourceError::ReadDir(PathBuf::from("<thread>"), e))?;
+    done.await.unwrap_or(Ok(()))
+}
+
+fn follow(dir: &Path, tx: &watch::Sender<SourceUpdate>) -> Result<(), SourceError> {
+    let (event_tx, events) = std_mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event| {
         // The receiver only goes away at shutdown.
         let _ = event_tx.send(event);
     })
     .map_err(SourceError::Watch)?;
     watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
+        .watch(dir, RecursiveMode::NonRecursive)
         .map_err(SourceError::Watch)?;
-    let mut manifests = ManifestsDir::new(&dir);
+    let mut manifests = ManifestsDir::new(dir);
     manifests.reload()?;
-    publish(&tx, &manifests);
+    publish(tx, &manifests);
     info!(dir = %dir.display(), "manifests loaded");
+    let mut pending: BTreeMap<PathBuf, Instant> = BTreeMap::new();
+    let mut rescan = Instant::now() + RESCAN;
     loop {
-        tokio::select! {
-            event = events.recv() => {
-                if event.is_none() {
-                    return Ok(());
+        let next = pending
+            .values()
+            .min()
+            .copied()
+            .unwrap_or(rescan)
+            .min(rescan);
+        match events.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(Ok(event)) => {
+                let event: notify::Event = event;
+                if let Some(after) = read_after(event.kind) {
+                    let at = Instant::now() + after;
+                    for path in event.paths {
+                        // A later write pushes a debounced read back; a close brings it on.
+                        let slot = pending.entry(path).or_insert(at);
+                        *slot = if after.is_zero() { at.min(*slot) } else { at };
+                    }
                 }
-                tokio::time::sleep(DEBOUNCE).await;
-                while events.try_recv().is_ok() {}
             }
-            () = tokio::time::sleep(RESCAN) => {}
+            Ok(Err(error)) => warn!(%error, "inotify error; the next rescan catches up"),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
-        match manifests.reload() {
-            Ok(true) => publish(&tx, &manifests),
-            Ok(false) => {}
-            Err(error) => {
-                warn!(%error, "manifests directory unreadable; keeping the last good state");
+        let now = Instant::now();
+        let due: Vec<PathBuf> = pending
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut changed = false;
+        if !due.is_empty() {
+            for path in &due {
+                pending.remove(path);
             }
+            changed |= manifests.reload_paths(&due);
+        }
+        if now >= rescan {
+            rescan = now + RESCAN;
+            match manifests.reload() {
+                Ok(c) => changed |= c,
+                Err(error) => {
+                    warn!(%error, "manifests directory unreadable; keeping the last good state");
+                }
+            }
+        }
+        if changed {
+            publish(tx, &manifests);
         }
         if tx.is_closed() {
             return Ok(());

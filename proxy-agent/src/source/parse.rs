@@ -1,18 +1,25 @@
 //! Manifest text → typed objects. A file either parses as YAML/JSON or is rejected
 //! whole; within it, each object decodes and validates on its own.
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_yaml::Value;
 use thiserror::Error;
 
-use crate::model::{self, validate::ValidationError, ObjectKey};
+use crate::model::{
+    self,
+    snapshot::{slim_node, slim_service, slim_slice},
+    validate::ValidationError,
+    ObjectKey,
+};
 
-/// An object the agent reads.
-#[derive(Clone, Debug)]
+/// An object the agent reads, slimmed to what it reads (see `model::snapshot`).
+#[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Node(Arc<Node>),
 }
 
 /// Which map of the snapshot an object belongs to.
@@ -130,13 +137,15 @@ fn decode(doc: Value) -> Option<Result<Object, Rejected>> {
     let object = match kind {
         Kind::Service => serde_yaml::from_value::<Service>(doc).map(|mut o| {
             o.metadata.namespace = Some(key.0.clone());
-            Object::Service(Box::new(o))
+            Object::Service(Arc::new(slim_service(o)))
         }),
         Kind::EndpointSlice => serde_yaml::from_value::<EndpointSlice>(doc).map(|mut o| {
             o.metadata.namespace = Some(key.0.clone());
-            Object::EndpointSlice(Box::new(o))
+            Object::EndpointSlice(Arc::new(slim_slice(o)))
         }),
-        Kind::Node => serde_yaml::from_value::<Node>(doc).map(|o| Object::Node(Box::new(o))),
+        Kind::Node => {
+            serde_yaml::from_value::<Node>(doc).map(|o| Object::Node(Arc::new(slim_node(o))))
+        }
     };
     let object = match object {
         Ok(object) => object,

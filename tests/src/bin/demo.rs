@@ -20,7 +20,7 @@ fn last_octet(ip: &str) -> Option<u8> {
 /// (node name, index) from each Node's `InternalIP`.
 fn nodes(snapshot: &Snapshot) -> Vec<(String, u8)> {
     snapshot
-        .nodes
+        .nodes()
         .iter()
         .filter_map(|(name, node)| {
             let addresses = node.status.as_ref()?.addresses.as_ref()?;
@@ -33,7 +33,7 @@ fn nodes(snapshot: &Snapshot) -> Vec<(String, u8)> {
 /// (pod, node, host octet, listeners) from the `EndpointSlice`s.
 fn pods(snapshot: &Snapshot) -> BTreeMap<String, (String, u8, Vec<String>)> {
     let mut pods = BTreeMap::new();
-    for slice in snapshot.endpoint_slices.values() {
+    for slice in snapshot.endpoint_slices().values() {
         let listeners: Vec<String> = slice
             .ports
             .iter()
@@ -93,7 +93,7 @@ fn main() {
         "agent running on {first}; client pod 10.244.{}.{CLIENT_HOST}",
         cluster.node(&first).index
     );
-    for ((ns, name), service) in &snapshot.services {
+    for ((ns, name), service) in snapshot.services() {
         let spec = service.spec.as_ref().expect("spec");
         let Some(ip) = spec
             .cluster_ip

@@ -56,8 +56,6 @@ pub struct EbpfDataplane {
     writer: MapWriter<kernel::KernelMaps>,
     packets: Option<nodeport::PacketPrograms>,
     terminator: terminate::Terminator,
-    /// The UDP backends as of the last apply; `None` until the first.
-    udp: Option<terminate::UdpBackends>,
 }
 
 impl EbpfDataplane {
@@ -82,7 +80,6 @@ impl EbpfDataplane {
             writer,
             packets,
             terminator: terminate::Terminator::spawn(bpffs.to_owned()),
-            udp: None,
         })
     }
 }
@@ -99,24 +96,19 @@ impl super::Dataplane for EbpfDataplane {
     fn apply(
         &mut self,
         plan: &Plan,
-        desired: &DesiredState,
+        _desired: &DesiredState,
     ) -> Result<super::Applied, super::DataplaneError> {
         // Node addresses come and go with interfaces; each sync follows them.
         if let Some(packets) = &mut self.packets {
             packets.refresh()?;
         }
-        // The first apply compares with what a previous agent left in the maps.
-        let before = match self.udp.take() {
-            Some(udp) => udp,
-            None => terminate::UdpBackends::of(&self.writer.programmed()),
-        };
         let writes = self.writer.apply(plan)?;
-        let udp = terminate::UdpBackends::of(desired);
-        let removed = udp.removed_since(&before);
+        // The plan's `before` is what the maps held (after a restart, what a previous
+        // agent left there), so a backend removed while we were down counts too.
+        let removed = terminate::removed_pairs(plan);
         if !removed.is_empty() {
             self.terminator.request(removed);
         }
-        self.udp = Some(udp);
         Ok(super::Applied {
             writes,
             full: false,

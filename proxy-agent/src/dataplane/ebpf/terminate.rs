@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{observe, EbpfError};
 use crate::{
-    model::{DesiredState, Protocol},
+    model::{Frontend, FrontendKey, Plan, Protocol},
     netlink::NetlinkError,
     sockdiag::SockDiag,
 };
@@ -39,34 +39,33 @@ pub enum TerminateError {
     Thread(PathBuf),
 }
 
-/// Every (frontend, backend) pair of the UDP frontends of a desired state, whichever
-/// class of client the backend serves.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct UdpBackends(BTreeSet<Pair>);
-
-impl UdpBackends {
-    #[must_use]
-    pub fn of(desired: &DesiredState) -> Self {
-        let mut pairs = BTreeSet::new();
-        for (key, frontend) in &desired.frontends {
-            if key.protocol != Protocol::Udp {
-                continue;
-            }
-            let at = SocketAddr::new(key.ip, key.port);
-            for route in frontend.routes() {
-                for backend in route.backends.iter() {
-                    pairs.insert((at, SocketAddr::new(backend.ip, backend.port)));
-                }
-            }
-        }
-        Self(pairs)
+/// The (frontend, backend) pairs of one UDP frontend, whichever class of client the
+/// backend serves.
+fn udp_pairs(key: &FrontendKey, frontend: &Frontend) -> BTreeSet<Pair> {
+    if key.protocol != Protocol::Udp {
+        return BTreeSet::new();
     }
+    let at = SocketAddr::new(key.ip, key.port);
+    frontend
+        .routes()
+        .iter()
+        .flat_map(|route| route.backends.iter())
+        .map(|backend| (at, SocketAddr::new(backend.ip, backend.port)))
+        .collect()
+}
 
-    /// The pairs `before` had that are gone now.
-    #[must_use]
-    pub fn removed_since(&self, before: &Self) -> BTreeSet<Pair> {
-        before.0.difference(&self.0).copied().collect()
+/// The UDP (frontend, backend) pairs a plan takes away: a backend that left its
+/// frontend, or a frontend that went with its backends. Only the frontends the plan
+/// touches are looked at.
+#[must_use]
+pub fn removed_pairs(plan: &Plan) -> BTreeSet<Pair> {
+    let mut removed = BTreeSet::new();
+    for (key, before, after) in plan.changes() {
+        let Some(before) = before else { continue };
+        let kept = after.map(|a| udp_pairs(&key, a)).unwrap_or_default();
+        removed.extend(udp_pairs(&key, before).difference(&kept).copied());
     }
+    removed
 }
 
 /// The sockets to destroy, by cookie: those the per-socket maps record as sent to a
@@ -226,21 +225,20 @@ mod tests {
 
     use super::{
         super::tests::{key, state},
-        namespaces, UdpBackends,
+        namespaces, removed_pairs,
     };
-    use crate::model::Protocol;
+    use crate::model::{diff, Protocol};
 
     #[test]
     fn removed_pairs_are_udp_backends_that_left_their_frontend() {
         use Protocol::{Tcp, Udp};
-        let before = UdpBackends::of(&state(&[
+        let before = state(&[
             (key(1, Udp), &[1, 2]),
             (key(2, Udp), &[3]),
             (key(3, Tcp), &[4]),
-        ]));
-        let after = UdpBackends::of(&state(&[(key(1, Udp), &[2, 5]), (key(3, Tcp), &[])]));
-        let removed: Vec<String> = after
-            .removed_since(&before)
+        ]);
+        let after = state(&[(key(1, Udp), &[2, 5]), (key(3, Tcp), &[])]);
+        let removed: Vec<String> = removed_pairs(&diff(&before, &after))
             .iter()
             .map(|(f, b)| format!("{f}->{b}"))
             .collect();
@@ -253,7 +251,7 @@ mod tests {
                 "10.96.0.2:80->10.244.0.3:8080"
             ]
         );
-        assert!(before.removed_since(&before).is_empty());
+        assert!(removed_pairs(&diff(&before, &before)).is_empty());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! nftables dataplane: the ruleset of `ruleset.rs` in our own `ip`/`ip6` tables, loaded
 //! with `nft -f` as one atomic transaction per sync: whole at start and after any
-//! failure, otherwise only what changed (`delta.rs`); then stale UDP conntrack goes.
+//! failure, otherwise only what changed (`rendered.rs` re-renders the changed Service
+//! ports, `delta.rs` writes what differs); then stale UDP conntrack goes.
 pub mod delta;
 pub mod names;
+pub mod rendered;
 pub mod ruleset;
 pub mod table;
 
@@ -18,7 +20,7 @@ use thiserror::Error;
 
 use tracing::{debug, warn};
 
-use self::table::Table;
+use self::rendered::Rendered;
 use super::{conntrack, Applied};
 use crate::model::{DesiredState, Plan};
 
@@ -78,21 +80,20 @@ pub fn cleanup() -> Result<(), NftError> {
 
 /// What the kernel holds, as far as this process knows.
 struct Programmed {
-    tables: [Table; 2],
+    rendered: Rendered,
+    /// The desired state `rendered` was made from.
+    from: DesiredState,
     /// Chains flushed by the last sync, deleted by the next.
     stale: [BTreeSet<String>; 2],
-    udp: conntrack::UdpServices,
 }
 
-/// One sync's transaction and what the kernel holds once it is loaded.
+/// One sync's transaction.
 pub struct Pending {
     /// `nft -f` input.
     pub text: String,
     /// Statements in it (a full load counts its lines).
     pub ops: usize,
     pub full: bool,
-    tables: [Table; 2],
-    stale: [BTreeSet<String>; 2],
 }
 
 pub struct NftablesDataplane {
@@ -127,51 +128,54 @@ impl NftablesDataplane {
     }
 
     /// The transaction from what the kernel holds to `desired`: whole tables when
-    /// nothing is known, else a partial one.
-    #[must_use]
-    pub fn transaction(&self, desired: &DesiredState) -> Pending {
-        let tables = ruleset::build(desired, &self.cluster_cidrs);
-        let Some(kernel) = &self.kernel else {
-            let text = ruleset::full_text(&tables);
-            return Pending {
+    /// nothing is known, else a partial one; what the kernel then holds, for `commit`.
+    fn transaction(&mut self, desired: &DesiredState) -> (Pending, Programmed) {
+        let Some(kernel) = self.kernel.take() else {
+            let rendered = Rendered::full(desired, &self.cluster_cidrs);
+            let text = ruleset::full_text(&rendered.tables);
+            let pending = Pending {
                 ops: text.lines().filter(|l| !l.trim().is_empty()).count(),
                 text,
                 full: true,
-                tables,
+            };
+            let programmed = Programmed {
+                rendered,
+                from: desired.clone(),
                 stale: Default::default(),
             };
+            return (pending, programmed);
         };
+        // The kernel holds the tables last rendered plus the stale chains, empty.
+        let mut held = kernel.rendered.tables.clone();
+        for (table, stale) in held.iter_mut().zip(&kernel.stale) {
+            for name in stale {
+                table.chains.insert(name.clone(), table::Chain::default());
+            }
+        }
+        let mut rendered = kernel.rendered;
+        rendered.update(&kernel.from, desired);
         let mut text = String::new();
         let mut ops = 0;
         let mut stale: [BTreeSet<String>; 2] = Default::default();
         for i in 0..2 {
-            let (tx, flushed) = delta::delta(&kernel.tables[i], &tables[i], &kernel.stale[i]);
+            let (tx, flushed) = delta::delta(&held[i], &rendered.tables[i], &kernel.stale[i]);
             if !tx.is_empty() {
                 ops += tx.statements.len();
                 text.push_str(&tx.text());
             }
             stale[i] = flushed;
         }
-        // The kernel then holds the desired tables plus the stale chains, empty.
-        let mut after = tables;
-        for i in 0..2 {
-            for name in &stale[i] {
-                let mut chain = kernel.tables[i]
-                    .chains
-                    .get(name)
-                    .cloned()
-                    .unwrap_or_default();
-                chain.rules.clear();
-                after[i].chains.insert(name.clone(), chain);
-            }
-        }
-        Pending {
+        let pending = Pending {
             text,
             ops,
             full: false,
-            tables: after,
+        };
+        let programmed = Programmed {
+            rendered,
+            from: desired.clone(),
             stale,
-        }
+        };
+        (pending, programmed)
     }
 }
 
@@ -188,16 +192,13 @@ impl super::Dataplane for NftablesDataplane {
 
     fn apply(
         &mut self,
-        plan: &Plan,
+        _plan: &Plan,
         desired: &DesiredState,
     ) -> Result<Applied, super::DataplaneError> {
-        if plan.is_empty() && self.kernel.is_some() {
-            return Ok(Applied {
-                writes: 0,
-                full: false,
-            });
-        }
-        let pending = self.transaction(desired);
+        // Names count here (they name the chains), so the tables follow their own diff
+        // from the state they were rendered from rather than the plan's.
+        let old = self.kernel.as_ref().map(|k| k.from.clone());
+        let (pending, programmed) = self.transaction(desired);
         if pending.ops > 0 {
             if let Err(error) = load_in(self.netns.as_deref(), &pending.text) {
                 // Whatever happened, the next sync rewrites everything.
@@ -205,19 +206,16 @@ impl super::Dataplane for NftablesDataplane {
                 return Err(error.into());
             }
         }
-        let udp = conntrack::UdpServices::of(desired);
-        if self.netns.is_none() && self.kernel.as_ref().is_none_or(|k| k.udp != udp) {
+        self.kernel = Some(programmed);
+        let old = old.unwrap_or_default();
+        let udp = conntrack::UdpServices::changed(&old, desired);
+        if self.netns.is_none() && !udp.is_empty() {
             match conntrack::clean_udp(&udp) {
                 Ok(0) => {}
                 Ok(deleted) => debug!(deleted, "stale UDP conntrack entries deleted"),
                 Err(error) => warn!(%error, "cannot clean stale UDP conntrack entries"),
             }
         }
-        self.kernel = Some(Programmed {
-            tables: pending.tables,
-            stale: pending.stale,
-            udp,
-        });
         Ok(Applied {
             writes: pending.ops,
             full: pending.full,

@@ -30,15 +30,15 @@ use crate::model::{
 pub const CASCADE_MAX: usize = 32;
 
 /// One Service port of one family: every frontend it has.
-struct Group<'a> {
-    service: &'a ServicePortName,
-    protocol: Protocol,
-    frontends: Vec<(&'a FrontendKey, &'a Frontend)>,
+pub(super) struct Group<'a> {
+    pub service: &'a ServicePortName,
+    pub protocol: Protocol,
+    pub frontends: Vec<(&'a FrontendKey, &'a Frontend)>,
 }
 
 #[derive(Clone, Copy)]
-struct Family {
-    v6: bool,
+pub(super) struct Family {
+    pub v6: bool,
 }
 
 impl Family {
@@ -63,7 +63,7 @@ impl Family {
             "ipv4_addr"
         }
     }
-    fn holds(self, ip: IpAddr) -> bool {
+    pub fn holds(self, ip: IpAddr) -> bool {
         ip.is_ipv6() == self.v6
     }
 }
@@ -86,10 +86,11 @@ pub fn render(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> String {
     full_text(&build(desired, cluster_cidrs))
 }
 
-/// The `ip` and `ip6` tables for a desired state.
+/// The `ip` and `ip6` tables for a desired state (the full build; `Rendered` keeps them
+/// current change by change).
 #[must_use]
 pub fn build(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> [Table; 2] {
-    [false, true].map(|v6| table(desired, cluster_cidrs, Family { v6 }))
+    super::rendered::Rendered::full(desired, cluster_cidrs).tables
 }
 
 /// Replaces both tables whole.
@@ -112,25 +113,6 @@ pub fn removal() -> String {
 /// Removes our table of one family, whether it exists or not.
 fn removal_of(family: &str) -> String {
     format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n")
-}
-
-fn groups(desired: &DesiredState, family: Family) -> Vec<Group<'_>> {
-    let mut groups: BTreeMap<(&ServicePortName, Protocol), Vec<(&FrontendKey, &Frontend)>> =
-        BTreeMap::new();
-    for (key, frontend) in desired.frontends.iter().filter(|(k, _)| family.holds(k.ip)) {
-        groups
-            .entry((&frontend.service, key.protocol))
-            .or_default()
-            .push((key, frontend));
-    }
-    groups
-        .into_iter()
-        .map(|((service, protocol), frontends)| Group {
-            service,
-            protocol,
-            frontends,
-        })
-        .collect()
 }
 
 /// Where a route sends a new connection: its endpoint chain, or the mark for its verdict.
@@ -156,7 +138,9 @@ fn chain(comment: &str, rules: Vec<String>) -> Chain {
     }
 }
 
-fn table(desired: &DesiredState, cluster_cidrs: &[IpNet], family: Family) -> Table {
+/// A table of one family with no Service in it: the fixed chains, the cluster CIDRs and
+/// empty dispatch maps.
+pub(super) fn empty_table(cluster_cidrs: &[IpNet], family: Family) -> Table {
     let mut t = Table::new(family.table());
     let addr_type = family.addr_type();
     let mut cidrs = Set::new("set", &[&format!("type {addr_type}"), "flags interval"]);
@@ -170,57 +154,66 @@ fn table(desired: &DesiredState, cluster_cidrs: &[IpNet], family: Family) -> Tab
     for cidr in IpNet::aggregate(&family_cidrs) {
         cidrs.elements.insert(cidr.to_string(), String::new());
     }
-    let cidrs_present = !cidrs.elements.is_empty();
     t.sets.insert("cluster-cidrs".to_owned(), cidrs);
-    let mut nodeport_ips = Set::new("set", &[&format!("type {addr_type}")]);
-    let mut service_ips = Set::new(
-        "map",
-        &[&format!(
-            "type {addr_type} . inet_proto . inet_service : verdict"
-        )],
+    t.sets.insert(
+        NODEPORT_IPS.to_owned(),
+        Set::new("set", &[&format!("type {addr_type}")]),
     );
-    let mut nodeports = Set::new("map", &["type inet_proto . inet_service : verdict"]);
-    for group in &groups(desired, family) {
-        group_chains(group, cidrs_present, family, &mut t);
-        for (key, frontend) in &group.frontends {
-            let element = format!("{} . {} . {}", key.ip, proto(key.protocol), key.port);
-            let ext = names::external_chain(group.service, group.protocol);
-            match frontend.kind {
-                FrontendKind::ClusterIp => {
-                    let target = target(group, &frontend.pod);
-                    service_ips
-                        .elements
-                        .insert(element, format!("goto {target}"));
-                }
-                FrontendKind::ExternalIp | FrontendKind::LoadBalancer => {
-                    let guarded = frontend.kind == FrontendKind::LoadBalancer
-                        && !frontend.source_ranges.is_empty();
-                    let chain = if guarded {
-                        names::firewall_chain(group.service, group.protocol)
-                    } else {
-                        ext
-                    };
-                    service_ips
-                        .elements
-                        .insert(element, format!("goto {chain}"));
-                }
-                FrontendKind::NodePort => {
-                    nodeport_ips
-                        .elements
-                        .insert(key.ip.to_string(), String::new());
-                    nodeports.elements.insert(
-                        format!("{} . {}", proto(key.protocol), key.port),
-                        format!("goto {ext}"),
-                    );
-                }
-            }
-        }
-    }
-    t.sets.insert("nodeport-ips".to_owned(), nodeport_ips);
-    t.sets.insert("service-ips".to_owned(), service_ips);
-    t.sets.insert("service-nodeports".to_owned(), nodeports);
+    t.sets.insert(
+        SERVICE_IPS.to_owned(),
+        Set::new(
+            "map",
+            &[&format!(
+                "type {addr_type} . inet_proto . inet_service : verdict"
+            )],
+        ),
+    );
+    t.sets.insert(
+        SERVICE_NODEPORTS.to_owned(),
+        Set::new("map", &["type inet_proto . inet_service : verdict"]),
+    );
     fixed_chains(&mut t, family.addr());
     t
+}
+
+/// The dispatch maps' names.
+pub(super) const SERVICE_IPS: &str = "service-ips";
+pub(super) const SERVICE_NODEPORTS: &str = "service-nodeports";
+pub(super) const NODEPORT_IPS: &str = "nodeport-ips";
+
+/// A frontend's element in `service-ips` (ClusterIP, external and load-balancer IPs) or
+/// in `service-nodeports` (NodePorts, whose address goes into `nodeport-ips`).
+pub(super) enum Element {
+    ServiceIp(String, String),
+    NodePort(String, String),
+}
+
+pub(super) fn element(group: &Group, key: &FrontendKey, frontend: &Frontend) -> Element {
+    let ext = names::external_chain(group.service, group.protocol);
+    match frontend.kind {
+        FrontendKind::ClusterIp => Element::ServiceIp(
+            service_ip(key),
+            format!("goto {}", target(group, &frontend.pod)),
+        ),
+        FrontendKind::ExternalIp | FrontendKind::LoadBalancer => {
+            let guarded =
+                frontend.kind == FrontendKind::LoadBalancer && !frontend.source_ranges.is_empty();
+            let chain = if guarded {
+                names::firewall_chain(group.service, group.protocol)
+            } else {
+                ext
+            };
+            Element::ServiceIp(service_ip(key), format!("goto {chain}"))
+        }
+        FrontendKind::NodePort => Element::NodePort(
+            format!("{} . {}", proto(key.protocol), key.port),
+            format!("goto {ext}"),
+        ),
+    }
+}
+
+fn service_ip(key: &FrontendKey) -> String {
+    format!("{} . {} . {}", key.ip, proto(key.protocol), key.port)
 }
 
 /// The hooks, the dispatch chains and the mark chains, the same in every ruleset.
@@ -338,7 +331,7 @@ fn choose(group: &Group, backends: &[Backend]) -> Vec<String> {
 
 /// The chains of one Service port: SVC/SVL (endpoint choice), EXT (external traffic
 /// policy), FW (source ranges) and one SEP per endpoint.
-fn group_chains(group: &Group, cidrs_present: bool, family: Family, t: &mut Table) {
+pub(super) fn group_chains(group: &Group, cidrs_present: bool, family: Family, t: &mut Table) {
     let addr = family.addr();
     let comment = group.service.to_string();
     let affinity = group.frontends.iter().find_map(|(_, f)| f.affinity_timeout);

@@ -1,6 +1,10 @@
 //! One nftables table as data (chains with their rules, sets and maps with their
 //! elements), so a sync can print it whole or compare it with the last one programmed.
-use std::{collections::BTreeMap, fmt::Write};
+//! The maps are persistent: a copy is O(1), and comparing a table with one derived from
+//! it costs what differs.
+use std::fmt::Write;
+
+use imbl::OrdMap;
 
 /// Our tables' name, in the `ip` and `ip6` families.
 pub const TABLE: &str = "proxy-agent";
@@ -20,7 +24,7 @@ pub struct Set {
     /// Declaration lines: `type …`, `flags …`, `timeout …`.
     pub decl: Vec<String>,
     /// Key → value (maps) or key → empty (sets).
-    pub elements: BTreeMap<String, String>,
+    pub elements: OrdMap<String, String>,
     /// Elements are the kernel's (affinity), never written by a sync.
     pub dynamic: bool,
 }
@@ -31,7 +35,7 @@ impl Set {
         Self {
             kind,
             decl: decl.iter().map(|&d| d.to_owned()).collect(),
-            elements: BTreeMap::new(),
+            elements: OrdMap::new(),
             dynamic: false,
         }
     }
@@ -52,8 +56,8 @@ pub struct Table {
     /// `ip` or `ip6`.
     pub family: &'static str,
     pub comment: String,
-    pub sets: BTreeMap<String, Set>,
-    pub chains: BTreeMap<String, Chain>,
+    pub sets: OrdMap<String, Set>,
+    pub chains: OrdMap<String, Chain>,
     /// Named counters (fixed: declared by full loads only, never changed by a sync).
     pub counters: Vec<&'static str>,
 }
@@ -69,8 +73,8 @@ impl Table {
         Self {
             family,
             comment: "rules for proxy-agent (kube-proxy replacement)".to_owned(),
-            sets: BTreeMap::new(),
-            chains: BTreeMap::new(),
+            sets: OrdMap::new(),
+            chains: OrdMap::new(),
             counters: vec![
                 COUNTER_DROP_NO_LOCAL_ENDPOINTS,
                 COUNTER_DROP_SOURCE_RANGE,

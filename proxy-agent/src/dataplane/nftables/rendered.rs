@@ -1,0 +1,235 @@
+//! The two tables kept current change by change: a changed frontend re-renders the
+//! chains of its Service port only (kube-proxy's per-Service chains) and rewrites its
+//! own dispatch-map element, so a sync costs what changed, never the whole ruleset. A
+//! full build is the same steps from empty tables.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use imbl::ordmap::DiffItem;
+use ipnet::IpNet;
+
+use super::{
+    ruleset::{
+        element, empty_table, group_chains, Element, Family, Group, NODEPORT_IPS, SERVICE_IPS,
+        SERVICE_NODEPORTS,
+    },
+    table::Table,
+};
+use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
+
+/// One Service port of one family (`true`: IPv6).
+type GroupKey = (bool, ServicePortName, Protocol);
+
+fn group_of(key: &FrontendKey, frontend: &Frontend) -> GroupKey {
+    (key.ip.is_ipv6(), frontend.service.clone(), key.protocol)
+}
+
+/// The chains and sets one group put into its table.
+#[derive(Clone, Debug, Default)]
+struct Owned {
+    chains: Vec<String>,
+    sets: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rendered {
+    /// `ip` and `ip6`.
+    pub tables: [Table; 2],
+    cidrs_present: [bool; 2],
+    members: HashMap<GroupKey, BTreeSet<FrontendKey>>,
+    owned: HashMap<GroupKey, Owned>,
+    /// NodePort frontends per node address (the `nodeport-ips` element stays while any).
+    nodeport_ips: HashMap<IpAddr, usize>,
+    /// The `service-nodeports` element of each (family, `proto . port`), by the frontends
+    /// that ask for it: the last by (Service port, key) wins, as in a full build.
+    nodeports: BTreeMap<(bool, String), BTreeMap<(ServicePortName, FrontendKey), String>>,
+}
+
+impl Rendered {
+    /// Tables with no Service in them.
+    #[must_use]
+    pub fn empty(cluster_cidrs: &[IpNet]) -> Self {
+        let tables = [false, true].map(|v6| empty_table(cluster_cidrs, Family { v6 }));
+        let cidrs_present = [0, 1].map(|i| {
+            tables[i]
+                .sets
+                .get("cluster-cidrs")
+                .is_some_and(|s| !s.elements.is_empty())
+        });
+        Self {
+            tables,
+            cidrs_present,
+            members: HashMap::new(),
+            owned: HashMap::new(),
+            nodeport_ips: HashMap::new(),
+            nodeports: BTreeMap::new(),
+        }
+    }
+
+    /// The tables for `desired`, built from empty ones.
+    #[must_use]
+    pub fn full(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Self {
+        let mut rendered = Self::empty(cluster_cidrs);
+        rendered.update(&DesiredState::default(), desired);
+        rendered
+    }
+
+    /// Follows the frontends that differ from `old` (what the tables were rendered
+    /// from) to `new`, names included.
+    pub fn update(&mut self, old: &DesiredState, new: &DesiredState) {
+        let mut dirty = BTreeSet::new();
+        for item in old.frontends.diff(&new.frontends) {
+            let (key, before, after) = match item {
+                DiffItem::Add(k, f) => (k, None, Some(f)),
+                DiffItem::Remove(k, f) => (k, Some(f), None),
+                DiffItem::Update { old, new } => (old.0, Some(old.1), Some(new.1)),
+            };
+            if let Some(before) = before {
+                self.withdraw(key, before);
+                dirty.insert(group_of(key, before));
+            }
+            if let Some(after) = after {
+                self.place(key, after);
+                dirty.insert(group_of(key, after));
+            }
+        }
+        for group in dirty {
+            self.rebuild(group, new);
+        }
+    }
+
+    fn table(&mut self, v6: bool) -> &mut Table {
+        &mut self.tables[usize::from(v6)]
+    }
+
+    fn withdraw(&mut self, key: &FrontendKey, frontend: &Frontend) {
+        let group = group_of(key, frontend);
+        if let Some(members) = self.members.get_mut(&group) {
+            members.remove(key);
+        }
+        let v6 = group.0;
+        match element(&as_group(&group, Vec::new()), key, frontend) {
+            Element::ServiceIp(element, _) => {
+                if let Some(map) = self.table(v6).sets.get_mut(SERVICE_IPS) {
+                    map.elements.remove(&element);
+                }
+            }
+            Element::NodePort(element, _) => {
+                let refs = self.nodeport_ips.entry(key.ip).or_default();
+                *refs = refs.saturating_sub(1);
+                if *refs == 0 {
+                    self.nodeport_ips.remove(&key.ip);
+                    if let Some(set) = self.table(v6).sets.get_mut(NODEPORT_IPS) {
+                        set.elements.remove(&key.ip.to_string());
+                    }
+                }
+                let slot = (v6, element);
+                if let Some(askers) = self.nodeports.get_mut(&slot) {
+                    askers.remove(&(frontend.service.clone(), *key));
+                }
+                self.settle_nodeport(slot);
+            }
+        }
+    }
+
+    fn place(&mut self, key: &FrontendKey, frontend: &Frontend) {
+        let group = group_of(key, frontend);
+        let v6 = group.0;
+        let element = element(&as_group(&group, Vec::new()), key, frontend);
+        self.members.entry(group).or_default().insert(*key);
+        match element {
+            Element::ServiceIp(element, value) => {
+                if let Some(map) = self.table(v6).sets.get_mut(SERVICE_IPS) {
+                    map.elements.insert(element, value);
+                }
+            }
+            Element::NodePort(element, value) => {
+                *self.nodeport_ips.entry(key.ip).or_default() += 1;
+                if let Some(set) = self.table(v6).sets.get_mut(NODEPORT_IPS) {
+                    set.elements.insert(key.ip.to_string(), String::new());
+                }
+                let slot = (v6, element);
+                self.nodeports
+                    .entry(slot.clone())
+                    .or_default()
+                    .insert((frontend.service.clone(), *key), value);
+                self.settle_nodeport(slot);
+            }
+        }
+    }
+
+    /// Writes the winning value of one `service-nodeports` element, or removes it.
+    fn settle_nodeport(&mut self, slot: (bool, String)) {
+        let winner = self
+            .nodeports
+            .get(&slot)
+            .and_then(|askers| askers.values().next_back().cloned());
+        if winner.is_none() {
+            self.nodeports.remove(&slot);
+        }
+        let (v6, element) = slot;
+        if let Some(map) = self.table(v6).sets.get_mut(SERVICE_NODEPORTS) {
+            match winner {
+                Some(value) => map.elements.insert(element, value),
+                None => map.elements.remove(&element),
+            };
+        }
+    }
+
+    /// Replaces the chains and sets of one group with those its frontends in `desired`
+    /// make.
+    fn rebuild(&mut self, group: GroupKey, desired: &DesiredState) {
+        let v6 = group.0;
+        if let Some(owned) = self.owned.remove(&group) {
+            let table = self.table(v6);
+            for chain in &owned.chains {
+                table.chains.remove(chain);
+            }
+            for set in &owned.sets {
+                table.sets.remove(set);
+            }
+        }
+        let frontends: Vec<(FrontendKey, Frontend)> = self
+            .members
+            .get(&group)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| Some((*key, desired.frontends.get(key)?.clone())))
+            .collect();
+        if frontends.is_empty() {
+            self.members.remove(&group);
+            return;
+        }
+        let refs = frontends.iter().map(|(k, f)| (k, f)).collect();
+        let family = Family { v6 };
+        let mut scratch = Table::new(self.tables[usize::from(v6)].family);
+        group_chains(
+            &as_group(&group, refs),
+            self.cidrs_present[usize::from(v6)],
+            family,
+            &mut scratch,
+        );
+        let owned = Owned {
+            chains: scratch.chains.keys().cloned().collect(),
+            sets: scratch.sets.keys().cloned().collect(),
+        };
+        let table = self.table(v6);
+        for (name, chain) in scratch.chains {
+            table.chains.insert(name, chain);
+        }
+        for (name, set) in scratch.sets {
+            table.sets.insert(name, set);
+        }
+        self.owned.insert(group, owned);
+    }
+}
+
+fn as_group<'a>(group: &'a GroupKey, frontends: Vec<(&'a FrontendKey, &'a Frontend)>) -> Group<'a> {
+    Group {
+        service: &group.1,
+        protocol: group.2,
+        frontends,
+    }
+}

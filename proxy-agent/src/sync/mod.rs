@@ -1,0 +1,234 @@
+//! When and what to program: wait for the source's initial load, then follow each new
+//! snapshot with the Services it changed (the model rebuilds those only, the plan holds
+//! their frontends only) and apply the plan. A change after a quiet period is programmed
+//! at once; within `--min-sync-period` of the last sync it waits, so a burst coalesces
+//! (kube-proxy's bounded-frequency runner). A failed apply re-reads the kernel and
+//! retries with backoff. Runs on a thread of its own, off the runtime serving DNS,
+//! health and metrics.
+mod followers;
+
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::watch;
+use tracing::{error, info, info_span};
+
+use crate::{
+    dataplane::Dataplane,
+    health::Health,
+    health_check::HealthChecks,
+    introspect::{Live, Programmed},
+    metrics::Metrics,
+    model::{self, DesiredState, NodeInfo, Snapshot, Tracker},
+    source::SourceUpdate,
+};
+
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Everything the sync loop is handed.
+pub struct Inputs {
+    pub updates: watch::Receiver<SourceUpdate>,
+    /// The node's own addresses (rtnetlink), joined with those its Node object lists.
+    pub addresses: watch::Receiver<Vec<IpAddr>>,
+    pub dataplane: Box<dyn Dataplane>,
+    pub node: NodeInfo,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    pub live: Arc<Live>,
+    pub min_sync_period: Duration,
+    /// The runtime the health-check servers run on.
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Runs the loop on a thread of its own; the future ends when the loop does.
+pub async fn spawn(inputs: Inputs) -> std::io::Result<()> {
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sync".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(run(inputs)),
+                Err(error) => error!(%error, "cannot start the sync thread's runtime"),
+            }
+            let _ = done_tx.send(());
+        })?;
+    let _ = done.await;
+    Ok(())
+}
+
+/// The model as of the last snapshot it followed.
+struct Model {
+    snapshot: Arc<Snapshot>,
+    tracker: Tracker,
+}
+
+/// The desired state for `snapshot`: rebuilt for the Services that changed since the
+/// model's last snapshot, whole at start or when the node itself changed.
+fn follow(model: Option<Model>, snapshot: &Arc<Snapshot>, node: NodeInfo) -> (Model, bool) {
+    match model {
+        Some(mut model) if *model.tracker.node() == node => {
+            let changes = model.snapshot.changes_to(snapshot);
+            model.tracker.update(snapshot, &changes.services);
+            model.snapshot = Arc::clone(snapshot);
+            (model, false)
+        }
+        _ => {
+            let tracker = Tracker::new(snapshot, node);
+            (
+                Model {
+                    snapshot: Arc::clone(snapshot),
+                    tracker,
+                },
+                true,
+            )
+        }
+    }
+}
+
+/// What the loop remembers between syncs.
+struct State {
+    model: Option<Model>,
+    /// What the kernel holds (`None`: read it back first).
+    programmed: Option<DesiredState>,
+    /// The named desired state last programmed, which the followers compare against.
+    published: DesiredState,
+    published_snapshot: Option<Arc<Snapshot>>,
+    gauges: followers::Gauges,
+    health_checks: HealthChecks,
+    since: SystemTime,
+}
+
+async fn run(mut inputs: Inputs) {
+    let mut state = State {
+        model: None,
+        programmed: None,
+        published: DesiredState::default(),
+        published_snapshot: None,
+        gauges: followers::Gauges::default(),
+        health_checks: HealthChecks::new(inputs.health.clone(), inputs.runtime.clone()),
+        since: SystemTime::now(),
+    };
+    let mut retry = RETRY_MIN;
+    let mut last_sync: Option<Instant> = None;
+    let mut failed = false;
+    loop {
+        if !failed {
+            // A change after a quiet period goes at once; one soon after a sync waits
+            // out the minimum period, gathering whatever else arrives meanwhile.
+            if let Some(at) = last_sync.map(|t| t + inputs.min_sync_period) {
+                tokio::time::sleep_until(at.into()).await;
+            }
+        }
+        let update = inputs.updates.borrow_and_update().clone();
+        inputs.health.source_changed(update.generation);
+        failed = false;
+        if let Some(snapshot) = update.snapshot {
+            last_sync = Some(Instant::now());
+            if sync_once(&mut inputs, &mut state, &snapshot, update.generation).is_err() {
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+                failed = true;
+                continue;
+            }
+            retry = RETRY_MIN;
+        }
+        tokio::select! {
+            changed = inputs.updates.changed() => if changed.is_err() {
+                return;
+            },
+            // A closed address channel disables this branch; the source still drives.
+            Ok(()) = inputs.addresses.changed() => {}
+        }
+    }
+}
+
+fn sync_once(
+    inputs: &mut Inputs,
+    state: &mut State,
+    snapshot: &Arc<Snapshot>,
+    generation: u64,
+) -> Result<(), ()> {
+    let _span = info_span!("sync", generation).entered();
+    let started = Instant::now();
+    inputs
+        .health
+        .node_changed(snapshot.nodes().get(&inputs.node.name).map(AsRef::as_ref));
+    let mut node = inputs.node.clone();
+    node.addresses
+        .clone_from(&inputs.addresses.borrow_and_update());
+    let node = node.with_node_object(snapshot);
+    let (model, full_build) = follow(state.model.take(), snapshot, node.clone());
+    let desired = model.tracker.desired().clone();
+    state.model = Some(model);
+    let built = started.elapsed();
+    let current = match state.programmed.take() {
+        Some(programmed) => Ok(programmed),
+        None => inputs.dataplane.programmed(),
+    };
+    let result = current.and_then(|current| {
+        let plan = model::diff(&current, &desired);
+        inputs
+            .dataplane
+            .apply(&plan, &desired)
+            .map(|applied| (plan, applied))
+    });
+    let (plan, applied) = match result {
+        Ok(done) => done,
+        Err(error) => {
+            inputs.metrics.sync_errors.inc();
+            error!(%error, "sync failed; will re-read the kernel state and retry");
+            return Err(());
+        }
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    info!(
+        frontends = desired.frontends.len(),
+        upserted = plan.upsert.len(),
+        removed = plan.remove.len(),
+        kernel_writes = applied.writes,
+        full = applied.full,
+        full_build,
+        build_ms = built.as_secs_f64() * 1000.0,
+        elapsed_ms = elapsed * 1000.0,
+        "synced"
+    );
+    let metrics = &inputs.metrics;
+    metrics.sync_duration.observe(elapsed);
+    if applied.full {
+        metrics.sync_full_duration.observe(elapsed);
+    } else {
+        metrics.sync_partial_duration.observe(elapsed);
+    }
+    metrics.sync_last_timestamp.set(unix_seconds());
+    if let Some(old) = &state.published_snapshot {
+        followers::trigger_times(old, snapshot, state.since, metrics);
+    }
+    let touched_checks = state.gauges.follow(&state.published, &desired, metrics);
+    let desired = Arc::new(desired);
+    if touched_checks {
+        state.health_checks.update(&desired);
+    }
+    inputs.live.set(Programmed {
+        snapshot: Arc::clone(snapshot),
+        node,
+        desired: Arc::clone(&desired),
+    });
+    state.published = (*desired).clone();
+    state.published_snapshot = Some(Arc::clone(snapshot));
+    state.programmed = Some((*desired).clone());
+    inputs.health.programmed(generation);
+    Ok(())
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
