@@ -55,6 +55,13 @@ impl Agent {
     /// Starts the agent on `node` with `source` arguments (`--manifests DIR` or
     /// `--kubeconfig FILE`), and waits for `/healthz` 200.
     pub fn start_with(cluster: &mut Cluster, node: &str, source: &[String]) -> Self {
+        let agent = Self::spawn_with(cluster, node, source);
+        agent.wait_healthy(cluster);
+        agent
+    }
+
+    /// Starts the agent on `node` with `source` arguments, without waiting.
+    pub fn spawn_with(cluster: &mut Cluster, node: &str, source: &[String]) -> Self {
         let bin = agent_bin();
         assert!(
             bin.exists(),
@@ -72,7 +79,6 @@ impl Agent {
             source: source.to_vec(),
         };
         agent.respawn(cluster);
-        agent.wait_healthy(cluster);
         agent
     }
 
@@ -123,7 +129,12 @@ impl Agent {
 
     /// Waits (up to 20 s) until `/healthz` answers 200 with every source change programmed.
     pub fn wait_healthy(&self, cluster: &Cluster) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_healthy_within(cluster, Duration::from_secs(20));
+    }
+
+    /// [`Self::wait_healthy`] with another deadline.
+    pub fn wait_healthy_within(&self, cluster: &Cluster, within: Duration) {
+        let deadline = Instant::now() + within;
         loop {
             let (code, body) = self.healthz(cluster);
             if code == 200 && generations_equal(&body) {

@@ -2,6 +2,7 @@
 //! binary, and manifest writers. Used by the end-to-end tests and `cargo xtask demo`.
 pub mod agent;
 pub mod benchtargets;
+pub mod changebench;
 pub mod cluster;
 pub mod connbench;
 pub mod dns_upstream;

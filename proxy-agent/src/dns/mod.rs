@@ -10,6 +10,7 @@ pub mod server;
 pub mod upstream;
 pub mod wire;
 pub mod zone;
+pub mod zone_tracker;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use crate::source::SourceUpdate;
 use resolver::{Resolver, Upstreams};
 use zone::Zone;
+use zone_tracker::ZoneTracker;
 
 /// What `run` was told about DNS.
 #[derive(Clone, Debug)]
@@ -61,7 +63,7 @@ pub fn resolv_conf_servers(text: &str, own: &[SocketAddr]) -> Vec<SocketAddr> {
 }
 
 /// Starts the responder: the listen addresses on the dummy interface when needed, the
-/// zone rebuilt from every snapshot the source publishes, UDP and TCP listeners.
+/// zone following every snapshot the source publishes, UDP and TCP listeners.
 ///
 /// # Errors
 /// When the interface or a listener cannot be set up.
@@ -75,11 +77,20 @@ pub async fn start(
     let (zone_tx, zone_rx) = watch::channel(None::<Arc<Zone>>);
     let (domain, ttl) = (config.domain.clone(), config.ttl);
     tokio::spawn(async move {
+        // Each new snapshot rewrites the records of the Services it changed only.
+        let mut followed: Option<(Arc<crate::model::Snapshot>, ZoneTracker)> = None;
         loop {
             let snapshot = updates.borrow_and_update().snapshot.clone();
             if let Some(snapshot) = snapshot {
-                let zone = Zone::build(&snapshot, &domain, ttl);
-                zone_tx.send_replace(Some(Arc::new(zone)));
+                let tracker = match followed.take() {
+                    Some((old, mut tracker)) => {
+                        tracker.update(&snapshot, &old.changes_to(&snapshot).services);
+                        tracker
+                    }
+                    None => ZoneTracker::new(&snapshot, &domain, ttl),
+                };
+                zone_tx.send_replace(Some(Arc::new(tracker.zone())));
+                followed = Some((snapshot, tracker));
             }
             if updates.changed().await.is_err() {
                 return;

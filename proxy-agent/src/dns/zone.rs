@@ -1,21 +1,23 @@
 //! The cluster zone the agent answers itself, built from the model's snapshot per the
-//! Kubernetes DNS-Based Service Discovery specification 1.1.0; pure, no I/O.
+//! Kubernetes DNS-Based Service Discovery specification 1.1.0; pure, no I/O. Its maps
+//! are persistent, so `ZoneTracker` publishes a new zone per change in O(1) after
+//! rewriting only the changed Services' records.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::BTreeSet,
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
 };
 
 use hickory_proto::rr::{
-    rdata::{A, AAAA, CNAME, PTR, SOA, SRV, TXT},
+    rdata::{A, AAAA, CNAME, PTR, SOA, SRV},
     Name, RData, Record, RecordType,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{Snapshot, LABEL_SERVICE_NAME};
+use crate::model::Snapshot;
 
 /// The schema version `dns-version.<domain>` reports.
-const SCHEMA_VERSION: &str = "1.1.0";
+pub(super) const SCHEMA_VERSION: &str = "1.1.0";
 /// Where names outside the agent's authority go unless `--dns-upstream` says otherwise.
 pub const KUBE_DNS: (&str, &str) = ("kube-system", "kube-dns");
 
@@ -40,9 +42,10 @@ pub struct Zone {
     domain: Name,
     svc: Name,
     ttl: u32,
-    records: HashMap<String, Vec<RData>>,
-    /// Ancestors of names with records, below `svc.<domain>`: they exist (NODATA).
-    empty: BTreeSet<String>,
+    records: imbl::HashMap<String, Vec<RData>>,
+    /// Ancestors of names with records, below `svc.<domain>`: they exist (NODATA); the
+    /// value counts the names below.
+    empty: imbl::HashMap<String, usize>,
     /// The ready addresses (and DNS port) of `kube-system/kube-dns`.
     kube_dns: Vec<SocketAddr>,
     /// kube-dns's ClusterIPs with each port 53 and its protocol number.
@@ -55,7 +58,7 @@ pub struct Zone {
 /// The serial the next zone gets.
 static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-fn key(name: &Name) -> String {
+pub(super) fn key(name: &Name) -> String {
     let mut text = name.to_lowercase().to_ascii();
     if !text.ends_with('.') {
         text.push('.');
@@ -63,7 +66,7 @@ fn key(name: &Name) -> String {
     text
 }
 
-fn name(text: &str) -> Option<Name> {
+pub(super) fn name(text: &str) -> Option<Name> {
     let mut n = Name::from_ascii(text).ok()?;
     n.set_fqdn(true);
     Some(n)
@@ -149,20 +152,21 @@ fn endpoint_label(e: &DnsEndpoint) -> String {
     })
 }
 
-struct Builder {
-    svc: String,
-    records: HashMap<String, Vec<RData>>,
+/// The records one Service contributes, in the order it adds them, each once.
+pub(super) struct Builder {
+    pub svc: String,
+    pub records: Vec<(String, RData)>,
 }
 
 impl Builder {
     fn add(&mut self, owner: &str, data: RData) {
-        let list = self.records.entry(owner.to_ascii_lowercase()).or_default();
-        if !list.contains(&data) {
-            list.push(data);
+        let owner = owner.to_ascii_lowercase();
+        if !self.records.iter().any(|(o, d)| *o == owner && *d == data) {
+            self.records.push((owner, data));
         }
     }
 
-    fn service(&mut self, service: &Service, slices: &[&EndpointSlice]) -> Option<()> {
+    pub fn service(&mut self, service: &Service, slices: &[&EndpointSlice]) -> Option<()> {
         let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
         let svc_name = service.metadata.name.as_deref()?;
         let spec = service.spec.as_ref()?;
@@ -238,103 +242,44 @@ impl Zone {
     /// The zone for `domain` (e.g. `cluster.local`) with records of `ttl` seconds.
     #[must_use]
     pub fn build(snapshot: &Snapshot, domain: &str, ttl: u32) -> Self {
-        let domain = name(domain).unwrap_or_else(|| name("cluster.local").expect("valid"));
-        let svc = Name::from_ascii("svc")
-            .expect("valid")
-            .append_domain(&domain)
-            .expect("short");
-        let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-        for slice in snapshot.endpoint_slices().values() {
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE_NAME));
-            if let Some(service) = service {
-                let namespace = slice.metadata.namespace.clone().unwrap_or_default();
-                slices
-                    .entry((namespace, service.clone()))
-                    .or_default()
-                    .push(slice);
-            }
-        }
-        let mut builder = Builder {
-            svc: key(&svc),
-            records: HashMap::new(),
-        };
-        let none = Vec::new();
-        for ((namespace, service_name), service) in snapshot.services() {
-            let own = slices
-                .get(&(namespace.clone(), service_name.clone()))
-                .unwrap_or(&none);
-            // A Service that cannot be named in DNS is skipped, not fatal.
-            let _ = builder.service(service, own);
-        }
-        let version = format!("dns-version.{}", key(&domain));
-        builder.add(&version, RData::TXT(TXT::new(vec![SCHEMA_VERSION.into()])));
-        let svc_key = key(&svc);
-        let mut empty = BTreeSet::new();
-        for owner in builder.records.keys().filter(|k| k.ends_with(&svc_key)) {
-            let mut rest = owner.as_str();
-            while let Some((_, parent)) = rest.split_once('.') {
-                if parent.len() < svc_key.len() {
-                    break;
-                }
-                empty.insert(parent.to_owned());
-                rest = parent;
-            }
-        }
-        let kube_dns = snapshot
-            .services()
-            .get(&(KUBE_DNS.0.to_owned(), KUBE_DNS.1.to_owned()))
-            .map(|_| {
-                let own = slices
-                    .get(&(KUBE_DNS.0.to_owned(), KUBE_DNS.1.to_owned()))
-                    .unwrap_or(&none);
-                let (ready, ports) = endpoints(own, false);
-                let port = ports
-                    .iter()
-                    .find(|(_, protocol, _)| protocol == "TCP")
-                    .map_or(53, |p| p.2);
-                ready.iter().map(|e| SocketAddr::new(e.ip, port)).collect()
-            })
-            .unwrap_or_default();
-        let kube_dns_frontends = snapshot
-            .services()
-            .get(&(KUBE_DNS.0.to_owned(), KUBE_DNS.1.to_owned()))
-            .and_then(|s| s.spec.as_ref())
-            .map(|spec| {
-                let ips = spec
-                    .cluster_ips
-                    .iter()
-                    .flatten()
-                    .chain(spec.cluster_ip.iter());
-                let ips: BTreeSet<IpAddr> = ips.filter_map(|ip| ip.parse().ok()).collect();
-                let ports: Vec<(u16, u8)> = spec
-                    .ports
-                    .iter()
-                    .flatten()
-                    .filter(|p| p.port == 53)
-                    .map(|p| match p.protocol.as_deref() {
-                        Some("UDP") => (53, 17),
-                        _ => (53, 6),
-                    })
-                    .collect();
-                ips.iter()
-                    .flat_map(|&ip| ports.iter().map(move |&(port, proto)| (ip, port, proto)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        super::zone_tracker::ZoneTracker::new(snapshot, domain, ttl).zone()
+    }
+
+    /// A zone of these parts, with a serial of its own.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the zone's parts, assembled by the tracker only"
+    )]
+    pub(super) fn from_parts(
+        domain: Name,
+        svc: Name,
+        ttl: u32,
+        records: imbl::HashMap<String, Vec<RData>>,
+        empty: imbl::HashMap<String, usize>,
+        kube_dns: Vec<SocketAddr>,
+        kube_dns_frontends: Vec<(IpAddr, u16, u8)>,
+    ) -> Self {
         Self {
             serial: NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             domain,
             svc,
             ttl,
-            records: builder.records,
+            records,
             empty,
             kube_dns,
             kube_dns_frontends,
         }
+    }
+
+    /// Whether two zones answer alike (serials aside).
+    #[must_use]
+    pub fn same_content(&self, other: &Self) -> bool {
+        self.domain == other.domain
+            && self.ttl == other.ttl
+            && self.records == other.records
+            && self.empty == other.empty
+            && self.kube_dns == other.kube_dns
+            && self.kube_dns_frontends == other.kube_dns_frontends
     }
 
     /// The TTL of the records the agent answers itself.
@@ -381,7 +326,7 @@ impl Zone {
                 Lookup::Answer(matching)
             };
         }
-        if self.empty.contains(&owner) || owner == key(&self.svc) {
+        if self.empty.contains_key(&owner) || owner == key(&self.svc) {
             return Lookup::NoData;
         }
         if self.svc.zone_of(name) {
@@ -411,4 +356,50 @@ impl Zone {
         let soa = SOA::new(mname, rname, 1, 7200, 1800, 86400, ttl);
         Record::from_rdata(self.domain.clone(), ttl, RData::SOA(soa))
     }
+}
+
+/// The ready endpoints of `kube-system/kube-dns` on its TCP DNS port.
+pub(super) fn kube_dns_of(snapshot: &Snapshot) -> Vec<SocketAddr> {
+    let key = (KUBE_DNS.0.to_owned(), KUBE_DNS.1.to_owned());
+    if !snapshot.services().contains_key(&key) {
+        return Vec::new();
+    }
+    let own = snapshot.slices_of(KUBE_DNS.0, KUBE_DNS.1);
+    let (ready, ports) = endpoints(&own, false);
+    let port = ports
+        .iter()
+        .find(|(_, protocol, _)| protocol == "TCP")
+        .map_or(53, |p| p.2);
+    ready.iter().map(|e| SocketAddr::new(e.ip, port)).collect()
+}
+
+/// kube-dns's ClusterIPs with each port 53 and its protocol number.
+pub(super) fn kube_dns_frontends_of(snapshot: &Snapshot) -> Vec<(IpAddr, u16, u8)> {
+    let key = (KUBE_DNS.0.to_owned(), KUBE_DNS.1.to_owned());
+    snapshot
+        .services()
+        .get(&key)
+        .and_then(|s| s.spec.as_ref())
+        .map(|spec| {
+            let ips = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter());
+            let ips: BTreeSet<IpAddr> = ips.filter_map(|ip| ip.parse().ok()).collect();
+            let ports: Vec<(u16, u8)> = spec
+                .ports
+                .iter()
+                .flatten()
+                .filter(|p| p.port == 53)
+                .map(|p| match p.protocol.as_deref() {
+                    Some("UDP") => (53, 17),
+                    _ => (53, 6),
+                })
+                .collect();
+            ips.iter()
+                .flat_map(|&ip| ports.iter().map(move |&(port, proto)| (ip, port, proto)))
+                .collect()
+        })
+        .unwrap_or_default()
 }

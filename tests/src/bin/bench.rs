@@ -345,6 +345,9 @@ fn report(results: &Value) -> String {
     md.push_str(&nodeportbench::report(&results["nodeport"]));
     md.push_str(&proxy_agent_tests::progbench::report(&results["programs"]));
     md.push_str(&rssbench::report(&results["memory"]));
+    md.push_str(&proxy_agent_tests::changebench::report(
+        &results["change_e2e"],
+    ));
     md.push_str(&proxy_agent_tests::benchtargets::report(results));
     md
 }
@@ -426,6 +429,15 @@ fn main() {
         cfg.repeats = repeats;
     }
     let out = value("--out").map_or_else(|| PathBuf::from("bench/results/latest"), PathBuf::from);
+    let change_repeats = if quick { 5 } else { 15 };
+    if args.iter().any(|a| a == "--only-change") {
+        // The end-to-end change rows alone (by hand, while working on the control plane).
+        let rows = proxy_agent_tests::changebench::run(&cfg.scales, change_repeats);
+        std::fs::create_dir_all(&out).expect("out dir");
+        std::fs::write(out.join("change.json"), rows.to_string()).expect("change.json");
+        print!("{}", proxy_agent_tests::changebench::report(&rows));
+        return;
+    }
     let mut cluster = Cluster::new("bench");
     let node = cluster.add_node("node1", 1);
     let bpffs = cluster.bpffs_dir("node1");
@@ -441,6 +453,7 @@ fn main() {
     let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);
     let dns = dnsbench::run(&mut cluster, cfg.dns_seconds);
     let memory = rssbench::run(&mut cluster, &cfg.scales);
+    let change_e2e = proxy_agent_tests::changebench::run(&cfg.scales, change_repeats);
     let datapath = connbench::run(
         &mut cluster,
         &bpffs,
@@ -467,6 +480,7 @@ fn main() {
         "nodeport": nodeport,
         "programs": programs,
         "memory": memory,
+        "change_e2e": change_e2e,
     });
     write(&out, &results);
 }

@@ -11,7 +11,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod udp-hold IP:PORT MILLISECONDS\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod udp-hold IP:PORT MILLISECONDS\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS\n       testpod first-from IP:PORT NAME MILLISECONDS"
     );
     std::process::exit(2)
 }
@@ -85,6 +85,11 @@ fn main() {
             udp_flood(to, Duration::from_millis(millis));
         }
         Some("serve-each") if args.len() >= 2 => serve_each(&args[1..]),
+        Some("first-from") if args.len() == 4 => {
+            let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
+            let millis: u64 = args[3].parse().unwrap_or_else(|_| usage());
+            first_from(to, &args[2], Duration::from_millis(millis));
+        }
         Some("probe") if args.len() == 6 => {
             let source: std::net::IpAddr = args[2].parse().unwrap_or_else(|_| usage());
             let to: SocketAddr = args[3].parse().unwrap_or_else(|_| usage());
@@ -276,6 +281,34 @@ fn request(proto: &str, to: SocketAddr) -> String {
         Ok((reply, seen)) => format!("ok {} {seen}", reply.trim()),
         Err(e) => format!("err {:?} {}", e.kind(), started.elapsed().as_millis()),
     }
+}
+
+/// Connects to `to` again and again until the pod `name` answers; prints when that was
+/// (microseconds since the Unix epoch), the attempts made, and how many failed.
+fn first_from(to: SocketAddr, name: &str, duration: Duration) {
+    let started = Instant::now();
+    let (mut attempts, mut failed) = (0u64, 0u64);
+    while started.elapsed() < duration {
+        attempts += 1;
+        let reply = TcpStream::connect_timeout(&to, Duration::from_millis(50)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            Ok(reply)
+        });
+        match reply {
+            Ok(reply) if reply.split_whitespace().next() == Some(name) => {
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros());
+                println!("first {at} attempts {attempts} failed {failed}");
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => failed += 1,
+        }
+    }
+    println!("never attempts {attempts} failed {failed}");
 }
 
 fn tcp_request(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
