@@ -130,11 +130,12 @@ fn cpu_seconds(pid: u32) -> f64 {
     seconds
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
+/// `VmHWM` (peak) or `VmRSS` (now) of `pid`, in MiB.
+fn rss_mib(pid: u32, field: &str) -> f64 {
     let kib: f64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
     kib / 1024.0
@@ -245,8 +246,16 @@ fn row(
         std::thread::sleep(Duration::from_millis(200));
         cpu.push((cpu_seconds(pid) - before) * 1000.0);
     }
-    let rss = peak_rss_mib(pid);
+    let rss = rss_mib(pid, "VmHWM");
+    let rss_now = rss_mib(pid, "VmRSS");
     let _ = cluster.terminate("node1", "agent");
+    // The agent's log outlives the cluster, for a reader of the numbers.
+    let kept = std::env::temp_dir().join(format!(
+        "changebench-{}-{dataplane}-{services}.log",
+        source.name()
+    ));
+    let _ = std::fs::copy(&agent.log, &kept);
+    eprintln!("agent log: {}", kept.display());
     let _ = std::process::Command::new(crate::agent::agent_bin())
         .args(["cleanup", "--dataplane", dataplane, "--bpffs"])
         .arg(&agent.bpffs)
@@ -261,20 +270,25 @@ fn row(
         "p50_ms": quantile(&latencies, 0.5), "p99_ms": quantile(&latencies, 0.99),
         "max_ms": latencies.last().copied().unwrap_or(f64::NAN),
         "cpu_ms_per_change_p50": quantile(&cpu, 0.5),
-        "peak_rss_mib": rss, "programmed_after_s": ready_s,
+        "peak_rss_mib": rss, "rss_after_mib": rss_now, "programmed_after_s": ready_s,
     });
     eprintln!("change → traffic: {row}");
     row
 }
 
-/// Every row for `scales`, both sources, both dataplanes.
+/// Every row for `scales`, both sources, both dataplanes; `only` (`source:dataplane`
+/// names, by hand) narrows the rows.
 #[must_use]
-pub fn run(scales: &[usize], repeats: usize) -> Value {
+pub fn run(scales: &[usize], repeats: usize, only: &[String]) -> Value {
     let mut cluster = scenarios::echo_cluster("chg");
     let mut rows = Vec::new();
     for &services in scales {
         for source in [Source::Manifests, Source::Api] {
             for dataplane in ["ebpf", "nftables"] {
+                let name = format!("{}:{dataplane}", source.name());
+                if !only.is_empty() && !only.contains(&name) {
+                    continue;
+                }
                 rows.push(row(&mut cluster, source, dataplane, services, repeats));
             }
         }
@@ -289,13 +303,13 @@ pub fn report(results: &Value) -> String {
     let mut md = String::from(
         "\n## Change → traffic, end to end (Services × 10 endpoints; one EndpointSlice moves to another pod; a pod connects to its ClusterIP until the new pod answers)\n\n\
          Source `manifests`: a file renamed into the directory; `api`: a watch event from the fake API server, objects shaped as a real API server sends them. CPU: the agent's user+system time per change.\n\n\
-         | source | dataplane | Services | p50 | p99 | max | CPU per change | peak RSS | start → programmed |\n|---|---|---|---|---|---|---|---|---|\n",
+         | source | dataplane | Services | p50 | p99 | max | CPU per change | peak RSS | RSS after | start → programmed |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in results["rows"].as_array().into_iter().flatten() {
         let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MiB | {:.2} s |",
+            "| {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MiB | {:.1} MiB | {:.2} s |",
             row["source"].as_str().unwrap_or(""),
             row["dataplane"].as_str().unwrap_or(""),
             row["services"],
@@ -304,6 +318,7 @@ pub fn report(results: &Value) -> String {
             f("max_ms"),
             f("cpu_ms_per_change_p50"),
             f("peak_rss_mib"),
+            f("rss_after_mib"),
             f("programmed_after_s"),
         );
     }

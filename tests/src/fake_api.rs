@@ -250,12 +250,6 @@ async fn list(api: FakeApi, plural: &'static str, query: &HashMap<String, String
     let mut inner = api.lock();
     inner.counters.lists += 1;
     let rv = inner.rv;
-    let items: Vec<Value> = inner.collections[plural]
-        .objects
-        .values()
-        .filter(|o| selected(o, query))
-        .cloned()
-        .collect();
     let start: usize = query
         .get("continue")
         .and_then(|c| c.parse().ok())
@@ -265,12 +259,19 @@ async fn list(api: FakeApi, plural: &'static str, query: &HashMap<String, String
         .and_then(|l| l.parse().ok())
         .filter(|&l| l > 0)
         .unwrap_or(usize::MAX);
-    let end = start.saturating_add(limit).min(items.len());
+    // Only the page is copied, as an API server serves pages from its watch cache.
+    let mut selected_objects = inner.collections[plural]
+        .objects
+        .values()
+        .filter(|o| selected(o, query))
+        .skip(start);
+    let items: Vec<Value> = selected_objects.by_ref().take(limit).cloned().collect();
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if end < items.len() {
-        metadata["continue"] = json!(end.to_string());
+    if selected_objects.next().is_some() {
+        metadata["continue"] = json!((start + items.len()).to_string());
     }
-    let body = json!({"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": items[start.min(end)..end]});
+    drop(inner);
+    let body = json!({"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": items});
     json_response(&body)
 }
 

@@ -218,9 +218,14 @@ fn partial_syncs_leave_the_kernel_as_a_full_load_would() {
     let mut previous = DesiredState::default();
     let mut stale_before = BTreeSet::new();
     let mut saw_stale = false;
+    let mut over_netlink = Vec::new();
     for (i, (step, desired)) in steps.iter().enumerate() {
         let plan = model::diff(&previous, desired);
+        let before = partial.commits().netlink;
         let applied = partial.apply(&plan, desired).expect(step);
+        if partial.commits().netlink > before {
+            over_netlink.push(*step);
+        }
         assert_eq!(applied.full, i == 0, "{step}: only the first sync is full");
         let mut full = NftablesDataplane::start_in(cidrs.clone(), path(&b)).expect("nft");
         full.apply(&plan, desired).expect(step);
@@ -248,6 +253,12 @@ fn partial_syncs_leave_the_kernel_as_a_full_load_would() {
         previous = desired.clone();
     }
     assert!(saw_stale, "some step must leave stale chains behind");
+    // Endpoint and Service changes go straight to nf_tables; only what is outside the
+    // netlink grammar (affinity sets, source ranges) takes `nft -f`.
+    println!("committed over netlink: {over_netlink:?}");
+    for step in ["endpoint removed", "endpoint added", "service removed"] {
+        assert!(over_netlink.contains(&step), "{step} went through nft -f");
+    }
 }
 
 #[test]

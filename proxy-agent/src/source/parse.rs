@@ -66,15 +66,13 @@ pub struct Rejected {
     pub error: ObjectError,
 }
 
-/// Parses one file: every document, `kind: List` expanded, unknown kinds ignored.
+/// Parses one file: every document, `kind: List` expanded, unknown kinds ignored. Each
+/// document is decoded as soon as it is read, so only one is ever held untyped; a
+/// syntax error anywhere still rejects the whole file.
 pub fn parse_file(text: &str) -> Result<Vec<Result<Object, Rejected>>, FileError> {
-    let mut docs = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        docs.push(Value::deserialize(document).map_err(FileError)?);
-    }
     let mut out = Vec::new();
-    for doc in docs {
-        expand(doc, &mut out);
+    for document in serde_yaml::Deserializer::from_str(text) {
+        expand(Value::deserialize(document).map_err(FileError)?, &mut out);
     }
     Ok(out)
 }
@@ -84,9 +82,11 @@ fn expand(doc: Value, out: &mut Vec<Result<Object, Rejected>>) {
         return;
     }
     if str_at(&doc, &["kind"]).is_some_and(|k| k.ends_with("List")) {
-        if let Some(Value::Sequence(items)) = doc.get("items") {
-            for item in items {
-                expand(item.clone(), out);
+        if let Value::Mapping(mut doc) = doc {
+            if let Some(Value::Sequence(items)) = doc.remove("items") {
+                for item in items {
+                    expand(item, out);
+                }
             }
         }
         return;

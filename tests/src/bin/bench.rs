@@ -380,6 +380,18 @@ fn machine() -> Value {
     })
 }
 
+/// The end-to-end change rows alone (by hand, while working on the control plane);
+/// `rows` (`api:ebpf,manifests:nftables`) narrows them.
+fn only_change(scales: &[usize], repeats: usize, rows: Option<&String>, out: &Path) {
+    let only: Vec<String> = rows
+        .map(|r| r.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let rows = proxy_agent_tests::changebench::run(scales, repeats, &only);
+    std::fs::create_dir_all(out).expect("out dir");
+    std::fs::write(out.join("change.json"), rows.to_string()).expect("change.json");
+    print!("{}", proxy_agent_tests::changebench::report(&rows));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -431,11 +443,7 @@ fn main() {
     let out = value("--out").map_or_else(|| PathBuf::from("bench/results/latest"), PathBuf::from);
     let change_repeats = if quick { 5 } else { 15 };
     if args.iter().any(|a| a == "--only-change") {
-        // The end-to-end change rows alone (by hand, while working on the control plane).
-        let rows = proxy_agent_tests::changebench::run(&cfg.scales, change_repeats);
-        std::fs::create_dir_all(&out).expect("out dir");
-        std::fs::write(out.join("change.json"), rows.to_string()).expect("change.json");
-        print!("{}", proxy_agent_tests::changebench::report(&rows));
+        only_change(&cfg.scales, change_repeats, value("--change-rows"), &out);
         return;
     }
     let mut cluster = Cluster::new("bench");
@@ -453,7 +461,7 @@ fn main() {
     let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);
     let dns = dnsbench::run(&mut cluster, cfg.dns_seconds);
     let memory = rssbench::run(&mut cluster, &cfg.scales);
-    let change_e2e = proxy_agent_tests::changebench::run(&cfg.scales, change_repeats);
+    let change_e2e = proxy_agent_tests::changebench::run(&cfg.scales, change_repeats, &[]);
     let datapath = connbench::run(
         &mut cluster,
         &bpffs,

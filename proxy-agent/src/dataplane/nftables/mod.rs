@@ -1,12 +1,14 @@
 //! nftables dataplane: the ruleset of `ruleset.rs` in our own `ip`/`ip6` tables, loaded
 //! with `nft -f` as one atomic transaction per sync: whole at start and after any
 //! failure, otherwise only what changed (`rendered.rs` re-renders the changed Service
-//! ports, `delta.rs` writes what differs); then stale UDP conntrack goes.
+//! ports, `delta.rs` writes what differs, `wire.rs` commits it without `nft` when it
+//! can); then stale UDP conntrack goes.
 pub mod delta;
 pub mod names;
 pub mod rendered;
 pub mod ruleset;
 pub mod table;
+pub mod wire;
 
 use std::{
     collections::BTreeSet,
@@ -94,6 +96,18 @@ pub struct Pending {
     /// Statements in it (a full load counts its lines).
     pub ops: usize,
     pub full: bool,
+    /// The statements of a partial transaction, one by one (empty for a full load).
+    pub statements: Vec<String>,
+}
+
+/// How the transactions so far went to the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Commits {
+    /// Partial transactions committed as a netlink batch.
+    pub netlink: usize,
+    /// Transactions loaded with `nft -f` (full loads, and partial ones outside the
+    /// netlink grammar).
+    pub nft: usize,
 }
 
 pub struct NftablesDataplane {
@@ -102,6 +116,9 @@ pub struct NftablesDataplane {
     /// Another network namespace to program (tests and the bench); conntrack is then
     /// left alone.
     netns: Option<PathBuf>,
+    /// The netlink path for partial transactions (`None`: `nft -f` only).
+    wire: Option<wire::Wire>,
+    commits: Commits,
 }
 
 impl NftablesDataplane {
@@ -120,11 +137,37 @@ impl NftablesDataplane {
     pub fn start_in(cluster_cidrs: Vec<IpNet>, netns: Option<PathBuf>) -> Result<Self, NftError> {
         let tables = format!("add table ip {0}\nadd table ip6 {0}\n", table::TABLE);
         load_in(netns.as_deref(), &tables)?;
+        let wire = wire::Wire::open(netns.as_deref())
+            .inspect_err(|error| warn!(%error, "no nf_tables netlink socket; every sync goes through nft -f"))
+            .ok();
         Ok(Self {
             cluster_cidrs,
             kernel: None,
             netns,
+            wire,
+            commits: Commits::default(),
         })
+    }
+
+    /// How the transactions so far were committed.
+    #[must_use]
+    pub fn commits(&self) -> Commits {
+        self.commits
+    }
+
+    /// Commits `pending`: as one netlink batch when every statement is in the wire
+    /// grammar, else through `nft -f`.
+    fn commit(&mut self, pending: &Pending) -> Result<(), NftError> {
+        if let (false, Some(wire)) = (pending.full, self.wire.as_mut()) {
+            if let Some(batch) = wire::encode(&pending.statements) {
+                wire.commit(&batch)?;
+                self.commits.netlink += 1;
+                return Ok(());
+            }
+        }
+        load_in(self.netns.as_deref(), &pending.text)?;
+        self.commits.nft += 1;
+        Ok(())
     }
 
     /// The transaction from what the kernel holds to `desired`: whole tables when
@@ -137,6 +180,7 @@ impl NftablesDataplane {
                 ops: text.lines().filter(|l| !l.trim().is_empty()).count(),
                 text,
                 full: true,
+                statements: Vec::new(),
             };
             let programmed = Programmed {
                 rendered,
@@ -155,20 +199,21 @@ impl NftablesDataplane {
         let mut rendered = kernel.rendered;
         rendered.update(&kernel.from, desired);
         let mut text = String::new();
-        let mut ops = 0;
+        let mut statements = Vec::new();
         let mut stale: [BTreeSet<String>; 2] = Default::default();
         for i in 0..2 {
             let (tx, flushed) = delta::delta(&held[i], &rendered.tables[i], &kernel.stale[i]);
             if !tx.is_empty() {
-                ops += tx.statements.len();
                 text.push_str(&tx.text());
+                statements.extend(tx.statements);
             }
             stale[i] = flushed;
         }
         let pending = Pending {
             text,
-            ops,
+            ops: statements.len(),
             full: false,
+            statements,
         };
         let programmed = Programmed {
             rendered,
@@ -200,7 +245,7 @@ impl super::Dataplane for NftablesDataplane {
         let old = self.kernel.as_ref().map(|k| k.from.clone());
         let (pending, programmed) = self.transaction(desired);
         if pending.ops > 0 {
-            if let Err(error) = load_in(self.netns.as_deref(), &pending.text) {
+            if let Err(error) = self.commit(&pending) {
                 // Whatever happened, the next sync rewrites everything.
                 self.kernel = None;
                 return Err(error.into());
