@@ -31,18 +31,13 @@ pub struct FlowBed {
 fn all_endpoints(snapshot: &Snapshot) -> BTreeSet<(Protocol, IpAddr, u16)> {
     let mut out = BTreeSet::new();
     for slice in snapshot.endpoint_slices().values() {
-        for port in slice.ports.iter().flatten() {
+        for port in &slice.ports {
             let (Some(protocol), Some(number)) =
                 (Protocol::from_k8s(port.protocol.as_deref()), port.port)
             else {
                 continue;
             };
-            for ip in slice
-                .endpoints
-                .iter()
-                .flat_map(|e| &e.addresses)
-                .filter_map(|a| a.parse::<IpAddr>().ok())
-            {
+            for ip in slice.endpoints.iter().map(|e| e.address) {
                 out.insert((protocol, ip, u16::try_from(number).unwrap_or(0)));
             }
         }

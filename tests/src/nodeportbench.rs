@@ -49,7 +49,7 @@ fn with_nodeport(snapshot: &Snapshot, last: usize) -> Snapshot {
     changed.put_service(key, std::sync::Arc::new(service));
     let slice_key = ("bench".to_owned(), format!("{name}-1"));
     let mut slice = (**changed.endpoint_slices().get(&slice_key).expect("slice")).clone();
-    slice.ports.get_or_insert_with(Vec::new).push(EndpointPort {
+    slice.ports.push(EndpointPort {
         name: Some("dns".into()),
         port: Some(8080),
         protocol: Some("UDP".into()),

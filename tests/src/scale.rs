@@ -61,7 +61,7 @@ pub fn with_endpoint(snapshot: &Snapshot, i: usize, ip: Ipv4Addr) -> Snapshot {
     let mut changed = snapshot.clone();
     let key = ("bench".to_owned(), format!("s{i}-1"));
     let mut slice = (**changed.endpoint_slices().get(&key).expect("slice")).clone();
-    slice.endpoints[0].addresses = vec![ip.to_string()];
+    slice.endpoints[0].address = ip.into();
     changed.put_slice(key, std::sync::Arc::new(slice));
     changed
 }
@@ -77,7 +77,7 @@ pub fn with_endpoints(snapshot: &Snapshot, i: usize, ips: &[Ipv4Addr]) -> Snapsh
         .iter()
         .map(|ip| {
             let mut endpoint = template.clone();
-            endpoint.addresses = vec![ip.to_string()];
+            endpoint.address = (*ip).into();
             endpoint
         })
         .collect();

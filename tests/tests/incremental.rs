@@ -17,7 +17,7 @@ use proxy_agent::{
         nftables::{rendered::Rendered, ruleset},
     },
     dns::{zone::Zone, zone_tracker::ZoneTracker},
-    model::{self, DesiredState, NodeInfo, ObjectKey, Snapshot, Tracker},
+    model::{self, snapshot::slim_slice, DesiredState, NodeInfo, ObjectKey, Snapshot, Tracker},
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
@@ -169,12 +169,15 @@ fn change(rng: &mut StdRng, snapshot: &mut Snapshot) {
         4 => {
             let name = format!("s{i}-{}", rng.random_range(0..3));
             let other = rng.random_range(0..SERVICES);
-            snapshot.put_slice(key(&name), Arc::new(slice(rng, &name, other, false)));
+            snapshot.put_slice(
+                key(&name),
+                Arc::new(slim_slice(slice(rng, &name, other, false))),
+            );
         }
         _ => {
             let name = format!("s{i}-{}", rng.random_range(0..3));
             let v6 = name.ends_with("-2");
-            snapshot.put_slice(key(&name), Arc::new(slice(rng, &name, i, v6)));
+            snapshot.put_slice(key(&name), Arc::new(slim_slice(slice(rng, &name, i, v6))));
         }
     }
 }
@@ -251,7 +254,10 @@ fn random_changes_followed_incrementally_end_where_a_full_rebuild_does() {
         for i in 0..SERVICES {
             snapshot.put_service(key(&format!("s{i}")), Arc::new(service(&mut rng, i)));
             let name = format!("s{i}-0");
-            snapshot.put_slice(key(&name), Arc::new(slice(&mut rng, &name, i, false)));
+            snapshot.put_slice(
+                key(&name),
+                Arc::new(slim_slice(slice(&mut rng, &name, i, false))),
+            );
         }
         let mut tracker = Tracker::new(&snapshot, node.clone());
         let mut rendered = Rendered::full(tracker.desired(), &cidrs);

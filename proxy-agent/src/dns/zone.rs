@@ -12,9 +12,9 @@ use hickory_proto::rr::{
     rdata::{A, AAAA, CNAME, PTR, SOA, SRV},
     Name, RData, Record, RecordType,
 };
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
-use crate::model::Snapshot;
+use crate::model::{slice::Slice, Snapshot};
 
 /// The schema version `dns-version.<domain>` reports.
 pub(super) const SCHEMA_VERSION: &str = "1.1.0";
@@ -105,14 +105,11 @@ struct DnsEndpoint {
 
 /// The ready (or, with `publishNotReadyAddresses`, all) endpoints of a Service, and
 /// its slices' ports `(name, protocol, port)`.
-fn endpoints(
-    slices: &[&EndpointSlice],
-    all: bool,
-) -> (Vec<DnsEndpoint>, BTreeSet<(String, String, u16)>) {
+fn endpoints(slices: &[&Slice], all: bool) -> (Vec<DnsEndpoint>, BTreeSet<(String, String, u16)>) {
     let mut found = Vec::new();
     let mut ports = BTreeSet::new();
     for slice in slices {
-        for port in slice.ports.iter().flatten() {
+        for port in &slice.ports {
             if let (Some(name), Some(number)) = (&port.name, port.port) {
                 let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
                 if let Ok(number) = u16::try_from(number) {
@@ -121,21 +118,15 @@ fn endpoints(
             }
         }
         for endpoint in &slice.endpoints {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            if !(ready || all) {
+            if !(endpoint.ready.unwrap_or(true) || all) {
                 continue;
             }
-            for ip in endpoint.addresses.iter().filter_map(|a| a.parse().ok()) {
-                if !found.iter().any(|e: &DnsEndpoint| e.ip == ip) {
-                    found.push(DnsEndpoint {
-                        ip,
-                        hostname: endpoint.hostname.clone(),
-                    });
-                }
+            let ip = endpoint.address;
+            if !found.iter().any(|e: &DnsEndpoint| e.ip == ip) {
+                found.push(DnsEndpoint {
+                    ip,
+                    hostname: endpoint.hostname.as_deref().map(str::to_owned),
+                });
             }
         }
     }
@@ -166,7 +157,7 @@ impl Builder {
         }
     }
 
-    pub fn service(&mut self, service: &Service, slices: &[&EndpointSlice]) -> Option<()> {
+    pub fn service(&mut self, service: &Service, slices: &[&Slice]) -> Option<()> {
         let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
         let svc_name = service.metadata.name.as_deref()?;
         let spec = service.spec.as_ref()?;

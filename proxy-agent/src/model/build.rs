@@ -3,10 +3,7 @@
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec, ServiceStatus},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec, ServiceStatus};
 
 use super::{
     endpoints::{self, Categorized, Policies},
@@ -131,7 +128,7 @@ impl PortContext<'_> {
         &self,
         state: &mut BTreeMap<FrontendKey, Frontend>,
         cluster_ip: IpAddr,
-        slices: &[&EndpointSlice],
+        slices: &[&super::slice::Slice],
     ) {
         let (Some(protocol), Ok(port)) = (
             Protocol::from_k8s(self.port.protocol.as_deref()),

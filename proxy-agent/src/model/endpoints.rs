@@ -4,7 +4,7 @@
 //! subsets the Local traffic policies use.
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use super::slice::Slice;
 
 use super::{
     node::NodeInfo,
@@ -79,7 +79,7 @@ pub struct Categorized {
 /// name and protocol; an address listed twice (across slices) counts once.
 #[must_use]
 pub fn candidates(
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     port_name: &str,
     protocol: Protocol,
     family: IpAddr,
@@ -92,44 +92,36 @@ pub fn candidates(
             continue;
         };
         for endpoint in &slice.endpoints {
-            let conditions = endpoint.conditions.as_ref();
             // kube-proxy: missing ready or serving means true; missing terminating false.
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let zone_hints: Vec<String> = endpoint
-                .hints
-                .as_ref()
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
-                .unwrap_or_default();
-            for ip in endpoint
-                .addresses
-                .iter()
-                .filter_map(|a| a.parse::<IpAddr>().ok())
-            {
-                let backend = Backend { ip, port };
-                if ip.is_ipv4() != family.is_ipv4() || !seen.insert(backend) {
-                    continue;
-                }
-                out.push(Candidate {
-                    backend,
-                    node: endpoint.node_name.clone(),
-                    zone: endpoint.zone.clone(),
-                    ready,
-                    serving,
-                    terminating,
-                    zone_hints: zone_hints.clone(),
-                });
+            let ready = endpoint.ready.unwrap_or(true);
+            let serving = endpoint.serving.unwrap_or(ready);
+            let terminating = endpoint.terminating.unwrap_or(false);
+            let ip = endpoint.address;
+            let backend = Backend { ip, port };
+            if ip.is_ipv4() != family.is_ipv4() || !seen.insert(backend) {
+                continue;
             }
+            out.push(Candidate {
+                backend,
+                node: endpoint.node_name.as_deref().map(str::to_owned),
+                zone: endpoint.zone.as_deref().map(str::to_owned),
+                ready,
+                serving,
+                terminating,
+                zone_hints: endpoint
+                    .zone_hints
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            });
         }
     }
     out
 }
 
 /// The slice's port for a Service port name (`""` matches an unnamed port).
-fn slice_port(slice: &EndpointSlice, port_name: &str, protocol: Protocol) -> Option<u16> {
-    slice.ports.as_deref()?.iter().find_map(|p| {
+fn slice_port(slice: &Slice, port_name: &str, protocol: Protocol) -> Option<u16> {
+    slice.ports.iter().find_map(|p| {
         let same_name = p.name.as_deref().unwrap_or_default() == port_name;
         let same_proto = Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol);
         if same_name && same_proto {

@@ -7,6 +7,7 @@ pub mod endpoints;
 pub mod explain;
 pub mod flow;
 mod node;
+pub mod slice;
 pub mod snapshot;
 mod tracker;
 mod types;

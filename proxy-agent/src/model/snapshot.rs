@@ -6,16 +6,14 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use imbl::{OrdMap, OrdSet};
 use k8s_openapi::{
-    api::{
-        core::v1::{Node, NodeSpec, NodeStatus, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, NodeSpec, NodeStatus, Service},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use super::build::{
-    ANNOTATION_TOPOLOGY_HINTS, ANNOTATION_TOPOLOGY_MODE, LABEL_SERVICE_NAME,
-    LABEL_SERVICE_PROXY_NAME,
+pub use super::slice::slim_slice;
+use super::{
+    build::{ANNOTATION_TOPOLOGY_HINTS, ANNOTATION_TOPOLOGY_MODE, LABEL_SERVICE_PROXY_NAME},
+    slice::Slice,
 };
 
 /// `namespace/name` (namespace empty for cluster-scoped objects).
@@ -28,7 +26,7 @@ pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-t
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     services: OrdMap<ObjectKey, Arc<Service>>,
-    endpoint_slices: OrdMap<ObjectKey, Arc<EndpointSlice>>,
+    endpoint_slices: OrdMap<ObjectKey, Arc<Slice>>,
     nodes: OrdMap<String, Arc<Node>>,
     /// (namespace, Service, slice name) of every slice with a service-name label.
     slice_index: OrdSet<(String, String, String)>,
@@ -53,13 +51,8 @@ impl Changes {
 
 /// The Service a slice belongs to, by its service-name label.
 #[must_use]
-pub fn service_of(slice: &EndpointSlice) -> Option<&str> {
-    slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get(LABEL_SERVICE_NAME)
-        .map(String::as_str)
+pub fn service_of(slice: &Slice) -> Option<&str> {
+    slice.service.as_deref()
 }
 
 /// Metadata with only its name, namespace and the labels and annotations we read: a real
@@ -98,21 +91,6 @@ pub fn slim_service(mut service: Service) -> Service {
     service
 }
 
-/// An EndpointSlice as the model and DNS read it (no target references).
-#[must_use]
-pub fn slim_slice(mut slice: EndpointSlice) -> EndpointSlice {
-    slim_meta(
-        &mut slice.metadata,
-        &[LABEL_SERVICE_NAME],
-        &[ANNOTATION_TRIGGER_TIME],
-    );
-    for endpoint in &mut slice.endpoints {
-        endpoint.target_ref = None;
-        endpoint.deprecated_topology = None;
-    }
-    slice
-}
-
 /// A Node as the agent reads it: zone label, addresses, pod CIDRs, taints, deletion.
 #[must_use]
 pub fn slim_node(mut node: Node) -> Node {
@@ -137,7 +115,7 @@ impl Snapshot {
     }
 
     #[must_use]
-    pub fn endpoint_slices(&self) -> &OrdMap<ObjectKey, Arc<EndpointSlice>> {
+    pub fn endpoint_slices(&self) -> &OrdMap<ObjectKey, Arc<Slice>> {
         &self.endpoint_slices
     }
 
@@ -156,7 +134,7 @@ impl Snapshot {
     }
 
     /// Stores a slice under `key`, keeping the Service → slices index current.
-    pub fn put_slice(&mut self, key: ObjectKey, slice: Arc<EndpointSlice>) {
+    pub fn put_slice(&mut self, key: ObjectKey, slice: Arc<Slice>) {
         let service = service_of(&slice).map(str::to_owned);
         if let Some(old) = self.endpoint_slices.insert(key.clone(), slice) {
             self.unindex(&key, &old);
@@ -166,13 +144,13 @@ impl Snapshot {
         }
     }
 
-    pub fn remove_slice(&mut self, key: &ObjectKey) -> Option<Arc<EndpointSlice>> {
+    pub fn remove_slice(&mut self, key: &ObjectKey) -> Option<Arc<Slice>> {
         let old = self.endpoint_slices.remove(key)?;
         self.unindex(key, &old);
         Some(old)
     }
 
-    fn unindex(&mut self, key: &ObjectKey, slice: &EndpointSlice) {
+    fn unindex(&mut self, key: &ObjectKey, slice: &Slice) {
         if let Some(service) = service_of(slice) {
             self.slice_index
                 .remove(&(key.0.clone(), service.to_owned(), key.1.clone()));
@@ -189,7 +167,7 @@ impl Snapshot {
 
     /// The slices of one Service, joined by the service-name label, in key order.
     #[must_use]
-    pub fn slices_of(&self, namespace: &str, service: &str) -> Vec<&EndpointSlice> {
+    pub fn slices_of(&self, namespace: &str, service: &str) -> Vec<&Slice> {
         let from = (namespace.to_owned(), service.to_owned(), String::new());
         self.slice_index
             .range(from..)
@@ -211,7 +189,7 @@ impl Snapshot {
             out.services.insert(diff_key(&item).clone());
         }
         for item in self.endpoint_slices.diff(&newer.endpoint_slices) {
-            let (key, old, new): (&ObjectKey, Option<&Arc<EndpointSlice>>, _) = match item {
+            let (key, old, new): (&ObjectKey, Option<&Arc<Slice>>, _) = match item {
                 imbl::ordmap::DiffItem::Add(k, v) => (k, None, Some(v)),
                 imbl::ordmap::DiffItem::Remove(k, v) => (k, Some(v), None),
                 imbl::ordmap::DiffItem::Update { old, new } => (old.0, Some(old.1), Some(new.1)),
@@ -240,20 +218,13 @@ mod tests {
 
     use super::*;
 
-    fn slice(name: &str, service: &str) -> Arc<EndpointSlice> {
-        Arc::new(EndpointSlice {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some("ns".into()),
-                labels: Some(BTreeMap::from([(
-                    LABEL_SERVICE_NAME.to_owned(),
-                    service.to_owned(),
-                )])),
-                ..ObjectMeta::default()
-            },
+    fn slice(name: &str, service: &str) -> Arc<Slice> {
+        Arc::new(Slice {
+            name: name.into(),
+            namespace: "ns".into(),
+            service: Some(service.into()),
             address_type: "IPv4".into(),
-            endpoints: Vec::new(),
-            ports: None,
+            ..Slice::default()
         })
     }
 

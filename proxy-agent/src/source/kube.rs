@@ -47,10 +47,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
     Client::try_from(config).map_err(|e| error(&e))
 }
 
-/// One watcher's news for the store.
+/// One watcher's news for the store. Objects arrive decoded, checked and slimmed (or as
+/// the reason they are unusable) by the watcher's own task, so only slim objects wait
+/// in the channel while a large list streams in.
 enum Change {
     Init(Kind),
-    Upsert(Kind, Box<DynamicObject>, bool),
+    Upsert(Kind, ObjectKey, Result<Object, String>, bool),
     Delete(Kind, ObjectKey),
     InitDone(Kind),
 }
@@ -134,12 +136,8 @@ impl Store {
                 self.relist.insert(kind, Relist::new());
                 false
             }
-            Change::Upsert(kind, object, initial) => {
-                let key = (
-                    object.metadata.namespace.clone().unwrap_or_default(),
-                    object.metadata.name.clone().unwrap_or_default(),
-                );
-                let object = match checked(kind, *object) {
+            Change::Upsert(kind, key, object, initial) => {
+                let object = match object {
                     Ok(object) => object,
                     Err(error) => {
                         warn!(kind = ?kind, object = %format!("{}/{}", key.0, key.1), %error, "API object skipped; keeping its last good version");
@@ -221,11 +219,18 @@ fn spawn_watcher(
     tokio::spawn(async move {
         let api: Api<DynamicObject> = Api::all_with(client, &resource(kind));
         let mut events = watcher(api, config).default_backoff().boxed();
+        let upsert = |object: DynamicObject, initial| {
+            let key = (
+                object.metadata.namespace.clone().unwrap_or_default(),
+                object.metadata.name.clone().unwrap_or_default(),
+            );
+            Change::Upsert(kind, key, checked(kind, object), initial)
+        };
         while let Some(event) = events.next().await {
             let change = match event {
                 Ok(watcher::Event::Init) => Change::Init(kind),
-                Ok(watcher::Event::InitApply(o)) => Change::Upsert(kind, Box::new(o), true),
-                Ok(watcher::Event::Apply(o)) => Change::Upsert(kind, Box::new(o), false),
+                Ok(watcher::Event::InitApply(o)) => upsert(o, true),
+                Ok(watcher::Event::Apply(o)) => upsert(o, false),
                 Ok(watcher::Event::Delete(o)) => Change::Delete(
                     kind,
                     (

@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::model::{
     self,
+    slice::Slice,
     snapshot::{slim_node, slim_service, slim_slice},
     validate::ValidationError,
     ObjectKey,
@@ -18,7 +19,7 @@ use crate::model::{
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    EndpointSlice(Arc<Slice>),
     Node(Arc<Node>),
 }
 
@@ -35,7 +36,7 @@ impl Object {
     pub fn id(&self) -> (Kind, ObjectKey) {
         match self {
             Self::Service(o) => (Kind::Service, model::object_key(&o.metadata)),
-            Self::EndpointSlice(o) => (Kind::EndpointSlice, model::object_key(&o.metadata)),
+            Self::EndpointSlice(o) => (Kind::EndpointSlice, (o.namespace.clone(), o.name.clone())),
             Self::Node(o) => (Kind::Node, model::object_key(&o.metadata)),
         }
     }
@@ -134,29 +135,25 @@ fn decode(doc: Value) -> Option<Result<Object, Rejected>> {
             source,
         })
     };
-    let object = match kind {
+    // Decoded, validated in the API's form, then slimmed.
+    let checked = match kind {
         Kind::Service => serde_yaml::from_value::<Service>(doc).map(|mut o| {
             o.metadata.namespace = Some(key.0.clone());
-            Object::Service(Arc::new(slim_service(o)))
+            model::validate::service(&o).map(|()| Object::Service(Arc::new(slim_service(o))))
         }),
         Kind::EndpointSlice => serde_yaml::from_value::<EndpointSlice>(doc).map(|mut o| {
             o.metadata.namespace = Some(key.0.clone());
-            Object::EndpointSlice(Arc::new(slim_slice(o)))
+            model::validate::endpoint_slice(&o)
+                .map(|()| Object::EndpointSlice(Arc::new(slim_slice(o))))
         }),
         Kind::Node => {
-            serde_yaml::from_value::<Node>(doc).map(|o| Object::Node(Arc::new(slim_node(o))))
+            serde_yaml::from_value::<Node>(doc).map(|o| Ok(Object::Node(Arc::new(slim_node(o)))))
         }
     };
-    let object = match object {
-        Ok(object) => object,
-        Err(e) => return Some(Err(decode_error(e))),
-    };
-    let valid = match &object {
-        Object::Service(s) => model::validate::service(s),
-        Object::EndpointSlice(s) => model::validate::endpoint_slice(s),
-        Object::Node(_) => Ok(()),
-    };
-    Some(valid.map(|()| object).map_err(|e| reject(e.into())))
+    match checked {
+        Ok(valid) => Some(valid.map_err(|e| reject(e.into()))),
+        Err(e) => Some(Err(decode_error(e))),
+    }
 }
 
 #[cfg(test)]

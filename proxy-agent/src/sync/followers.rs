@@ -7,21 +7,14 @@ use imbl::ordmap::DiffItem;
 
 use crate::{
     metrics::{Metrics, TrafficPolicyLabel},
-    model::{snapshot::ANNOTATION_TRIGGER_TIME, DesiredState, Frontend, Snapshot},
+    model::{DesiredState, Frontend, Snapshot},
 };
 
 /// Observes, for each slice whose trigger time changed from `old` to `new`, how long
 /// ago that was (kube-proxy's network programming latency). Changes from before the
 /// agent started were programmed by somebody else.
 pub fn trigger_times(old: &Snapshot, new: &Snapshot, since: SystemTime, metrics: &Metrics) {
-    let stamp = |slice: &k8s_openapi::api::discovery::v1::EndpointSlice| {
-        slice
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
-            .cloned()
-    };
+    let stamp = |slice: &crate::model::slice::Slice| slice.trigger_time.clone();
     let now = SystemTime::now();
     for item in old.endpoint_slices().diff(new.endpoint_slices()) {
         let (before, after) = match item {

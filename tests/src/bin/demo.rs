@@ -37,7 +37,6 @@ fn pods(snapshot: &Snapshot) -> BTreeMap<String, (String, u8, Vec<String>)> {
         let listeners: Vec<String> = slice
             .ports
             .iter()
-            .flatten()
             .filter_map(|p| {
                 Some(format!(
                     "{}:{}",
@@ -47,16 +46,13 @@ fn pods(snapshot: &Snapshot) -> BTreeMap<String, (String, u8, Vec<String>)> {
             })
             .collect();
         for endpoint in &slice.endpoints {
-            let (Some(ip), Some(node)) = (endpoint.addresses.first(), endpoint.node_name.clone())
+            let (ip, Some(node)) = (endpoint.address.to_string(), endpoint.node_name.as_deref())
             else {
                 continue;
             };
-            let name = endpoint
-                .target_ref
-                .as_ref()
-                .and_then(|r| r.name.clone())
-                .unwrap_or_else(|| format!("pod-{ip}"));
-            if let Some(host) = last_octet(ip) {
+            let node = node.to_owned();
+            let name = format!("pod-{ip}");
+            if let Some(host) = last_octet(&ip) {
                 let entry = pods.entry(name).or_insert((node, host, Vec::new()));
                 entry.2.extend(listeners.iter().cloned());
             }
