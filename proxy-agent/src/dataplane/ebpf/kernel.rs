@@ -1,4 +1,5 @@
-//! `MapStore` over the pinned kernel maps, each entry to its family's map.
+//! `MapStore` over the pinned kernel maps, each entry to its family's map; runs of puts
+//! into one map go to the kernel as one batch (`batch.rs`), in the writer's order.
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
     HashMap, Map, MapData, PerCpuHashMap,
@@ -9,6 +10,7 @@ use proxy_common::{
 };
 
 use super::{
+    batch::Buffered,
     store::{BackendValue, MapContents, MapStore, RevNatValue, SlotKey, SourceRange},
     EbpfError,
 };
@@ -31,9 +33,34 @@ impl<K: aya::Pod, B: aya::Pod, R: aya::Pod> FamilyMaps<K, B, R> {
     }
 }
 
+/// Which map the waiting puts are for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Services4,
+    Services6,
+    Backends4,
+    Backends6,
+    RevNat4,
+    RevNat6,
+}
+
+/// Puts not yet written. Only one map's buffer fills at a time, so the kernel sees the
+/// writer's order (a backend before the slot naming it, slots before slot 0).
+#[derive(Default)]
+struct Pending {
+    target: Option<Target>,
+    services4: Buffered<Service4Key, ServiceValue>,
+    services6: Buffered<Service6Key, ServiceValue>,
+    backends4: Buffered<u32, Backend4>,
+    backends6: Buffered<u32, Backend6>,
+    revnat4: Buffered<u16, RevNat4>,
+    revnat6: Buffered<u16, RevNat6>,
+}
+
 pub struct KernelMaps {
     v4: FamilyMaps<Service4Key, Backend4, RevNat4>,
     v6: FamilyMaps<Service6Key, Backend6, RevNat6>,
+    pending: Pending,
     source_ranges: Option<LpmTrie<MapData, SourceRange4, u8>>,
     source_ranges6: Option<LpmTrie<MapData, SourceRange6, u8>>,
     maglev: Option<HashMap<MapData, u16, MaglevTable>>,
@@ -52,6 +79,7 @@ impl KernelMaps {
         Ok(Self {
             v4: FamilyMaps::new(v4)?,
             v6: FamilyMaps::new(v6)?,
+            pending: Pending::default(),
             source_ranges: v4_ranges.map(LpmTrie::try_from).transpose()?,
             source_ranges6: v6_ranges.map(LpmTrie::try_from).transpose()?,
             maglev: maglev.map(HashMap::try_from).transpose()?,
@@ -106,14 +134,43 @@ fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), EbpfErr
     }
 }
 
-impl MapStore for KernelMaps {
-    fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
-        match backend {
-            BackendValue::V4(b) => Ok(self.v4.backends.insert(id, b, 0)?),
-            BackendValue::V6(b) => Ok(self.v6.backends.insert(id, b, 0)?),
+impl KernelMaps {
+    /// Makes `target` the map puts wait for, writing another map's waiting puts first.
+    fn stage(&mut self, target: Target) -> Result<&mut Pending, EbpfError> {
+        if self.pending.target != Some(target) {
+            self.write_pending()?;
+            self.pending.target = Some(target);
+        }
+        Ok(&mut self.pending)
+    }
+
+    fn write_pending(&mut self) -> Result<(), EbpfError> {
+        let p = &mut self.pending;
+        match p.target.take() {
+            None => Ok(()),
+            Some(Target::Services4) => Ok(p.services4.flush(&mut self.v4.services)?),
+            Some(Target::Services6) => Ok(p.services6.flush(&mut self.v6.services)?),
+            Some(Target::Backends4) => Ok(p.backends4.flush(&mut self.v4.backends)?),
+            Some(Target::Backends6) => Ok(p.backends6.flush(&mut self.v6.backends)?),
+            Some(Target::RevNat4) => Ok(p.revnat4.flush(&mut self.v4.revnat)?),
+            Some(Target::RevNat6) => Ok(p.revnat6.flush(&mut self.v6.revnat)?),
         }
     }
+}
+
+impl MapStore for KernelMaps {
+    fn flush(&mut self) -> Result<(), EbpfError> {
+        self.write_pending()
+    }
+    fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
+        match backend {
+            BackendValue::V4(b) => self.stage(Target::Backends4)?.backends4.push(id, *b),
+            BackendValue::V6(b) => self.stage(Target::Backends6)?.backends6.push(id, *b),
+        }
+        Ok(())
+    }
     fn del_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
+        self.write_pending()?;
         match backend {
             BackendValue::V4(_) => ignore_missing(self.v4.backends.remove(&id)),
             BackendValue::V6(_) => ignore_missing(self.v6.backends.remove(&id)),
@@ -121,11 +178,13 @@ impl MapStore for KernelMaps {
     }
     fn put_service(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), EbpfError> {
         match key {
-            SlotKey::V4(k) => Ok(self.v4.services.insert(k, value, 0)?),
-            SlotKey::V6(k) => Ok(self.v6.services.insert(k, value, 0)?),
+            SlotKey::V4(k) => self.stage(Target::Services4)?.services4.push(*k, *value),
+            SlotKey::V6(k) => self.stage(Target::Services6)?.services6.push(*k, *value),
         }
+        Ok(())
     }
     fn del_service(&mut self, key: &SlotKey) -> Result<(), EbpfError> {
+        self.write_pending()?;
         match key {
             SlotKey::V4(k) => ignore_missing(self.v4.services.remove(k)),
             SlotKey::V6(k) => ignore_missing(self.v6.services.remove(k)),
@@ -133,17 +192,20 @@ impl MapStore for KernelMaps {
     }
     fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
         match revnat {
-            RevNatValue::V4(r) => Ok(self.v4.revnat.insert(index, r, 0)?),
-            RevNatValue::V6(r) => Ok(self.v6.revnat.insert(index, r, 0)?),
+            RevNatValue::V4(r) => self.stage(Target::RevNat4)?.revnat4.push(index, *r),
+            RevNatValue::V6(r) => self.stage(Target::RevNat6)?.revnat6.push(index, *r),
         }
+        Ok(())
     }
     fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+        self.write_pending()?;
         match revnat {
             RevNatValue::V4(_) => ignore_missing(self.v4.revnat.remove(&index)),
             RevNatValue::V6(_) => ignore_missing(self.v6.revnat.remove(&index)),
         }
     }
     fn put_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
+        self.write_pending()?;
         match (range, &mut self.source_ranges, &mut self.source_ranges6) {
             (SourceRange::V4(len, data), Some(trie), _) => {
                 Ok(trie.insert(&Key::new(*len, *data), 1, 0)?)
@@ -155,6 +217,7 @@ impl MapStore for KernelMaps {
         }
     }
     fn del_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
+        self.write_pending()?;
         match (range, &mut self.source_ranges, &mut self.source_ranges6) {
             (SourceRange::V4(len, data), Some(trie), _) => {
                 ignore_missing(trie.remove(&Key::new(*len, *data)))
@@ -166,18 +229,21 @@ impl MapStore for KernelMaps {
         }
     }
     fn put_maglev(&mut self, id: u16, table: &MaglevTable) -> Result<(), EbpfError> {
+        self.write_pending()?;
         match &mut self.maglev {
             Some(map) => Ok(map.insert(id, table, 0)?),
             None => Ok(()),
         }
     }
     fn del_maglev(&mut self, id: u16) -> Result<(), EbpfError> {
+        self.write_pending()?;
         match &mut self.maglev {
             Some(map) => ignore_missing(map.remove(&id)),
             None => Ok(()),
         }
     }
     fn forget_stats(&mut self, revnat: &[u16], backends: &[u32]) -> Result<(), EbpfError> {
+        self.write_pending()?;
         let Some(stats) = &mut self.stats else {
             return Ok(());
         };

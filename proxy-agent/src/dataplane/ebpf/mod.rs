@@ -1,5 +1,6 @@
 //! eBPF dataplane: socket-level load balancing programs, per-packet programs for
 //! traffic from outside the node, and the maps they read.
+mod batch;
 mod entries;
 pub mod flows;
 mod ids;

@@ -21,6 +21,11 @@ pub trait MapStore {
     /// A Maglev table, replaced whole.
     fn put_maglev(&mut self, id: u16, table: &MaglevTable) -> Result<(), EbpfError>;
     fn del_maglev(&mut self, id: u16) -> Result<(), EbpfError>;
+    /// Writes what the store has held back (batched puts); the writer calls it at the
+    /// end of every plan.
+    fn flush(&mut self) -> Result<(), EbpfError> {
+        Ok(())
+    }
     /// Everything the maps hold now, for restoring ids after a restart.
     fn read_all(&self) -> Result<MapContents, EbpfError>;
     /// Drops the datapath counters of freed reverse-NAT indexes and backend ids.

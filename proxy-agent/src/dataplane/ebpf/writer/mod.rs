@@ -239,6 +239,10 @@ impl<S: MapStore> MapWriter<S> {
     pub fn apply(&mut self, plan: &Plan) -> Result<usize, EbpfError> {
         let before = self.writes;
         let result = self.apply_all(plan);
+        // What waits is written even after a failure: those entries succeeded as far as
+        // the writer's bookkeeping goes.
+        let flushed = self.store.flush();
+        let result = result.and(flushed);
         let revnat = std::mem::take(&mut self.freed_revnat);
         let backends = std::mem::take(&mut self.freed_backends);
         if self.writes != before {
