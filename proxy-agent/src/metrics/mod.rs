@@ -174,12 +174,17 @@ impl Metrics {
 async fn metrics(
     State(metrics): State<Arc<Metrics>>,
 ) -> ([(header::HeaderName, &'static str); 1], String) {
+    // The datapath collectors read BPF maps and run `nft`: off the runtime that also
+    // answers DNS and `/healthz`.
+    let text = tokio::task::spawn_blocking(move || metrics.render())
+        .await
+        .unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics.render(),
+        text,
     )
 }
 

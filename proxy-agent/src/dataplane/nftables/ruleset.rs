@@ -131,6 +131,16 @@ fn target(group: &Group, route: &Route) -> String {
 }
 
 fn chain(comment: &str, rules: Vec<String>) -> Chain {
+    // Kept for as long as the rule is programmed (110 000 chains at 10 000 Services):
+    // without the slack `format!` leaves.
+    let mut rules: Vec<String> = rules
+        .into_iter()
+        .map(|mut rule| {
+            rule.shrink_to_fit();
+            rule
+        })
+        .collect();
+    rules.shrink_to_fit();
     Chain {
         hook: None,
         comment: Some(comment.to_owned()),
