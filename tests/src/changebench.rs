@@ -283,8 +283,10 @@ pub fn run(scales: &[usize], repeats: usize, only: &[String]) -> Value {
     let mut cluster = scenarios::echo_cluster("chg");
     let mut rows = Vec::new();
     for &services in scales {
-        for source in [Source::Manifests, Source::Api] {
-            for dataplane in ["ebpf", "nftables"] {
+        // eBPF rows first: tearing down a large nftables table keeps the kernel busy for
+        // seconds, which the next row's start would be charged for.
+        for dataplane in ["ebpf", "nftables"] {
+            for source in [Source::Manifests, Source::Api] {
                 let name = format!("{}:{dataplane}", source.name());
                 if !only.is_empty() && !only.contains(&name) {
                     continue;

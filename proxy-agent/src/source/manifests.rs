@@ -43,8 +43,9 @@ struct FileState {
 pub struct ManifestsDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    /// The files defining each object; the last by name wins.
-    defined_in: HashMap<ObjectId, BTreeSet<PathBuf>>,
+    /// The files defining each object, sorted; the last by name wins. (Almost always
+    /// one file: a short vector of shared paths, not a set per object.)
+    defined_in: HashMap<ObjectId, Vec<Arc<Path>>>,
     snapshot: Snapshot,
 }
 
@@ -119,22 +120,23 @@ impl ManifestsDir {
         after: &BTreeMap<ObjectId, Object>,
     ) -> bool {
         let mut changed = false;
+        let shared: Arc<Path> = Arc::from(path);
         let ids: BTreeSet<&ObjectId> = before.keys().chain(after.keys()).collect();
         for id in ids {
             if before.get(id) == after.get(id) {
                 continue;
             }
             let files = self.defined_in.entry(id.clone()).or_default();
-            if after.contains_key(id) {
-                files.insert(path.to_owned());
-            } else {
-                files.remove(path);
+            match (files.binary_search(&shared), after.contains_key(id)) {
+                (Err(at), true) => files.insert(at, shared.clone()),
+                (Ok(at), false) => drop(files.remove(at)),
+                _ => {}
             }
             let winner = files.last().cloned();
             if winner.is_none() {
                 self.defined_in.remove(id);
             }
-            let object = winner.and_then(|p| self.files.get(&p)?.objects.get(id).cloned());
+            let object = winner.and_then(|p| self.files.get(&*p)?.objects.get(id).cloned());
             changed |= self.store(id, object);
         }
         changed
@@ -341,4 +343,40 @@ fn publish(tx: &watch::Sender<SourceUpdate>, manifests: &ManifestsDir) {
         update.generation += 1;
         update.snapshot = Some(snapshot);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ManifestsDir;
+
+    fn service(ip: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")
+    }
+
+    fn cluster_ip(dir: &ManifestsDir) -> Option<String> {
+        let snapshot = dir.snapshot();
+        let service = snapshot
+            .services()
+            .get(&("default".to_owned(), "web".to_owned()))?
+            .clone();
+        service.spec.as_ref()?.cluster_ip.clone()
+    }
+
+    #[test]
+    fn the_last_file_by_name_wins_and_the_other_takes_over_when_it_goes() {
+        let root = std::env::temp_dir().join(format!("pa-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a.yaml"), service("10.96.0.1")).unwrap();
+        std::fs::write(root.join("b.yaml"), service("10.96.0.2")).unwrap();
+        let mut dir = ManifestsDir::new(&root);
+        dir.reload().unwrap();
+        assert_eq!(cluster_ip(&dir).as_deref(), Some("10.96.0.2"));
+        std::fs::remove_file(root.join("b.yaml")).unwrap();
+        dir.reload().unwrap();
+        assert_eq!(cluster_ip(&dir).as_deref(), Some("10.96.0.1"));
+        std::fs::remove_file(root.join("a.yaml")).unwrap();
+        dir.reload().unwrap();
+        assert_eq!(cluster_ip(&dir), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
