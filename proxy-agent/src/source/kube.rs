@@ -178,24 +178,53 @@ impl Store {
 
 /// Decodes, validates and slims an API object as its kind; the error names what is
 /// wrong. Each object is decoded once, when it arrives.
+/// One field of an API object as its type; the error names the kind and the field.
+fn decode<T: serde::de::DeserializeOwned>(
+    kind: &str,
+    name: &str,
+    value: serde_json::Value,
+) -> Result<T, String> {
+    serde_json::from_value(value).map_err(|e| format!("does not decode as {kind}: {name}: {e}"))
+}
+
 fn checked(kind: Kind, object: DynamicObject) -> Result<Object, String> {
-    let value = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    // The metadata arrives typed; only the rest is decoded, field by field, rather than
+    // writing the whole object (managedFields and all) back to JSON and reading it again.
+    let DynamicObject { metadata, data, .. } = object;
+    let mut data = match data {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    let mut field = |name: &str| data.remove(name).unwrap_or(serde_json::Value::Null);
     match kind {
         Kind::Service => {
-            let service = serde_json::from_value::<Service>(value)
-                .map_err(|e| format!("does not decode as Service: {e}"))?;
+            let service = Service {
+                metadata,
+                spec: decode("Service", "spec", field("spec"))?,
+                status: decode("Service", "status", field("status"))?,
+            };
             model::validate::service(&service).map_err(|e| e.to_string())?;
             Ok(Object::Service(Arc::new(slim_service(service))))
         }
         Kind::EndpointSlice => {
-            let slice = serde_json::from_value::<EndpointSlice>(value)
-                .map_err(|e| format!("does not decode as EndpointSlice: {e}"))?;
+            let slice = EndpointSlice {
+                metadata,
+                address_type: decode("EndpointSlice", "addressType", field("addressType"))?,
+                endpoints: decode::<Option<_>>("EndpointSlice", "endpoints", field("endpoints"))?
+                    .unwrap_or_default(),
+                ports: decode("EndpointSlice", "ports", field("ports"))?,
+            };
             model::validate::endpoint_slice(&slice).map_err(|e| e.to_string())?;
             Ok(Object::EndpointSlice(Arc::new(slim_slice(slice))))
         }
-        Kind::Node => serde_json::from_value::<Node>(value)
-            .map(|node| Object::Node(Arc::new(slim_node(node))))
-            .map_err(|e| format!("does not decode as Node: {e}")),
+        Kind::Node => {
+            let node = Node {
+                metadata,
+                spec: decode("Node", "spec", field("spec"))?,
+                status: decode("Node", "status", field("status"))?,
+            };
+            Ok(Object::Node(Arc::new(slim_node(node))))
+        }
     }
 }
 
