@@ -20,6 +20,62 @@ fn row_at(rows: &Value, services: u64) -> Option<&Value> {
         .find(|r| r["services"].as_u64() == Some(services))
 }
 
+/// The largest `key` among the end-to-end change rows of `dataplane` at `services`
+/// (both sources, or only `source`).
+fn worst(
+    rows: &Value,
+    dataplane: &str,
+    services: u64,
+    source: Option<&str>,
+    key: &str,
+) -> Option<f64> {
+    rows.as_array()?
+        .iter()
+        .filter(|r| {
+            r["dataplane"].as_str() == Some(dataplane)
+                && r["services"].as_u64() == Some(services)
+                && source.is_none_or(|s| r["source"].as_str() == Some(s))
+        })
+        .filter_map(|r| r[key].as_f64())
+        .reduce(f64::max)
+}
+
+/// Issue 17's targets on the end-to-end change rows: change → traffic p99, CPU per
+/// change, and peak RSS with API-shaped objects.
+fn change_targets(rows: &Value, line: &mut impl FnMut(&str, String, Option<bool>)) {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"));
+    let mib = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} MiB"));
+    for (dataplane, services, limit) in [
+        ("ebpf", 10_000, 25.0),
+        ("ebpf", 30_000, 25.0),
+        ("nftables", 10_000, 100.0),
+        ("nftables", 30_000, 200.0),
+    ] {
+        let p99 = worst(rows, dataplane, services, None, "p99_ms");
+        line(
+            &format!("{dataplane}: change → traffic at {services} Services, p99 ≤ {limit} ms (end to end)"),
+            ms(p99),
+            p99.map(|p| p <= limit),
+        );
+    }
+    let cpu = worst(rows, "ebpf", 30_000, None, "cpu_ms_per_change_p50");
+    line(
+        "eBPF: agent CPU per endpoint change at 30 000 Services ≤ 2 ms",
+        ms(cpu),
+        cpu.map(|c| c <= 2.0),
+    );
+    for (services, limit) in [(10_000, 80.0), (30_000, 150.0)] {
+        for dataplane in ["ebpf", "nftables"] {
+            let rss = worst(rows, dataplane, services, Some("api"), "peak_rss_mib");
+            line(
+                &format!("{dataplane}: peak RSS with API-shaped objects at {services} × 10 ≤ {limit} MiB"),
+                mib(rss),
+                rss.map(|r| r <= limit),
+            );
+        }
+    }
+}
+
 /// The markdown section.
 #[must_use]
 pub fn report(results: &Value) -> String {
@@ -94,6 +150,7 @@ pub fn report(results: &Value) -> String {
             p99.map(|s| s < limit),
         );
     }
+    change_targets(&results["change_e2e"]["rows"], &mut line);
     let rss = row_at(&results["memory"]["scales"], 30_000).and_then(|r| r["peak_rss_mib"].as_f64());
     line(
         "peak RSS at 30 000 Services × 10 endpoints under 150 MiB",
