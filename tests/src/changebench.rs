@@ -142,17 +142,7 @@ fn rss_mib(pid: u32, field: &str) -> f64 {
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "an index into a short sample"
-    )]
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i]
+    crate::quantile(sorted, q).unwrap_or(f64::NAN)
 }
 
 /// One change: the client loops on the ClusterIP until `pod` answers; returns the

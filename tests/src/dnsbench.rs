@@ -52,19 +52,7 @@ fn dnsperf(netns: &str, server: &str, queries: &Path, seconds: u32) -> Value {
         .filter_map(|l| l.split_whitespace().last()?.parse().ok())
         .collect();
     latencies.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        if latencies.is_empty() {
-            return 0.0;
-        }
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "sample counts fit"
-        )]
-        let index = ((latencies.len() - 1) as f64 * p).round() as usize;
-        latencies[index]
-    };
+    let q = |p: f64| crate::quantile(&latencies, p).unwrap_or(0.0);
     json!({"qps": qps, "p50_s": q(0.5), "p99_s": q(0.99), "answers": latencies.len()})
 }
 

@@ -20,3 +20,16 @@ pub mod progtest6;
 pub mod rssbench;
 pub mod scale;
 pub mod scenarios;
+
+/// The `q` quantile of an ascending sample (nearest rank); `None` when it is empty.
+#[must_use]
+pub fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a short sample"
+    )]
+    let index = (sorted.len().checked_sub(1)? as f64 * q).round() as usize;
+    sorted.get(index).copied()
+}

@@ -78,41 +78,17 @@ impl Store {
 
     /// The stored version of an object, if any.
     fn stored(&self, kind: Kind, key: &ObjectKey) -> Option<Object> {
-        let s = &self.snapshot;
-        match kind {
-            Kind::Service => s.services().get(key).cloned().map(Object::Service),
-            Kind::EndpointSlice => s
-                .endpoint_slices()
-                .get(key)
-                .cloned()
-                .map(Object::EndpointSlice),
-            Kind::Node => s.nodes().get(&key.1).cloned().map(Object::Node),
-        }
+        super::stored(&self.snapshot, kind, key)
     }
 
-    /// Stores an object unless an equal one is there (keeping the snapshots' shared
-    /// structure); true when it changed.
-    fn put(&mut self, key: ObjectKey, object: Object) -> bool {
-        let id = object.id().0;
-        if self.stored(id, &key).is_some_and(|old| old == object) {
-            return false;
-        }
-        let s = &mut self.snapshot;
-        match object {
-            Object::Service(o) => s.put_service(key, o),
-            Object::EndpointSlice(o) => s.put_slice(key, o),
-            Object::Node(o) => s.put_node(key.1, o),
-        }
-        true
+    /// Stores an object unless an equal one is there; true when it changed.
+    fn put(&mut self, key: &ObjectKey, object: Object) -> bool {
+        let kind = object.id().0;
+        super::store(&mut self.snapshot, kind, key, Some(object))
     }
 
     fn remove(&mut self, kind: Kind, key: &ObjectKey) -> bool {
-        let s = &mut self.snapshot;
-        match kind {
-            Kind::Service => s.remove_service(key).is_some(),
-            Kind::EndpointSlice => s.remove_slice(key).is_some(),
-            Kind::Node => s.remove_node(&key.1).is_some(),
-        }
+        super::store(&mut self.snapshot, kind, key, None)
     }
 
     /// The keys of one kind the snapshot holds.
@@ -153,7 +129,7 @@ impl Store {
                         relist.insert(key, object);
                         false
                     }
-                    _ => self.put(key, object),
+                    _ => self.put(&key, object),
                 }
             }
             Change::Delete(kind, key) => self.remove(kind, &key),
@@ -167,7 +143,7 @@ impl Store {
                         }
                     }
                     for (key, object) in relist {
-                        changed |= self.put(key, object);
+                        changed |= self.put(&key, object);
                     }
                 }
                 self.listed.insert(kind) || changed

@@ -144,30 +144,7 @@ impl ManifestsDir {
 
     /// Puts the winning version of an object into the snapshot (or removes it).
     fn store(&mut self, (kind, key): &ObjectId, object: Option<Object>) -> bool {
-        let s = &mut self.snapshot;
-        let stored = match kind {
-            Kind::Service => s.services().get(key).cloned().map(Object::Service),
-            Kind::EndpointSlice => s
-                .endpoint_slices()
-                .get(key)
-                .cloned()
-                .map(Object::EndpointSlice),
-            Kind::Node => s.nodes().get(&key.1).cloned().map(Object::Node),
-        };
-        if stored == object {
-            return false;
-        }
-        match object {
-            Some(Object::Service(o)) => s.put_service(key.clone(), o),
-            Some(Object::EndpointSlice(o)) => s.put_slice(key.clone(), o),
-            Some(Object::Node(o)) => s.put_node(key.1.clone(), o),
-            None => match kind {
-                Kind::Service => drop(s.remove_service(key)),
-                Kind::EndpointSlice => drop(s.remove_slice(key)),
-                Kind::Node => drop(s.remove_node(&key.1)),
-            },
-        }
-        true
+        super::store(&mut self.snapshot, *kind, key, object)
     }
 
     /// The merged objects of every file (a later file, by name, wins on a duplicate);

@@ -9,7 +9,9 @@ use std::{path::PathBuf, sync::Arc};
 
 use thiserror::Error;
 
-use crate::model::Snapshot;
+use crate::model::{ObjectKey, Snapshot};
+
+use self::parse::{Kind, Object};
 
 /// What a source publishes: `snapshot` is `None` until the initial load is complete,
 /// and `generation` increases with every change delivered.
@@ -27,4 +29,37 @@ pub enum SourceError {
     Kube(String),
     #[error("cannot watch manifests directory: {0}")]
     Watch(#[source] notify::Error),
+}
+
+/// The version of an object `snapshot` holds, if any.
+#[must_use]
+pub fn stored(snapshot: &Snapshot, kind: Kind, key: &ObjectKey) -> Option<Object> {
+    match kind {
+        Kind::Service => snapshot.services().get(key).cloned().map(Object::Service),
+        Kind::EndpointSlice => snapshot
+            .endpoint_slices()
+            .get(key)
+            .cloned()
+            .map(Object::EndpointSlice),
+        Kind::Node => snapshot.nodes().get(&key.1).cloned().map(Object::Node),
+    }
+}
+
+/// Makes `snapshot` hold `object` for `key` (`None`: nothing). Unless an equal object is
+/// there already, which keeps the snapshots' shared structure; true when it changed.
+pub fn store(snapshot: &mut Snapshot, kind: Kind, key: &ObjectKey, object: Option<Object>) -> bool {
+    if stored(snapshot, kind, key) == object {
+        return false;
+    }
+    match object {
+        Some(Object::Service(o)) => snapshot.put_service(key.clone(), o),
+        Some(Object::EndpointSlice(o)) => snapshot.put_slice(key.clone(), o),
+        Some(Object::Node(o)) => snapshot.put_node(key.1.clone(), o),
+        None => match kind {
+            Kind::Service => drop(snapshot.remove_service(key)),
+            Kind::EndpointSlice => drop(snapshot.remove_slice(key)),
+            Kind::Node => drop(snapshot.remove_node(&key.1)),
+        },
+    }
+    true
 }

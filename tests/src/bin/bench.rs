@@ -41,14 +41,7 @@ impl Sample {
     fn quantile(&self, q: f64) -> f64 {
         let mut sorted = self.seconds.clone();
         sorted.sort_by(f64::total_cmp);
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "small sample counts"
-        )]
-        let index = ((sorted.len() - 1) as f64 * q).round() as usize;
-        sorted[index]
+        proxy_agent_tests::quantile(&sorted, q).expect("a sample of at least one run")
     }
     fn json(&self) -> Value {
         json!({"p50": self.quantile(0.5), "p99": self.quantile(0.99), "runs": self.seconds})
