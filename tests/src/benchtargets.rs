@@ -76,6 +76,18 @@ fn change_targets(rows: &Value, line: &mut impl FnMut(&str, String, Option<bool>
     }
 }
 
+/// DNS cache hits under EndpointSlice churn against the agent idle.
+fn dns_churn_target(churn: &Value, line: &mut impl FnMut(&str, String, Option<bool>)) {
+    let ratio = churn["p99_ratio"]
+        .as_f64()
+        .filter(|_| churn["services"].as_u64() == Some(10_000));
+    line(
+        "DNS cache-hit p99 during 100 EndpointSlice changes/s at 10 000 Services ≤ 1.5× idle",
+        ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}×")),
+        ratio.map(|r| r <= 1.5),
+    );
+}
+
 /// The markdown section.
 #[must_use]
 pub fn report(results: &Value) -> String {
@@ -157,6 +169,7 @@ pub fn report(results: &Value) -> String {
         rss.map_or_else(|| "-".to_owned(), |m| format!("{m:.1} MiB")),
         rss.map(|m| m < 150.0),
     );
+    dns_churn_target(&results["dns_churn"], &mut line);
     let hit = &results["dns"]["workloads"]["cache_hit"];
     let (ours, unbound) = (&hit["proxy-agent"], &hit["unbound"]);
     let qps = ours["qps"].as_f64().zip(unbound["qps"].as_f64());

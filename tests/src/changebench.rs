@@ -40,7 +40,8 @@ impl Source {
     }
 }
 
-fn slice_yaml(service: usize, ip: &str) -> String {
+/// One Service's EndpointSlice with a single ready endpoint at `ip`.
+pub(crate) fn slice_yaml(service: usize, ip: &str) -> String {
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{service}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [{ip}]\n  conditions: {{ready: true}}\n"
     )
@@ -48,7 +49,7 @@ fn slice_yaml(service: usize, ip: &str) -> String {
 
 /// What a real API server adds to every object: uid, timestamps, owner references,
 /// `managedFields`, and annotations such as kubectl's last-applied configuration.
-fn api_shaped(mut object: Value, kind: &str, i: usize) -> Value {
+pub(crate) fn api_shaped(mut object: Value, kind: &str, i: usize) -> Value {
     let meta = object["metadata"].as_object_mut().expect("metadata");
     meta.insert(
         "uid".into(),
@@ -89,7 +90,7 @@ fn api_shaped(mut object: Value, kind: &str, i: usize) -> Value {
 }
 
 /// The scale manifests as API objects.
-fn load_api(api: &FakeApi, services: usize, target: usize, first_ip: &str) {
+pub(crate) fn load_api(api: &FakeApi, services: usize, target: usize, first_ip: &str) {
     let text = scale::manifests(services, ENDPOINTS);
     for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let value: Value = serde::Deserialize::deserialize(doc).expect("scale manifest");

@@ -12,7 +12,7 @@ use crate::{
     scenarios::SVC_PORTS,
 };
 
-const UPSTREAM: &str = "127.0.0.2:53";
+pub(crate) const UPSTREAM: &str = "127.0.0.2:53";
 /// (name, listen address) of each server measured; unbound is the baseline.
 const SERVERS: [(&str, &str); 3] = [
     ("unbound", "127.0.0.11"),
@@ -33,14 +33,28 @@ fn unbound_config(dir: &Path) -> String {
 
 /// One dnsperf run: queries per second and latency quantiles (seconds) of the answers.
 fn dnsperf(netns: &str, server: &str, queries: &Path, seconds: u32) -> Value {
+    dnsperf_at(netns, server, queries, seconds, None)
+}
+
+/// [`dnsperf`] sending at most `max_qps` queries per second (a steady load, not a
+/// saturating one), when given.
+pub(crate) fn dnsperf_at(
+    netns: &str,
+    server: &str,
+    queries: &Path,
+    seconds: u32,
+    max_qps: Option<u32>,
+) -> Value {
     let length = seconds.to_string();
     let file = queries.display().to_string();
-    let out = sh_in(
-        netns,
-        &[
-            "dnsperf", "-s", server, "-d", &file, "-l", &length, "-c", "2", "-q", "64", "-v",
-        ],
-    );
+    let mut args = vec![
+        "dnsperf", "-s", server, "-d", &file, "-l", &length, "-c", "2", "-q", "64", "-v",
+    ];
+    let limit = max_qps.map(|q| q.to_string());
+    if let Some(limit) = &limit {
+        args.extend(["-Q", limit.as_str()]);
+    }
+    let out = sh_in(netns, &args);
     let qps = out
         .lines()
         .find_map(|l| l.trim().strip_prefix("Queries per second:"))

@@ -325,7 +325,11 @@ fn watch(api: FakeApi, plural: &'static str, query: HashMap<String, String>) -> 
             let lines: Vec<(u64, String)> = {
                 let inner = api.lock();
                 let log = &inner.collections[plural].log;
-                log.iter()
+                // The log is in resourceVersion order: only what is new is read, as an
+                // API server's watch cache does.
+                let new = log.partition_point(|(rv, _, _)| *rv <= sent);
+                log[new..]
+                    .iter()
                     .filter(|(rv, _, o)| *rv > sent && selected(o, &query))
                     .map(|(rv, kind, o)| (*rv, event_line(kind, o)))
                     .collect()

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod connbench;
 pub mod dns_upstream;
 pub mod dnsbench;
+pub mod dnschurn;
 pub mod fake_api;
 pub mod flowbed;
 pub mod flows;

@@ -79,8 +79,13 @@ enum Step {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Origin {
     Zone,
-    /// A fresh cache entry, counted as this kind of hit.
-    Cache(&'static str),
+    /// A fresh cache entry, counted as this kind of hit; `external` when the name is
+    /// outside the cluster domain and not a reverse name, so no zone can ever answer
+    /// it and its reused bytes outlive zone changes.
+    Cache {
+        kind: &'static str,
+        external: bool,
+    },
     Other,
 }
 
@@ -163,9 +168,11 @@ impl Resolver {
                     let truncated = bytes.get(2).is_some_and(|flags| flags & 0x02 != 0);
                     let rcode = bytes.get(3).map_or(0xF, |b| b & 0x0F);
                     if !truncated && matches!(rcode, 0 | 3) {
-                        let hit = match origin {
-                            Origin::Cache(kind) => Some(kind),
-                            _ => None,
+                        let (hit, zone) = match origin {
+                            Origin::Cache { kind, external } => {
+                                (Some(kind), if external { wire::ANY_ZONE } else { zone })
+                            }
+                            _ => (None, zone),
                         };
                         self.wire.store(view, bytes, zone, hit, now);
                     }
@@ -317,7 +324,7 @@ impl Resolver {
             response.set_response_code(ResponseCode::Refused);
             return Step::Done(response, Origin::Other);
         };
-        let (servers, transport) = match zone.lookup(query.name(), query.query_type()) {
+        let (servers, transport, external) = match zone.lookup(query.name(), query.query_type()) {
             Lookup::Answer(data) => {
                 response.set_authoritative(true);
                 for rdata in data {
@@ -346,11 +353,11 @@ impl Resolver {
                 } else {
                     self.upstreams.cluster.clone()
                 };
-                (servers, Transport::Tcp)
+                (servers, Transport::Tcp, false)
             }
-            Lookup::External => (self.upstreams.forward.clone(), Transport::UdpThenTcp),
+            Lookup::External => (self.upstreams.forward.clone(), Transport::UdpThenTcp, true),
         };
-        self.from_cache(response, query, servers, transport)
+        self.from_cache(response, query, servers, transport, external)
     }
 
     /// A forwarded name: a fresh cache entry now, else the upstream (keeping any stale
@@ -361,6 +368,7 @@ impl Resolver {
         query: &Query,
         servers: Vec<SocketAddr>,
         transport: Transport,
+        external: bool,
     ) -> Step {
         let key = (query.name().to_lowercase().to_ascii(), query.query_type());
         let stale = match self.cache.get(&key, Instant::now()) {
@@ -379,7 +387,7 @@ impl Resolver {
                     .set_response_code(answer.rcode)
                     .add_answers(answer.answers)
                     .add_name_servers(answer.authority);
-                return Step::Done(response, Origin::Cache(kind));
+                return Step::Done(response, Origin::Cache { kind, external });
             }
             Hit::Stale(answer) => Some(answer),
             Hit::Miss => None,

@@ -15,6 +15,10 @@ pub const LIFETIME: Duration = Duration::from_secs(1);
 /// Questions remembered; a full table starts over (at most ~5 MB of answers).
 pub const CAPACITY: usize = 4096;
 
+/// The zone of an answer no zone can change (a cached name outside the cluster domain):
+/// reused whatever zone is current.
+pub const ANY_ZONE: u64 = u64::MAX;
+
 const TYPE_OPT: u16 = 41;
 const HEADER: usize = 12;
 
@@ -123,7 +127,8 @@ pub fn parse(packet: &[u8]) -> Option<QueryView<'_>> {
 struct Entry {
     bytes: Vec<u8>,
     stored: Instant,
-    /// The zone (its serial) the answer came from; another zone means stale.
+    /// The zone (its serial) the answer came from; another zone means stale, unless it
+    /// is [`ANY_ZONE`].
     zone: u64,
     /// For forwarded answers, the cache-hit kind it counts as (`success`, `denial`).
     cache_hit: Option<&'static str>,
@@ -145,7 +150,9 @@ impl WireCache {
     pub fn answer(&self, query: &QueryView<'_>, zone: u64, now: Instant) -> Option<Reuse> {
         let entries = self.entries.lock().ok()?;
         let entry = entries.get(&query.key)?;
-        if entry.zone != zone || now.duration_since(entry.stored) >= LIFETIME {
+        if (entry.zone != zone && entry.zone != ANY_ZONE)
+            || now.duration_since(entry.stored) >= LIFETIME
+        {
             return None;
         }
         let mut bytes = entry.bytes.clone();
@@ -199,7 +206,7 @@ mod tests {
         rr::{Name, RecordType},
     };
 
-    use super::{parse, WireCache, LIFETIME};
+    use super::{parse, WireCache, ANY_ZONE, LIFETIME};
 
     fn query(name: &str, id: u16, edns: bool) -> Vec<u8> {
         let mut message = Message::new();
@@ -259,5 +266,35 @@ mod tests {
         );
         let later = now + LIFETIME + Duration::from_millis(1);
         assert!(cache.answer(&parse(&second).unwrap(), 1, later).is_none());
+    }
+
+    #[test]
+    fn an_answer_no_zone_can_change_survives_zone_changes() {
+        let cache = WireCache::default();
+        let first = query("host.example.org.", 1, false);
+        let view = parse(&first).unwrap();
+        let mut answer = Message::from_vec(&first).unwrap();
+        answer.set_message_type(MessageType::Response);
+        let now = Instant::now();
+        cache.store(
+            &view,
+            &answer.to_vec().unwrap(),
+            ANY_ZONE,
+            Some("success"),
+            now,
+        );
+        let again = query("host.example.org.", 2, false);
+        let second = parse(&again).unwrap();
+        for zone in [1, 2, 3] {
+            let reused = cache
+                .answer(&second, zone, now)
+                .expect("reused in any zone");
+            assert_eq!(reused.cache_hit, Some("success"));
+        }
+        let later = now + LIFETIME + Duration::from_millis(1);
+        assert!(
+            cache.answer(&second, 3, later).is_none(),
+            "still a second only"
+        );
     }
 }

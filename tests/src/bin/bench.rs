@@ -341,6 +341,9 @@ fn report(results: &Value) -> String {
     md.push_str(&proxy_agent_tests::changebench::report(
         &results["change_e2e"],
     ));
+    if !results["dns_churn"].is_null() {
+        md.push_str(&proxy_agent_tests::dnschurn::report(&results["dns_churn"]));
+    }
     md.push_str(&proxy_agent_tests::benchtargets::report(results));
     md
 }
@@ -385,24 +388,9 @@ fn only_change(scales: &[usize], repeats: usize, rows: Option<&String>, out: &Pa
     print!("{}", proxy_agent_tests::changebench::report(&rows));
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-    };
-    if let Some(dir) = value("--replot") {
-        // The report and plots again from a run's results.json (no measurement).
-        let dir = PathBuf::from(dir);
-        let text = std::fs::read_to_string(dir.join("results.json")).expect("results.json");
-        write(
-            &dir,
-            &serde_json::from_str(&text).expect("results.json parses"),
-        );
-        return;
-    }
+/// The run's sizes: quick or full, narrowed by hand with `--scales 1000,10000
+/// --repeats 6`.
+fn config(quick: bool, scales: Option<&String>, repeats: Option<&String>) -> Config {
     let mut cfg = if quick {
         Config {
             dns_seconds: 1,
@@ -422,19 +410,55 @@ fn main() {
             repeats: 20,
         }
     };
-    // Narrower runs by hand: `--scales 1000,10000 --repeats 6`.
-    if let Some(scales) = value("--scales") {
+    if let Some(scales) = scales {
         cfg.scales = scales.split(',').filter_map(|s| s.parse().ok()).collect();
         cfg.change_scale = cfg.scales.iter().copied().max().unwrap_or(cfg.change_scale);
         cfg.datapath_scales = std::iter::once(1)
             .chain(cfg.scales.iter().copied())
             .collect();
     }
-    if let Some(repeats) = value("--repeats").and_then(|r| r.parse().ok()) {
+    if let Some(repeats) = repeats.and_then(|r| r.parse().ok()) {
         cfg.repeats = repeats;
     }
+    cfg
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    if let Some(dir) = value("--replot") {
+        // The report and plots again from a run's results.json (no measurement).
+        let dir = PathBuf::from(dir);
+        let text = std::fs::read_to_string(dir.join("results.json")).expect("results.json");
+        write(
+            &dir,
+            &serde_json::from_str(&text).expect("results.json parses"),
+        );
+        return;
+    }
+    let cfg = config(quick, value("--scales"), value("--repeats"));
     let out = value("--out").map_or_else(|| PathBuf::from("bench/results/latest"), PathBuf::from);
     let change_repeats = if quick { 5 } else { 15 };
+    // The DNS-under-churn row at the largest scale up to 10 000.
+    let churn_scale = cfg
+        .scales
+        .iter()
+        .copied()
+        .filter(|n| *n <= 10_000)
+        .max()
+        .unwrap_or(1_000);
+    if args.iter().any(|a| a == "--only-dns-churn") {
+        let row = proxy_agent_tests::dnschurn::run(churn_scale, cfg.dns_seconds);
+        std::fs::create_dir_all(&out).expect("out dir");
+        std::fs::write(out.join("dns_churn.json"), row.to_string()).expect("dns_churn.json");
+        print!("{}", proxy_agent_tests::dnschurn::report(&row));
+        return;
+    }
     if args.iter().any(|a| a == "--only-change") {
         only_change(&cfg.scales, change_repeats, value("--change-rows"), &out);
         return;
@@ -455,6 +479,7 @@ fn main() {
     let dns = dnsbench::run(&mut cluster, cfg.dns_seconds);
     let memory = rssbench::run(&mut cluster, &cfg.scales);
     let change_e2e = proxy_agent_tests::changebench::run(&cfg.scales, change_repeats, &[]);
+    let dns_churn = proxy_agent_tests::dnschurn::run(churn_scale, cfg.dns_seconds);
     let datapath = connbench::run(
         &mut cluster,
         &bpffs,
@@ -482,6 +507,7 @@ fn main() {
         "programs": programs,
         "memory": memory,
         "change_e2e": change_e2e,
+        "dns_churn": dns_churn,
     });
     write(&out, &results);
 }
