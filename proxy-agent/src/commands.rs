@@ -32,6 +32,7 @@ impl Dataplane for NoDataplane {
         Ok(Applied {
             writes: 0,
             full: false,
+            failed: Vec::new(),
         })
     }
 }

@@ -160,6 +160,7 @@ impl Dataplane for Recording {
         Ok(Applied {
             writes: 0,
             full: false,
+            failed: Vec::new(),
         })
     }
 }

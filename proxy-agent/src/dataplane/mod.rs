@@ -17,12 +17,15 @@ pub enum DataplaneError {
 }
 
 /// What one `apply` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// Kernel operations (map writes, nftables statements).
     pub writes: usize,
     /// Whether everything was rewritten rather than only what changed.
     pub full: bool,
+    /// Frontends that could not be programmed: skipped (the others were), and left as
+    /// they were for the next sync to try again.
+    pub failed: Vec<crate::model::FrontendKey>,
 }
 
 /// One backend as the sync loop sees it.

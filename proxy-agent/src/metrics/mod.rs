@@ -33,6 +33,7 @@ pub struct Metrics {
     pub sync_partial_duration: Histogram,
     pub sync_last_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub sync_errors: Counter,
+    pub failed_frontends: Gauge,
     pub programmed_frontends: Gauge,
     pub programmed_backends: Gauge,
     pub network_programming: Histogram,
@@ -98,6 +99,12 @@ impl Metrics {
             "Syncs that failed to program the dataplane",
             sync_errors.clone(),
         );
+        let failed_frontends = Gauge::default();
+        registry.register(
+            "proxyagent_sync_failed_frontends",
+            "Frontends the last sync could not program (skipped, tried again at the next)",
+            failed_frontends.clone(),
+        );
         let programmed_frontends = Gauge::default();
         registry.register(
             "proxyagent_programmed_frontends",
@@ -153,6 +160,7 @@ impl Metrics {
             sync_partial_duration,
             sync_last_timestamp,
             sync_errors,
+            failed_frontends,
             programmed_frontends,
             programmed_backends,
             network_programming,

@@ -25,8 +25,11 @@ use super::{
 };
 use crate::model::{ObjectKey, Snapshot};
 
-/// Writes that do not end in a close (or a rename) are read this long after the last.
-const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A file written and not yet closed is read once the writer closes it; if it never
+/// does, this long after its last write. (A file truncated and then written, as
+/// `kubectl … > file` does, reads as empty in between: reading it then would remove
+/// its Services.)
+const UNCLOSED: Duration = Duration::from_secs(10);
 /// A full rescan even without events, in case inotify lost some.
 const RESCAN: Duration = Duration::from_secs(5);
 
@@ -60,11 +63,17 @@ impl ManifestsDir {
 
     /// Re-reads every changed file; true when the snapshot changed.
     pub fn reload(&mut self) -> Result<bool, SourceError> {
-        let listed = list(&self.dir)?;
+        self.reload_except(&BTreeMap::new())
+    }
+
+    /// [`Self::reload`] leaving out the files in `skip` (being written).
+    fn reload_except(&mut self, skip: &BTreeMap<PathBuf, Instant>) -> Result<bool, SourceError> {
+        let mut listed = list(&self.dir)?;
+        listed.retain(|p| !skip.contains_key(p));
         let gone: Vec<PathBuf> = self
             .files
             .keys()
-            .filter(|p| !listed.contains(p))
+            .filter(|p| !listed.contains(p) && !skip.contains_key(*p))
             .cloned()
             .collect();
         let mut changed = false;
@@ -217,17 +226,25 @@ fn read_file(path: &Path, state: &mut FileState) -> bool {
     true
 }
 
-/// When an event's files are to be read: at once when the writer is done with them
-/// (closed after writing, renamed, removed), else after the debounce.
-fn read_after(kind: EventKind) -> Option<Duration> {
+/// What an event says about its files.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// The writer is done with them (closed after writing, renamed, removed): read now.
+    Done,
+    /// Written and still open: read when closed (or after [`UNCLOSED`]).
+    Writing,
+    Nothing,
+}
+
+fn step(kind: EventKind) -> Step {
     match kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write))
         | EventKind::Modify(ModifyKind::Name(
             RenameMode::To | RenameMode::From | RenameMode::Both | RenameMode::Any,
         ))
-        | EventKind::Remove(_) => Some(Duration::ZERO),
-        EventKind::Access(_) | EventKind::Create(CreateKind::Folder) => None,
-        _ => Some(DEBOUNCE),
+        | EventKind::Remove(_) => Step::Done,
+        EventKind::Access(_) | EventKind::Create(CreateKind::Folder) => Step::Nothing,
+        _ => Step::Writing,
     }
 }
 
@@ -258,7 +275,9 @@ fn follow(dir: &Path, tx: &watch::Sender<SourceUpdate>) -> Result<(), SourceErro
     manifests.reload()?;
     publish(tx, &manifests);
     info!(dir = %dir.display(), "manifests loaded");
+    // Files to read, by when; those being written have their deadline in `writing`.
     let mut pending: BTreeMap<PathBuf, Instant> = BTreeMap::new();
+    let mut writing: BTreeMap<PathBuf, Instant> = BTreeMap::new();
     let mut rescan = Instant::now() + RESCAN;
     loop {
         let next = pending
@@ -270,12 +289,30 @@ fn follow(dir: &Path, tx: &watch::Sender<SourceUpdate>) -> Result<(), SourceErro
         match events.recv_timeout(next.saturating_duration_since(Instant::now())) {
             Ok(Ok(event)) => {
                 let event: notify::Event = event;
-                if let Some(after) = read_after(event.kind) {
-                    let at = Instant::now() + after;
-                    for path in event.paths {
-                        // A later write pushes a debounced read back; a close brings it on.
-                        let slot = pending.entry(path).or_insert(at);
-                        *slot = if after.is_zero() { at.min(*slot) } else { at };
+                let now = Instant::now();
+                for path in event.paths {
+                    if !is_manifest(&path) {
+                        // `..data` swapped, as a ConfigMap volume updates: the files
+                        // behind the links changed without events of their own.
+                        let swapped = matches!(
+                            event.kind,
+                            EventKind::Modify(ModifyKind::Name(_)) | EventKind::Create(_)
+                        );
+                        if swapped && path != dir {
+                            rescan = rescan.min(now);
+                        }
+                        continue;
+                    }
+                    match step(event.kind) {
+                        Step::Done => {
+                            writing.remove(&path);
+                            pending.insert(path, now);
+                        }
+                        Step::Writing => {
+                            writing.insert(path.clone(), now + UNCLOSED);
+                            pending.insert(path, now + UNCLOSED);
+                        }
+                        Step::Nothing => {}
                     }
                 }
             }
@@ -293,12 +330,13 @@ fn follow(dir: &Path, tx: &watch::Sender<SourceUpdate>) -> Result<(), SourceErro
         if !due.is_empty() {
             for path in &due {
                 pending.remove(path);
+                writing.remove(path);
             }
             changed |= manifests.reload_paths(&due);
         }
         if now >= rescan {
             rescan = now + RESCAN;
-            match manifests.reload() {
+            match manifests.reload_except(&writing) {
                 Ok(c) => changed |= c,
                 Err(error) => {
                     warn!(%error, "manifests directory unreadable; keeping the last good state");
@@ -324,7 +362,95 @@ fn publish(tx: &watch::Sender<SourceUpdate>, manifests: &ManifestsDir) {
 
 #[cfg(test)]
 mod tests {
-    use super::ManifestsDir;
+    use std::{
+        path::Path,
+        time::{Duration, Instant},
+    };
+
+    use tokio::sync::watch;
+
+    use super::{follow, ManifestsDir, SourceUpdate};
+
+    /// The followed directory's published ClusterIP of default/web.
+    fn published_ip(rx: &watch::Receiver<SourceUpdate>) -> Option<String> {
+        let snapshot = rx.borrow().snapshot.clone()?;
+        let service = snapshot
+            .services()
+            .get(&("default".to_owned(), "web".to_owned()))?
+            .clone();
+        service.spec.as_ref()?.cluster_ip.clone()
+    }
+
+    /// Follows `root` on a thread of its own (it stops once the receiver is dropped).
+    fn following(root: &Path) -> watch::Receiver<SourceUpdate> {
+        let (tx, rx) = watch::channel(SourceUpdate::default());
+        let root = root.to_owned();
+        std::thread::spawn(move || follow(&root, &tx));
+        rx
+    }
+
+    fn wait_for(rx: &watch::Receiver<SourceUpdate>, ip: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while published_ip(rx).as_deref() != Some(ip) {
+            assert!(
+                Instant::now() < deadline,
+                "{ip} not published: {:?}",
+                published_ip(rx)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("pa-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        root
+    }
+
+    #[test]
+    fn a_file_truncated_then_written_slowly_keeps_its_objects_until_closed() {
+        use std::io::Write as _;
+        let root = scratch("truncated");
+        let file = root.join("web.yaml");
+        std::fs::write(&file, service("10.96.0.1")).unwrap();
+        let rx = following(&root);
+        wait_for(&rx, "10.96.0.1", Duration::from_secs(5));
+        // `kubectl get … > web.yaml`: truncated at once, written when the answer comes.
+        let mut writer = std::fs::File::create(&file).unwrap();
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                published_ip(&rx).as_deref(),
+                Some("10.96.0.1"),
+                "removed mid-write"
+            );
+        }
+        writer.write_all(service("10.96.0.9").as_bytes()).unwrap();
+        drop(writer);
+        wait_for(&rx, "10.96.0.9", Duration::from_secs(2));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_configmap_volume_update_is_read_at_once() {
+        use std::os::unix::fs::symlink;
+        let root = scratch("configmap");
+        // The layout kubelet writes: timestamped dir, `..data` link, links to it.
+        std::fs::create_dir(root.join("..2026_01")).unwrap();
+        std::fs::write(root.join("..2026_01/web.yaml"), service("10.96.0.1")).unwrap();
+        symlink("..2026_01", root.join("..data")).unwrap();
+        symlink("..data/web.yaml", root.join("web.yaml")).unwrap();
+        let rx = following(&root);
+        wait_for(&rx, "10.96.0.1", Duration::from_secs(5));
+        std::fs::create_dir(root.join("..2026_02")).unwrap();
+        std::fs::write(root.join("..2026_02/web.yaml"), service("10.96.0.9")).unwrap();
+        symlink("..2026_02", root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        // Well before the periodic rescan.
+        wait_for(&rx, "10.96.0.9", Duration::from_secs(2));
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     fn service(ip: &str) -> String {
         format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n")

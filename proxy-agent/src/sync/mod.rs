@@ -192,6 +192,7 @@ fn sync_once(
         frontends = desired.frontends.len(),
         upserted = plan.upsert.len(),
         removed = plan.remove.len(),
+        failed = applied.failed.len(),
         kernel_writes = applied.writes,
         full = applied.full,
         full_build,
@@ -222,13 +223,86 @@ fn sync_once(
     });
     state.published = (*desired).clone();
     state.published_snapshot = Some(Arc::clone(snapshot));
-    state.programmed = Some((*desired).clone());
+    state.programmed = Some(programmed_after(&desired, &plan, &applied.failed));
     inputs.health.programmed(generation);
-    Ok(())
+    metrics
+        .failed_frontends
+        .set(i64::try_from(applied.failed.len()).unwrap_or(i64::MAX));
+    if applied.failed.is_empty() {
+        Ok(())
+    } else {
+        // The rest is programmed; the failed ones are tried again after the backoff.
+        metrics.sync_errors.inc();
+        Err(())
+    }
+}
+
+/// What the kernel holds after a plan towards `desired` in which `failed` frontends
+/// could not be written: those read as absent (an upsert to try again) or, for a
+/// removal, as still there.
+fn programmed_after(
+    desired: &DesiredState,
+    plan: &model::Plan,
+    failed: &[model::FrontendKey],
+) -> DesiredState {
+    let mut programmed = desired.clone();
+    for key in failed {
+        if programmed.frontends.remove(key).is_none() {
+            if let Some(old) = plan.before.get(key) {
+                programmed.frontends.insert(*key, old.clone());
+            }
+        }
+    }
+    programmed
 }
 
 fn unix_seconds() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::programmed_after;
+    use crate::model::{diff, Backend, DesiredState, Frontend, FrontendKey, Protocol};
+
+    fn key(last: u8) -> FrontendKey {
+        FrontendKey {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    fn frontend(pod: u8) -> Frontend {
+        Frontend::backends_only(vec![Backend {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 244, 0, pod)),
+            port: 8080,
+        }])
+    }
+
+    /// The next plan holds exactly the frontends that failed: an upsert that failed is
+    /// upserted again, a removal that failed is removed again, and the rest is left.
+    #[test]
+    fn the_next_plan_retries_only_what_failed() {
+        let mut before = DesiredState::default();
+        for (k, pod) in [(1, 1), (2, 2), (3, 3)] {
+            before.frontends.insert(key(k), frontend(pod));
+        }
+        let mut desired = before.clone();
+        desired.frontends.insert(key(1), frontend(9));
+        desired.frontends.insert(key(2), frontend(9));
+        desired.frontends.remove(&key(3));
+        let plan = diff(&before, &desired);
+        let programmed = programmed_after(&desired, &plan, &[key(2), key(3)]);
+        let retry = diff(&programmed, &desired);
+        assert_eq!(
+            retry.upsert.keys().copied().collect::<Vec<_>>(),
+            vec![key(2)]
+        );
+        assert_eq!(retry.remove, vec![key(3)]);
+    }
 }

@@ -2,6 +2,8 @@
 //! traffic from outside the node, and the maps they read.
 mod batch;
 mod entries;
+#[cfg(test)]
+mod fault_tests;
 pub mod flows;
 mod ids;
 pub mod index;
@@ -48,6 +50,8 @@ pub enum EbpfError {
     Io(PathBuf, #[source] std::io::Error),
     #[error("no free {0} id left")]
     Exhausted(&'static str),
+    #[error("cannot list the node's interfaces: {0}")]
+    Interfaces(String),
     #[error("loading the netfilter table for masquerade and reject failed: {0}")]
     Netfilter(String),
 }
@@ -99,11 +103,14 @@ impl super::Dataplane for EbpfDataplane {
         plan: &Plan,
         _desired: &DesiredState,
     ) -> Result<super::Applied, super::DataplaneError> {
-        // Node addresses come and go with interfaces; each sync follows them.
+        // Node addresses come and go with interfaces; each sync follows them. A failure
+        // there leaves the programs where they are and does not hold up the maps.
         if let Some(packets) = &mut self.packets {
-            packets.refresh()?;
+            if let Err(error) = packets.refresh() {
+                tracing::warn!(%error, "cannot follow the node's interfaces; per-packet programs left as they are");
+            }
         }
-        let writes = self.writer.apply(plan)?;
+        let written = self.writer.apply(plan)?;
         // The plan's `before` is what the maps held (after a restart, what a previous
         // agent left there), so a backend removed while we were down counts too.
         let removed = terminate::removed_pairs(plan);
@@ -111,7 +118,8 @@ impl super::Dataplane for EbpfDataplane {
             self.terminator.request(removed);
         }
         Ok(super::Applied {
-            writes,
+            writes: written.writes,
+            failed: written.failed,
             full: false,
         })
     }

@@ -95,8 +95,10 @@ impl PacketPrograms {
     }
 
     fn refresh_here(&mut self) -> Result<(), EbpfError> {
-        let wanted = external_interfaces();
-        for name in wanted.difference(&self.attached.clone()) {
+        // Not knowing the interfaces is no reason to leave them: nothing is detached.
+        let wanted = external_interfaces()?;
+        let (attach, detach) = changes(&self.attached, &wanted);
+        for name in &attach {
             match self.attach(name) {
                 Ok(()) => {
                     info!(interface = %name, "per-packet load balancing attached");
@@ -107,7 +109,7 @@ impl PacketPrograms {
                 }
             }
         }
-        for name in self.attached.clone().difference(&wanted) {
+        for name in &detach {
             self.detach(name)?;
             self.attached.remove(name);
         }
@@ -148,10 +150,14 @@ impl PacketPrograms {
 
     /// Links a previous agent pinned for interfaces that no longer hold a node address.
     fn detach_stale(&self) -> Result<(), EbpfError> {
-        let wanted: BTreeSet<String> = external_interfaces()
-            .iter()
-            .map(|name| pin_name("", name))
-            .collect();
+        let wanted: BTreeSet<String> = match external_interfaces() {
+            Ok(found) => found.iter().map(|name| pin_name("", name)).collect(),
+            // Unknown: every pin stays (a stale one costs nothing; a live one, traffic).
+            Err(error) => {
+                warn!(%error, "cannot tell stale per-packet links from live ones; all kept");
+                return Ok(());
+            }
+        };
         let Ok(entries) = fs::read_dir(loader::links_dir(&self.bpffs)) else {
             return Ok(());
         };
@@ -185,20 +191,23 @@ fn pin_name(prefix: &str, interface: &str) -> String {
 }
 
 /// Interfaces holding a node address (loopback and link-local left out): where
-/// NodePort, external and load-balancer traffic arrives.
-fn external_interfaces() -> BTreeSet<String> {
-    let found = match addresses::by_interface() {
-        Ok(found) => found,
-        Err(error) => {
-            warn!(%error, "cannot list the node's interfaces");
-            return BTreeSet::new();
-        }
-    };
-    found
+/// NodePort, external and load-balancer traffic arrives. An error when they cannot be
+/// listed, never an empty set in its place.
+fn external_interfaces() -> Result<BTreeSet<String>, EbpfError> {
+    let found = addresses::by_interface().map_err(|e| EbpfError::Interfaces(e.to_string()))?;
+    Ok(found
         .into_iter()
         .filter_map(|(index, _)| nix::net::if_::if_indextoname(index).ok())
         .filter_map(|name| name.into_string().ok())
-        .collect()
+        .collect())
+}
+
+/// The interfaces to attach to and to detach from.
+fn changes(attached: &BTreeSet<String>, wanted: &BTreeSet<String>) -> (Vec<String>, Vec<String>) {
+    (
+        wanted.difference(attached).cloned().collect(),
+        attached.difference(wanted).cloned().collect(),
+    )
 }
 
 /// Replaces the pinned `CLUSTER_CIDR4` and `CLUSTER_CIDR6` entries with `cidrs`.
@@ -268,4 +277,26 @@ pub fn remove_netfilter_table() -> Result<(), nftables::NftError> {
     nftables::load(&format!(
         "add table ip {TABLE}\ndelete table ip {TABLE}\nadd table inet {TABLE}\ndelete table inet {TABLE}\n"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::changes;
+
+    #[test]
+    fn interfaces_that_lose_their_address_are_detached_and_new_ones_attached() {
+        let set = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect::<BTreeSet<_>>()
+        };
+        let (attach, detach) = changes(&set(&["eth0", "eth1"]), &set(&["eth1", "eth2"]));
+        assert_eq!(
+            (attach, detach),
+            (vec!["eth2".to_owned()], vec!["eth0".to_owned()])
+        );
+    }
 }

@@ -12,9 +12,9 @@ use crate::model::{diff, Backend, DesiredState, Frontend, FrontendKey, Protocol}
 
 /// An in-memory store that checks, after every operation, what a packet could see.
 #[derive(Default)]
-struct CheckedStore {
-    maps: MapContents,
-    ops: usize,
+pub(super) struct CheckedStore {
+    pub(super) maps: MapContents,
+    pub(super) ops: usize,
 }
 
 impl CheckedStore {

@@ -264,6 +264,7 @@ impl super::Dataplane for NftablesDataplane {
         Ok(Applied {
             writes: pending.ops,
             full: pending.full,
+            failed: Vec::new(),
         })
     }
 }

@@ -32,21 +32,46 @@ impl Released {
 }
 
 impl<S: MapStore> MapWriter<S> {
+    /// Writes one frontend. On failure the frontend is remembered as unsure (see
+    /// [`ProgrammedFrontend::unsure`]): every reference taken so far is held, nothing
+    /// the maps may point at is freed, and the next attempt rewrites it whole.
     pub(super) fn upsert(
         &mut self,
         key: &FrontendKey,
         frontend: &Frontend,
     ) -> Result<(), EbpfError> {
-        let proto = key.protocol.number();
         let old = self.frontends.get(key).cloned();
-        let rev_nat = if let Some(old) = &old {
-            old.rev_nat
+        let mut rev_nat = old.as_ref().map(|o| o.rev_nat);
+        let mut taken = Vec::new();
+        let result = self.try_upsert(key, frontend, old.as_ref(), &mut rev_nat, &mut taken);
+        if result.is_err() {
+            if let Some(rev_nat) = rev_nat {
+                let ranges = source_ranges(rev_nat, key.ip.is_ipv4(), &frontend.source_ranges);
+                let record = ProgrammedFrontend::unsure_after(old.as_ref(), rev_nat, taken, ranges);
+                self.frontends.insert(*key, record);
+            }
+        }
+        result
+    }
+
+    fn try_upsert(
+        &mut self,
+        key: &FrontendKey,
+        frontend: &Frontend,
+        old: Option<&ProgrammedFrontend>,
+        rev_nat: &mut Option<u16>,
+        taken: &mut Vec<(bool, Scope)>,
+    ) -> Result<(), EbpfError> {
+        let unsure = old.is_some_and(|o| o.unsure.is_some());
+        let rev_nat = if let Some(index) = *rev_nat {
+            index
         } else {
             let index = self.new_revnat(key.ip, key.port)?;
             self.new_frontends.push((index, *key));
+            *rev_nat = Some(index);
             index
         };
-        let base = SlotKey::new(key.ip, key.port, proto, 0);
+        let base = SlotKey::new(key.ip, key.port, key.protocol.number(), 0);
         let source_ranges = source_ranges(rev_nat, key.ip.is_ipv4(), &frontend.source_ranges);
         let (flags, external_flags) = route_flags(frontend, !source_ranges.is_empty());
         // Only the per-packet path (traffic from outside) balances by Maglev; a
@@ -58,8 +83,9 @@ impl<S: MapStore> MapWriter<S> {
             source_ranges,
             ..ProgrammedFrontend::default()
         };
+        // An unsure frontend's ranges may not all be there: each is written again.
         let old_ranges = old
-            .as_ref()
+            .filter(|_| !unsure)
             .map(|o| o.source_ranges.as_slice())
             .unwrap_or_default();
         // Everything a new slot-0 entry points at is written before it: ranges, then
@@ -67,26 +93,23 @@ impl<S: MapStore> MapWriter<S> {
         for range in new.source_ranges.iter().filter(|r| !old_ranges.contains(r)) {
             self.write().put_source_range(range)?;
         }
-        let mut released = Released::default();
         if let Some(external_flags) = external_flags {
-            let scope = self.acquire_scope(key, &frontend.external, external_flags, maglev)?;
+            let scope =
+                self.acquire_scope(key, &frontend.external, external_flags, maglev, unsure)?;
+            taken.push((true, scope.clone()));
             let scoped = base.with_scope(SCOPE_EXTERNAL);
-            let old_external = old.as_ref().and_then(|o| Some((o, o.external.as_ref()?)));
+            let old_external = old.and_then(|o| Some((o, o.external.as_ref()?)));
             self.write_scope(&scoped, &new, &scope, old_external)?;
-            if let Some((_, old_scope)) = old_external {
-                released.scope(old_scope);
-            }
             new.external = Some(scope);
         }
-        let scope = self.acquire_scope(key, &frontend.pod, flags, maglev)?;
-        let old_pod = old.as_ref().map(|o| (o, &o.pod));
-        self.write_scope(&base, &new, &scope, old_pod)?;
+        let scope = self.acquire_scope(key, &frontend.pod, flags, maglev, unsure)?;
+        taken.push((false, scope.clone()));
+        self.write_scope(&base, &new, &scope, old.map(|o| (o, &o.pod)))?;
         new.pod = scope;
-        if let Some(old) = &old {
-            released.scope(&old.pod);
+        let mut released = Released::default();
+        if let Some(old) = old {
             if let (None, Some(old_external)) = (&new.external, &old.external) {
                 self.delete_scope(SCOPE_EXTERNAL, &base, old_external.slots.len())?;
-                released.scope(old_external);
             }
             for range in old
                 .source_ranges
@@ -95,88 +118,134 @@ impl<S: MapStore> MapWriter<S> {
             {
                 self.write().del_source_range(range)?;
             }
+            for scope in old.held() {
+                released.scope(&scope);
+            }
         }
-        self.release(released)?;
+        // Nothing fails from here on: the old references go, the new record stays.
+        self.release(released);
         self.frontends.insert(*key, new);
         Ok(())
     }
 
+    /// Deletes one frontend's entries, then frees what it held; if a delete fails, the
+    /// frontend stays, unsure, for the next attempt.
     pub(super) fn remove(&mut self, key: &FrontendKey) -> Result<(), EbpfError> {
-        let Some(old) = self.frontends.remove(key) else {
+        let Some(old) = self.frontends.get(key).cloned() else {
             return Ok(());
         };
+        if let Err(error) = self.delete_entries(key, &old) {
+            let record = ProgrammedFrontend::unsure_after(
+                Some(&old),
+                old.rev_nat,
+                Vec::new(),
+                old.source_ranges.clone(),
+            );
+            self.frontends.insert(*key, record);
+            return Err(error);
+        }
+        self.frontends.remove(key);
+        self.revnat_alloc.release(u32::from(old.rev_nat));
+        self.freed_revnat.push(old.rev_nat);
+        let mut released = Released::default();
+        for scope in old.held() {
+            released.scope(&scope);
+        }
+        self.release(released);
+        Ok(())
+    }
+
+    fn delete_entries(
+        &mut self,
+        key: &FrontendKey,
+        old: &ProgrammedFrontend,
+    ) -> Result<(), EbpfError> {
         let base = SlotKey::new(key.ip, key.port, key.protocol.number(), 0);
         self.delete_scope(0, &base, old.pod.slots.len())?;
-        let mut released = Released::default();
-        released.scope(&old.pod);
         if let Some(external) = &old.external {
             self.delete_scope(SCOPE_EXTERNAL, &base, external.slots.len())?;
-            released.scope(external);
         }
         for range in &old.source_ranges {
             self.write().del_source_range(range)?;
         }
         self.write()
-            .del_revnat(old.rev_nat, &RevNatValue::new(key.ip, key.port))?;
-        self.revnat_alloc.release(u32::from(old.rev_nat));
-        self.freed_revnat.push(old.rev_nat);
-        self.release(released)
+            .del_revnat(old.rev_nat, &RevNatValue::new(key.ip, key.port))
     }
 
     /// Tables before backends: a table never names a backend that is gone.
-    fn release(&mut self, released: Released) -> Result<(), EbpfError> {
+    /// The references always go; an entry whose delete fails is left in its map,
+    /// unreferenced (its id is free and the next owner overwrites it), and counted.
+    fn release(&mut self, released: Released) {
         for id in released.tables.into_iter().filter(|id| *id != 0) {
             if self.maglev.release(id) {
-                self.write().del_maglev(id)?;
+                if let Err(error) = self.write().del_maglev(id) {
+                    self.left_behind(&error);
+                }
             }
         }
         for id in released.backends {
-            self.release_backend(id)?;
+            self.release_backend(id);
         }
-        Ok(())
     }
 
     /// A route's backends (written first where new, one reference each) and, for the
     /// per-packet path, its Maglev table (written first where new).
+    /// `rewrite`: the entries may be missing (an unsure frontend's), so backends and
+    /// tables that exist already are written again. On failure, what it took is
+    /// given back (nothing points at it yet).
     fn acquire_scope(
         &mut self,
         key: &FrontendKey,
         route: &Route,
         flags: u8,
         maglev: bool,
+        rewrite: bool,
     ) -> Result<Scope, EbpfError> {
         let limit = usize::from(u16::MAX);
         if route.backends.len() > limit {
             tracing::warn!(frontend = %key, backends = route.backends.len(), limit, "too many backends; extra ones ignored");
         }
         let proto = key.protocol.number();
-        let mut slots = Vec::with_capacity(route.backends.len().min(limit));
+        let mut scope = Scope {
+            slots: Vec::with_capacity(route.backends.len().min(limit)),
+            flags,
+            maglev: 0,
+        };
         for backend in route.backends.iter().take(limit) {
-            slots.push(self.acquire_backend(backend, proto)?);
+            match self.acquire_backend(backend, proto, rewrite) {
+                Ok(id) => scope.slots.push(id),
+                Err(error) => {
+                    let mut taken = Released::default();
+                    taken.scope(&scope);
+                    self.release(taken);
+                    return Err(error);
+                }
+            }
         }
-        let table = if maglev && !slots.is_empty() {
-            match self.maglev.acquire(&slots)? {
-                Change::Reuse(id) => id,
-                Change::Create(id) => {
+        if maglev && !scope.slots.is_empty() {
+            let result = self.maglev.acquire(&scope.slots).and_then(|change| {
+                let (Change::Reuse(id) | Change::Create(id)) = change;
+                scope.maglev = id;
+                if matches!(change, Change::Create(_)) || rewrite {
                     let names: Vec<String> = route
                         .backends
                         .iter()
                         .take(limit)
                         .map(ToString::to_string)
                         .collect();
-                    let table = maglev::kernel_table(&slots, &names, self.maglev.size);
+                    let table = maglev::kernel_table(&scope.slots, &names, self.maglev.size);
                     self.write().put_maglev(id, &table)?;
-                    id
                 }
+                Ok(())
+            });
+            if let Err(error) = result {
+                let mut taken = Released::default();
+                taken.scope(&scope);
+                self.release(taken);
+                return Err(error);
             }
-        } else {
-            0
-        };
-        Ok(Scope {
-            slots,
-            flags,
-            maglev: table,
-        })
+        }
+        Ok(scope)
     }
 
     /// One scope of a frontend: changed slots, then slot 0 if it changed, then surplus
@@ -203,7 +272,7 @@ impl<S: MapStore> MapWriter<S> {
             }
         }
         let front = frontend.front(scope);
-        if old.map(|(f, s)| f.front(s)) != Some(front) {
+        if old.is_none_or(|(f, s)| f.unsure.is_some() || f.front(s) != front) {
             self.write().put_service(base, &front)?;
         }
         for i in scope.slots.len()..old_slots.len() {

@@ -42,9 +42,67 @@ struct ProgrammedFrontend {
     /// `sessionAffinity: ClientIP` timeout (seconds).
     affinity: Option<u32>,
     source_ranges: Vec<SourceRange>,
+    /// Set when a write of this frontend failed part way: the maps may hold some of
+    /// the old entries and some of the new. The scopes above then only say how many
+    /// slots there may be (their ids are 0); these are the scopes whose references it
+    /// holds, freed once it is written whole or removed.
+    unsure: Option<Vec<Scope>>,
 }
 
 impl ProgrammedFrontend {
+    /// The scopes whose references this frontend holds.
+    fn held(&self) -> Vec<Scope> {
+        self.unsure.clone().unwrap_or_else(|| {
+            std::iter::once(self.pod.clone())
+                .chain(self.external.clone())
+                .collect()
+        })
+    }
+
+    /// What a failed write of a frontend leaves: `old` as it was (if any), `taken` the
+    /// scopes (external or not) acquired for the new version, `ranges` its new ranges.
+    fn unsure_after(
+        old: Option<&Self>,
+        rev_nat: u16,
+        taken: Vec<(bool, Scope)>,
+        ranges: Vec<SourceRange>,
+    ) -> Self {
+        let longest = |external: bool| {
+            let old = old.and_then(|o| {
+                if external {
+                    o.external.as_ref()
+                } else {
+                    Some(&o.pod)
+                }
+            });
+            let lens = taken
+                .iter()
+                .filter(|(e, _)| *e == external)
+                .map(|(_, s)| s.slots.len());
+            old.map(|s| s.slots.len()).into_iter().chain(lens).max()
+        };
+        let placeholder = |len: usize| Scope {
+            slots: vec![0; len],
+            ..Scope::default()
+        };
+        let mut source_ranges: Vec<SourceRange> =
+            old.map(|o| o.source_ranges.clone()).unwrap_or_default();
+        source_ranges.extend(ranges);
+        source_ranges.sort_unstable();
+        source_ranges.dedup();
+        let mut held = old.map(Self::held).unwrap_or_default();
+        let (pod, external) = (longest(false).unwrap_or(0), longest(true));
+        held.extend(taken.into_iter().map(|(_, scope)| scope));
+        Self {
+            rev_nat,
+            pod: placeholder(pod),
+            external: external.map(placeholder),
+            affinity: None,
+            source_ranges,
+            unsure: Some(held),
+        }
+    }
+
     /// The slot-0 value of one of its scopes. Slot 0 has no backend: its id field
     /// carries the affinity timeout.
     fn front(&self, scope: &Scope) -> ServiceValue {
@@ -79,6 +137,21 @@ pub struct MapWriter<S> {
     new_backends: Vec<(u32, Backend)>,
     /// Maglev tables of the per-packet path.
     maglev: maglev::Tables,
+    /// After a failed apply: the next one writes each frontend through to the kernel
+    /// before the next, so a failure belongs to the frontend that caused it (batched
+    /// writes report theirs later, for the whole batch).
+    isolate: bool,
+    /// Unreferenced entries whose delete failed, left in their maps.
+    left_behind: usize,
+}
+
+/// What one apply did.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Map operations.
+    pub writes: usize,
+    /// Frontends that could not be written (skipped; the next apply tries them again).
+    pub failed: Vec<FrontendKey>,
 }
 
 impl<S: MapStore> MapWriter<S> {
@@ -106,6 +179,8 @@ impl<S: MapStore> MapWriter<S> {
             new_frontends: Vec::new(),
             new_backends: Vec::new(),
             maglev: maglev::Tables::new(maglev_size),
+            isolate: false,
+            left_behind: 0,
         };
         for (&id, (size, set)) in &contents.maglev {
             writer.maglev.restore(id, *size, set.clone());
@@ -145,6 +220,7 @@ impl<S: MapStore> MapWriter<S> {
                     affinity: (value.flags & SERVICE_FLAG_AFFINITY != 0)
                         .then_some(value.backend_id),
                     source_ranges,
+                    unsure: None,
                 },
             );
         }
@@ -211,6 +287,10 @@ impl<S: MapStore> MapWriter<S> {
             .frontends
             .iter()
             .map(|(key, programmed)| {
+                if programmed.unsure.is_some() {
+                    // Matches no desired frontend: the next plan writes or removes it.
+                    return (*key, Frontend::backends_only(vec![UNSURE]));
+                }
                 let backends = programmed
                     .pod
                     .slots
@@ -235,14 +315,32 @@ impl<S: MapStore> MapWriter<S> {
         &mut self.store
     }
 
-    /// Programs the plan; returns how many map operations it took.
-    pub fn apply(&mut self, plan: &Plan) -> Result<usize, EbpfError> {
+    /// Programs the plan. A frontend that cannot be written is skipped and named in
+    /// [`Written::failed`], the others written; the error is for a failure that cannot
+    /// be pinned on one frontend (a batch of writes), after which every frontend this
+    /// apply wrote is unsure and the next apply goes one frontend at a time.
+    pub fn apply(&mut self, plan: &Plan) -> Result<Written, EbpfError> {
         let before = self.writes;
-        let result = self.apply_all(plan);
+        let mut touched = Vec::new();
+        let result = self.apply_all(plan, &mut touched);
         // What waits is written even after a failure: those entries succeeded as far as
         // the writer's bookkeeping goes.
         let flushed = self.store.flush();
-        let result = result.and(flushed);
+        let result = result.and_then(|failed| flushed.map(|()| failed));
+        if result.is_err() {
+            self.isolate = true;
+            for key in &touched {
+                if let Some(record) = self.frontends.get(key) {
+                    let unsure = ProgrammedFrontend::unsure_after(
+                        Some(record),
+                        record.rev_nat,
+                        Vec::new(),
+                        Vec::new(),
+                    );
+                    self.frontends.insert(*key, unsure);
+                }
+            }
+        }
         let revnat = std::mem::take(&mut self.freed_revnat);
         let backends = std::mem::take(&mut self.freed_backends);
         if self.writes != before {
@@ -262,27 +360,89 @@ impl<S: MapStore> MapWriter<S> {
                 tracing::warn!(%error, "cannot remove the counters of removed frontends");
             }
         }
-        result.map(|()| self.writes - before)
+        let failed = result?;
+        if failed.is_empty() {
+            self.isolate = false;
+        }
+        Ok(Written {
+            writes: self.writes - before,
+            failed,
+        })
     }
 
-    fn apply_all(&mut self, plan: &Plan) -> Result<(), EbpfError> {
+    /// The frontends that failed, when each failure is known to be its own.
+    fn apply_all(
+        &mut self,
+        plan: &Plan,
+        touched: &mut Vec<FrontendKey>,
+    ) -> Result<Vec<FrontendKey>, EbpfError> {
         for id in self.maglev.unused() {
             if self.maglev.release(id) {
-                self.write().del_maglev(id)?;
+                if let Err(error) = self.write().del_maglev(id) {
+                    self.left_behind(&error);
+                }
             }
         }
-        for key in &plan.remove {
-            self.remove(key)?;
+        let mut failed = Vec::new();
+        let steps = plan.remove.iter().map(|key| (key, None)).chain(
+            plan.upsert
+                .iter()
+                .map(|(key, frontend)| (key, Some(frontend))),
+        );
+        for (key, frontend) in steps {
+            let result = match frontend {
+                None => self.remove(key),
+                Some(frontend) => self.upsert(key, frontend),
+            };
+            let result = result.and_then(|()| {
+                if self.isolate {
+                    self.store.flush()
+                } else {
+                    Ok(())
+                }
+            });
+            match result {
+                Ok(()) => touched.push(*key),
+                // Batched: the failed write may be an earlier frontend's (running out
+                // of ids is always this one's own).
+                Err(error) if !self.isolate && !matches!(error, EbpfError::Exhausted(_)) => {
+                    return Err(error)
+                }
+                Err(error) => {
+                    tracing::warn!(frontend = %key, %error, "cannot program this frontend; skipped, and tried again at the next sync");
+                    if let Some(record) = self.frontends.get(key) {
+                        if record.unsure.is_none() {
+                            // The flush failed after its own writes went in.
+                            let unsure = ProgrammedFrontend::unsure_after(
+                                Some(record),
+                                record.rev_nat,
+                                Vec::new(),
+                                Vec::new(),
+                            );
+                            self.frontends.insert(*key, unsure);
+                        }
+                    }
+                    failed.push(*key);
+                }
+            }
         }
-        for (key, frontend) in &plan.upsert {
-            self.upsert(key, frontend)?;
-        }
-        Ok(())
+        Ok(failed)
+    }
+
+    /// An unreferenced entry that could not be deleted.
+    fn left_behind(&mut self, error: &EbpfError) {
+        self.left_behind += 1;
+        tracing::warn!(%error, left_behind = self.left_behind, "cannot delete an unused map entry; left in place");
     }
 
     #[must_use]
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    #[cfg(test)]
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
     }
 
     fn new_revnat(&mut self, ip: IpAddr, port: u16) -> Result<u16, EbpfError> {
@@ -291,15 +451,27 @@ impl<S: MapStore> MapWriter<S> {
             .allocate()
             .and_then(|i| u16::try_from(i).ok())
             .ok_or(EbpfError::Exhausted("reverse NAT"))?;
-        self.write()
-            .put_revnat(index, &RevNatValue::new(ip, port))?;
+        if let Err(error) = self.write().put_revnat(index, &RevNatValue::new(ip, port)) {
+            self.revnat_alloc.release(u32::from(index));
+            return Err(error);
+        }
         Ok(index)
     }
 
-    /// The id of a backend, writing it first if it is new; takes a reference.
-    fn acquire_backend(&mut self, backend: &Backend, proto: u8) -> Result<u32, EbpfError> {
+    /// The id of a backend, writing it first if it is new (or `rewrite`); takes a
+    /// reference.
+    fn acquire_backend(
+        &mut self,
+        backend: &Backend,
+        proto: u8,
+        rewrite: bool,
+    ) -> Result<u32, EbpfError> {
         let key = (backend.ip, backend.port, proto);
         if let Some(&id) = self.backend_ids.get(&key) {
+            if rewrite {
+                let value = BackendValue::new(backend.ip, backend.port, proto);
+                self.write().put_backend(id, &value)?;
+            }
             if let Some((_, refs)) = self.backends.get_mut(&id) {
                 *refs += 1;
             }
@@ -310,7 +482,10 @@ impl<S: MapStore> MapWriter<S> {
             .allocate()
             .ok_or(EbpfError::Exhausted("backend"))?;
         let value = BackendValue::new(backend.ip, backend.port, proto);
-        self.write().put_backend(id, &value)?;
+        if let Err(error) = self.write().put_backend(id, &value) {
+            self.backend_alloc.release(id);
+            return Err(error);
+        }
         self.new_backends.push((id, *backend));
         self.backend_ids.insert(key, id);
         self.backends.insert(id, (value, 1));
@@ -318,9 +493,9 @@ impl<S: MapStore> MapWriter<S> {
     }
 
     /// Drops a reference; the backend entry goes once no slot points at it.
-    fn release_backend(&mut self, id: u32) -> Result<(), EbpfError> {
+    fn release_backend(&mut self, id: u32) {
         let Some((backend, refs)) = self.backends.get_mut(&id) else {
-            return Ok(());
+            return;
         };
         *refs = refs.saturating_sub(1);
         if *refs == 0 {
@@ -330,11 +505,18 @@ impl<S: MapStore> MapWriter<S> {
             self.backend_ids.remove(&key);
             self.backend_alloc.release(id);
             self.freed_backends.push(id);
-            self.write().del_backend(id, &backend)?;
+            if let Err(error) = self.write().del_backend(id, &backend) {
+                self.left_behind(&error);
+            }
         }
-        Ok(())
     }
 }
+
+/// The backend an unsure frontend reads back as: no desired frontend has it.
+const UNSURE: Backend = Backend {
+    ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    port: 0,
+};
 
 fn slot_number(n: usize) -> u16 {
     u16::try_from(n).unwrap_or(u16::MAX)
