@@ -10,7 +10,7 @@ use std::{
 
 use proxy_agent::{
     dataplane::{
-        nftables::{delta, ruleset, NftablesDataplane},
+        nftables::{self, delta, ruleset, NftablesDataplane},
         Dataplane,
     },
     model::{self, Backend, DesiredState, Frontend, NodeInfo},
@@ -227,6 +227,8 @@ fn partial_syncs_leave_the_kernel_as_a_full_load_would() {
             over_netlink.push(*step);
         }
         assert_eq!(applied.full, i == 0, "{step}: only the first sync is full");
+        // The reference: a full load into an empty namespace.
+        nftables::load_in(path(&b).as_deref(), &ruleset::removal()).expect("clean");
         let mut full = NftablesDataplane::start_in(cidrs.clone(), path(&b)).expect("nft");
         full.apply(&plan, desired).expect(step);
         let mut stale_now = BTreeSet::new();
@@ -285,4 +287,78 @@ fn one_endpoint_change_among_10000_services_is_a_handful_of_statements() {
         tx.text()
     );
     assert_eq!(stale.len(), 1, "the old endpoint's chain is stale");
+}
+
+/// A full load over our own tables (a restart, or the rewrite after a failed sync)
+/// keeps the clients sessionAffinity remembers, and leaves what a fresh load leaves.
+#[test]
+fn a_full_reload_keeps_the_clients_affinity_remembers() {
+    let cluster = Cluster::new("nfk");
+    let (a, b) = (cluster.add_netns("reload"), cluster.add_netns("fresh"));
+    let path = |n: &str| Some(PathBuf::from(format!("/run/netns/{n}")));
+    let snapshot = flows::snapshot();
+    let node: NodeInfo = flows::node(&snapshot, "node1");
+    let base = model::build(&snapshot, &node);
+    let fewer = without_service(
+        &base,
+        &base
+            .frontends
+            .values()
+            .find(|f| !f.pod.backends.is_empty() && f.affinity_timeout.is_none())
+            .expect("a Service without affinity")
+            .service
+            .name
+            .clone(),
+    );
+    let mut first = NftablesDataplane::start_in(Vec::new(), path(&a)).expect("nft");
+    first
+        .apply(&model::Plan::default(), &base)
+        .expect("first load");
+    // A client the kernel remembers in an affinity set.
+    let listed = sh_in(&a, &["nft", "-t", "list", "table", "ip", "proxy-agent"]);
+    let set = listed
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("set ")?.strip_suffix(" {"))
+        .find(|name| name.starts_with("affinity-"))
+        .map(str::to_owned)
+        .expect("an affinity set");
+    sh_in(
+        &a,
+        &[
+            "nft",
+            "add",
+            "element",
+            "ip",
+            "proxy-agent",
+            &set,
+            "{ 10.244.9.9 }",
+        ],
+    );
+    // Restarted: nothing known, a full load over the tables there, one Service fewer.
+    drop(first);
+    let mut second = NftablesDataplane::start_in(Vec::new(), path(&a)).expect("nft");
+    let applied = second
+        .apply(&model::Plan::default(), &fewer)
+        .expect("reload");
+    assert!(applied.full);
+    let remembered = sh_in(&a, &["nft", "list", "set", "ip", "proxy-agent", &set]);
+    assert!(
+        remembered.contains("10.244.9.9"),
+        "affinity forgotten:\n{remembered}"
+    );
+    // The removed Service's chains were flushed and go at the next sync.
+    second
+        .apply(&model::Plan::default(), &fewer)
+        .expect("next sync");
+    let mut fresh = NftablesDataplane::start_in(Vec::new(), path(&b)).expect("nft");
+    fresh.apply(&model::Plan::default(), &fewer).expect("fresh");
+    let (mut kept, fresh_listing) = (listing(&a, "ip"), listing(&b, "ip"));
+    // The remembered client aside, the reloaded table is the fresh one.
+    if let Some(decl) = kept.1.get_mut(&set) {
+        if let Some(map) = decl.as_object_mut() {
+            map.remove("elem");
+        }
+    }
+    let left = same_as_full(&kept, &fresh_listing, "after a reload");
+    assert!(left.is_empty(), "left over: {left:?}");
 }

@@ -98,6 +98,10 @@ pub struct Pending {
     pub full: bool,
     /// The statements of a partial transaction, one by one (empty for a full load).
     pub statements: Vec<String>,
+    /// For a full load over existing tables: the same tables loaded after deleting
+    /// them, for when the kernel refuses to load over what it holds (a declaration
+    /// changed by an upgrade).
+    pub fallback: Option<String>,
 }
 
 /// How the transactions so far went to the kernel.
@@ -156,18 +160,51 @@ impl NftablesDataplane {
     }
 
     /// Commits `pending`: as one netlink batch when every statement is in the wire
-    /// grammar, else through `nft -f`.
-    fn commit(&mut self, pending: &Pending) -> Result<(), NftError> {
+    /// grammar, else through `nft -f`. True when the tables were replaced (the
+    /// fallback) rather than loaded over.
+    fn commit(&mut self, pending: &Pending) -> Result<bool, NftError> {
         if let (false, Some(wire)) = (pending.full, self.wire.as_mut()) {
             if let Some(batch) = wire::encode(&pending.statements) {
                 wire.commit(&batch)?;
                 self.commits.netlink += 1;
-                return Ok(());
+                return Ok(false);
             }
         }
-        load_in(self.netns.as_deref(), &pending.text)?;
+        let loaded = load_in(self.netns.as_deref(), &pending.text);
+        let replaced = match (loaded, &pending.fallback) {
+            (Err(error), Some(fallback)) => {
+                warn!(%error, "cannot load over the tables there; replacing them (affinity is forgotten)");
+                load_in(self.netns.as_deref(), fallback)?;
+                true
+            }
+            (loaded, _) => loaded.map(|()| false)?,
+        };
         self.commits.nft += 1;
-        Ok(())
+        Ok(replaced)
+    }
+
+    /// The names our tables hold in the kernel, per family (`None`: no table, or it
+    /// cannot be read).
+    fn existing(&self) -> [Option<ruleset::Existing>; 2] {
+        ["ip", "ip6"].map(|family| {
+            let mut command = match &self.netns {
+                Some(netns) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net={}", netns.display())).arg("nft");
+                    c
+                }
+                None => Command::new("nft"),
+            };
+            let output = command
+                .args(["-t", "list", "table", family, table::TABLE])
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())?;
+            Some(ruleset::Existing::parse(&String::from_utf8_lossy(
+                &output.stdout,
+            )))
+        })
     }
 
     /// The transaction from what the kernel holds to `desired`: whole tables when
@@ -175,9 +212,14 @@ impl NftablesDataplane {
     fn transaction(&mut self, desired: &DesiredState) -> (Pending, Programmed) {
         let Some(kernel) = self.kernel.take() else {
             let rendered = Rendered::full(desired, &self.cluster_cidrs);
-            let text = ruleset::full_text(&rendered.tables);
+            let existing = self.existing();
+            let (text, stale) = ruleset::full_text_keeping(&rendered.tables, &existing);
             let pending = Pending {
                 ops: text.lines().filter(|l| !l.trim().is_empty()).count(),
+                fallback: existing
+                    .iter()
+                    .any(Option::is_some)
+                    .then(|| ruleset::full_text(&rendered.tables)),
                 text,
                 full: true,
                 statements: Vec::new(),
@@ -185,7 +227,7 @@ impl NftablesDataplane {
             let programmed = Programmed {
                 rendered,
                 from: desired.clone(),
-                stale: Default::default(),
+                stale,
             };
             return (pending, programmed);
         };
@@ -214,6 +256,7 @@ impl NftablesDataplane {
             ops: statements.len(),
             full: false,
             statements,
+            fallback: None,
         };
         let programmed = Programmed {
             rendered,
@@ -243,12 +286,17 @@ impl super::Dataplane for NftablesDataplane {
         // Names count here (they name the chains), so the tables follow their own diff
         // from the state they were rendered from rather than the plan's.
         let old = self.kernel.as_ref().map(|k| k.from.clone());
-        let (pending, programmed) = self.transaction(desired);
+        let (pending, mut programmed) = self.transaction(desired);
         if pending.ops > 0 {
-            if let Err(error) = self.commit(&pending) {
-                // Whatever happened, the next sync rewrites everything.
-                self.kernel = None;
-                return Err(error.into());
+            match self.commit(&pending) {
+                // No stale chains are left in tables made anew.
+                Ok(true) => programmed.stale = Default::default(),
+                Ok(false) => {}
+                Err(error) => {
+                    // Whatever happened, the next sync rewrites everything.
+                    self.kernel = None;
+                    return Err(error.into());
+                }
             }
         }
         self.kernel = Some(programmed);

@@ -5,6 +5,7 @@
 //! (0x8000) and reject (0x10000) from the nat hooks to postrouting and the filter hooks.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
     net::IpAddr,
 };
 
@@ -102,6 +103,80 @@ pub fn full_text(tables: &[Table; 2]) -> String {
         out.push_str(&table.text());
     }
     out
+}
+
+/// The names a table of ours holds in the kernel (read before a full load).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Existing {
+    pub chains: BTreeSet<String>,
+    /// Name → `set` or `map`.
+    pub sets: BTreeMap<String, &'static str>,
+}
+
+impl Existing {
+    /// The names in `nft -t list table …` output.
+    #[must_use]
+    pub fn parse(listing: &str) -> Self {
+        let mut existing = Self::default();
+        for line in listing.lines() {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("chain"), Some(name), Some("{")) => {
+                    existing.chains.insert(name.to_owned());
+                }
+                (Some(kind @ ("set" | "map")), Some(name), Some("{")) => {
+                    let kind = if kind == "set" { "set" } else { "map" };
+                    existing.sets.insert(name.to_owned(), kind);
+                }
+                _ => {}
+            }
+        }
+        existing
+    }
+}
+
+/// Whole tables loaded over the ones the kernel holds (`existing`, per family; `None`
+/// where there is none) without deleting them: every chain and every set but the
+/// affinity ones is flushed and filled again, so the clients affinity remembers are
+/// kept (a table deleted and loaded again would forget them). Returns the text and,
+/// per family, the chains flushed and no longer wanted (deleted by the next sync, once
+/// nothing refers to them).
+#[must_use]
+pub fn full_text_keeping(
+    tables: &[Table; 2],
+    existing: &[Option<Existing>; 2],
+) -> (String, [BTreeSet<String>; 2]) {
+    let mut out = String::new();
+    let mut stale: [BTreeSet<String>; 2] = Default::default();
+    for (i, table) in tables.iter().enumerate() {
+        let family = table.family;
+        let Some(existing) = &existing[i] else {
+            out.push_str(&removal_of(family));
+            out.push_str(&table.text());
+            continue;
+        };
+        let _ = writeln!(out, "add table {family} {TABLE}");
+        for name in &existing.chains {
+            let _ = writeln!(out, "flush chain {family} {TABLE} {name}");
+            if !table.chains.contains_key(name) {
+                stale[i].insert(name.clone());
+            }
+        }
+        for (name, kind) in &existing.sets {
+            match table.sets.get(name) {
+                Some(set) if set.dynamic => {}
+                Some(_) => {
+                    let _ = writeln!(out, "flush {kind} {family} {TABLE} {name}");
+                }
+                // Sets no longer wanted go after the chains naming them were flushed.
+                None => {
+                    let _ = writeln!(out, "delete {kind} {family} {TABLE} {name}");
+                }
+            }
+        }
+        out.push_str(&table.text());
+    }
+    (out, stale)
 }
 
 /// The statements that remove our tables (and nothing else).
