@@ -184,26 +184,31 @@ impl NftablesDataplane {
     }
 
     /// The names our tables hold in the kernel, per family (`None`: no table, or it
-    /// cannot be read).
+    /// cannot be read). Names only, no rules: ~1 s at 10 000 Services, where listing
+    /// the table takes ten.
     fn existing(&self) -> [Option<ruleset::Existing>; 2] {
         ["ip", "ip6"].map(|family| {
-            let mut command = match &self.netns {
-                Some(netns) => {
-                    let mut c = Command::new("nsenter");
-                    c.arg(format!("--net={}", netns.display())).arg("nft");
-                    c
-                }
-                None => Command::new("nft"),
-            };
-            let output = command
-                .args(["-t", "list", "table", family, table::TABLE])
-                .stderr(Stdio::null())
-                .output()
-                .ok()
-                .filter(|o| o.status.success())?;
-            Some(ruleset::Existing::parse(&String::from_utf8_lossy(
-                &output.stdout,
-            )))
+            let mut listing = String::new();
+            for what in ["chains", "sets", "maps"] {
+                let mut command = match &self.netns {
+                    Some(netns) => {
+                        let mut c = Command::new("nsenter");
+                        c.arg(format!("--net={}", netns.display())).arg("nft");
+                        c
+                    }
+                    None => Command::new("nft"),
+                };
+                let output = command
+                    .args(["-t", "list", what, family])
+                    .stderr(Stdio::null())
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())?;
+                listing.push_str(&String::from_utf8_lossy(&output.stdout));
+            }
+            let existing = ruleset::Existing::parse(&listing);
+            // No chain of ours: no table of ours to keep.
+            (!existing.chains.is_empty()).then_some(existing)
         })
     }
 

@@ -114,13 +114,23 @@ pub struct Existing {
 }
 
 impl Existing {
-    /// The names in `nft -t list table …` output.
+    /// The names in our table in `nft -t list chains|sets|maps <family>` output (which
+    /// lists every table of the family: a table line starts each one's names).
     #[must_use]
     pub fn parse(listing: &str) -> Self {
         let mut existing = Self::default();
+        let mut ours = false;
         for line in listing.lines() {
             let mut words = line.split_whitespace();
-            match (words.next(), words.next(), words.next()) {
+            let first = (words.next(), words.next(), words.next());
+            if let (Some("table"), Some(_), Some(name)) = first {
+                ours = name == TABLE;
+                continue;
+            }
+            if !ours {
+                continue;
+            }
+            match first {
                 (Some("chain"), Some(name), Some("{")) => {
                     existing.chains.insert(name.to_owned());
                 }
