@@ -63,17 +63,17 @@ impl ManifestsDir {
 
     /// Re-reads every changed file; true when the snapshot changed.
     pub fn reload(&mut self) -> Result<bool, SourceError> {
-        self.reload_except(&BTreeMap::new())
+        self.reload_except(&BTreeSet::new())
     }
 
     /// [`Self::reload`] leaving out the files in `skip` (being written).
-    fn reload_except(&mut self, skip: &BTreeMap<PathBuf, Instant>) -> Result<bool, SourceError> {
+    fn reload_except(&mut self, skip: &BTreeSet<PathBuf>) -> Result<bool, SourceError> {
         let mut listed = list(&self.dir)?;
-        listed.retain(|p| !skip.contains_key(p));
+        listed.retain(|p| !skip.contains(p));
         let gone: Vec<PathBuf> = self
             .files
             .keys()
-            .filter(|p| !listed.contains(p) && !skip.contains_key(*p))
+            .filter(|p| !listed.contains(p) && !skip.contains(*p))
             .cloned()
             .collect();
         let mut changed = false;
@@ -275,9 +275,10 @@ fn follow(dir: &Path, tx: &watch::Sender<SourceUpdate>) -> Result<(), SourceErro
     manifests.reload()?;
     publish(tx, &manifests);
     info!(dir = %dir.display(), "manifests loaded");
-    // Files to read, by when; those being written have their deadline in `writing`.
+    // Files to read, by when; those still open for writing are also in `writing`,
+    // which the rescan leaves alone.
     let mut pending: BTreeMap<PathBuf, Instant> = BTreeMap::new();
-    let mut writing: BTreeMap<PathBuf, Instant> = BTreeMap::new();
+    let mut writing: BTreeSet<PathBuf> = BTreeSet::new();
     let mut rescan = Instant::now() + RESCAN;
     loop {
         let next = pending
@@ -309,7 +310,7 @@ fn follow(dir: &Path, tx: &watch::Sender<SourceUpdate>) -> Result<(), SourceErro
                             pending.insert(path, now);
                         }
                         Step::Writing => {
-                            writing.insert(path.clone(), now + UNCLOSED);
+                            writing.insert(path.clone());
                             pending.insert(path, now + UNCLOSED);
                         }
                         Step::Nothing => {}

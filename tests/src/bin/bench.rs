@@ -444,8 +444,8 @@ fn main() {
     let cfg = config(quick, value("--scales"), value("--repeats"));
     let out = value("--out").map_or_else(|| PathBuf::from("bench/results/latest"), PathBuf::from);
     let change_repeats = if quick { 5 } else { 15 };
-    // The DNS-under-churn row at the largest scale up to 10 000.
-    let churn_scale = cfg
+    // The DNS-under-churn and NodePort rows: the largest scale up to 10 000.
+    let scale_to_10k = cfg
         .scales
         .iter()
         .copied()
@@ -453,7 +453,7 @@ fn main() {
         .max()
         .unwrap_or(1_000);
     if args.iter().any(|a| a == "--only-dns-churn") {
-        let row = proxy_agent_tests::dnschurn::run(churn_scale, cfg.dns_seconds);
+        let row = proxy_agent_tests::dnschurn::run(scale_to_10k, cfg.dns_seconds);
         std::fs::create_dir_all(&out).expect("out dir");
         std::fs::write(out.join("dns_churn.json"), row.to_string()).expect("dns_churn.json");
         print!("{}", proxy_agent_tests::dnschurn::report(&row));
@@ -479,22 +479,15 @@ fn main() {
     let dns = dnsbench::run(&mut cluster, cfg.dns_seconds);
     let memory = rssbench::run(&mut cluster, &cfg.scales);
     let change_e2e = proxy_agent_tests::changebench::run(&cfg.scales, change_repeats, &[]);
-    let dns_churn = proxy_agent_tests::dnschurn::run(churn_scale, cfg.dns_seconds);
+    let dns_churn = proxy_agent_tests::dnschurn::run(scale_to_10k, cfg.dns_seconds);
     let datapath = connbench::run(
         &mut cluster,
         &bpffs,
         &cfg.datapath_scales,
         cfg.datapath_seconds,
     );
-    // Needs the connection-rate bench's pods; the largest scale up to 10 000.
-    let nodeport_scale = cfg
-        .scales
-        .iter()
-        .copied()
-        .filter(|n| *n <= 10_000)
-        .max()
-        .unwrap_or(1_000);
-    let nodeport = nodeportbench::run(&mut cluster, &bpffs, nodeport_scale, cfg.datapath_seconds);
+    // Needs the connection-rate bench's pods.
+    let nodeport = nodeportbench::run(&mut cluster, &bpffs, scale_to_10k, cfg.datapath_seconds);
     let programs = proxy_agent_tests::progbench::run();
     let results = json!({
         "quick": quick,

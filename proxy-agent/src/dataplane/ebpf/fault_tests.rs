@@ -12,12 +12,12 @@ use super::{
 };
 use crate::model::{diff, DesiredState, Protocol};
 
-/// A store whose service-map writes for one address fail while `failures` lasts.
+/// A store whose service-map writes (`puts`) and deletes (`deletes`) of one address
+/// fail, as many times as those counters say.
 #[derive(Default)]
 struct FaultyStore {
     inner: CheckedStore,
     fail_ip: Option<IpAddr>,
-    /// Writes (puts) and deletes of `fail_ip`'s entries still to fail.
     puts: usize,
     deletes: usize,
 }

@@ -47,15 +47,7 @@ pub fn load(text: &str) -> Result<(), NftError> {
 /// # Errors
 /// When `nft` cannot run or refuses the text.
 pub fn load_in(netns: Option<&Path>, text: &str) -> Result<(), NftError> {
-    let mut command = match netns {
-        Some(netns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", netns.display())).arg("nft");
-            c
-        }
-        None => Command::new("nft"),
-    };
-    let mut child = command
+    let mut child = nft_in(netns)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -72,6 +64,18 @@ pub fn load_in(netns: Option<&Path>, text: &str) -> Result<(), NftError> {
         Err(NftError::Rejected(
             String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         ))
+    }
+}
+
+/// `nft` to run in `netns` (a `/run/netns/NAME` path) or the current namespace.
+fn nft_in(netns: Option<&Path>) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", netns.display())).arg("nft");
+            c
+        }
+        None => Command::new("nft"),
     }
 }
 
@@ -190,15 +194,7 @@ impl NftablesDataplane {
         ["ip", "ip6"].map(|family| {
             let mut listing = String::new();
             for what in ["chains", "sets", "maps"] {
-                let mut command = match &self.netns {
-                    Some(netns) => {
-                        let mut c = Command::new("nsenter");
-                        c.arg(format!("--net={}", netns.display())).arg("nft");
-                        c
-                    }
-                    None => Command::new("nft"),
-                };
-                let output = command
+                let output = nft_in(self.netns.as_deref())
                     .args(["-t", "list", what, family])
                     .stderr(Stdio::null())
                     .output()

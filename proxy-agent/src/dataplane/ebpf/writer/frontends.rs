@@ -135,13 +135,7 @@ impl<S: MapStore> MapWriter<S> {
             return Ok(());
         };
         if let Err(error) = self.delete_entries(key, &old) {
-            let record = ProgrammedFrontend::unsure_after(
-                Some(&old),
-                old.rev_nat,
-                Vec::new(),
-                old.source_ranges.clone(),
-            );
-            self.frontends.insert(*key, record);
+            self.mark_unsure(key);
             return Err(error);
         }
         self.frontends.remove(key);
@@ -189,10 +183,10 @@ impl<S: MapStore> MapWriter<S> {
     }
 
     /// A route's backends (written first where new, one reference each) and, for the
-    /// per-packet path, its Maglev table (written first where new).
-    /// `rewrite`: the entries may be missing (an unsure frontend's), so backends and
-    /// tables that exist already are written again. On failure, what it took is
-    /// given back (nothing points at it yet).
+    /// per-packet path, its Maglev table (written first where new). `rewrite`: the
+    /// entries may be missing (an unsure frontend's), so backends and tables that exist
+    /// already are written again. On failure, what it took is given back (nothing
+    /// points at it yet).
     fn acquire_scope(
         &mut self,
         key: &FrontendKey,
@@ -205,47 +199,48 @@ impl<S: MapStore> MapWriter<S> {
         if route.backends.len() > limit {
             tracing::warn!(frontend = %key, backends = route.backends.len(), limit, "too many backends; extra ones ignored");
         }
-        let proto = key.protocol.number();
         let mut scope = Scope {
             slots: Vec::with_capacity(route.backends.len().min(limit)),
             flags,
             maglev: 0,
         };
-        for backend in route.backends.iter().take(limit) {
-            match self.acquire_backend(backend, proto, rewrite) {
-                Ok(id) => scope.slots.push(id),
-                Err(error) => {
-                    let mut taken = Released::default();
-                    taken.scope(&scope);
-                    self.release(taken);
-                    return Err(error);
-                }
-            }
-        }
-        if maglev && !scope.slots.is_empty() {
-            let result = self.maglev.acquire(&scope.slots).and_then(|change| {
-                let (Change::Reuse(id) | Change::Create(id)) = change;
-                scope.maglev = id;
-                if matches!(change, Change::Create(_)) || rewrite {
-                    let names: Vec<String> = route
-                        .backends
-                        .iter()
-                        .take(limit)
-                        .map(ToString::to_string)
-                        .collect();
-                    let table = maglev::kernel_table(&scope.slots, &names, self.maglev.size);
-                    self.write().put_maglev(id, &table)?;
-                }
-                Ok(())
-            });
-            if let Err(error) = result {
-                let mut taken = Released::default();
-                taken.scope(&scope);
-                self.release(taken);
-                return Err(error);
-            }
+        let backends = &route.backends[..route.backends.len().min(limit)];
+        let proto = key.protocol.number();
+        if let Err(error) = self.fill_scope(&mut scope, backends, proto, maglev, rewrite) {
+            let mut taken = Released::default();
+            taken.scope(&scope);
+            self.release(taken);
+            return Err(error);
         }
         Ok(scope)
+    }
+
+    /// Takes `backends` into `scope`, then its Maglev table; on failure `scope` holds
+    /// what was taken so far.
+    fn fill_scope(
+        &mut self,
+        scope: &mut Scope,
+        backends: &[crate::model::Backend],
+        proto: u8,
+        maglev: bool,
+        rewrite: bool,
+    ) -> Result<(), EbpfError> {
+        for backend in backends {
+            scope
+                .slots
+                .push(self.acquire_backend(backend, proto, rewrite)?);
+        }
+        if maglev && !scope.slots.is_empty() {
+            let change = self.maglev.acquire(&scope.slots)?;
+            let (Change::Reuse(id) | Change::Create(id)) = change;
+            scope.maglev = id;
+            if matches!(change, Change::Create(_)) || rewrite {
+                let names: Vec<String> = backends.iter().map(ToString::to_string).collect();
+                let table = maglev::kernel_table(&scope.slots, &names, self.maglev.size);
+                self.write().put_maglev(id, &table)?;
+            }
+        }
+        Ok(())
     }
 
     /// One scope of a frontend: changed slots, then slot 0 if it changed, then surplus

@@ -330,15 +330,7 @@ impl<S: MapStore> MapWriter<S> {
         if result.is_err() {
             self.isolate = true;
             for key in &touched {
-                if let Some(record) = self.frontends.get(key) {
-                    let unsure = ProgrammedFrontend::unsure_after(
-                        Some(record),
-                        record.rev_nat,
-                        Vec::new(),
-                        Vec::new(),
-                    );
-                    self.frontends.insert(*key, unsure);
-                }
+                self.mark_unsure(key);
             }
         }
         let revnat = std::mem::take(&mut self.freed_revnat);
@@ -410,23 +402,27 @@ impl<S: MapStore> MapWriter<S> {
                 }
                 Err(error) => {
                     tracing::warn!(frontend = %key, %error, "cannot program this frontend; skipped, and tried again at the next sync");
-                    if let Some(record) = self.frontends.get(key) {
-                        if record.unsure.is_none() {
-                            // The flush failed after its own writes went in.
-                            let unsure = ProgrammedFrontend::unsure_after(
-                                Some(record),
-                                record.rev_nat,
-                                Vec::new(),
-                                Vec::new(),
-                            );
-                            self.frontends.insert(*key, unsure);
-                        }
-                    }
+                    // The flush may have failed after its own writes went in.
+                    self.mark_unsure(key);
                     failed.push(*key);
                 }
             }
         }
         Ok(failed)
+    }
+
+    /// Marks a frontend whose entries may not all have reached the kernel as unsure
+    /// (see [`ProgrammedFrontend::unsure`]), keeping the references it holds.
+    fn mark_unsure(&mut self, key: &FrontendKey) {
+        if let Some(record) = self.frontends.get(key).filter(|r| r.unsure.is_none()) {
+            let unsure = ProgrammedFrontend::unsure_after(
+                Some(record),
+                record.rev_nat,
+                Vec::new(),
+                Vec::new(),
+            );
+            self.frontends.insert(*key, unsure);
+        }
     }
 
     /// An unreferenced entry that could not be deleted.
