@@ -169,8 +169,11 @@ pub fn restart_under_load(
     };
     let held = spawn(&[&testpod, "hold", hold_to, "4000"]);
     let stream = spawn(&[&testpod, "request-for", "tcp", stream_to, "4000"]);
+    let started = Instant::now();
+    let mut restarts = Vec::new();
     std::thread::sleep(Duration::from_millis(400));
     for binary in [None, Some(&upgraded)] {
+        let stopping = started.elapsed().as_millis();
         let exits = cluster.terminate(&agent.node, "agent");
         assert!(exits.iter().all(ExitStatus::success), "{exits:?}");
         match binary {
@@ -178,6 +181,10 @@ pub fn restart_under_load(
             Some(path) => agent.respawn_with(cluster, path),
         }
         agent.wait_healthy(cluster);
+        restarts.push(format!(
+            "stopped at {stopping} ms, healthy at {} ms",
+            started.elapsed().as_millis()
+        ));
         std::thread::sleep(Duration::from_millis(300));
     }
     let report = |child: Child| {
@@ -191,7 +198,7 @@ pub fn restart_under_load(
     );
     assert!(
         stream.contains(" err=0"),
-        "new connections failed: {stream}"
+        "new connections failed: {stream}\nagent restarts: {restarts:?}"
     );
     let count = |text: &str, key: &str| -> u64 {
         text.split_whitespace()

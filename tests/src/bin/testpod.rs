@@ -239,7 +239,8 @@ fn hold(to: SocketAddr, duration: Duration) {
 }
 
 /// Requests back to back for a while; prints `ok=N err=M p50_us=X p99_us=Y` (latency
-/// of the whole connect, request, response and close) and the first errors.
+/// of the whole connect, request, response and close) and the first errors, each with
+/// when it started.
 fn request_for(proto: &str, to: SocketAddr, duration: Duration) {
     let started = Instant::now();
     let (mut ok, mut errors) = (0u64, Vec::new());
@@ -251,7 +252,8 @@ fn request_for(proto: &str, to: SocketAddr, duration: Duration) {
             ok += 1;
             micros.push(one.elapsed().as_micros());
         } else {
-            errors.push(line);
+            let at = one.duration_since(started).as_millis();
+            errors.push(format!("{line} (started at {at} ms)"));
         }
     }
     micros.sort_unstable();
