@@ -25,19 +25,47 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// One malloc arena for the whole agent, and a fixed mmap threshold. glibc gives each
+/// thread that allocates its own arena, and an arena never shrinks below the highest
+/// chunk still in use: the watchers decode on the runtime's workers and the sync thread
+/// builds on its own, so each arena peaked on its own and the agent's RSS was about
+/// three times its live heap (109 against 38 MiB at 10 000 Services). The threshold
+/// stays at 128 KiB rather than rising to the largest buffer freed (glibc's default),
+/// so list pages' buffers go back to the kernel instead of into the heap. Called before
+/// any thread starts.
+fn tune_allocator() {
+    #[allow(
+        unsafe_code,
+        reason = "mallopt takes two integers and has no memory-safety preconditions; \
+                  glibc has no safe interface to these settings"
+    )]
+    // SAFETY: plain integer options, set before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli);
     match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(commands::run(args)),
+        Command::Run(args) => {
+            tune_allocator();
+            run(args)
+        }
         Command::Render(args) => commands::render(&args),
         Command::Cleanup(args) => commands::cleanup(&args),
         Command::Trace(args) => commands::trace(&args),
         Command::Dump(args) => proxy_agent::debug::dump(&args),
         Command::Monitor(args) => proxy_agent::debug::monitor::run(&args),
     }
+}
+
+fn run(args: proxy_agent::cli::RunArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(commands::run(args))
 }

@@ -11,7 +11,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
-    api::{Api, ApiResource, DynamicObject},
+    api::{Api, ApiResource},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{watcher, WatchStreamExt},
     Client, Config,
@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     parse::{Kind, Object},
+    wire::{field, WireObject},
     SourceError, SourceUpdate,
 };
 use crate::model::{
@@ -153,31 +154,22 @@ impl Store {
 }
 
 /// Decodes, validates and slims an API object as its kind; the error names what is
-/// wrong. Each object is decoded once, when it arrives.
-/// One field of an API object as its type; the error names the kind and the field.
-fn decode<T: serde::de::DeserializeOwned>(
-    kind: &str,
-    name: &str,
-    value: serde_json::Value,
-) -> Result<T, String> {
-    serde_json::from_value(value).map_err(|e| format!("does not decode as {kind}: {name}: {e}"))
-}
-
-fn checked(kind: Kind, object: DynamicObject) -> Result<Object, String> {
-    // The metadata arrives typed; only the rest is decoded, field by field, rather than
-    // writing the whole object (managedFields and all) back to JSON and reading it again.
-    let DynamicObject { metadata, data, .. } = object;
-    let mut data = match data {
-        serde_json::Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    };
-    let mut field = |name: &str| data.remove(name).unwrap_or(serde_json::Value::Null);
+/// wrong. Each object is decoded once, when it arrives, one field at a time.
+fn checked(kind: Kind, object: WireObject) -> Result<Object, String> {
+    let WireObject {
+        metadata,
+        spec,
+        status,
+        address_type,
+        endpoints,
+        ports,
+    } = object;
     match kind {
         Kind::Service => {
             let service = Service {
                 metadata,
-                spec: decode("Service", "spec", field("spec"))?,
-                status: decode("Service", "status", field("status"))?,
+                spec: field("Service", "spec", spec)?,
+                status: field("Service", "status", status)?,
             };
             model::validate::service(&service).map_err(|e| e.to_string())?;
             Ok(Object::Service(Arc::new(slim_service(service))))
@@ -185,10 +177,10 @@ fn checked(kind: Kind, object: DynamicObject) -> Result<Object, String> {
         Kind::EndpointSlice => {
             let slice = EndpointSlice {
                 metadata,
-                address_type: decode("EndpointSlice", "addressType", field("addressType"))?,
-                endpoints: decode::<Option<_>>("EndpointSlice", "endpoints", field("endpoints"))?
+                address_type: field("EndpointSlice", "addressType", address_type)?,
+                endpoints: field::<Option<_>>("EndpointSlice", "endpoints", endpoints)?
                     .unwrap_or_default(),
-                ports: decode("EndpointSlice", "ports", field("ports"))?,
+                ports: field("EndpointSlice", "ports", ports)?,
             };
             model::validate::endpoint_slice(&slice).map_err(|e| e.to_string())?;
             Ok(Object::EndpointSlice(Arc::new(slim_slice(slice))))
@@ -196,8 +188,8 @@ fn checked(kind: Kind, object: DynamicObject) -> Result<Object, String> {
         Kind::Node => {
             let node = Node {
                 metadata,
-                spec: decode("Node", "spec", field("spec"))?,
-                status: decode("Node", "status", field("status"))?,
+                spec: field("Node", "spec", spec)?,
+                status: field("Node", "status", status)?,
             };
             Ok(Object::Node(Arc::new(slim_node(node))))
         }
@@ -222,14 +214,10 @@ fn spawn_watcher(
     tx: mpsc::UnboundedSender<Change>,
 ) {
     tokio::spawn(async move {
-        let api: Api<DynamicObject> = Api::all_with(client, &resource(kind));
+        let api: Api<WireObject> = Api::all_with(client, &resource(kind));
         let mut events = watcher(api, config).default_backoff().boxed();
-        let upsert = |object: DynamicObject, initial| {
-            let key = (
-                object.metadata.namespace.clone().unwrap_or_default(),
-                object.metadata.name.clone().unwrap_or_default(),
-            );
-            Change::Upsert(kind, key, checked(kind, object), initial)
+        let upsert = |object: WireObject, initial| {
+            Change::Upsert(kind, object.key(), checked(kind, object), initial)
         };
         while let Some(event) = events.next().await {
             let change = match event {
