@@ -5,13 +5,14 @@
 //! through the node (routed, no NAT), measured before and after each mode.
 use std::{path::Path, process::Stdio};
 
-use k8s_openapi::{
-    api::{core::v1::ServicePort, discovery::v1::EndpointPort},
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::api::discovery::v1::EndpointPort;
 use proxy_agent::{
     dataplane::{ebpf::EbpfDataplane, Dataplane},
-    model::{self, NodeInfo, Snapshot},
+    model::{
+        self,
+        service::{PortInfo, ServiceType},
+        NodeInfo, Protocol, Snapshot,
+    },
 };
 use serde_json::{json, Value};
 
@@ -23,8 +24,8 @@ use crate::{
 };
 
 const NODE_IP: &str = "10.100.0.1";
-const TCP_NODEPORT: i32 = 30080;
-const UDP_NODEPORT: i32 = 30053;
+const TCP_NODEPORT: u16 = 30080;
+const UDP_NODEPORT: u16 = 30053;
 /// The dataplanes measured, each between two direct measurements.
 pub const MODES: [&str; 4] = ["conntrack", "iptables", "nftables", "ebpf"];
 
@@ -34,17 +35,14 @@ fn with_nodeport(snapshot: &Snapshot, last: usize) -> Snapshot {
     let name = format!("s{last}");
     let key = ("bench".to_owned(), name.clone());
     let mut service = (**changed.services().get(&key).expect("service")).clone();
-    let spec = service.spec.as_mut().expect("spec");
-    spec.type_ = Some("NodePort".into());
-    let ports = spec.ports.as_mut().expect("ports");
-    ports[0].node_port = Some(TCP_NODEPORT);
-    ports.push(ServicePort {
+    service.type_ = ServiceType::NodePort;
+    service.policies.externally_accessible = true;
+    service.ports[0].node_port = Some(TCP_NODEPORT);
+    service.ports.push(PortInfo {
         name: Some("dns".into()),
-        protocol: Some("UDP".into()),
+        protocol: Protocol::Udp,
         port: 53,
-        target_port: Some(IntOrString::Int(8080)),
         node_port: Some(UDP_NODEPORT),
-        ..ServicePort::default()
     });
     changed.put_service(key, std::sync::Arc::new(service));
     let slice_key = ("bench".to_owned(), format!("{name}-1"));

@@ -17,7 +17,11 @@ use proxy_agent::{
         nftables::{rendered::Rendered, ruleset},
     },
     dns::{zone::Zone, zone_tracker::ZoneTracker},
-    model::{self, snapshot::slim_slice, DesiredState, NodeInfo, ObjectKey, Snapshot, Tracker},
+    model::{
+        self,
+        snapshot::{slim_service, slim_slice},
+        DesiredState, NodeInfo, ObjectKey, Snapshot, Tracker,
+    },
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
@@ -160,7 +164,10 @@ fn change(rng: &mut StdRng, snapshot: &mut Snapshot) {
         0 => {
             snapshot.remove_service(&key(&format!("s{i}")));
         }
-        1 | 2 => snapshot.put_service(key(&format!("s{i}")), Arc::new(service(rng, i))),
+        1 | 2 => snapshot.put_service(
+            key(&format!("s{i}")),
+            Arc::new(slim_service(service(rng, i))),
+        ),
         3 => {
             let name = format!("s{i}-{}", rng.random_range(0..3));
             snapshot.remove_slice(&key(&name));
@@ -252,7 +259,10 @@ fn random_changes_followed_incrementally_end_where_a_full_rebuild_does() {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut snapshot = Snapshot::default();
         for i in 0..SERVICES {
-            snapshot.put_service(key(&format!("s{i}")), Arc::new(service(&mut rng, i)));
+            snapshot.put_service(
+                key(&format!("s{i}")),
+                Arc::new(slim_service(service(&mut rng, i))),
+            );
             let name = format!("s{i}-0");
             snapshot.put_slice(
                 key(&name),

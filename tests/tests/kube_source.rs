@@ -75,10 +75,9 @@ fn cluster_ip(snapshot: &Snapshot, name: &str) -> Option<String> {
     snapshot
         .services()
         .get(&("default".to_owned(), name.to_owned()))?
-        .spec
-        .as_ref()?
-        .cluster_ip
-        .clone()
+        .cluster_ips
+        .first()
+        .map(ToString::to_string)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,9 +12,12 @@ use hickory_proto::rr::{
     rdata::{A, AAAA, CNAME, PTR, SOA, SRV},
     Name, RData, Record, RecordType,
 };
-use k8s_openapi::api::core::v1::Service;
 
-use crate::model::{slice::Slice, Snapshot};
+use crate::model::{
+    service::{ServiceInfo, ServiceType},
+    slice::Slice,
+    Protocol, Snapshot,
+};
 
 /// The schema version `dns-version.<domain>` reports.
 pub(super) const SCHEMA_VERSION: &str = "1.1.0";
@@ -157,40 +160,32 @@ impl Builder {
         }
     }
 
-    pub fn service(&mut self, service: &Service, slices: &[&Slice]) -> Option<()> {
-        let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
-        let svc_name = service.metadata.name.as_deref()?;
-        let spec = service.spec.as_ref()?;
+    pub fn service(&mut self, service: &ServiceInfo, slices: &[&Slice]) -> Option<()> {
+        let namespace = Some(service.namespace.as_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default");
+        let svc_name = Some(service.name.as_str()).filter(|n| !n.is_empty())?;
+        if !service.has_spec {
+            return None;
+        }
         let owner = format!("{svc_name}.{namespace}.{}", self.svc);
         let target = name(&owner)?;
-        if spec.type_.as_deref() == Some("ExternalName") {
-            let external = name(spec.external_name.as_deref()?)?;
+        if service.type_ == ServiceType::ExternalName {
+            let external = name(service.external_name.as_deref()?)?;
             self.add(&owner, RData::CNAME(CNAME(external)));
             return Some(());
         }
-        let cluster_ips: Vec<IpAddr> = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter())
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
-        let headless = spec.cluster_ip.as_deref() == Some("None");
-        if !headless {
-            for &ip in &cluster_ips {
+        if !service.headless {
+            for &ip in &service.cluster_ips {
                 self.add(&owner, address(ip));
                 self.add(&reverse_name(ip), RData::PTR(PTR(target.clone())));
             }
-            for port in spec.ports.iter().flatten() {
-                let (Some(port_name), Ok(number)) = (&port.name, u16::try_from(port.port)) else {
+            for port in &service.ports {
+                let Some(port_name) = &port.name else {
                     continue;
                 };
-                let protocol = port
-                    .protocol
-                    .as_deref()
-                    .unwrap_or("TCP")
-                    .to_ascii_lowercase();
-                let srv = SRV::new(0, 100, number, target.clone());
+                let protocol = port.protocol.to_string().to_ascii_lowercase();
+                let srv = SRV::new(0, 100, port.port, target.clone());
                 self.add(
                     &format!("_{port_name}._{protocol}.{owner}"),
                     RData::SRV(srv),
@@ -198,7 +193,7 @@ impl Builder {
             }
             return Some(());
         }
-        let all = spec.publish_not_ready_addresses == Some(true);
+        let all = service.publish_not_ready_addresses;
         let (ready, ports) = endpoints(slices, all);
         let weight = u16::try_from(100 / ready.len().max(1)).unwrap_or(100);
         for endpoint in &ready {
@@ -370,21 +365,15 @@ pub(super) fn kube_dns_frontends_of(snapshot: &Snapshot) -> Vec<(IpAddr, u16, u8
     snapshot
         .services()
         .get(&key)
-        .and_then(|s| s.spec.as_ref())
-        .map(|spec| {
-            let ips = spec
-                .cluster_ips
-                .iter()
-                .flatten()
-                .chain(spec.cluster_ip.iter());
-            let ips: BTreeSet<IpAddr> = ips.filter_map(|ip| ip.parse().ok()).collect();
-            let ports: Vec<(u16, u8)> = spec
+        .filter(|s| s.has_spec)
+        .map(|service| {
+            let ips: BTreeSet<IpAddr> = service.cluster_ips.iter().copied().collect();
+            let ports: Vec<(u16, u8)> = service
                 .ports
                 .iter()
-                .flatten()
                 .filter(|p| p.port == 53)
-                .map(|p| match p.protocol.as_deref() {
-                    Some("UDP") => (53, 17),
+                .map(|p| match p.protocol {
+                    Protocol::Udp => (53, 17),
                     _ => (53, 6),
                 })
                 .collect();

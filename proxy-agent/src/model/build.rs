@@ -3,15 +3,15 @@
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec, ServiceStatus};
 
 use super::{
     endpoints::{self, Categorized, Policies},
     node::NodeInfo,
+    service::{PortInfo, ServiceInfo},
     snapshot::{ObjectKey, Snapshot},
     types::{
-        DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
-        ServicePortName, SourceClass,
+        DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Route, ServicePortName,
+        SourceClass,
     },
 };
 
@@ -43,23 +43,17 @@ pub fn service_frontends(
     node: &NodeInfo,
 ) -> Vec<(FrontendKey, Frontend)> {
     let mut state = BTreeMap::new();
-    let Some(service) = snapshot.services().get(key) else {
-        return Vec::new();
-    };
-    let Some(spec) = service.spec.as_ref().filter(|_| is_proxied(service)) else {
+    let Some(service) = snapshot.services().get(key).filter(|s| s.is_proxied()) else {
         return Vec::new();
     };
     let (namespace, name) = key;
     let slices = snapshot.slices_of(namespace, name);
-    let policies = policies_of(service, spec);
-    for ip in cluster_ips(spec) {
-        for port in spec.ports.iter().flatten() {
+    for &ip in &service.cluster_ips {
+        for port in &service.ports {
             let ctx = PortContext {
-                service: (namespace, name),
-                spec,
-                status: service.status.as_ref(),
+                service,
                 port,
-                policies,
+                policies: service.policies,
                 family: ip,
                 node,
             };
@@ -69,55 +63,10 @@ pub fn service_frontends(
     state.into_iter().collect()
 }
 
-/// Whether kube-proxy would program this Service at all (headless and ExternalName
-/// Services stay in the snapshot for DNS).
-#[must_use]
-pub fn is_proxied(service: &Service) -> bool {
-    let labelled_away = service
-        .metadata
-        .labels
-        .as_ref()
-        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME));
-    let kind = service.spec.as_ref().and_then(|s| s.type_.as_deref());
-    !labelled_away && kind != Some("ExternalName")
-}
-
-/// The Service's cluster IPs (`clusterIPs`, else `clusterIP`); none when headless.
-fn cluster_ips(spec: &ServiceSpec) -> Vec<IpAddr> {
-    let listed = spec
-        .cluster_ips
-        .clone()
-        .filter(|ips| !ips.is_empty())
-        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-        .unwrap_or_default();
-    listed.iter().filter_map(|ip| ip.parse().ok()).collect()
-}
-
-/// The Service-level settings endpoint choice depends on.
-pub(super) fn policies_of(service: &Service, spec: &ServiceSpec) -> Policies {
-    let annotations = service.metadata.annotations.as_ref();
-    let annotation = |key| annotations.and_then(|a| a.get(key)).map(String::as_str);
-    let auto = |value: Option<&str>| matches!(value, Some("Auto" | "auto"));
-    Policies {
-        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
-        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
-        externally_accessible: matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"))
-            || spec
-                .external_ips
-                .as_ref()
-                .is_some_and(|ips| !ips.is_empty()),
-        topology_opt_in: spec.traffic_distribution.as_deref() == Some("PreferClose")
-            || auto(annotation(ANNOTATION_TOPOLOGY_MODE))
-            || auto(annotation(ANNOTATION_TOPOLOGY_HINTS)),
-    }
-}
-
 /// One Service port of one IP family, on one node.
 struct PortContext<'a> {
-    service: (&'a str, &'a str),
-    spec: &'a ServiceSpec,
-    status: Option<&'a ServiceStatus>,
-    port: &'a ServicePort,
+    service: &'a ServiceInfo,
+    port: &'a PortInfo,
     policies: Policies,
     family: IpAddr,
     node: &'a NodeInfo,
@@ -130,12 +79,7 @@ impl PortContext<'_> {
         cluster_ip: IpAddr,
         slices: &[&super::slice::Slice],
     ) {
-        let (Some(protocol), Ok(port)) = (
-            Protocol::from_k8s(self.port.protocol.as_deref()),
-            u16::try_from(self.port.port),
-        ) else {
-            return;
-        };
+        let (protocol, port) = (self.port.protocol, self.port.port);
         let port_name = self.port.name.clone().unwrap_or_default();
         let candidates = endpoints::candidates(slices, &port_name, protocol, self.family);
         let sets = endpoints::categorize(&candidates, self.policies, self.node);
@@ -144,12 +88,7 @@ impl PortContext<'_> {
             state.insert(key, self.frontend(kind, &port_name, &sets));
         };
         add(cluster_ip, port, FrontendKind::ClusterIp);
-        if let Some(node_port) = self
-            .port
-            .node_port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|&p| p != 0)
-        {
+        if let Some(node_port) = self.port.node_port {
             for address in self
                 .node
                 .nodeport_addresses()
@@ -170,44 +109,26 @@ impl PortContext<'_> {
         ip.is_ipv4() == self.family.is_ipv4()
     }
 
-    fn external_ips(&self) -> Vec<IpAddr> {
-        let listed = self.spec.external_ips.iter().flatten();
-        listed
-            .filter_map(|ip| ip.parse().ok())
+    fn external_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.service
+            .external_ips
+            .iter()
+            .copied()
             .filter(|ip| self.same_family(ip))
-            .collect()
     }
 
-    /// `status.loadBalancer.ingress[].ip`, except those in `ipMode: Proxy` (the load
-    /// balancer proxies to node ports itself, so the node must not capture its IP).
-    fn load_balancer_ips(&self) -> Vec<IpAddr> {
-        let ingress = self
-            .status
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.as_ref());
-        ingress
-            .into_iter()
-            .flatten()
-            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|i| i.ip.as_deref()?.parse().ok())
+    fn load_balancer_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.service
+            .load_balancer_ips
+            .iter()
+            .copied()
             .filter(|ip| self.same_family(ip))
-            .collect()
     }
 
     fn frontend(&self, kind: FrontendKind, port_name: &str, sets: &Categorized) -> Frontend {
         let pod = self.route(kind, SourceClass::Pod, sets);
         let node = self.route(kind, SourceClass::Node, sets);
         let external = self.route(kind, SourceClass::External, sets);
-        let affinity_timeout =
-            (self.spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-                self.spec
-                    .session_affinity_config
-                    .as_ref()
-                    .and_then(|c| c.client_ip.as_ref())
-                    .and_then(|c| c.timeout_seconds)
-                    .and_then(|t| u32::try_from(t).ok())
-                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-            });
         let source_ranges = if kind == FrontendKind::LoadBalancer {
             self.source_ranges()
         } else {
@@ -215,28 +136,25 @@ impl PortContext<'_> {
         };
         Frontend {
             service: ServicePortName {
-                namespace: self.service.0.to_owned(),
-                name: self.service.1.to_owned(),
+                namespace: self.service.namespace.clone(),
+                name: self.service.name.clone(),
                 port: port_name.to_owned(),
             },
             kind,
             pod,
             node,
             external,
-            affinity_timeout,
+            affinity_timeout: self.service.affinity_timeout,
             source_ranges,
-            health_check_node_port: self
-                .spec
-                .health_check_node_port
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|_| self.policies.externally_accessible && self.policies.external_local),
+            health_check_node_port: self.service.health_check_node_port,
         }
     }
 
     fn source_ranges(&self) -> Vec<IpNet> {
-        let listed = self.spec.load_balancer_source_ranges.iter().flatten();
-        listed
-            .filter_map(|r| r.trim().parse::<IpNet>().ok())
+        self.service
+            .source_ranges
+            .iter()
+            .copied()
             .filter(|r| r.addr().is_ipv4() == self.family.is_ipv4())
             .collect()
     }

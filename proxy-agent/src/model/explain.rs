@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Serialize;
 
 use super::{
-    build::{policies_of, uses_local_set},
+    build::uses_local_set,
     endpoints::{self, Candidate, Categorized, Policies},
     flow::{self, Outcome, Packet},
     node::NodeInfo,
@@ -116,11 +116,8 @@ pub fn trace(snapshot: &Snapshot, state: &DesiredState, node: &NodeInfo, packet:
     let Some(service) = snapshot.services().get(&ns_name) else {
         return out;
     };
-    let Some(spec) = service.spec.as_ref() else {
-        return out;
-    };
-    let policies = policies_of(service, spec);
-    out.policies = describe(policies, spec.session_affinity.as_deref());
+    let policies = service.policies;
+    out.policies = describe(policies, service.affinity_timeout.is_some());
     let slices = snapshot.slices_of(&ns_name.0, &ns_name.1);
     let candidates = endpoints::candidates(&slices, &frontend.service.port, key.protocol, key.ip);
     let sets = endpoints::categorize(&candidates, policies, node);
@@ -132,7 +129,7 @@ pub fn trace(snapshot: &Snapshot, state: &DesiredState, node: &NodeInfo, packet:
     out
 }
 
-fn describe(policies: Policies, affinity: Option<&str>) -> Vec<String> {
+fn describe(policies: Policies, affinity: bool) -> Vec<String> {
     let mut out = Vec::new();
     if policies.internal_local {
         out.push("internalTrafficPolicy=Local".to_owned());
@@ -148,7 +145,7 @@ fn describe(policies: Policies, affinity: Option<&str>) -> Vec<String> {
     if policies.topology_opt_in {
         out.push("topology hints requested".to_owned());
     }
-    if affinity == Some("ClientIP") {
+    if affinity {
         out.push("sessionAffinity=ClientIP".to_owned());
     }
     out

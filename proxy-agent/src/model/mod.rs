@@ -7,6 +7,7 @@ pub mod endpoints;
 pub mod explain;
 pub mod flow;
 mod node;
+pub mod service;
 pub mod slice;
 pub mod snapshot;
 mod tracker;
@@ -14,9 +15,8 @@ mod types;
 pub mod validate;
 
 pub use build::{
-    build, is_proxied, object_key, service_frontends, ANNOTATION_TOPOLOGY_HINTS,
-    ANNOTATION_TOPOLOGY_MODE, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME,
-    LABEL_SERVICE_PROXY_NAME,
+    build, object_key, service_frontends, ANNOTATION_TOPOLOGY_HINTS, ANNOTATION_TOPOLOGY_MODE,
+    DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
 };
 pub use diff::{diff, Plan};
 pub use node::{NodeInfo, LABEL_ZONE};

@@ -6,15 +6,12 @@ use std::{collections::BTreeSet, sync::Arc};
 
 use imbl::{OrdMap, OrdSet};
 use k8s_openapi::{
-    api::core::v1::{Node, NodeSpec, NodeStatus, Service},
+    api::core::v1::{Node, NodeSpec, NodeStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-pub use super::slice::slim_slice;
-use super::{
-    build::{ANNOTATION_TOPOLOGY_HINTS, ANNOTATION_TOPOLOGY_MODE, LABEL_SERVICE_PROXY_NAME},
-    slice::Slice,
-};
+pub use super::{service::slim_service, slice::slim_slice};
+use super::{service::ServiceInfo, slice::Slice};
 
 /// `namespace/name` (namespace empty for cluster-scoped objects).
 pub type ObjectKey = (String, String);
@@ -25,7 +22,7 @@ pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-t
 
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    services: OrdMap<ObjectKey, Arc<Service>>,
+    services: OrdMap<ObjectKey, Arc<ServiceInfo>>,
     endpoint_slices: OrdMap<ObjectKey, Arc<Slice>>,
     nodes: OrdMap<String, Arc<Node>>,
     /// (namespace, Service, slice name) of every slice with a service-name label.
@@ -77,20 +74,6 @@ fn slim_meta(meta: &mut ObjectMeta, labels: &[&str], annotations: &[&str]) {
     };
 }
 
-/// A Service as the model and DNS read it.
-#[must_use]
-pub fn slim_service(mut service: Service) -> Service {
-    slim_meta(
-        &mut service.metadata,
-        &[LABEL_SERVICE_PROXY_NAME],
-        &[ANNOTATION_TOPOLOGY_MODE, ANNOTATION_TOPOLOGY_HINTS],
-    );
-    if let Some(status) = &mut service.status {
-        status.conditions = None;
-    }
-    service
-}
-
 /// A Node as the agent reads it: zone label, addresses, pod CIDRs, taints, deletion.
 #[must_use]
 pub fn slim_node(mut node: Node) -> Node {
@@ -110,7 +93,7 @@ pub fn slim_node(mut node: Node) -> Node {
 
 impl Snapshot {
     #[must_use]
-    pub fn services(&self) -> &OrdMap<ObjectKey, Arc<Service>> {
+    pub fn services(&self) -> &OrdMap<ObjectKey, Arc<ServiceInfo>> {
         &self.services
     }
 
@@ -125,11 +108,11 @@ impl Snapshot {
     }
 
     /// Stores a Service under `key` (replacing any earlier version).
-    pub fn put_service(&mut self, key: ObjectKey, service: Arc<Service>) {
+    pub fn put_service(&mut self, key: ObjectKey, service: Arc<ServiceInfo>) {
         self.services.insert(key, service);
     }
 
-    pub fn remove_service(&mut self, key: &ObjectKey) -> Option<Arc<Service>> {
+    pub fn remove_service(&mut self, key: &ObjectKey) -> Option<Arc<ServiceInfo>> {
         self.services.remove(key)
     }
 
@@ -214,8 +197,6 @@ fn diff_key<'a, K, V>(item: &imbl::ordmap::DiffItem<'a, 'a, K, V>) -> &'a K {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     fn slice(name: &str, service: &str) -> Arc<Slice> {
@@ -242,30 +223,5 @@ mod tests {
         assert_eq!(new.slices_of("ns", "b").len(), 2);
         assert_eq!(old.slices_of("ns", "a").len(), 1);
         assert!(new.changes_to(&new).is_empty());
-    }
-
-    #[test]
-    fn slimming_drops_what_no_reader_needs() {
-        let mut service = Service::default();
-        service.metadata.name = Some("web".into());
-        service.metadata.annotations = Some(BTreeMap::from([
-            (
-                "kubectl.kubernetes.io/last-applied-configuration".into(),
-                "{}".into(),
-            ),
-            (ANNOTATION_TOPOLOGY_MODE.into(), "Auto".into()),
-        ]));
-        service.metadata.managed_fields = Some(vec![
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry::default(),
-        ]);
-        service.metadata.uid = Some("u".into());
-        let slim = slim_service(service);
-        assert_eq!(slim.metadata.name.as_deref(), Some("web"));
-        assert!(slim.metadata.managed_fields.is_none() && slim.metadata.uid.is_none());
-        let annotations = slim.metadata.annotations.unwrap();
-        assert_eq!(
-            annotations.keys().collect::<Vec<_>>(),
-            [ANNOTATION_TOPOLOGY_MODE]
-        );
     }
 }

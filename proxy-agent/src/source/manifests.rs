@@ -379,7 +379,7 @@ mod tests {
             .services()
             .get(&("default".to_owned(), "web".to_owned()))?
             .clone();
-        service.spec.as_ref()?.cluster_ip.clone()
+        service.cluster_ips.first().map(ToString::to_string)
     }
 
     /// Follows `root` on a thread of its own (it stops once the receiver is dropped).
@@ -463,7 +463,7 @@ mod tests {
             .services()
             .get(&("default".to_owned(), "web".to_owned()))?
             .clone();
-        service.spec.as_ref()?.cluster_ip.clone()
+        service.cluster_ips.first().map(ToString::to_string)
     }
 
     #[test]

@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::model::{
     self,
+    service::ServiceInfo,
     slice::Slice,
     snapshot::{slim_node, slim_service, slim_slice},
     validate::ValidationError,
@@ -18,7 +19,7 @@ use crate::model::{
 /// An object the agent reads, slimmed to what it reads (see `model::snapshot`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Service(Arc<Service>),
+    Service(Arc<ServiceInfo>),
     EndpointSlice(Arc<Slice>),
     Node(Arc<Node>),
 }
@@ -35,7 +36,7 @@ impl Object {
     #[must_use]
     pub fn id(&self) -> (Kind, ObjectKey) {
         match self {
-            Self::Service(o) => (Kind::Service, model::object_key(&o.metadata)),
+            Self::Service(o) => (Kind::Service, (o.namespace.clone(), o.name.clone())),
             Self::EndpointSlice(o) => (Kind::EndpointSlice, (o.namespace.clone(), o.name.clone())),
             Self::Node(o) => (Kind::Node, model::object_key(&o.metadata)),
         }

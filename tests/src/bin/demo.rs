@@ -90,16 +90,11 @@ fn main() {
         cluster.node(&first).index
     );
     for ((ns, name), service) in snapshot.services() {
-        let spec = service.spec.as_ref().expect("spec");
-        let Some(ip) = spec
-            .cluster_ip
-            .as_deref()
-            .filter(|ip| ip.parse::<Ipv4Addr>().is_ok())
-        else {
+        let Some(ip) = service.cluster_ips.iter().find(|ip| ip.is_ipv4()) else {
             continue;
         };
-        for port in spec.ports.iter().flatten() {
-            let proto = port.protocol.as_deref().unwrap_or("TCP").to_lowercase();
+        for port in &service.ports {
+            let proto = port.protocol.to_string().to_lowercase();
             let to = format!("{ip}:{}", port.port);
             println!(
                 "\n{REQUESTS} {} requests to {ns}/{name} at {to}:",
