@@ -34,7 +34,7 @@ pub fn run() -> Value {
             masqueraded.clone(),
             masqueraded.clone(),
         );
-        state.frontends.insert(key, np);
+        state.frontends.insert(key, np.into());
     }
     let mut programs = Programs::load("progbench");
     programs.program(&state);

@@ -99,7 +99,7 @@ fn edited(state: &DesiredState, mut change: impl FnMut(&mut Frontend)) -> Desire
         .frontends
         .iter()
         .map(|(key, frontend)| {
-            let mut frontend = frontend.clone();
+            let mut frontend = Frontend::clone(frontend);
             change(&mut frontend);
             (*key, frontend)
         })

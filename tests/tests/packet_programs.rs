@@ -49,7 +49,7 @@ fn services(backends: &[SocketAddrV4]) -> DesiredState {
     let masqueraded = route(backends, true, Reject);
     let mut state = DesiredState::default();
     let mut add = |key: FrontendKey, frontend: Frontend| {
-        state.frontends.insert(key, frontend);
+        state.frontends.insert(key, frontend.into());
     };
     add(
         key(NODE, 30080, Protocol::Tcp),

@@ -45,7 +45,7 @@ fn loaded(tag: &str) -> Programs {
             port,
             protocol,
         };
-        state.frontends.insert(key, frontend);
+        state.frontends.insert(key, frontend.into());
     };
     let np = frontend("np", NodePort, masqueraded.clone(), masqueraded.clone());
     add(NODE, 30080, Protocol::Tcp, np.clone());

@@ -96,7 +96,7 @@ impl UdpServices {
     /// Every UDP frontend of a desired state.
     #[must_use]
     pub fn of(desired: &DesiredState) -> Self {
-        Self::of_frontends(desired.frontends.iter())
+        Self::of_frontends(desired.frontends.iter().map(|(k, f)| (k, f.as_ref())))
     }
 
     /// The UDP frontends that differ from `old` to `new`, as `new` has them (a removed
@@ -107,8 +107,8 @@ impl UdpServices {
             .frontends
             .diff(&new.frontends)
             .filter_map(|item| match item {
-                imbl::ordmap::DiffItem::Add(k, f) => Some((k, f)),
-                imbl::ordmap::DiffItem::Update { new, .. } => Some(new),
+                imbl::ordmap::DiffItem::Add(k, f) => Some((k, f.as_ref())),
+                imbl::ordmap::DiffItem::Update { new, .. } => Some((new.0, new.1.as_ref())),
                 imbl::ordmap::DiffItem::Remove(..) => None,
             });
         Self::of_frontends(changed)

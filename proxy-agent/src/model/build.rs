@@ -41,7 +41,7 @@ pub fn service_frontends(
     snapshot: &Snapshot,
     key: &ObjectKey,
     node: &NodeInfo,
-) -> Vec<(FrontendKey, Frontend)> {
+) -> Vec<(FrontendKey, Arc<Frontend>)> {
     let mut state = BTreeMap::new();
     let Some(service) = snapshot.services().get(key).filter(|s| s.is_proxied()) else {
         return Vec::new();
@@ -75,7 +75,7 @@ struct PortContext<'a> {
 impl PortContext<'_> {
     fn add_frontends(
         &self,
-        state: &mut BTreeMap<FrontendKey, Frontend>,
+        state: &mut BTreeMap<FrontendKey, Arc<Frontend>>,
         cluster_ip: IpAddr,
         slices: &[&super::slice::Slice],
     ) {
@@ -85,7 +85,7 @@ impl PortContext<'_> {
         let sets = endpoints::categorize(&candidates, self.policies, self.node);
         let mut add = |ip: IpAddr, port: u16, kind: FrontendKind| {
             let key = FrontendKey { ip, port, protocol };
-            state.insert(key, self.frontend(kind, &port_name, &sets));
+            state.insert(key, Arc::new(self.frontend(kind, &port_name, &sets)));
         };
         add(cluster_ip, port, FrontendKind::ClusterIp);
         if let Some(node_port) = self.port.node_port {

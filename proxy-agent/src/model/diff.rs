@@ -1,7 +1,7 @@
 //! What must change to go from the programmed state to the desired one. Both are
 //! persistent maps, so when one was derived from the other the diff skips what they
 //! share and costs what changed.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use imbl::ordmap::DiffItem;
 
@@ -12,11 +12,11 @@ use super::types::{DesiredState, Frontend, FrontendKey};
 /// health checks, counters).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub upsert: BTreeMap<FrontendKey, Frontend>,
+    pub upsert: BTreeMap<FrontendKey, Arc<Frontend>>,
     pub remove: Vec<FrontendKey>,
     /// The programmed version of every upserted frontend that existed and of every
     /// removed one.
-    pub before: BTreeMap<FrontendKey, Frontend>,
+    pub before: BTreeMap<FrontendKey, Arc<Frontend>>,
 }
 
 impl Plan {
@@ -32,8 +32,11 @@ impl Plan {
         let upserts = self
             .upsert
             .iter()
-            .map(|(k, f)| (*k, self.before.get(k), Some(f)));
-        let removes = self.remove.iter().map(|k| (*k, self.before.get(k), None));
+            .map(|(k, f)| (*k, self.before.get(k).map(AsRef::as_ref), Some(f.as_ref())));
+        let removes = self
+            .remove
+            .iter()
+            .map(|k| (*k, self.before.get(k).map(AsRef::as_ref), None));
         upserts.chain(removes)
     }
 }
@@ -96,13 +99,13 @@ mod tests {
     #[test]
     fn diff_finds_added_changed_and_removed_frontends() {
         let mut old = DesiredState::default();
-        old.frontends.insert(key(1), frontend(&[1]));
-        old.frontends.insert(key(2), frontend(&[2]));
-        old.frontends.insert(key(3), frontend(&[3]));
+        old.frontends.insert(key(1), frontend(&[1]).into());
+        old.frontends.insert(key(2), frontend(&[2]).into());
+        old.frontends.insert(key(3), frontend(&[3]).into());
         let mut new = DesiredState::default();
-        new.frontends.insert(key(1), frontend(&[1]));
-        new.frontends.insert(key(2), frontend(&[2, 4]));
-        new.frontends.insert(key(4), frontend(&[]));
+        new.frontends.insert(key(1), frontend(&[1]).into());
+        new.frontends.insert(key(2), frontend(&[2, 4]).into());
+        new.frontends.insert(key(4), frontend(&[]).into());
         let plan = diff(&old, &new);
         assert_eq!(
             plan.upsert.keys().copied().collect::<Vec<_>>(),
@@ -115,9 +118,15 @@ mod tests {
     #[test]
     fn names_alone_do_not_make_a_change() {
         let mut restored = DesiredState::default();
-        restored.frontends.insert(key(1), frontend(&[1]));
+        restored.frontends.insert(key(1), frontend(&[1]).into());
         let mut named = restored.clone();
-        named.frontends.get_mut(&key(1)).unwrap().service.name = "web".into();
+        named
+            .frontends
+            .get_mut(&key(1))
+            .map(std::sync::Arc::make_mut)
+            .unwrap()
+            .service
+            .name = "web".into();
         assert!(diff(&restored, &named).is_empty());
     }
 }

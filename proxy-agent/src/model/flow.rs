@@ -95,7 +95,7 @@ pub fn decide<'a>(state: &'a DesiredState, node: &NodeInfo, packet: Packet) -> D
         port: packet.port,
         protocol: packet.protocol,
     };
-    let Some(frontend) = state.frontends.get(&key) else {
+    let Some(frontend) = state.frontends.get(&key).map(AsRef::as_ref) else {
         return Decision {
             frontend: None,
             class,

@@ -35,6 +35,10 @@ pub struct PortInfo {
     pub node_port: Option<u16>,
 }
 
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent fields of the Service spec, each read on its own"
+)]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceInfo {
     pub namespace: String,

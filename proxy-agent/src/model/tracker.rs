@@ -3,7 +3,10 @@
 //! of those Services only. Two Services claiming one frontend key resolve as a full
 //! build does, the last Service in key order winning; the others wait in `contested`
 //! and take over when the winner lets go. Pure, like the rest of the model.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use super::{
     build::service_frontends,
@@ -19,7 +22,7 @@ pub struct Tracker {
     /// The frontend keys each Service asked for.
     by_service: HashMap<ObjectKey, Vec<FrontendKey>>,
     /// Frontends a later Service in key order took over, by their own Service.
-    contested: BTreeMap<FrontendKey, BTreeMap<ObjectKey, Frontend>>,
+    contested: BTreeMap<FrontendKey, BTreeMap<ObjectKey, Arc<Frontend>>>,
 }
 
 /// Whether `frontend` is `owner`'s (the Service it was built from).
@@ -83,13 +86,13 @@ impl Tracker {
         self.by_service.insert(service.clone(), keys);
     }
 
-    fn place(&mut self, owner: &ObjectKey, key: FrontendKey, frontend: Frontend) {
+    fn place(&mut self, owner: &ObjectKey, key: FrontendKey, frontend: Arc<Frontend>) {
         let holder = self
             .desired
             .frontends
             .get(&key)
             .filter(|current| !owned_by(current, owner))
-            .map(owner_of);
+            .map(|current| owner_of(current));
         match holder {
             Some(holder) if holder > *owner => {
                 self.contested

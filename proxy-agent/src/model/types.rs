@@ -255,8 +255,10 @@ impl Frontend {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     /// Persistent: a clone is O(1) and shares structure, so the programmed and the
-    /// desired state diff in time proportional to what changed.
-    pub frontends: imbl::OrdMap<FrontendKey, Frontend>,
+    /// desired state diff in time proportional to what changed. Frontends are shared
+    /// too: the map's nodes hold pointers (a node is allocated whole, 64 entries), and
+    /// a plan or a copy takes a reference rather than a clone.
+    pub frontends: imbl::OrdMap<FrontendKey, Arc<Frontend>>,
 }
 
 fn write_route(f: &mut fmt::Formatter<'_>, who: &str, route: &Route) -> fmt::Result {

@@ -290,11 +290,11 @@ mod tests {
     fn the_next_plan_retries_only_what_failed() {
         let mut before = DesiredState::default();
         for (k, pod) in [(1, 1), (2, 2), (3, 3)] {
-            before.frontends.insert(key(k), frontend(pod));
+            before.frontends.insert(key(k), frontend(pod).into());
         }
         let mut desired = before.clone();
-        desired.frontends.insert(key(1), frontend(9));
-        desired.frontends.insert(key(2), frontend(9));
+        desired.frontends.insert(key(1), frontend(9).into());
+        desired.frontends.insert(key(2), frontend(9).into());
         desired.frontends.remove(&key(3));
         let plan = diff(&before, &desired);
         let programmed = programmed_after(&desired, &plan, &[key(2), key(3)]);

@@ -230,9 +230,10 @@ fn running_out_of_ids_skips_the_frontends_that_need_new_ones() {
             port: 80,
             protocol: Protocol::Tcp,
         };
-        desired
-            .frontends
-            .insert(key, crate::model::Frontend::backends_only(Vec::new()));
+        desired.frontends.insert(
+            key,
+            crate::model::Frontend::backends_only(Vec::new()).into(),
+        );
     }
     let written = writer
         .apply(&diff(&DesiredState::default(), &desired))

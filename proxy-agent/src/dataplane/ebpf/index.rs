@@ -5,12 +5,13 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use super::dense::IdTable;
 use crate::model::{Backend, FrontendKey};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Index {
     pub frontends: HashMap<u16, FrontendKey>,
-    pub backends: HashMap<u32, Backend>,
+    pub backends: IdTable<Backend>,
 }
 
 pub type SharedIndex = Arc<RwLock<Index>>;

@@ -1,6 +1,7 @@
 //! eBPF dataplane: socket-level load balancing programs, per-packet programs for
 //! traffic from outside the node, and the maps they read.
 mod batch;
+pub mod dense;
 mod entries;
 #[cfg(test)]
 mod fault_tests;

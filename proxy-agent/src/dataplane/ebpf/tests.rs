@@ -136,7 +136,7 @@ pub(super) fn state(frontends: &[(FrontendKey, &[u8])]) -> DesiredState {
             .collect();
         state
             .frontends
-            .insert(*key, Frontend::backends_only(backends));
+            .insert(*key, Frontend::backends_only(backends).into());
     }
     state
 }
@@ -205,7 +205,7 @@ fn affinity_lives_in_the_frontend_entry_and_survives_a_restart() {
     let a = key(1, Protocol::Tcp);
     let plain = state(&[(a, &[1, 2])]);
     let mut sticky = plain.clone();
-    if let Some(frontend) = sticky.frontends.get_mut(&a) {
+    if let Some(frontend) = sticky.frontends.get_mut(&a).map(std::sync::Arc::make_mut) {
         frontend.affinity_timeout = Some(600);
     }
     let mut writer = MapWriter::restore(CheckedStore::default()).unwrap();
@@ -249,7 +249,11 @@ fn external_clients_get_their_own_scope_only_where_their_route_differs() {
     let a = key(1, Protocol::Tcp);
     let cluster = state(&[(a, &[1, 2])]);
     let mut local = cluster.clone();
-    let frontend = local.frontends.get_mut(&a).unwrap();
+    let frontend = local
+        .frontends
+        .get_mut(&a)
+        .map(std::sync::Arc::make_mut)
+        .unwrap();
     let only_first: Vec<Backend> = frontend.pod.backends[..1].to_vec();
     frontend.external = Route::new(only_first.into(), false, EmptyVerdict::Drop, true);
     frontend.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
@@ -298,6 +302,7 @@ fn external_clients_get_their_own_scope_only_where_their_route_differs() {
     masqueraded
         .frontends
         .get_mut(&a)
+        .map(std::sync::Arc::make_mut)
         .unwrap()
         .external
         .masquerade = true;
@@ -336,7 +341,7 @@ fn ipv6_frontends_share_the_id_spaces_and_survive_a_restart() {
         .collect();
     desired
         .frontends
-        .insert(v6, Frontend::backends_only(backends));
+        .insert(v6, Frontend::backends_only(backends).into());
     let mut first = MapWriter::restore(CheckedStore::default()).unwrap();
     step(&mut first, &DesiredState::default(), &desired);
     let maps = &first.store().maps;

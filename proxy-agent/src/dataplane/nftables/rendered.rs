@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use imbl::ordmap::DiffItem;
@@ -191,7 +192,7 @@ impl Rendered {
                 table.sets.remove(set);
             }
         }
-        let frontends: Vec<(FrontendKey, Frontend)> = self
+        let frontends: Vec<(FrontendKey, Arc<Frontend>)> = self
             .members
             .get(&group)
             .into_iter()
@@ -202,7 +203,7 @@ impl Rendered {
             self.members.remove(&group);
             return;
         }
-        let refs = frontends.iter().map(|(k, f)| (k, f)).collect();
+        let refs = frontends.iter().map(|(k, f)| (k, f.as_ref())).collect();
         let family = Family { v6 };
         let mut scratch = Table::new(self.tables[usize::from(v6)].family);
         group_chains(

@@ -12,6 +12,7 @@ use std::{
 use proxy_common::{ServiceValue, MAX_BACKENDS, MAX_REVNAT, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY};
 
 use super::{
+    dense::IdTable,
     ids::IdAllocator,
     index::{Index, SharedIndex},
     maglev,
@@ -122,7 +123,8 @@ pub struct MapWriter<S> {
     store: S,
     frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
     backend_ids: HashMap<BackendKey, u32>,
-    backends: HashMap<u32, (BackendValue, u32)>,
+    /// Each backend id's value and how many slots point at it.
+    backends: IdTable<(BackendValue, u32)>,
     backend_alloc: IdAllocator,
     revnat_alloc: IdAllocator,
     /// Map operations performed so far.
@@ -169,7 +171,7 @@ impl<S: MapStore> MapWriter<S> {
             store,
             frontends: BTreeMap::new(),
             backend_ids: HashMap::new(),
-            backends: HashMap::new(),
+            backends: IdTable::default(),
             backend_alloc: IdAllocator::new(MAX_BACKENDS),
             revnat_alloc: IdAllocator::new(MAX_REVNAT - 1),
             writes: 0,
@@ -273,7 +275,7 @@ impl<S: MapStore> MapWriter<S> {
                 .iter()
                 .map(|(id, (backend, _))| {
                     let (ip, port, _) = backend.parts();
-                    (*id, Backend { ip, port })
+                    (id, Backend { ip, port })
                 })
                 .collect(),
         };
