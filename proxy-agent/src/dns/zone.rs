@@ -121,14 +121,14 @@ fn endpoints(slices: &[&Slice], all: bool) -> (Vec<DnsEndpoint>, BTreeSet<(Strin
             }
         }
         for endpoint in &slice.endpoints {
-            if !(endpoint.ready.unwrap_or(true) || all) {
+            if !(endpoint.ready().unwrap_or(true) || all) {
                 continue;
             }
             let ip = endpoint.address;
             if !found.iter().any(|e: &DnsEndpoint| e.ip == ip) {
                 found.push(DnsEndpoint {
                     ip,
-                    hostname: endpoint.hostname.as_deref().map(str::to_owned),
+                    hostname: endpoint.hostname().map(str::to_owned),
                 });
             }
         }

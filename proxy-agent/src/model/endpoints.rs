@@ -93,9 +93,9 @@ pub fn candidates(
         };
         for endpoint in &slice.endpoints {
             // kube-proxy: missing ready or serving means true; missing terminating false.
-            let ready = endpoint.ready.unwrap_or(true);
-            let serving = endpoint.serving.unwrap_or(ready);
-            let terminating = endpoint.terminating.unwrap_or(false);
+            let ready = endpoint.ready().unwrap_or(true);
+            let serving = endpoint.serving().unwrap_or(ready);
+            let terminating = endpoint.terminating().unwrap_or(false);
             let ip = endpoint.address;
             let backend = Backend { ip, port };
             if ip.is_ipv4() != family.is_ipv4() || !seen.insert(backend) {
@@ -103,13 +103,13 @@ pub fn candidates(
             }
             out.push(Candidate {
                 backend,
-                node: endpoint.node_name.as_deref().map(str::to_owned),
-                zone: endpoint.zone.as_deref().map(str::to_owned),
+                node: endpoint.node_name().map(str::to_owned),
+                zone: endpoint.zone().map(str::to_owned),
                 ready,
                 serving,
                 terminating,
                 zone_hints: endpoint
-                    .zone_hints
+                    .zone_hints()
                     .iter()
                     .map(ToString::to_string)
                     .collect(),

@@ -1,7 +1,8 @@
 //! EndpointSlices as the agent keeps them: only what the model and DNS read, in a
 //! compact form (an API `Endpoint` is ~400 bytes of mostly empty options; this one is
-//! ~70, with node and zone names shared), since endpoints are most of what an agent
-//! holds at scale.
+//! 40: the address, the three conditions in one byte, one shared copy of each node and
+//! zone pair, and the rarely set hostname and zone hints behind one pointer), since
+//! endpoints are most of what an agent holds at scale.
 use std::{
     collections::HashSet,
     net::IpAddr,
@@ -20,8 +21,8 @@ pub struct Slice {
     pub service: Option<String>,
     /// The EndpointSlice controller's last-change trigger time (RFC 3339), as given.
     pub trigger_time: Option<String>,
-    /// `IPv4`, `IPv6` or `FQDN`.
-    pub address_type: String,
+    /// `IPv4`, `IPv6` or `FQDN` (validated before).
+    pub address_type: &'static str,
     pub ports: Vec<EndpointPort>,
     pub endpoints: Vec<Endpoint>,
 }
@@ -30,14 +31,135 @@ pub struct Slice {
 pub struct Endpoint {
     /// The first address (consumers may use only the first; kube-proxy does).
     pub address: IpAddr,
+    /// `ready`, `serving`, `terminating`: two bits each (0 absent, 1 false, 2 true).
+    conditions: u8,
+    /// Its node and zone: a cluster has few distinct pairs, endpoints many.
+    locality: Option<Arc<Locality>>,
+    extra: Option<Box<Extra>>,
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Locality {
+    node: Option<Box<str>>,
+    zone: Option<Box<str>>,
+}
+
+/// What few endpoints carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Extra {
+    hostname: Option<Box<str>>,
+    /// `hints.forZones` names.
+    zone_hints: Box<[Arc<str>]>,
+}
+
+/// The API's endpoint fields the agent reads, to build an [`Endpoint`] from.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointParts {
+    pub address: Option<IpAddr>,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
-    pub hostname: Option<Box<str>>,
-    pub node_name: Option<Arc<str>>,
-    pub zone: Option<Arc<str>>,
-    /// `hints.forZones` names.
-    pub zone_hints: Box<[Arc<str>]>,
+    pub hostname: Option<String>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub zone_hints: Vec<String>,
+}
+
+fn condition_bits(value: Option<bool>, shift: u8) -> u8 {
+    let bits = match value {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    bits << shift
+}
+
+impl Endpoint {
+    /// The compact form of `parts`; `None` without an address.
+    #[must_use]
+    pub fn new(parts: EndpointParts) -> Option<Self> {
+        let locality = (parts.node_name.is_some() || parts.zone.is_some()).then(|| {
+            interned_locality(Locality {
+                node: parts.node_name.map(String::into_boxed_str),
+                zone: parts.zone.map(String::into_boxed_str),
+            })
+        });
+        let extra = (parts.hostname.is_some() || !parts.zone_hints.is_empty()).then(|| {
+            Box::new(Extra {
+                hostname: parts.hostname.map(String::into_boxed_str),
+                zone_hints: parts.zone_hints.into_iter().map(interned).collect(),
+            })
+        });
+        Some(Self {
+            address: parts.address?,
+            conditions: condition_bits(parts.ready, 0)
+                | condition_bits(parts.serving, 2)
+                | condition_bits(parts.terminating, 4),
+            locality,
+            extra,
+        })
+    }
+
+    fn condition(&self, shift: u8) -> Option<bool> {
+        match (self.conditions >> shift) & 3 {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub fn ready(&self) -> Option<bool> {
+        self.condition(0)
+    }
+
+    #[must_use]
+    pub fn serving(&self) -> Option<bool> {
+        self.condition(2)
+    }
+
+    #[must_use]
+    pub fn terminating(&self) -> Option<bool> {
+        self.condition(4)
+    }
+
+    #[must_use]
+    pub fn node_name(&self) -> Option<&str> {
+        self.locality.as_ref()?.node.as_deref()
+    }
+
+    #[must_use]
+    pub fn zone(&self) -> Option<&str> {
+        self.locality.as_ref()?.zone.as_deref()
+    }
+
+    #[must_use]
+    pub fn hostname(&self) -> Option<&str> {
+        self.extra.as_ref()?.hostname.as_deref()
+    }
+
+    #[must_use]
+    pub fn zone_hints(&self) -> &[Arc<str>] {
+        self.extra.as_ref().map_or(&[], |e| &e.zone_hints)
+    }
+}
+
+/// One shared copy of each node and zone pair.
+fn interned_locality(locality: Locality) -> Arc<Locality> {
+    static PAIRS: Mutex<Option<HashSet<Arc<Locality>>>> = Mutex::new(None);
+    let mut pairs = PAIRS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pairs = pairs.get_or_insert_with(HashSet::new);
+    if let Some(shared) = pairs.get(&locality) {
+        return shared.clone();
+    }
+    let shared = Arc::new(locality);
+    // Bounded: past this, pairs are simply not shared.
+    if pairs.len() < 65_536 {
+        pairs.insert(shared.clone());
+    }
+    shared
 }
 
 /// One shared copy of each node and zone name (a cluster has few, endpoints many).
@@ -67,24 +189,22 @@ pub fn slim_slice(slice: EndpointSlice) -> Slice {
         .endpoints
         .into_iter()
         .filter_map(|e| {
-            let address = e.addresses.iter().find_map(|a| a.parse().ok())?;
             let conditions = e.conditions.unwrap_or_default();
-            let zone_hints = e
-                .hints
-                .and_then(|h| h.for_zones)
-                .into_iter()
-                .flatten()
-                .map(|z| interned(z.name))
-                .collect();
-            Some(Endpoint {
-                address,
+            Endpoint::new(EndpointParts {
+                address: e.addresses.iter().find_map(|a| a.parse().ok()),
                 ready: conditions.ready,
                 serving: conditions.serving,
                 terminating: conditions.terminating,
-                hostname: e.hostname.map(String::into_boxed_str),
-                node_name: e.node_name.map(interned),
-                zone: e.zone.map(interned),
-                zone_hints,
+                hostname: e.hostname,
+                node_name: e.node_name,
+                zone: e.zone,
+                zone_hints: e
+                    .hints
+                    .and_then(|h| h.for_zones)
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name)
+                    .collect(),
             })
         })
         .collect();
@@ -97,7 +217,11 @@ pub fn slim_slice(slice: EndpointSlice) -> Slice {
         trigger_time: meta
             .annotations
             .and_then(|mut a| a.remove(ANNOTATION_TRIGGER_TIME)),
-        address_type: slice.address_type,
+        address_type: match slice.address_type.as_str() {
+            "IPv4" => "IPv4",
+            "IPv6" => "IPv6",
+            _ => "FQDN",
+        },
         ports: slice.ports.unwrap_or_default(),
         endpoints,
     }
@@ -155,13 +279,18 @@ mod tests {
         assert_eq!(addresses, ["10.0.0.1", "10.0.0.99", "10.0.0.2"]);
         let e = &slim.endpoints[0];
         assert_eq!(
-            (e.ready, e.serving, e.terminating),
+            (e.ready(), e.serving(), e.terminating()),
             (Some(false), Some(true), Some(true))
         );
-        let (a, b) = (&slim.endpoints[0].node_name, &slim.endpoints[2].node_name);
+        assert_eq!(
+            (e.node_name(), e.zone(), e.hostname()),
+            (Some("node-a"), None, None)
+        );
+        let (a, b) = (&slim.endpoints[0].locality, &slim.endpoints[2].locality);
         assert!(std::sync::Arc::ptr_eq(
             a.as_ref().unwrap(),
             b.as_ref().unwrap()
         ));
+        assert_eq!(std::mem::size_of::<super::Endpoint>(), 40);
     }
 }

@@ -46,8 +46,7 @@ fn pods(snapshot: &Snapshot) -> BTreeMap<String, (String, u8, Vec<String>)> {
             })
             .collect();
         for endpoint in &slice.endpoints {
-            let (ip, Some(node)) = (endpoint.address.to_string(), endpoint.node_name.as_deref())
-            else {
+            let (ip, Some(node)) = (endpoint.address.to_string(), endpoint.node_name()) else {
                 continue;
             };
             let node = node.to_owned();
