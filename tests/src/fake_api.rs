@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
     net::SocketAddr,
+    ops::Bound,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -27,7 +28,9 @@ pub const NODES: &str = "nodes";
 
 #[derive(Default)]
 struct Collection {
-    objects: BTreeMap<(String, String), Value>,
+    /// Each object with its JSON text, serialized once when stored (an API server's
+    /// watch cache keeps objects encoded too), so a list costs what it sends.
+    objects: BTreeMap<(String, String), (Value, String)>,
     /// (resourceVersion, event type, object) of every change since compaction.
     log: Vec<(u64, &'static str, Value)>,
     /// Watches from a resourceVersion below this get `410 Gone`.
@@ -110,7 +113,8 @@ impl FakeApi {
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = key_of(&object);
         let collection = inner.collections.get_mut(plural).expect("known collection");
-        let kind = if collection.objects.insert(key, object.clone()).is_some() {
+        let stored = (object.clone(), object.to_string());
+        let kind = if collection.objects.insert(key, stored).is_some() {
             "MODIFIED"
         } else {
             "ADDED"
@@ -125,7 +129,7 @@ impl FakeApi {
         inner.rv += 1;
         let rv = inner.rv;
         let collection = inner.collections.get_mut(plural).expect("known collection");
-        if let Some(mut object) = collection
+        if let Some((mut object, _)) = collection
             .objects
             .remove(&(namespace.to_owned(), name.to_owned()))
         {
@@ -250,35 +254,42 @@ async fn list(api: FakeApi, plural: &'static str, query: &HashMap<String, String
     let mut inner = api.lock();
     inner.counters.lists += 1;
     let rv = inner.rv;
-    let start: usize = query
+    // The continue token names the last key sent: the next page starts after it.
+    let after = query
         .get("continue")
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+        .and_then(|c| c.split_once('/'))
+        .map(|(ns, name)| (ns.to_owned(), name.to_owned()));
     let limit: usize = query
         .get("limit")
         .and_then(|l| l.parse().ok())
         .filter(|&l| l > 0)
         .unwrap_or(usize::MAX);
-    // Only the page is copied, as an API server serves pages from its watch cache.
-    let mut selected_objects = inner.collections[plural]
-        .objects
-        .values()
-        .filter(|o| selected(o, query))
-        .skip(start);
-    let items: Vec<Value> = selected_objects.by_ref().take(limit).cloned().collect();
+    // Only the page is read, as an API server serves pages from its watch cache.
+    let objects = &inner.collections[plural].objects;
+    let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut selected_objects = objects
+        .range((from, Bound::Unbounded))
+        .filter(|(_, (o, _))| selected(o, query));
+    let mut items = String::from("[");
+    let mut last = None;
+    for (key, (_, text)) in selected_objects.by_ref().take(limit) {
+        if last.is_some() {
+            items.push(',');
+        }
+        items.push_str(text);
+        last = Some(key);
+    }
+    items.push(']');
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if selected_objects.next().is_some() {
-        metadata["continue"] = json!((start + items.len()).to_string());
+    if let (Some((ns, name)), Some(_)) = (last, selected_objects.next()) {
+        metadata["continue"] = json!(format!("{ns}/{name}"));
     }
     drop(inner);
-    let body = json!({"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": items});
-    json_response(&body)
-}
-
-fn json_response(body: &Value) -> Response {
+    let body =
+        format!(r#"{{"kind":"List","apiVersion":"v1","metadata":{metadata},"items":{items}}}"#);
     Response::builder()
         .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
+        .body(Body::from(body))
         .expect("response")
 }
 
