@@ -176,9 +176,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let source = if let Some(dir) = args.manifests.clone() {
         tokio::spawn(source::manifests::run(dir, tx))
     } else {
-        let client = source::kube::client(args.kubeconfig.as_deref()).await?;
+        let watching = source::kube::spawn(args.kubeconfig.clone(), node.name.clone(), tx).await?;
         info!(node = %node.name, "watching the Kubernetes API");
-        tokio::spawn(source::kube::run(client, node.name.clone(), tx))
+        tokio::spawn(watching)
     };
     let addresses = source::addresses::follow().unwrap_or_else(|error| {
         warn!(%error, "cannot follow the node's addresses; NodePorts use the Node object's");

@@ -1,8 +1,10 @@
 //! proxy-agent: watch → model (pure) → sync → dataplane backends.
 // No unsafe code, except the one `bpf()` syscall aya lacks (batched map updates, in the
-// eBPF dataplane's `batch` module), as STYLE.md allows on the eBPF loader's side.
+// eBPF dataplane's `batch` module), as STYLE.md allows on the eBPF loader's side, and
+// `setpriority` for background threads (`background`).
 #![deny(unsafe_code)]
 
+pub mod background;
 pub mod cli;
 pub mod commands;
 pub mod dataplane;

@@ -76,27 +76,37 @@ pub async fn start(
     let listeners = server::bind(&config.listen).await?;
     let (zone_tx, zone_rx) = watch::channel(None::<Arc<Zone>>);
     let (domain, ttl) = (config.domain.clone(), config.ttl);
-    tokio::spawn(async move {
-        // Each new snapshot rewrites the records of the Services it changed only.
-        let mut followed: Option<(Arc<crate::model::Snapshot>, ZoneTracker)> = None;
-        loop {
-            let snapshot = updates.borrow_and_update().snapshot.clone();
-            if let Some(snapshot) = snapshot {
-                let tracker = match followed.take() {
-                    Some((old, mut tracker)) => {
-                        tracker.update(&snapshot, &old.changes_to(&snapshot).services);
-                        tracker
+    // The zone is built (whole at start) and followed on a thread of its own, off the
+    // runtime that answers: each new snapshot rewrites the records of the Services it
+    // changed only.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("dns-zone".into())
+        .spawn(move || {
+            crate::background::lower_priority();
+            runtime.block_on(async move {
+                let mut followed: Option<(Arc<crate::model::Snapshot>, ZoneTracker)> = None;
+                loop {
+                    let snapshot = updates.borrow_and_update().snapshot.clone();
+                    if let Some(snapshot) = snapshot {
+                        let tracker = match followed.take() {
+                            Some((old, mut tracker)) => {
+                                tracker.update(&snapshot, &old.changes_to(&snapshot).services);
+                                tracker
+                            }
+                            None => ZoneTracker::new(&snapshot, &domain, ttl),
+                        };
+                        zone_tx.send_replace(Some(Arc::new(tracker.zone())));
+                        followed = Some((snapshot, tracker));
                     }
-                    None => ZoneTracker::new(&snapshot, &domain, ttl),
-                };
-                zone_tx.send_replace(Some(Arc::new(tracker.zone())));
-                followed = Some((snapshot, tracker));
-            }
-            if updates.changed().await.is_err() {
-                return;
-            }
-        }
-    });
+                    if updates.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        })?;
     if let (Some(bpffs), Some(&target)) = (&config.redirect, config.listen.first()) {
         redirect::start(bpffs, target, &config.domain, zone_rx.clone())?;
     }

@@ -204,7 +204,7 @@ mod tests {
             name: name.into(),
             namespace: "ns".into(),
             service: Some(service.into()),
-            address_type: "IPv4".into(),
+            address_type: "IPv4",
             ..Slice::default()
         })
     }

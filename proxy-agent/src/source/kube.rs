@@ -244,6 +244,51 @@ fn spawn_watcher(
     });
 }
 
+/// Connects and watches on threads of their own (a runtime of the source's), so that
+/// decoding API objects and keeping the store never delays the runtime that answers
+/// DNS, `/healthz` and `/metrics`. Returns once the client is made (or could not be),
+/// with the watch's outcome to wait for.
+///
+/// # Errors
+/// When the client cannot be made (kubeconfig, in-cluster config) or the threads
+/// cannot start.
+pub async fn spawn(
+    kubeconfig: Option<std::path::PathBuf>,
+    node_name: String,
+    tx: watch::Sender<SourceUpdate>,
+) -> Result<impl std::future::Future<Output = Result<(), SourceError>>, SourceError> {
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kube-source")
+        .on_thread_start(crate::background::lower_priority)
+        .enable_all()
+        .build()
+        .map_err(|e| SourceError::Kube(format!("cannot start the source's runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("kube-source".into())
+        .spawn(move || {
+            let result = runtime.block_on(async move {
+                let client = match client(kubeconfig.as_deref()).await {
+                    Ok(client) => client,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return Ok(());
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                run(client, node_name, tx).await
+            });
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| SourceError::Kube(format!("cannot start the source's thread: {e}")))?;
+    ready
+        .await
+        .map_err(|_| SourceError::Kube("the source's thread ended".into()))??;
+    Ok(async move { done.await.unwrap_or(Ok(())) })
+}
+
 /// Watches until the receiver is gone, publishing every change as it arrives (the sync
 /// loop decides how often to program).
 pub async fn run(

@@ -255,6 +255,7 @@ pub async fn run(dir: PathBuf, tx: watch::Sender<SourceUpdate>) -> Result<(), So
     std::thread::Builder::new()
         .name("manifests".into())
         .spawn(move || {
+            crate::background::lower_priority();
             let _ = done_tx.send(follow(&dir, &tx));
         })
         .map_err(|e| SourceError::ReadDir(PathBuf::from("<thread>"), e))?;

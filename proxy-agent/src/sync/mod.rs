@@ -50,6 +50,7 @@ pub async fn spawn(inputs: Inputs) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("sync".into())
         .spawn(move || {
+            crate::background::lower_priority();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
