@@ -102,10 +102,10 @@ pub struct Pending {
     pub full: bool,
     /// The statements of a partial transaction, one by one (empty for a full load).
     pub statements: Vec<String>,
-    /// For a full load over existing tables: the same tables loaded after deleting
-    /// them, for when the kernel refuses to load over what it holds (a declaration
-    /// changed by an upgrade).
-    pub fallback: Option<String>,
+    /// For a full load over existing tables: whether to load the same tables after
+    /// deleting them when the kernel refuses to load over what it holds (a declaration
+    /// changed by an upgrade). That text is made only then.
+    pub fallback: bool,
 }
 
 /// How the transactions so far went to the kernel.
@@ -166,7 +166,7 @@ impl NftablesDataplane {
     /// Commits `pending`: as one netlink batch when every statement is in the wire
     /// grammar, else through `nft -f`. True when the tables were replaced (the
     /// fallback) rather than loaded over.
-    fn commit(&mut self, pending: &Pending) -> Result<bool, NftError> {
+    fn commit(&mut self, pending: &Pending, tables: &[table::Table; 2]) -> Result<bool, NftError> {
         if let (false, Some(wire)) = (pending.full, self.wire.as_mut()) {
             if let Some(batch) = wire::encode(&pending.statements) {
                 wire.commit(&batch)?;
@@ -175,10 +175,10 @@ impl NftablesDataplane {
             }
         }
         let loaded = load_in(self.netns.as_deref(), &pending.text);
-        let replaced = match (loaded, &pending.fallback) {
-            (Err(error), Some(fallback)) => {
+        let replaced = match (loaded, pending.fallback) {
+            (Err(error), true) => {
                 warn!(%error, "cannot load over the tables there; replacing them (affinity is forgotten)");
-                load_in(self.netns.as_deref(), fallback)?;
+                load_in(self.netns.as_deref(), &ruleset::full_text(tables))?;
                 true
             }
             (loaded, _) => loaded.map(|()| false)?,
@@ -217,10 +217,7 @@ impl NftablesDataplane {
             let (text, stale) = ruleset::full_text_keeping(&rendered.tables, &existing);
             let pending = Pending {
                 ops: text.lines().filter(|l| !l.trim().is_empty()).count(),
-                fallback: existing
-                    .iter()
-                    .any(Option::is_some)
-                    .then(|| ruleset::full_text(&rendered.tables)),
+                fallback: existing.iter().any(Option::is_some),
                 text,
                 full: true,
                 statements: Vec::new(),
@@ -257,7 +254,7 @@ impl NftablesDataplane {
             ops: statements.len(),
             full: false,
             statements,
-            fallback: None,
+            fallback: false,
         };
         let programmed = Programmed {
             rendered,
@@ -289,7 +286,7 @@ impl super::Dataplane for NftablesDataplane {
         let old = self.kernel.as_ref().map(|k| k.from.clone());
         let (pending, mut programmed) = self.transaction(desired);
         if pending.ops > 0 {
-            match self.commit(&pending) {
+            match self.commit(&pending, &programmed.rendered.tables) {
                 // No stale chains are left in tables made anew.
                 Ok(true) => programmed.stale = Default::default(),
                 Ok(false) => {}

@@ -100,7 +100,7 @@ pub fn full_text(tables: &[Table; 2]) -> String {
     let mut out = String::new();
     for table in tables {
         out.push_str(&removal_of(table.family));
-        out.push_str(&table.text());
+        table.write_text(&mut out);
     }
     out
 }
@@ -162,7 +162,7 @@ pub fn full_text_keeping(
         let family = table.family;
         let Some(existing) = &existing[i] else {
             out.push_str(&removal_of(family));
-            out.push_str(&table.text());
+            table.write_text(&mut out);
             continue;
         };
         // Every chain's rules in one statement (set elements stay): one `flush chain`
@@ -190,7 +190,7 @@ pub fn full_text_keeping(
                 }
             }
         }
-        out.push_str(&table.text());
+        table.write_text(&mut out);
     }
     (out, stale)
 }
@@ -222,20 +222,10 @@ fn target(group: &Group, route: &Route) -> String {
 }
 
 fn chain(comment: &str, rules: Vec<String>) -> Chain {
-    // Kept for as long as the rule is programmed (110 000 chains at 10 000 Services):
-    // without the slack `format!` leaves.
-    let mut rules: Vec<String> = rules
-        .into_iter()
-        .map(|mut rule| {
-            rule.shrink_to_fit();
-            rule
-        })
-        .collect();
-    rules.shrink_to_fit();
     Chain {
         hook: None,
-        comment: Some(comment.to_owned()),
-        rules,
+        comment: Some(comment.into()),
+        rules: rules.into_iter().collect(),
     }
 }
 
@@ -323,7 +313,7 @@ fn fixed_chains(t: &mut Table, addr: &str) {
         let chain = Chain {
             hook,
             comment: None,
-            rules: rules.iter().map(|&r| r.to_owned()).collect(),
+            rules: rules.iter().collect(),
         };
         t.chains.insert(name.to_owned(), chain);
     };
