@@ -4,25 +4,25 @@
 //! ports, `delta.rs` writes what differs, `wire.rs` commits it without `nft` when it
 //! can); then stale UDP conntrack goes.
 pub mod delta;
+mod load;
 pub mod names;
 pub mod rendered;
 pub mod ruleset;
 pub mod table;
 pub mod wire;
 
-use std::{
-    collections::BTreeSet,
-    io::Write,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-};
+use std::{collections::BTreeSet, path::PathBuf, process::Stdio};
 
 use ipnet::IpNet;
 use thiserror::Error;
 
 use tracing::{debug, warn};
 
-use self::rendered::Rendered;
+pub use self::load::{load, load_in};
+use self::{
+    load::{load_streamed_in, nft_in},
+    rendered::Rendered,
+};
 use super::{conntrack, Applied};
 use crate::model::{DesiredState, Plan};
 
@@ -32,51 +32,6 @@ pub enum NftError {
     Spawn(#[source] std::io::Error),
     #[error("nft rejected the ruleset: {0}")]
     Rejected(String),
-}
-
-/// Runs `nft -f -` on `text` in the current network namespace.
-///
-/// # Errors
-/// When `nft` cannot run or refuses the text.
-pub fn load(text: &str) -> Result<(), NftError> {
-    load_in(None, text)
-}
-
-/// Runs `nft -f -` on `text` in `netns` (a `/run/netns/NAME` path) or the current one.
-///
-/// # Errors
-/// When `nft` cannot run or refuses the text.
-pub fn load_in(netns: Option<&Path>, text: &str) -> Result<(), NftError> {
-    let mut child = nft_in(netns)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(NftError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(text.as_bytes()).map_err(NftError::Spawn)?;
-    }
-    let output = child.wait_with_output().map_err(NftError::Spawn)?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(NftError::Rejected(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
-    }
-}
-
-/// `nft` to run in `netns` (a `/run/netns/NAME` path) or the current namespace.
-fn nft_in(netns: Option<&Path>) -> Command {
-    match netns {
-        Some(netns) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", netns.display())).arg("nft");
-            c
-        }
-        None => Command::new("nft"),
-    }
 }
 
 /// Removes our tables.
@@ -95,11 +50,13 @@ struct Programmed {
 
 /// One sync's transaction.
 pub struct Pending {
-    /// `nft -f` input.
+    /// `nft -f` input of a partial transaction (a full load is written from the tables
+    /// as it goes to nft).
     pub text: String,
-    /// Statements in it (a full load counts its lines).
+    /// Statements in it (a full load counts its lines once written).
     pub ops: usize,
-    pub full: bool,
+    /// A full load, over what these tables of ours hold (per family; `None`: none).
+    pub full: Option<[Option<ruleset::Existing>; 2]>,
     /// The statements of a partial transaction, one by one (empty for a full load).
     pub statements: Vec<String>,
     /// For a full load over existing tables: whether to load the same tables after
@@ -166,15 +123,26 @@ impl NftablesDataplane {
     /// Commits `pending`: as one netlink batch when every statement is in the wire
     /// grammar, else through `nft -f`. True when the tables were replaced (the
     /// fallback) rather than loaded over.
-    fn commit(&mut self, pending: &Pending, tables: &[table::Table; 2]) -> Result<bool, NftError> {
-        if let (false, Some(wire)) = (pending.full, self.wire.as_mut()) {
+    fn commit(
+        &mut self,
+        pending: &mut Pending,
+        tables: &[table::Table; 2],
+    ) -> Result<bool, NftError> {
+        if let (None, Some(wire)) = (&pending.full, self.wire.as_mut()) {
             if let Some(batch) = wire::encode(&pending.statements) {
                 wire.commit(&batch)?;
                 self.commits.netlink += 1;
                 return Ok(false);
             }
         }
-        let loaded = load_in(self.netns.as_deref(), &pending.text);
+        let netns = self.netns.clone();
+        let loaded = match &pending.full {
+            Some(existing) => load_streamed_in(netns.as_deref(), |out| {
+                ruleset::write_full_keeping(tables, existing, out)
+            })
+            .map(|lines| pending.ops = lines),
+            None => load_in(netns.as_deref(), &pending.text),
+        };
         let replaced = match (loaded, pending.fallback) {
             (Err(error), true) => {
                 warn!(%error, "cannot load over the tables there; replacing them (affinity is forgotten)");
@@ -214,12 +182,12 @@ impl NftablesDataplane {
         let Some(kernel) = self.kernel.take() else {
             let rendered = Rendered::full(desired, &self.cluster_cidrs);
             let existing = self.existing();
-            let (text, stale) = ruleset::full_text_keeping(&rendered.tables, &existing);
+            let stale = ruleset::stale_chains(&rendered.tables, &existing);
             let pending = Pending {
-                ops: text.lines().filter(|l| !l.trim().is_empty()).count(),
+                ops: 1,
                 fallback: existing.iter().any(Option::is_some),
-                text,
-                full: true,
+                text: String::new(),
+                full: Some(existing),
                 statements: Vec::new(),
             };
             let programmed = Programmed {
@@ -252,7 +220,7 @@ impl NftablesDataplane {
         let pending = Pending {
             text,
             ops: statements.len(),
-            full: false,
+            full: None,
             statements,
             fallback: false,
         };
@@ -284,9 +252,9 @@ impl super::Dataplane for NftablesDataplane {
         // Names count here (they name the chains), so the tables follow their own diff
         // from the state they were rendered from rather than the plan's.
         let old = self.kernel.as_ref().map(|k| k.from.clone());
-        let (pending, mut programmed) = self.transaction(desired);
+        let (mut pending, mut programmed) = self.transaction(desired);
         if pending.ops > 0 {
-            match self.commit(&pending, &programmed.rendered.tables) {
+            match self.commit(&mut pending, &programmed.rendered.tables) {
                 // No stale chains are left in tables made anew.
                 Ok(true) => programmed.stale = Default::default(),
                 Ok(false) => {}
@@ -309,7 +277,7 @@ impl super::Dataplane for NftablesDataplane {
         }
         Ok(Applied {
             writes: pending.ops,
-            full: pending.full,
+            full: pending.full.is_some(),
             failed: Vec::new(),
         })
     }

@@ -5,7 +5,6 @@
 //! (0x8000) and reject (0x10000) from the nat hooks to postrouting and the filter hooks.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::IpAddr,
 };
 
@@ -100,7 +99,7 @@ pub fn full_text(tables: &[Table; 2]) -> String {
     let mut out = String::new();
     for table in tables {
         out.push_str(&removal_of(table.family));
-        table.write_text(&mut out);
+        let _ = table.write_text(&mut out);
     }
     out
 }
@@ -149,50 +148,69 @@ impl Existing {
 /// where there is none) without deleting them: every chain (`flush table` empties them
 /// all, leaving set elements) and every set but the affinity ones is flushed and filled
 /// again, so the clients affinity remembers are kept (a table deleted and loaded again
-/// would forget them). Returns the text and, per family, the chains flushed and no
-/// longer wanted (deleted by the next sync, once nothing refers to them).
-#[must_use]
-pub fn full_text_keeping(
+/// would forget them).
+///
+/// # Errors
+/// When `out` refuses the text.
+pub fn write_full_keeping(
     tables: &[Table; 2],
     existing: &[Option<Existing>; 2],
-) -> (String, [BTreeSet<String>; 2]) {
-    let mut out = String::new();
-    let mut stale: [BTreeSet<String>; 2] = Default::default();
+    out: &mut dyn std::fmt::Write,
+) -> std::fmt::Result {
     for (i, table) in tables.iter().enumerate() {
         let family = table.family;
         let Some(existing) = &existing[i] else {
-            out.push_str(&removal_of(family));
-            table.write_text(&mut out);
+            out.write_str(&removal_of(family))?;
+            table.write_text(out)?;
             continue;
         };
         // Every chain's rules in one statement (set elements stay): one `flush chain`
         // per chain would be 330 000 statements at 30 000 Services.
-        let _ = writeln!(
+        writeln!(
             out,
             "add table {family} {TABLE}\nflush table {family} {TABLE}"
-        );
-        stale[i].extend(
-            existing
-                .chains
-                .iter()
-                .filter(|name| !table.chains.contains_key(*name))
-                .cloned(),
-        );
+        )?;
         for (name, kind) in &existing.sets {
             match table.sets.get(name) {
                 Some(set) if set.dynamic => {}
-                Some(_) => {
-                    let _ = writeln!(out, "flush {kind} {family} {TABLE} {name}");
-                }
+                Some(_) => writeln!(out, "flush {kind} {family} {TABLE} {name}")?,
                 // Sets no longer wanted go after the chains naming them were flushed.
-                None => {
-                    let _ = writeln!(out, "delete {kind} {family} {TABLE} {name}");
-                }
+                None => writeln!(out, "delete {kind} {family} {TABLE} {name}")?,
             }
         }
-        table.write_text(&mut out);
+        table.write_text(out)?;
     }
-    (out, stale)
+    Ok(())
+}
+
+/// Per family, the chains a load over `existing` flushes and no longer wants (deleted
+/// by the next sync, once nothing refers to them).
+#[must_use]
+pub fn stale_chains(
+    tables: &[Table; 2],
+    existing: &[Option<Existing>; 2],
+) -> [BTreeSet<String>; 2] {
+    let mut stale: [BTreeSet<String>; 2] = Default::default();
+    for (i, table) in tables.iter().enumerate() {
+        if let Some(existing) = &existing[i] {
+            stale[i].extend(
+                existing
+                    .chains
+                    .iter()
+                    .filter(|name| !table.chains.contains_key(*name))
+                    .cloned(),
+            );
+        }
+    }
+    stale
+}
+
+/// [`write_full_keeping`] as a string.
+#[must_use]
+pub fn full_text_keeping(tables: &[Table; 2], existing: &[Option<Existing>; 2]) -> String {
+    let mut out = String::new();
+    let _ = write_full_keeping(tables, existing, &mut out);
+    out
 }
 
 /// The statements that remove our tables (and nothing else).

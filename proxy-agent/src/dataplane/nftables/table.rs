@@ -126,22 +126,25 @@ impl Table {
     #[must_use]
     pub fn text(&self) -> String {
         let mut t = String::new();
-        self.write_text(&mut t);
+        let _ = self.write_text(&mut t);
         t
     }
 
     /// [`Self::text`] appended to `t` (a full load is tens of MiB at 10 000 Services:
     /// written once, not built and then copied).
-    pub fn write_text(&self, t: &mut String) {
-        let _ = writeln!(t, "table {} {TABLE} {{", self.family);
-        let _ = writeln!(t, "\tcomment \"{}\"", self.comment);
+    ///
+    /// # Errors
+    /// When `t` refuses the text.
+    pub fn write_text(&self, t: &mut dyn Write) -> std::fmt::Result {
+        writeln!(t, "table {} {TABLE} {{", self.family)?;
+        writeln!(t, "\tcomment \"{}\"", self.comment)?;
         for name in &self.counters {
-            let _ = writeln!(t, "\tcounter {name} {{\n\t}}");
+            writeln!(t, "\tcounter {name} {{\n\t}}")?;
         }
         for (name, set) in &self.sets {
-            let _ = writeln!(t, "\t{} {name} {{", set.kind);
+            writeln!(t, "\t{} {name} {{", set.kind)?;
             for line in &set.decl {
-                let _ = writeln!(t, "\t\t{line}");
+                writeln!(t, "\t\t{line}")?;
             }
             if !set.elements.is_empty() {
                 let elements: Vec<String> = set
@@ -149,28 +152,28 @@ impl Table {
                     .iter()
                     .map(|(k, v)| Set::element(k, v))
                     .collect();
-                let _ = writeln!(
+                writeln!(
                     t,
                     "\t\telements = {{\n\t\t\t{}\n\t\t}}",
                     elements.join(",\n\t\t\t")
-                );
+                )?;
             }
-            let _ = writeln!(t, "\t}}");
+            writeln!(t, "\t}}")?;
         }
         for (name, chain) in &self.chains {
-            let _ = writeln!(t, "\tchain {name} {{");
+            writeln!(t, "\tchain {name} {{")?;
             if let Some(hook) = &chain.hook {
-                let _ = writeln!(t, "\t\t{hook}");
+                writeln!(t, "\t\t{hook}")?;
             }
             if let Some(comment) = &chain.comment {
-                let _ = writeln!(t, "\t\tcomment \"{comment}\"");
+                writeln!(t, "\t\tcomment \"{comment}\"")?;
             }
             for rule in &chain.rules {
-                let _ = writeln!(t, "\t\t{rule}");
+                writeln!(t, "\t\t{rule}")?;
             }
-            let _ = writeln!(t, "\t}}");
+            writeln!(t, "\t}}")?;
         }
-        t.push_str("}\n");
+        t.write_str("}\n")
     }
 
     /// The `add chain` statement that declares `name` (hook and comment included).
