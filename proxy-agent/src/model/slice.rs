@@ -144,40 +144,45 @@ impl Endpoint {
     }
 }
 
-/// One shared copy of each node and zone pair.
-fn interned_locality(locality: Locality) -> Arc<Locality> {
-    static PAIRS: Mutex<Option<HashSet<Arc<Locality>>>> = Mutex::new(None);
-    let mut pairs = PAIRS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let pairs = pairs.get_or_insert_with(HashSet::new);
-    if let Some(shared) = pairs.get(&locality) {
-        return shared.clone();
+/// One shared copy of each distinct value (a cluster has few node and zone names,
+/// endpoints many), bounded: past 65 536 values new ones are simply not shared.
+struct Interner<T: ?Sized>(Mutex<Option<HashSet<Arc<T>>>>);
+
+impl<T: ?Sized + Eq + std::hash::Hash> Interner<T> {
+    const fn new() -> Self {
+        Self(Mutex::new(None))
     }
-    let shared = Arc::new(locality);
-    // Bounded: past this, pairs are simply not shared.
-    if pairs.len() < 65_536 {
-        pairs.insert(shared.clone());
+
+    fn share<Q>(&self, value: Q) -> Arc<T>
+    where
+        Q: std::borrow::Borrow<T> + Into<Arc<T>>,
+    {
+        let mut set = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let set = set.get_or_insert_with(HashSet::new);
+        if let Some(shared) = set.get(value.borrow()) {
+            return shared.clone();
+        }
+        let shared: Arc<T> = value.into();
+        if set.len() < 65_536 {
+            set.insert(shared.clone());
+        }
+        shared
     }
-    shared
 }
 
-/// One shared copy of each node and zone name (a cluster has few, endpoints many).
+/// One shared copy of each node and zone pair.
+fn interned_locality(locality: Locality) -> Arc<Locality> {
+    static PAIRS: Interner<Locality> = Interner::new();
+    PAIRS.share(locality)
+}
+
+/// One shared copy of each zone name.
 fn interned(name: String) -> Arc<str> {
-    static NAMES: Mutex<Option<HashSet<Arc<str>>>> = Mutex::new(None);
-    let mut names = NAMES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let names = names.get_or_insert_with(HashSet::new);
-    if let Some(name) = names.get(name.as_str()) {
-        return name.clone();
-    }
-    let name: Arc<str> = Arc::from(name);
-    // Bounded: past this, names are simply not shared.
-    if names.len() < 65_536 {
-        names.insert(name.clone());
-    }
-    name
+    static NAMES: Interner<str> = Interner::new();
+    NAMES.share(name)
 }
 
 /// The compact form of an API EndpointSlice (validated before: see `validate`).
