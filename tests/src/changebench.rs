@@ -206,6 +206,9 @@ fn row(
     };
     let mut args = source_args;
     args.extend(["--dataplane".to_owned(), dataplane.to_owned()]);
+    // The scratch log is shared by every row's agent: this row's is what follows.
+    let log_from =
+        std::fs::metadata(cluster.scratch().join("agent-node1.log")).map_or(0, |m| m.len());
     let started = Instant::now();
     let agent = Agent::spawn_with(cluster, "node1", &args);
     agent.wait_healthy_within(cluster, Duration::from_mins(5));
@@ -245,7 +248,9 @@ fn row(
         "changebench-{}-{dataplane}-{services}.log",
         source.name()
     ));
-    let _ = std::fs::copy(&agent.log, &kept);
+    let log = std::fs::read(&agent.log).unwrap_or_default();
+    let from = usize::try_from(log_from).unwrap_or(0).min(log.len());
+    let _ = std::fs::write(&kept, &log[from..]);
     eprintln!("agent log: {}", kept.display());
     let _ = std::process::Command::new(crate::agent::agent_bin())
         .args(["cleanup", "--dataplane", dataplane, "--bpffs"])
