@@ -1,6 +1,10 @@
-//! Threads that keep the cluster's state (source, sync, DNS zone) run at a lower CPU
-//! priority than the runtime that answers DNS, `/healthz` and `/metrics`: on a busy
-//! node a burst of changes then waits for a query, not the other way round.
+//! Threads that keep the cluster's state (source, sync, DNS zone) run off the runtime
+//! that answers DNS, `/healthz` and `/metrics`, on runtimes of their own, and at a
+//! lower CPU priority: on a busy node a burst of changes then waits for a query, not
+//! the other way round.
+use std::future::Future;
+
+use tokio::sync::oneshot;
 
 /// The nice value of background threads (the answering runtime keeps 0).
 const NICE: i32 = 10;
@@ -18,6 +22,44 @@ pub fn lower_priority() {
     if rc != 0 {
         tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower a background thread's priority");
     }
+}
+
+/// Runs the future `make` makes on a thread of its own, named `name`, with a runtime of
+/// its own: `workers` threads (1: that thread alone), each at background priority.
+/// Returns the future's outcome to wait for.
+///
+/// # Errors
+/// When the runtime or the thread cannot start.
+pub fn spawn<M, F>(
+    name: &str,
+    workers: usize,
+    make: M,
+) -> std::io::Result<oneshot::Receiver<F::Output>>
+where
+    M: FnOnce() -> F + Send + 'static,
+    F: Future,
+    F::Output: Send + 'static,
+{
+    let runtime = if workers > 1 {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name(name)
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            lower_priority();
+            let _ = done_tx.send(runtime.block_on(make()));
+        })?;
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -79,34 +79,26 @@ pub async fn start(
     // The zone is built (whole at start) and followed on a thread of its own, off the
     // runtime that answers: each new snapshot rewrites the records of the Services it
     // changed only.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("dns-zone".into())
-        .spawn(move || {
-            crate::background::lower_priority();
-            runtime.block_on(async move {
-                let mut followed: Option<(Arc<crate::model::Snapshot>, ZoneTracker)> = None;
-                loop {
-                    let snapshot = updates.borrow_and_update().snapshot.clone();
-                    if let Some(snapshot) = snapshot {
-                        let tracker = match followed.take() {
-                            Some((old, mut tracker)) => {
-                                tracker.update(&snapshot, &old.changes_to(&snapshot).services);
-                                tracker
-                            }
-                            None => ZoneTracker::new(&snapshot, &domain, ttl),
-                        };
-                        zone_tx.send_replace(Some(Arc::new(tracker.zone())));
-                        followed = Some((snapshot, tracker));
+    crate::background::spawn("dns-zone", 1, move || async move {
+        let mut followed: Option<(Arc<crate::model::Snapshot>, ZoneTracker)> = None;
+        loop {
+            let snapshot = updates.borrow_and_update().snapshot.clone();
+            if let Some(snapshot) = snapshot {
+                let tracker = match followed.take() {
+                    Some((old, mut tracker)) => {
+                        tracker.update(&snapshot, &old.changes_to(&snapshot).services);
+                        tracker
                     }
-                    if updates.changed().await.is_err() {
-                        return;
-                    }
-                }
-            });
-        })?;
+                    None => ZoneTracker::new(&snapshot, &domain, ttl),
+                };
+                zone_tx.send_replace(Some(Arc::new(tracker.zone())));
+                followed = Some((snapshot, tracker));
+            }
+            if updates.changed().await.is_err() {
+                return;
+            }
+        }
+    })?;
     if let (Some(bpffs), Some(&target)) = (&config.redirect, config.listen.first()) {
         redirect::start(bpffs, target, &config.domain, zone_rx.clone())?;
     }

@@ -53,7 +53,6 @@ pub fn service_frontends(
             let ctx = PortContext {
                 service,
                 port,
-                policies: service.policies,
                 family: ip,
                 node,
             };
@@ -67,7 +66,6 @@ pub fn service_frontends(
 struct PortContext<'a> {
     service: &'a ServiceInfo,
     port: &'a PortInfo,
-    policies: Policies,
     family: IpAddr,
     node: &'a NodeInfo,
 }
@@ -82,7 +80,7 @@ impl PortContext<'_> {
         let (protocol, port) = (self.port.protocol, self.port.port);
         let port_name = self.port.name.clone().unwrap_or_default();
         let candidates = endpoints::candidates(slices, &port_name, protocol, self.family);
-        let sets = endpoints::categorize(&candidates, self.policies, self.node);
+        let sets = endpoints::categorize(&candidates, self.service.policies, self.node);
         let mut add = |ip: IpAddr, port: u16, kind: FrontendKind| {
             let key = FrontendKey { ip, port, protocol };
             state.insert(key, Arc::new(self.frontend(kind, &port_name, &sets)));
@@ -169,7 +167,8 @@ impl PortContext<'_> {
 
     /// The route one class of client takes (kube-proxy's KUBE-SVC / KUBE-SVL / KUBE-EXT).
     fn route(&self, kind: FrontendKind, class: SourceClass, sets: &Categorized) -> Route {
-        let local = uses_local_set(kind, class, self.policies, sets, self.node);
+        let policies = self.service.policies;
+        let local = uses_local_set(kind, class, policies, sets, self.node);
         let backends = if local {
             Arc::clone(&sets.local)
         } else {
@@ -180,7 +179,7 @@ impl PortContext<'_> {
             FrontendKind::ClusterIp => class != SourceClass::Pod && self.node.knows_cluster_cidr(),
             // externalTrafficPolicy Cluster masquerades everyone; Local keeps client
             // addresses, but the node's own traffic sent to every endpoint is masqueraded.
-            _ => !self.policies.external_local || (class == SourceClass::Node && !local),
+            _ => !policies.external_local || (class == SourceClass::Node && !local),
         };
         Route::new(backends, masquerade, Self::verdict(local, sets), local)
     }

@@ -258,31 +258,19 @@ pub async fn spawn(
     tx: watch::Sender<SourceUpdate>,
 ) -> Result<impl std::future::Future<Output = Result<(), SourceError>>, SourceError> {
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
-    let (done_tx, done) = tokio::sync::oneshot::channel();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("kube-source")
-        .on_thread_start(crate::background::lower_priority)
-        .enable_all()
-        .build()
-        .map_err(|e| SourceError::Kube(format!("cannot start the source's runtime: {e}")))?;
-    std::thread::Builder::new()
-        .name("kube-source".into())
-        .spawn(move || {
-            let result = runtime.block_on(async move {
-                let client = match client(kubeconfig.as_deref()).await {
-                    Ok(client) => client,
-                    Err(error) => {
-                        let _ = ready_tx.send(Err(error));
-                        return Ok(());
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                run(client, node_name, tx).await
-            });
-            let _ = done_tx.send(result);
-        })
-        .map_err(|e| SourceError::Kube(format!("cannot start the source's thread: {e}")))?;
+    let watching = move || async move {
+        let client = match client(kubeconfig.as_deref()).await {
+            Ok(client) => client,
+            Err(error) => {
+                let _ = ready_tx.send(Err(error));
+                return Ok(());
+            }
+        };
+        let _ = ready_tx.send(Ok(()));
+        run(client, node_name, tx).await
+    };
+    let done = crate::background::spawn("kube-source", 2, watching)
+        .map_err(|e| SourceError::Kube(format!("cannot start the source's threads: {e}")))?;
     ready
         .await
         .map_err(|_| SourceError::Kube("the source's thread ended".into()))??;

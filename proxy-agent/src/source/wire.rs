@@ -51,10 +51,7 @@ impl WireObject {
     /// `namespace/name`.
     #[must_use]
     pub fn key(&self) -> (String, String) {
-        (
-            self.metadata.namespace.clone().unwrap_or_default(),
-            self.metadata.name.clone().unwrap_or_default(),
-        )
+        crate::model::object_key(&self.metadata)
     }
 }
 

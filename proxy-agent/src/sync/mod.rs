@@ -46,20 +46,7 @@ pub struct Inputs {
 
 /// Runs the loop on a thread of its own; the future ends when the loop does.
 pub async fn spawn(inputs: Inputs) -> std::io::Result<()> {
-    let (done_tx, done) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("sync".into())
-        .spawn(move || {
-            crate::background::lower_priority();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            match runtime {
-                Ok(runtime) => runtime.block_on(run(inputs)),
-                Err(error) => error!(%error, "cannot start the sync thread's runtime"),
-            }
-            let _ = done_tx.send(());
-        })?;
+    let done = crate::background::spawn("sync", 1, move || run(inputs))?;
     let _ = done.await;
     Ok(())
 }

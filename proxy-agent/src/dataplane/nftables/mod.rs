@@ -59,10 +59,22 @@ pub struct Pending {
     pub full: Option<[Option<ruleset::Existing>; 2]>,
     /// The statements of a partial transaction, one by one (empty for a full load).
     pub statements: Vec<String>,
-    /// For a full load over existing tables: whether to load the same tables after
-    /// deleting them when the kernel refuses to load over what it holds (a declaration
-    /// changed by an upgrade). That text is made only then.
-    pub fallback: bool,
+}
+
+impl Pending {
+    /// Whether there is anything to commit (a full load always is).
+    fn is_empty(&self) -> bool {
+        self.full.is_none() && self.ops == 0
+    }
+
+    /// A full load over tables the kernel holds: when the kernel refuses it (a
+    /// declaration changed by an upgrade), the same tables are loaded after deleting
+    /// them, a text made only then.
+    fn over_existing(&self) -> bool {
+        self.full
+            .as_ref()
+            .is_some_and(|existing| existing.iter().any(Option::is_some))
+    }
 }
 
 /// How the transactions so far went to the kernel.
@@ -135,15 +147,14 @@ impl NftablesDataplane {
                 return Ok(false);
             }
         }
-        let netns = self.netns.clone();
         let loaded = match &pending.full {
-            Some(existing) => load_streamed_in(netns.as_deref(), |out| {
+            Some(existing) => load_streamed_in(self.netns.as_deref(), |out| {
                 ruleset::write_full_keeping(tables, existing, out)
             })
             .map(|lines| pending.ops = lines),
-            None => load_in(netns.as_deref(), &pending.text),
+            None => load_in(self.netns.as_deref(), &pending.text),
         };
-        let replaced = match (loaded, pending.fallback) {
+        let replaced = match (loaded, pending.over_existing()) {
             (Err(error), true) => {
                 warn!(%error, "cannot load over the tables there; replacing them (affinity is forgotten)");
                 load_in(self.netns.as_deref(), &ruleset::full_text(tables))?;
@@ -184,8 +195,7 @@ impl NftablesDataplane {
             let existing = self.existing();
             let stale = ruleset::stale_chains(&rendered.tables, &existing);
             let pending = Pending {
-                ops: 1,
-                fallback: existing.iter().any(Option::is_some),
+                ops: 0,
                 text: String::new(),
                 full: Some(existing),
                 statements: Vec::new(),
@@ -222,7 +232,6 @@ impl NftablesDataplane {
             ops: statements.len(),
             full: None,
             statements,
-            fallback: false,
         };
         let programmed = Programmed {
             rendered,
@@ -253,7 +262,7 @@ impl super::Dataplane for NftablesDataplane {
         // from the state they were rendered from rather than the plan's.
         let old = self.kernel.as_ref().map(|k| k.from.clone());
         let (mut pending, mut programmed) = self.transaction(desired);
-        if pending.ops > 0 {
+        if !pending.is_empty() {
             match self.commit(&mut pending, &programmed.rendered.tables) {
                 // No stale chains are left in tables made anew.
                 Ok(true) => programmed.stale = Default::default(),

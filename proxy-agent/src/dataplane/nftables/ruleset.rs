@@ -205,14 +205,6 @@ pub fn stale_chains(
     stale
 }
 
-/// [`write_full_keeping`] as a string.
-#[must_use]
-pub fn full_text_keeping(tables: &[Table; 2], existing: &[Option<Existing>; 2]) -> String {
-    let mut out = String::new();
-    let _ = write_full_keeping(tables, existing, &mut out);
-    out
-}
-
 /// The statements that remove our tables (and nothing else).
 #[must_use]
 pub fn removal() -> String {
