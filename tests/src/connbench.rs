@@ -216,7 +216,7 @@ fn uninstall(cluster: &Cluster, mode: &str, installed: Installed, bpffs: &Path) 
         }
         ("nftables", _) => load_nft(
             &netns,
-            "delete table ip proxy-agent\ndelete table ip6 proxy-agent",
+            &proxy_agent::dataplane::nftables::ruleset::removal(),
         ),
         (_, Installed::Ebpf(dp)) => {
             drop(dp);

@@ -10,7 +10,7 @@ use std::{
 
 use proxy_agent::{
     dataplane::{
-        nftables::{self, delta, ruleset, NftablesDataplane},
+        nftables::{self, delta, ruleset, table, NftablesDataplane},
         Dataplane,
     },
     model::{self, Backend, DesiredState, Frontend, NodeInfo},
@@ -21,8 +21,9 @@ use proxy_agent_tests::{
 };
 use serde_json::Value;
 
-/// `nft -j list table` with handles dropped and set elements sorted: chain name →
-/// (declaration, rules in order), and set name → declaration with elements.
+/// `nft -j list ruleset FAMILY`, our tables only, with handles dropped and set elements
+/// sorted: `table/chain` → (declaration, rules in order), and `table/set` → declaration
+/// with elements.
 type Listing = (
     BTreeMap<String, (Value, Vec<Value>)>,
     BTreeMap<String, Value>,
@@ -43,26 +44,37 @@ fn strip(value: &mut Value) {
 }
 
 fn listing(netns: &str, family: &str) -> Listing {
-    let text = sh_in(
-        netns,
-        &["nft", "-j", "list", "table", family, "proxy-agent"],
-    );
+    let text = sh_in(netns, &["nft", "-j", "list", "ruleset", family]);
     let mut json: Value = serde_json::from_str(&text).expect("nft json");
     strip(&mut json);
     let (mut chains, mut sets) = (BTreeMap::new(), BTreeMap::new());
+    let named = |object: &Value, field: &str| {
+        format!(
+            "{}/{}",
+            object["table"].as_str().expect("table"),
+            object[field].as_str().expect("name")
+        )
+    };
     for item in json["nftables"].as_array().expect("nftables array") {
+        let ours = item
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|o| o.get("table"))
+            .and_then(Value::as_str)
+            .is_some_and(table::is_ours);
+        if !ours {
+            continue;
+        }
         if let Some(chain) = item.get("chain") {
-            let name = chain["name"].as_str().expect("name").to_owned();
-            chains.insert(name, (chain.clone(), Vec::new()));
+            chains.insert(named(chain, "name"), (chain.clone(), Vec::new()));
         } else if let Some(rule) = item.get("rule") {
-            let chain = rule["chain"].as_str().expect("chain");
             chains
-                .get_mut(chain)
+                .get_mut(&named(rule, "chain"))
                 .expect("rule's chain")
                 .1
                 .push(rule.clone());
         } else if let Some(set) = item.get("set").or_else(|| item.get("map")) {
-            sets.insert(set["name"].as_str().expect("name").to_owned(), set.clone());
+            sets.insert(named(set, "name"), set.clone());
         }
     }
     (chains, sets)
@@ -211,6 +223,8 @@ fn partial_syncs_leave_the_kernel_as_a_full_load_would() {
             "another service removed",
             without_service(&without_service(&base, &affine), &other),
         ),
+        // Every Service table goes (`delete table`), then comes back whole.
+        ("no service", DesiredState::default()),
         ("everything back", base.clone()),
     ];
     let cidrs = node.cluster_cidrs.clone();
@@ -258,7 +272,12 @@ fn partial_syncs_leave_the_kernel_as_a_full_load_would() {
     // Endpoint and Service changes go straight to nf_tables; only what is outside the
     // netlink grammar (affinity sets, source ranges) takes `nft -f`.
     println!("committed over netlink: {over_netlink:?}");
-    for step in ["endpoint removed", "endpoint added", "service removed"] {
+    for step in [
+        "endpoint removed",
+        "endpoint added",
+        "service removed",
+        "no service",
+    ] {
         assert!(over_netlink.contains(&step), "{step} went through nft -f");
     }
 }
@@ -270,23 +289,43 @@ fn one_endpoint_change_among_10000_services_is_a_handful_of_statements() {
     let before = ruleset::build(&model::build(&snapshot, &node), &[]);
     let moved = scale::with_endpoint(&snapshot, 5_000, "10.200.0.1".parse().unwrap());
     let after = ruleset::build(&model::build(&moved, &node), &[]);
-    let (tx, stale) = delta::delta(&before[0], &after[0], &BTreeSet::new());
-    let (tx6, _) = delta::delta(&before[1], &after[1], &BTreeSet::new());
-    println!("one endpoint change at 10 000 Services:\n{}", tx.text());
-    assert!(
-        tx6.is_empty(),
-        "the ip6 table does not change: {}",
-        tx6.text()
+    assert_eq!(
+        before.iter().map(table::Table::key).collect::<Vec<_>>(),
+        after.iter().map(table::Table::key).collect::<Vec<_>>(),
+        "the same tables"
     );
-    // New SEP chain (declare + 3 rules), SVC chain refilled (flush + 10 rules), old SEP
-    // flushed.
+    // Every Service table holds Services (10 000 spread over 16), none twice.
+    let services: Vec<usize> = before
+        .iter()
+        .filter(|t| t.name != table::TABLE)
+        .map(|t| t.sets["service-ips"].elements.len())
+        .collect();
+    println!("Services per table: {services:?}");
+    assert_eq!(services.len(), table::SHARDS);
+    assert_eq!(services.iter().sum::<usize>(), 10_000);
     assert!(
-        tx.statements.len() <= 16,
-        "{} statements:\n{}",
-        tx.statements.len(),
-        tx.text()
+        services.iter().all(|n| (400..=850).contains(n)),
+        "{services:?}"
     );
-    assert_eq!(stale.len(), 1, "the old endpoint's chain is stale");
+    let mut changed = Vec::new();
+    for (old, new) in before.iter().zip(&after) {
+        let (tx, stale) = delta::delta(old, new, &BTreeSet::new());
+        if tx.is_empty() {
+            continue;
+        }
+        println!("one endpoint change at 10 000 Services:\n{}", tx.text());
+        // New SEP chain (declare + 3 rules), SVC chain refilled (flush + 10 rules), old
+        // SEP flushed.
+        assert!(
+            tx.statements.len() <= 16,
+            "{} statements:\n{}",
+            tx.statements.len(),
+            tx.text()
+        );
+        assert_eq!(stale.len(), 1, "the old endpoint's chain is stale");
+        changed.push(new.key());
+    }
+    assert_eq!(changed.len(), 1, "one table changes: {changed:?}");
 }
 
 /// A full load over our own tables (a restart, or the rewrite after a failed sync)
@@ -315,12 +354,12 @@ fn a_full_reload_keeps_the_clients_affinity_remembers() {
         .apply(&model::Plan::default(), &base)
         .expect("first load");
     // A client the kernel remembers in an affinity set.
-    let listed = sh_in(&a, &["nft", "-t", "list", "table", "ip", "proxy-agent"]);
-    let set = listed
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("set ")?.strip_suffix(" {"))
-        .find(|name| name.starts_with("affinity-"))
-        .map(str::to_owned)
+    let (_, sets) = listing(&a, "ip");
+    let (table, set) = sets
+        .keys()
+        .filter_map(|key| key.split_once('/'))
+        .find(|(_, name)| name.starts_with("affinity-"))
+        .map(|(t, s)| (t.to_owned(), s.to_owned()))
         .expect("an affinity set");
     sh_in(
         &a,
@@ -329,7 +368,7 @@ fn a_full_reload_keeps_the_clients_affinity_remembers() {
             "add",
             "element",
             "ip",
-            "proxy-agent",
+            &table,
             &set,
             "{ 10.244.9.9 }",
         ],
@@ -341,7 +380,7 @@ fn a_full_reload_keeps_the_clients_affinity_remembers() {
         .apply(&model::Plan::default(), &fewer)
         .expect("reload");
     assert!(applied.full);
-    let remembered = sh_in(&a, &["nft", "list", "set", "ip", "proxy-agent", &set]);
+    let remembered = sh_in(&a, &["nft", "list", "set", "ip", &table, &set]);
     assert!(
         remembered.contains("10.244.9.9"),
         "affinity forgotten:\n{remembered}"
@@ -354,7 +393,7 @@ fn a_full_reload_keeps_the_clients_affinity_remembers() {
     fresh.apply(&model::Plan::default(), &fewer).expect("fresh");
     let (mut kept, fresh_listing) = (listing(&a, "ip"), listing(&b, "ip"));
     // The remembered client aside, the reloaded table is the fresh one.
-    if let Some(decl) = kept.1.get_mut(&set) {
+    if let Some(decl) = kept.1.get_mut(&format!("{table}/{set}")) {
         if let Some(map) = decl.as_object_mut() {
             map.remove("elem");
         }

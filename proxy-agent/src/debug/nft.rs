@@ -13,7 +13,10 @@ use super::{
     rows::{AffinityRow, BackendRow, FlowRow, ServiceRow},
     Names,
 };
-use crate::dataplane::{conntrack::Conntrack, nftables::table::TABLE};
+use crate::dataplane::{
+    conntrack::Conntrack,
+    nftables::table::{is_ours, TABLE},
+};
 
 /// Whether our IPv4 table exists in this network namespace.
 #[must_use]
@@ -78,25 +81,26 @@ fn frontend(address: &str, port: &str, proto: &str) -> String {
 }
 
 impl Tables {
-    /// `nft -j list table` for `ip` and `ip6`.
+    /// `nft -j list ruleset` for `ip` and `ip6`, our tables only (the main table and the
+    /// Service tables).
     ///
     /// # Errors
     /// When `nft` fails or prints something that is not its JSON.
     pub fn read() -> Result<Self> {
+        if !installed() {
+            bail!("no nftables table ip {TABLE} here");
+        }
         let mut tables = Self::default();
         for family in ["ip", "ip6"] {
             let output = Command::new("nft")
-                .args(["-j", "list", "table", family, TABLE])
+                .args(["-j", "list", "ruleset", family])
                 .output()
                 .context("running nft")?;
             if !output.status.success() {
-                if family == "ip" {
-                    bail!(
-                        "nft list table ip {TABLE}: {}",
-                        String::from_utf8_lossy(&output.stderr).trim()
-                    );
-                }
-                continue;
+                bail!(
+                    "nft list ruleset {family}: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
             }
             let json: Value = serde_json::from_slice(&output.stdout).context("nft -j output")?;
             tables.absorb(&json);
@@ -108,7 +112,19 @@ impl Tables {
         let Some(items) = json.get("nftables").and_then(Value::as_array) else {
             return;
         };
+        let ours = |object: &Value| {
+            object
+                .get("table")
+                .and_then(Value::as_str)
+                .is_some_and(is_ours)
+        };
         for item in items {
+            let Some(object) = item.as_object().and_then(|o| o.values().next()) else {
+                continue;
+            };
+            if !ours(object) {
+                continue;
+            }
             if let Some(rule) = item.get("rule") {
                 self.absorb_rule(rule);
             } else if let Some(map) = item.get("map") {

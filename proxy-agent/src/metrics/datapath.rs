@@ -249,8 +249,8 @@ impl Collector for ConntrackSize {
     }
 }
 
-/// The nftables dataplane's verdict counters (named counters in our tables, summed over
-/// both families): refusals and drops by reason.
+/// The nftables dataplane's verdict counters (named counters in our Service tables,
+/// summed over every table of both families): refusals and drops by reason.
 #[derive(Debug)]
 pub struct NftablesVerdicts;
 
@@ -259,8 +259,7 @@ impl NftablesVerdicts {
         let mut totals = std::collections::BTreeMap::new();
         for family in ["ip", "ip6"] {
             let Ok(output) = std::process::Command::new("nft")
-                .args(["-j", "list", "counters", "table", family])
-                .arg(crate::dataplane::nftables::table::TABLE)
+                .args(["-j", "list", "counters", family])
                 .output()
             else {
                 continue;
@@ -269,7 +268,18 @@ impl NftablesVerdicts {
                 continue;
             };
             let items = json.get("nftables").and_then(serde_json::Value::as_array);
-            for counter in items.into_iter().flatten().filter_map(|i| i.get("counter")) {
+            let ours = |counter: &&serde_json::Value| {
+                counter
+                    .get("table")
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(crate::dataplane::nftables::table::is_ours)
+            };
+            for counter in items
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.get("counter"))
+                .filter(ours)
+            {
                 let name = counter.get("name").and_then(serde_json::Value::as_str);
                 let packets = counter.get("packets").and_then(serde_json::Value::as_u64);
                 if let (Some(name), Some(packets)) = (name, packets) {

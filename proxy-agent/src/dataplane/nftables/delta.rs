@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use imbl::ordmap::DiffItem;
 
-use super::table::{Chain, Set, Table, TABLE};
+use super::table::{Chain, Set, Table};
 
 /// One transaction and its size.
 #[derive(Debug, Default)]
@@ -47,7 +47,7 @@ pub fn delta(
     desired: &Table,
     stale: &BTreeSet<String>,
 ) -> (Transaction, BTreeSet<String>) {
-    let family = desired.family;
+    let (family, table) = (desired.family, &desired.name);
     // Sets whose declaration changed are recreated; every chain naming them is refilled.
     let redeclared: BTreeSet<&String> = kernel
         .sets
@@ -105,19 +105,19 @@ pub fn delta(
     tx.statements.extend(declare);
     for name in flush {
         tx.statements
-            .push(format!("flush chain {family} {TABLE} {name}"));
+            .push(format!("flush chain {family} {table} {name}"));
     }
     sets(kernel, desired, &redeclared, &mut tx);
     for name in &refill {
         for rule in &desired.chains[*name].rules {
             tx.statements
-                .push(format!("add rule {family} {TABLE} {name} {rule}"));
+                .push(format!("add rule {family} {table} {name} {rule}"));
         }
     }
     // Flushed by an earlier sync, and no element or rule has named them since.
     for name in stale.iter().filter(|n| !desired.chains.contains_key(*n)) {
         tx.statements
-            .push(format!("delete chain {family} {TABLE} {name}"));
+            .push(format!("delete chain {family} {table} {name}"));
         newly_stale.remove(name);
     }
     (tx, newly_stale)
@@ -126,10 +126,10 @@ pub fn delta(
 /// Set and map declarations and elements; stale sets are deleted after the chains that
 /// named them were flushed.
 fn sets(kernel: &Table, desired: &Table, redeclared: &BTreeSet<&String>, tx: &mut Transaction) {
-    let family = desired.family;
+    let (family, table) = (desired.family, &desired.name);
     let element = |op: &str, name: &str, key: &str, value: &str| {
         format!(
-            "{op} element {family} {TABLE} {name} {{ {} }}",
+            "{op} element {family} {table} {name} {{ {} }}",
             Set::element(key, value)
         )
     };
@@ -138,11 +138,11 @@ fn sets(kernel: &Table, desired: &Table, redeclared: &BTreeSet<&String>, tx: &mu
         match item {
             DiffItem::Remove(name, set) => {
                 tx.statements
-                    .push(format!("delete {} {family} {TABLE} {name}", set.kind));
+                    .push(format!("delete {} {family} {table} {name}", set.kind));
             }
             DiffItem::Update { old, new } if redeclared.contains(new.0) => {
                 tx.statements
-                    .push(format!("delete {} {family} {TABLE} {}", old.1.kind, old.0));
+                    .push(format!("delete {} {family} {table} {}", old.1.kind, old.0));
                 changes.push((new.0, None, new.1));
             }
             DiffItem::Update { old, new } => changes.push((new.0, Some(old.1), new.1)),

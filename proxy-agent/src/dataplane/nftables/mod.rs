@@ -1,8 +1,9 @@
-//! nftables dataplane: the ruleset of `ruleset.rs` in our own `ip`/`ip6` tables, loaded
-//! with `nft -f` as one atomic transaction per sync: whole at start and after any
-//! failure, otherwise only what changed (`rendered.rs` re-renders the changed Service
-//! ports, `delta.rs` writes what differs, `wire.rs` commits it without `nft` when it
-//! can); then stale UDP conntrack goes.
+//! nftables dataplane: the ruleset of `ruleset.rs` in our own `ip`/`ip6` tables (a main
+//! table and Services spread over up to 16 tables of their own), loaded as one atomic
+//! transaction per sync: whole with `nft -f` at start and after any failure, otherwise
+//! only what changed (`rendered.rs` re-renders the changed Service ports, `delta.rs`
+//! writes what differs, `wire.rs` commits it without `nft` when it can); then stale UDP
+//! conntrack goes.
 pub mod delta;
 mod load;
 pub mod names;
@@ -11,7 +12,11 @@ pub mod ruleset;
 pub mod table;
 pub mod wire;
 
-use std::{collections::BTreeSet, path::PathBuf, process::Stdio};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::Stdio,
+};
 
 use ipnet::IpNet;
 use thiserror::Error;
@@ -22,6 +27,7 @@ pub use self::load::{load, load_in};
 use self::{
     load::{load_streamed_in, nft_in},
     rendered::Rendered,
+    ruleset::{Existing, TableKey},
 };
 use super::{conntrack, Applied};
 use crate::model::{DesiredState, Plan};
@@ -42,10 +48,12 @@ pub fn cleanup() -> Result<(), NftError> {
 /// What the kernel holds, as far as this process knows.
 struct Programmed {
     rendered: Rendered,
+    /// The tables the kernel holds (`rendered`'s live ones).
+    live: Vec<table::Table>,
     /// The desired state `rendered` was made from.
     from: DesiredState,
-    /// Chains flushed by the last sync, deleted by the next.
-    stale: [BTreeSet<String>; 2],
+    /// Chains flushed by the last sync, deleted by the next, per table.
+    stale: BTreeMap<TableKey, BTreeSet<String>>,
 }
 
 /// One sync's transaction.
@@ -55,8 +63,8 @@ pub struct Pending {
     pub text: String,
     /// Statements in it (a full load counts its lines once written).
     pub ops: usize,
-    /// A full load, over what these tables of ours hold (per family; `None`: none).
-    pub full: Option<[Option<ruleset::Existing>; 2]>,
+    /// A full load, over what the kernel holds of our tables.
+    pub full: Option<BTreeMap<TableKey, Existing>>,
     /// The statements of a partial transaction, one by one (empty for a full load).
     pub statements: Vec<String>,
 }
@@ -73,7 +81,7 @@ impl Pending {
     fn over_existing(&self) -> bool {
         self.full
             .as_ref()
-            .is_some_and(|existing| existing.iter().any(Option::is_some))
+            .is_some_and(|existing| !existing.is_empty())
     }
 }
 
@@ -135,11 +143,7 @@ impl NftablesDataplane {
     /// Commits `pending`: as one netlink batch when every statement is in the wire
     /// grammar, else through `nft -f`. True when the tables were replaced (the
     /// fallback) rather than loaded over.
-    fn commit(
-        &mut self,
-        pending: &mut Pending,
-        tables: &[table::Table; 2],
-    ) -> Result<bool, NftError> {
+    fn commit(&mut self, pending: &mut Pending, tables: &[table::Table]) -> Result<bool, NftError> {
         if let (None, Some(wire)) = (&pending.full, self.wire.as_mut()) {
             if let Some(batch) = wire::encode(&pending.statements) {
                 wire.commit(&batch)?;
@@ -166,25 +170,33 @@ impl NftablesDataplane {
         Ok(replaced)
     }
 
-    /// The names our tables hold in the kernel, per family (`None`: no table, or it
-    /// cannot be read). Names only, no rules: ~1 s at 10 000 Services, where listing
-    /// the table takes ten.
-    fn existing(&self) -> [Option<ruleset::Existing>; 2] {
-        ["ip", "ip6"].map(|family| {
+    /// The names our tables hold in the kernel (none for a table that is not there or
+    /// cannot be read). Names only, no rules: ~1 s at 10 000 Services, where listing the
+    /// tables takes ten.
+    fn existing(&self) -> BTreeMap<TableKey, Existing> {
+        let mut tables = BTreeMap::new();
+        for family in ["ip", "ip6"] {
             let mut listing = String::new();
             for what in ["chains", "sets", "maps"] {
-                let output = nft_in(self.netns.as_deref())
+                let Some(output) = nft_in(self.netns.as_deref())
                     .args(["-t", "list", what, family])
                     .stderr(Stdio::null())
                     .output()
                     .ok()
-                    .filter(|o| o.status.success())?;
+                    .filter(|o| o.status.success())
+                else {
+                    continue;
+                };
                 listing.push_str(&String::from_utf8_lossy(&output.stdout));
             }
-            let existing = ruleset::Existing::parse(&listing);
-            // No chain of ours: no table of ours to keep.
-            (!existing.chains.is_empty()).then_some(existing)
-        })
+            // A table with no chain of ours is not one to keep.
+            tables.extend(
+                Existing::parse(family, &listing)
+                    .into_iter()
+                    .filter(|(_, existing)| !existing.chains.is_empty()),
+            );
+        }
+        tables
     }
 
     /// The transaction from what the kernel holds to `desired`: whole tables when
@@ -192,8 +204,9 @@ impl NftablesDataplane {
     fn transaction(&mut self, desired: &DesiredState) -> (Pending, Programmed) {
         let Some(kernel) = self.kernel.take() else {
             let rendered = Rendered::full(desired, &self.cluster_cidrs);
+            let live = rendered.live();
             let existing = self.existing();
-            let stale = ruleset::stale_chains(&rendered.tables, &existing);
+            let stale = ruleset::stale_chains(&live, &existing);
             let pending = Pending {
                 ops: 0,
                 text: String::new(),
@@ -202,31 +215,46 @@ impl NftablesDataplane {
             };
             let programmed = Programmed {
                 rendered,
+                live,
                 from: desired.clone(),
                 stale,
             };
             return (pending, programmed);
         };
-        // The kernel holds the tables last rendered plus the stale chains, empty.
-        let mut held = kernel.rendered.tables.clone();
-        for (table, stale) in held.iter_mut().zip(&kernel.stale) {
-            for name in stale {
-                table.chains.insert(name.clone(), table::Chain::default());
-            }
-        }
         let mut rendered = kernel.rendered;
         rendered.update(&kernel.from, desired);
-        let mut text = String::new();
-        let mut statements = Vec::new();
-        let mut stale: [BTreeSet<String>; 2] = Default::default();
-        for i in 0..2 {
-            let (tx, flushed) = delta::delta(&held[i], &rendered.tables[i], &kernel.stale[i]);
-            if !tx.is_empty() {
-                text.push_str(&tx.text());
-                statements.extend(tx.statements);
+        let live = rendered.live();
+        // The kernel holds the tables last programmed plus their stale chains, empty.
+        let mut held: BTreeMap<TableKey, table::Table> = BTreeMap::new();
+        for mut table in kernel.live {
+            for name in kernel.stale.get(&table.key()).into_iter().flatten() {
+                table.chains.insert(name.clone(), table::Chain::default());
             }
-            stale[i] = flushed;
+            held.insert(table.key(), table);
         }
+        let mut statements = Vec::new();
+        let mut stale = BTreeMap::new();
+        let no_stale = BTreeSet::new();
+        for table in &live {
+            let key = table.key();
+            let Some(before) = held.remove(&key) else {
+                // A Service table that was empty: created whole (through `nft -f`).
+                statements.push(table.text());
+                continue;
+            };
+            let was_stale = kernel.stale.get(&key).unwrap_or(&no_stale);
+            let (tx, flushed) = delta::delta(&before, table, was_stale);
+            statements.extend(tx.statements);
+            if !flushed.is_empty() {
+                stale.insert(key, flushed);
+            }
+        }
+        // A Service table left with no Service goes whole.
+        for (family, name) in held.into_keys() {
+            statements.push(format!("delete table {family} {name}"));
+        }
+        let mut text = statements.join("\n");
+        text.push('\n');
         let pending = Pending {
             text,
             ops: statements.len(),
@@ -235,6 +263,7 @@ impl NftablesDataplane {
         };
         let programmed = Programmed {
             rendered,
+            live,
             from: desired.clone(),
             stale,
         };
@@ -263,9 +292,9 @@ impl super::Dataplane for NftablesDataplane {
         let old = self.kernel.as_ref().map(|k| k.from.clone());
         let (mut pending, mut programmed) = self.transaction(desired);
         if !pending.is_empty() {
-            match self.commit(&mut pending, &programmed.rendered.tables) {
+            match self.commit(&mut pending, &programmed.live) {
                 // No stale chains are left in tables made anew.
-                Ok(true) => programmed.stale = Default::default(),
+                Ok(true) => programmed.stale = BTreeMap::default(),
                 Ok(false) => {}
                 Err(error) => {
                     // Whatever happened, the next sync rewrites everything.

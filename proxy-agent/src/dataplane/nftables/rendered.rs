@@ -1,7 +1,7 @@
-//! The two tables kept current change by change: a changed frontend re-renders the
-//! chains of its Service port only (kube-proxy's per-Service chains) and rewrites its
-//! own dispatch-map element, so a sync costs what changed, never the whole ruleset. A
-//! full build is the same steps from empty tables.
+//! Our tables kept current change by change: a changed frontend re-renders the chains
+//! of its Service port only (kube-proxy's per-Service chains), in its Service's table,
+//! and rewrites its own dispatch-map element, so a sync costs what changed, never the
+//! whole ruleset. A full build is the same steps from empty tables.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
@@ -13,10 +13,10 @@ use ipnet::IpNet;
 
 use super::{
     ruleset::{
-        element, empty_table, group_chains, Element, Family, Group, NODEPORT_IPS, SERVICE_IPS,
-        SERVICE_NODEPORTS,
+        element, group_chains, main_table, shard_of, shard_table, Element, Family, Group,
+        NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
     },
-    table::Table,
+    table::{Table, SHARDS},
 };
 use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
 
@@ -25,6 +25,14 @@ type GroupKey = (bool, ServicePortName, Protocol);
 
 fn group_of(key: &FrontendKey, frontend: &Frontend) -> GroupKey {
     (key.ip.is_ipv6(), frontend.service.clone(), key.protocol)
+}
+
+/// Tables per family: the main one, then the Service tables.
+const PER_FAMILY: usize = SHARDS + 1;
+
+/// Where a group's Service table is in `Rendered::tables`.
+fn slot_of(group: &GroupKey) -> usize {
+    usize::from(group.0) * PER_FAMILY + 1 + shard_of(&group.1)
 }
 
 /// The chains and sets one group put into its table.
@@ -36,30 +44,40 @@ struct Owned {
 
 #[derive(Clone, Debug)]
 pub struct Rendered {
-    /// `ip` and `ip6`.
-    pub tables: [Table; 2],
+    /// `ip` then `ip6`: each the main table, then the Service tables (all of them, empty
+    /// ones included; [`Self::live`] leaves those out).
+    tables: Vec<Table>,
+    /// Service ports in each table.
+    groups: Vec<usize>,
     cidrs_present: [bool; 2],
     members: HashMap<GroupKey, BTreeSet<FrontendKey>>,
     owned: HashMap<GroupKey, Owned>,
-    /// NodePort frontends per node address (the `nodeport-ips` element stays while any).
-    nodeport_ips: HashMap<IpAddr, usize>,
-    /// The `service-nodeports` element of each (family, `proto . port`), by the frontends
+    /// NodePort frontends per (table, node address) (the `nodeport-ips` element stays
+    /// while any).
+    nodeport_ips: HashMap<(usize, IpAddr), usize>,
+    /// The `service-nodeports` element of each (table, `proto . port`), by the frontends
     /// that ask for it: the last by (Service port, key) wins, as in a full build.
-    nodeports: BTreeMap<(bool, String), BTreeMap<(ServicePortName, FrontendKey), String>>,
+    nodeports: BTreeMap<(usize, String), BTreeMap<(ServicePortName, FrontendKey), String>>,
 }
 
 impl Rendered {
     /// Tables with no Service in them.
     #[must_use]
     pub fn empty(cluster_cidrs: &[IpNet]) -> Self {
-        let tables = [false, true].map(|v6| empty_table(cluster_cidrs, Family { v6 }));
+        let mut tables = Vec::with_capacity(2 * PER_FAMILY);
+        for v6 in [false, true] {
+            let family = Family { v6 };
+            tables.push(main_table(family));
+            tables.extend((0..SHARDS).map(|shard| shard_table(cluster_cidrs, family, shard)));
+        }
         let cidrs_present = [0, 1].map(|i| {
-            tables[i]
+            tables[i * PER_FAMILY + 1]
                 .sets
                 .get("cluster-cidrs")
                 .is_some_and(|s| !s.elements.is_empty())
         });
         Self {
+            groups: vec![0; tables.len()],
             tables,
             cidrs_present,
             members: HashMap::new(),
@@ -75,6 +93,19 @@ impl Rendered {
         let mut rendered = Self::empty(cluster_cidrs);
         rendered.update(&DesiredState::default(), desired);
         rendered
+    }
+
+    /// The tables to program: per family the main table, then each Service table that
+    /// holds a Service (copies are O(1)).
+    #[must_use]
+    pub fn live(&self) -> Vec<Table> {
+        self.tables
+            .iter()
+            .zip(&self.groups)
+            .enumerate()
+            .filter(|(i, (_, groups))| i % PER_FAMILY == 0 || **groups > 0)
+            .map(|(_, (table, _))| table.clone())
+            .collect()
     }
 
     /// Follows the frontends that differ from `old` (what the tables were rendered
@@ -101,32 +132,28 @@ impl Rendered {
         }
     }
 
-    fn table(&mut self, v6: bool) -> &mut Table {
-        &mut self.tables[usize::from(v6)]
-    }
-
     fn withdraw(&mut self, key: &FrontendKey, frontend: &Frontend) {
         let group = group_of(key, frontend);
         if let Some(members) = self.members.get_mut(&group) {
             members.remove(key);
         }
-        let v6 = group.0;
+        let at = slot_of(&group);
         match element(&as_group(&group, Vec::new()), key, frontend) {
             Element::ServiceIp(element, _) => {
-                if let Some(map) = self.table(v6).sets.get_mut(SERVICE_IPS) {
+                if let Some(map) = self.tables[at].sets.get_mut(SERVICE_IPS) {
                     map.elements.remove(&element);
                 }
             }
             Element::NodePort(element, _) => {
-                let refs = self.nodeport_ips.entry(key.ip).or_default();
+                let refs = self.nodeport_ips.entry((at, key.ip)).or_default();
                 *refs = refs.saturating_sub(1);
                 if *refs == 0 {
-                    self.nodeport_ips.remove(&key.ip);
-                    if let Some(set) = self.table(v6).sets.get_mut(NODEPORT_IPS) {
+                    self.nodeport_ips.remove(&(at, key.ip));
+                    if let Some(set) = self.tables[at].sets.get_mut(NODEPORT_IPS) {
                         set.elements.remove(&key.ip.to_string());
                     }
                 }
-                let slot = (v6, element);
+                let slot = (at, element);
                 if let Some(askers) = self.nodeports.get_mut(&slot) {
                     askers.remove(&(frontend.service.clone(), *key));
                 }
@@ -137,21 +164,21 @@ impl Rendered {
 
     fn place(&mut self, key: &FrontendKey, frontend: &Frontend) {
         let group = group_of(key, frontend);
-        let v6 = group.0;
+        let at = slot_of(&group);
         let element = element(&as_group(&group, Vec::new()), key, frontend);
         self.members.entry(group).or_default().insert(*key);
         match element {
             Element::ServiceIp(element, value) => {
-                if let Some(map) = self.table(v6).sets.get_mut(SERVICE_IPS) {
+                if let Some(map) = self.tables[at].sets.get_mut(SERVICE_IPS) {
                     map.elements.insert(element, value);
                 }
             }
             Element::NodePort(element, value) => {
-                *self.nodeport_ips.entry(key.ip).or_default() += 1;
-                if let Some(set) = self.table(v6).sets.get_mut(NODEPORT_IPS) {
+                *self.nodeport_ips.entry((at, key.ip)).or_default() += 1;
+                if let Some(set) = self.tables[at].sets.get_mut(NODEPORT_IPS) {
                     set.elements.insert(key.ip.to_string(), String::new());
                 }
-                let slot = (v6, element);
+                let slot = (at, element);
                 self.nodeports
                     .entry(slot.clone())
                     .or_default()
@@ -162,7 +189,7 @@ impl Rendered {
     }
 
     /// Writes the winning value of one `service-nodeports` element, or removes it.
-    fn settle_nodeport(&mut self, slot: (bool, String)) {
+    fn settle_nodeport(&mut self, slot: (usize, String)) {
         let winner = self
             .nodeports
             .get(&slot)
@@ -170,8 +197,8 @@ impl Rendered {
         if winner.is_none() {
             self.nodeports.remove(&slot);
         }
-        let (v6, element) = slot;
-        if let Some(map) = self.table(v6).sets.get_mut(SERVICE_NODEPORTS) {
+        let (at, element) = slot;
+        if let Some(map) = self.tables[at].sets.get_mut(SERVICE_NODEPORTS) {
             match winner {
                 Some(value) => map.elements.insert(element, value),
                 None => map.elements.remove(&element),
@@ -182,9 +209,10 @@ impl Rendered {
     /// Replaces the chains and sets of one group with those its frontends in `desired`
     /// make.
     fn rebuild(&mut self, group: GroupKey, desired: &DesiredState) {
-        let v6 = group.0;
+        let (v6, at) = (group.0, slot_of(&group));
         if let Some(owned) = self.owned.remove(&group) {
-            let table = self.table(v6);
+            self.groups[at] -= 1;
+            let table = &mut self.tables[at];
             for chain in &owned.chains {
                 table.chains.remove(chain);
             }
@@ -205,7 +233,7 @@ impl Rendered {
         }
         let refs = frontends.iter().map(|(k, f)| (k, f.as_ref())).collect();
         let family = Family { v6 };
-        let mut scratch = Table::new(self.tables[usize::from(v6)].family);
+        let mut scratch = Table::new(family_name(v6), String::new(), "");
         group_chains(
             &as_group(&group, refs),
             self.cidrs_present[usize::from(v6)],
@@ -216,7 +244,7 @@ impl Rendered {
             chains: scratch.chains.keys().cloned().collect(),
             sets: scratch.sets.keys().cloned().collect(),
         };
-        let table = self.table(v6);
+        let table = &mut self.tables[at];
         for (name, chain) in scratch.chains {
             table.chains.insert(name, chain);
         }
@@ -224,6 +252,15 @@ impl Rendered {
             table.sets.insert(name, set);
         }
         self.owned.insert(group, owned);
+        self.groups[at] += 1;
+    }
+}
+
+fn family_name(v6: bool) -> &'static str {
+    if v6 {
+        "ip6"
+    } else {
+        "ip"
     }
 }
 

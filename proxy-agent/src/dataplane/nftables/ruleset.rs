@@ -80,28 +80,39 @@ fn endpoint(backend: &Backend) -> String {
     backend.to_string()
 }
 
-/// Both tables, preceded by their removal, as one atomic `nft -f` transaction.
+/// Our tables, preceded by the removal of every table of ours, as one atomic `nft -f`
+/// transaction.
 #[must_use]
 pub fn render(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> String {
     full_text(&build(desired, cluster_cidrs))
 }
 
-/// The `ip` and `ip6` tables for a desired state (the full build; `Rendered` keeps them
-/// current change by change).
+/// The tables for a desired state: per family the main table, then each Service table
+/// that holds a Service (the full build; `Rendered` keeps them current change by
+/// change).
 #[must_use]
-pub fn build(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> [Table; 2] {
-    super::rendered::Rendered::full(desired, cluster_cidrs).tables
+pub fn build(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Vec<Table> {
+    super::rendered::Rendered::full(desired, cluster_cidrs).live()
 }
 
-/// Replaces both tables whole.
+/// Replaces every table of ours with `tables`.
 #[must_use]
-pub fn full_text(tables: &[Table; 2]) -> String {
-    let mut out = String::new();
+pub fn full_text(tables: &[Table]) -> String {
+    let mut out = removal();
     for table in tables {
-        out.push_str(&removal_of(table.family));
         let _ = table.write_text(&mut out);
     }
     out
+}
+
+/// A table by family and name.
+pub type TableKey = (&'static str, String);
+
+impl Table {
+    #[must_use]
+    pub fn key(&self) -> TableKey {
+        (self.family, self.name.clone())
+    }
 }
 
 /// The names a table of ours holds in the kernel (read before a full load).
@@ -113,22 +124,25 @@ pub struct Existing {
 }
 
 impl Existing {
-    /// The names in our table in `nft -t list chains|sets|maps <family>` output (which
-    /// lists every table of the family: a table line starts each one's names).
+    /// Our tables' names in `nft -t list chains|sets|maps <family>` output (which lists
+    /// every table of the family: a table line starts each one's names), by table.
     #[must_use]
-    pub fn parse(listing: &str) -> Self {
-        let mut existing = Self::default();
-        let mut ours = false;
+    pub fn parse(family: &'static str, listing: &str) -> BTreeMap<TableKey, Self> {
+        let mut tables: BTreeMap<TableKey, Self> = BTreeMap::new();
+        let mut ours: Option<TableKey> = None;
         for line in listing.lines() {
             let mut words = line.split_whitespace();
             let first = (words.next(), words.next(), words.next());
             if let (Some("table"), Some(_), Some(name)) = first {
-                ours = name == TABLE;
+                ours = super::table::is_ours(name).then(|| (family, name.to_owned()));
+                if let Some(key) = &ours {
+                    tables.entry(key.clone()).or_default();
+                }
                 continue;
             }
-            if !ours {
+            let Some(existing) = ours.as_ref().and_then(|key| tables.get_mut(key)) else {
                 continue;
-            }
+            };
             match first {
                 (Some("chain"), Some(name), Some("{")) => {
                     existing.chains.insert(name.to_owned());
@@ -140,27 +154,31 @@ impl Existing {
                 _ => {}
             }
         }
-        existing
+        tables
     }
 }
 
-/// Whole tables loaded over the ones the kernel holds (`existing`, per family; `None`
-/// where there is none) without deleting them: every chain (`flush table` empties them
-/// all, leaving set elements) and every set but the affinity ones is flushed and filled
-/// again, so the clients affinity remembers are kept (a table deleted and loaded again
-/// would forget them).
+/// Whole tables loaded over the ones the kernel holds (`existing`) without deleting
+/// them: every chain (`flush table` empties them all, leaving set elements) and every
+/// set but the affinity ones is flushed and filled again, so the clients affinity
+/// remembers are kept (a table deleted and loaded again would forget them). Tables of
+/// ours that are no longer wanted are deleted.
 ///
 /// # Errors
 /// When `out` refuses the text.
 pub fn write_full_keeping(
-    tables: &[Table; 2],
-    existing: &[Option<Existing>; 2],
+    tables: &[Table],
+    existing: &BTreeMap<TableKey, Existing>,
     out: &mut dyn std::fmt::Write,
 ) -> std::fmt::Result {
-    for (i, table) in tables.iter().enumerate() {
-        let family = table.family;
-        let Some(existing) = &existing[i] else {
-            out.write_str(&removal_of(family))?;
+    let wanted: BTreeSet<TableKey> = tables.iter().map(Table::key).collect();
+    for (family, name) in existing.keys().filter(|key| !wanted.contains(*key)) {
+        writeln!(out, "delete table {family} {name}")?;
+    }
+    for table in tables {
+        let (family, name) = (table.family, &table.name);
+        let Some(existing) = existing.get(&table.key()) else {
+            out.write_str(&removal_of(family, name))?;
             table.write_text(out)?;
             continue;
         };
@@ -168,14 +186,14 @@ pub fn write_full_keeping(
         // per chain would be 330 000 statements at 30 000 Services.
         writeln!(
             out,
-            "add table {family} {TABLE}\nflush table {family} {TABLE}"
+            "add table {family} {name}\nflush table {family} {name}"
         )?;
-        for (name, kind) in &existing.sets {
-            match table.sets.get(name) {
+        for (set_name, kind) in &existing.sets {
+            match table.sets.get(set_name) {
                 Some(set) if set.dynamic => {}
-                Some(_) => writeln!(out, "flush {kind} {family} {TABLE} {name}")?,
+                Some(_) => writeln!(out, "flush {kind} {family} {name} {set_name}")?,
                 // Sets no longer wanted go after the chains naming them were flushed.
-                None => writeln!(out, "delete {kind} {family} {TABLE} {name}")?,
+                None => writeln!(out, "delete {kind} {family} {name} {set_name}")?,
             }
         }
         table.write_text(out)?;
@@ -183,37 +201,45 @@ pub fn write_full_keeping(
     Ok(())
 }
 
-/// Per family, the chains a load over `existing` flushes and no longer wants (deleted
+/// Per table, the chains a load over `existing` flushes and no longer wants (deleted
 /// by the next sync, once nothing refers to them).
 #[must_use]
 pub fn stale_chains(
-    tables: &[Table; 2],
-    existing: &[Option<Existing>; 2],
-) -> [BTreeSet<String>; 2] {
-    let mut stale: [BTreeSet<String>; 2] = Default::default();
-    for (i, table) in tables.iter().enumerate() {
-        if let Some(existing) = &existing[i] {
-            stale[i].extend(
-                existing
-                    .chains
-                    .iter()
-                    .filter(|name| !table.chains.contains_key(*name))
-                    .cloned(),
-            );
+    tables: &[Table],
+    existing: &BTreeMap<TableKey, Existing>,
+) -> BTreeMap<TableKey, BTreeSet<String>> {
+    let mut stale = BTreeMap::new();
+    for table in tables {
+        if let Some(existing) = existing.get(&table.key()) {
+            let names: BTreeSet<String> = existing
+                .chains
+                .iter()
+                .filter(|name| !table.chains.contains_key(*name))
+                .cloned()
+                .collect();
+            if !names.is_empty() {
+                stale.insert(table.key(), names);
+            }
         }
     }
     stale
 }
 
-/// The statements that remove our tables (and nothing else).
+/// The statements that remove every table of ours (and nothing else).
 #[must_use]
 pub fn removal() -> String {
-    ["ip", "ip6"].map(removal_of).concat()
+    let mut out = String::new();
+    for family in ["ip", "ip6"] {
+        for name in super::table::all_names() {
+            out.push_str(&removal_of(family, &name));
+        }
+    }
+    out
 }
 
-/// Removes our table of one family, whether it exists or not.
-fn removal_of(family: &str) -> String {
-    format!("add table {family} {TABLE}\ndelete table {family} {TABLE}\n")
+/// Removes one table, whether it exists or not.
+fn removal_of(family: &str, name: &str) -> String {
+    format!("add table {family} {name}\ndelete table {family} {name}\n")
 }
 
 /// Where a route sends a new connection: its endpoint chain, or the mark for its verdict.
@@ -239,10 +265,27 @@ fn chain(comment: &str, rules: Vec<String>) -> Chain {
     }
 }
 
-/// A table of one family with no Service in it: the fixed chains, the cluster CIDRs and
-/// empty dispatch maps.
-pub(super) fn empty_table(cluster_cidrs: &[IpNet], family: Family) -> Table {
-    let mut t = Table::new(family.table());
+/// The main table of one family: the filter hooks that carry out the drop and reject
+/// marks, and the postrouting hook that masquerades.
+pub(super) fn main_table(family: Family) -> Table {
+    let mut t = Table::new(
+        family.table(),
+        TABLE.to_owned(),
+        "rules for proxy-agent (kube-proxy replacement)",
+    );
+    main_chains(&mut t);
+    t
+}
+
+/// Service table `shard` of one family with no Service in it: its nat hooks, dispatch
+/// and mark chains, the cluster CIDRs and empty dispatch maps.
+pub(super) fn shard_table(cluster_cidrs: &[IpNet], family: Family, shard: usize) -> Table {
+    let mut t = Table::new(
+        family.table(),
+        super::table::shard_name(shard),
+        "Services for proxy-agent (kube-proxy replacement)",
+    )
+    .with_counters();
     let addr_type = family.addr_type();
     let mut cidrs = Set::new("set", &[&format!("type {addr_type}"), "flags interval"]);
     // An interval set refuses overlapping elements: `--cluster-cidr 10.0.0.0/8,10.244.0.0/16`
@@ -273,7 +316,7 @@ pub(super) fn empty_table(cluster_cidrs: &[IpNet], family: Family) -> Table {
         SERVICE_NODEPORTS.to_owned(),
         Set::new("map", &["type inet_proto . inet_service : verdict"]),
     );
-    fixed_chains(&mut t, family.addr());
+    shard_chains(&mut t, family.addr());
     t
 }
 
@@ -317,34 +360,34 @@ fn service_ip(key: &FrontendKey) -> String {
     format!("{} . {} . {}", key.ip, proto(key.protocol), key.port)
 }
 
-/// The hooks, the dispatch chains and the mark chains, the same in every ruleset.
-fn fixed_chains(t: &mut Table, addr: &str) {
-    let mut fixed = |name: &str, hook: Option<String>, rules: &[&str]| {
-        let chain = Chain {
-            hook,
-            comment: None,
-            rules: rules.iter().collect(),
-        };
-        t.chains.insert(name.to_owned(), chain);
+fn fixed(t: &mut Table, name: &str, hook: Option<String>, rules: &[&str]) {
+    let chain = Chain {
+        hook,
+        comment: None,
+        rules: rules.iter().collect(),
     };
-    for (name, hook, priority, target) in [
-        ("nat-prerouting", "prerouting", "dstnat", "KUBE-SERVICES"),
-        ("nat-output", "output", "-100", "KUBE-SERVICES"),
-        (
-            "nat-postrouting",
-            "postrouting",
-            "srcnat",
-            "KUBE-POSTROUTING",
-        ),
-    ] {
-        let hook = format!("type nat hook {hook} priority {priority}; policy accept;");
-        fixed(name, Some(hook), &[&format!("jump {target}")]);
-    }
+    t.chains.insert(name.to_owned(), chain);
+}
+
+/// The main table's hooks and chains.
+fn main_chains(t: &mut Table) {
+    fixed(
+        t,
+        "nat-postrouting",
+        Some("type nat hook postrouting priority srcnat; policy accept;".to_owned()),
+        &["jump KUBE-POSTROUTING"],
+    );
     for hook in ["input", "forward", "output"] {
         let spec = format!("type filter hook {hook} priority filter; policy accept;");
-        fixed(&format!("filter-{hook}"), Some(spec), &["jump KUBE-FILTER"]);
+        fixed(
+            t,
+            &format!("filter-{hook}"),
+            Some(spec),
+            &["jump KUBE-FILTER"],
+        );
     }
     fixed(
+        t,
         "KUBE-FILTER",
         None,
         &[
@@ -354,6 +397,31 @@ fn fixed_chains(t: &mut Table, addr: &str) {
         ],
     );
     fixed(
+        t,
+        "KUBE-POSTROUTING",
+        None,
+        &[
+            "meta mark & 0x00004000 == 0x00000000 return",
+            "meta mark set meta mark ^ 0x00004000",
+            "masquerade fully-random",
+        ],
+    );
+}
+
+/// A Service table's nat hooks, dispatch chains and mark chains. Marks cross tables:
+/// the main table's filter and postrouting hooks act on them. At a nat hook the kernel
+/// runs the nat chains of every table in turn until one translates the connection, so
+/// each new connection looks a Service up in each table until it is found.
+fn shard_chains(t: &mut Table, addr: &str) {
+    for (name, hook, priority) in [
+        ("nat-prerouting", "prerouting", "dstnat"),
+        ("nat-output", "output", "-100"),
+    ] {
+        let hook = format!("type nat hook {hook} priority {priority}; policy accept;");
+        fixed(t, name, Some(hook), &["jump KUBE-SERVICES"]);
+    }
+    fixed(
+        t,
         "KUBE-SERVICES",
         None,
         &[
@@ -362,6 +430,7 @@ fn fixed_chains(t: &mut Table, addr: &str) {
         ],
     );
     fixed(
+        t,
         "KUBE-NODEPORTS",
         None,
         &["meta l4proto . th dport vmap @service-nodeports"],
@@ -385,20 +454,30 @@ fn fixed_chains(t: &mut Table, addr: &str) {
             .map(|c| format!("counter name \"{c}\" "))
             .unwrap_or_default();
         fixed(
+            t,
             name,
             None,
             &[&format!("{count}meta mark set meta mark | {mark}")],
         );
     }
-    fixed(
-        "KUBE-POSTROUTING",
-        None,
-        &[
-            "meta mark & 0x00004000 == 0x00000000 return",
-            "meta mark set meta mark ^ 0x00004000",
-            "masquerade fully-random",
-        ],
-    );
+}
+
+/// The Service table a Service's chains go to: a fixed hash of its namespace and name,
+/// so its ports share one table and the table never changes between runs or versions.
+#[must_use]
+pub fn shard_of(service: &ServicePortName) -> usize {
+    // FNV-1a.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in service
+        .namespace
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(service.name.bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    usize::try_from(hash % super::table::SHARDS as u64).unwrap_or(0)
 }
 
 /// One endpoint among `backends`, uniformly: kube-proxy's iptables cascade, or a vmap
@@ -559,17 +638,47 @@ fn external_chains(group: &Group, family: Family, t: &mut Table) {
 
 #[cfg(test)]
 mod tests {
-    use crate::model::DesiredState;
+    use super::{shard_of, shard_table, Family};
+    use crate::model::{DesiredState, ServicePortName};
 
     #[test]
     fn overlapping_cluster_cidrs_become_one_interval() {
         let cidrs = ["10.0.0.0/8", "10.244.0.0/16", "10.244.1.5/16", "fd00::/64"]
             .map(|c| c.parse().unwrap());
-        let [v4, v6] = super::build(&DesiredState::default(), &cidrs);
+        let [v4, v6] = [false, true].map(|v6| shard_table(&cidrs, Family { v6 }, 3));
         let elements = |t: &super::Table| -> Vec<String> {
             t.sets["cluster-cidrs"].elements.keys().cloned().collect()
         };
         assert_eq!(elements(&v4), ["10.0.0.0/8"]);
         assert_eq!(elements(&v6), ["fd00::/64"]);
+    }
+
+    #[test]
+    fn no_service_loads_the_main_tables_only() {
+        let tables = super::build(&DesiredState::default(), &[]);
+        let names: Vec<_> = tables.iter().map(super::Table::key).collect();
+        assert_eq!(
+            names,
+            [
+                ("ip", "proxy-agent".to_owned()),
+                ("ip6", "proxy-agent".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_services_ports_share_a_table_that_never_changes() {
+        let port = |name: &str, port: &str| ServicePortName {
+            namespace: "default".into(),
+            name: name.into(),
+            port: port.into(),
+        };
+        assert_eq!(
+            shard_of(&port("echo", "http")),
+            shard_of(&port("echo", "dns"))
+        );
+        // Fixed forever: a restarted or upgraded agent finds each Service where it was.
+        assert_eq!(shard_of(&port("echo", "http")), 10);
+        assert_eq!(shard_of(&port("kube-dns", "")), 8);
     }
 }

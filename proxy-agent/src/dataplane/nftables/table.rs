@@ -6,8 +6,39 @@ use std::fmt::Write;
 
 use imbl::OrdMap;
 
-/// Our tables' name, in the `ip` and `ip6` families.
+/// The main table's name, in the `ip` and `ip6` families: the filter and postrouting
+/// hooks, which act on the marks the Service tables set.
 pub const TABLE: &str = "proxy-agent";
+
+/// Services are spread over this many tables of their own (`proxy-agent-svc-00` …),
+/// each with its own nat hooks: the kernel validates a whole table on every commit that
+/// adds a jump or a DNAT (`nf_tables_validate`), so a change costs the validation of one
+/// sixteenth of the Services. A table with no Service in it is not loaded.
+pub const SHARDS: usize = 16;
+
+/// The name of Service table `shard`.
+#[must_use]
+pub fn shard_name(shard: usize) -> String {
+    format!("{TABLE}-svc-{shard:02}")
+}
+
+/// Whether a table of that name is one of ours (the main table or a Service table).
+#[must_use]
+pub fn is_ours(name: &str) -> bool {
+    name == TABLE
+        || name
+            .strip_prefix(TABLE)
+            .and_then(|rest| rest.strip_prefix("-svc-"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Every table name of ours, main first.
+#[must_use]
+pub fn all_names() -> Vec<String> {
+    std::iter::once(TABLE.to_owned())
+        .chain((0..SHARDS).map(shard_name))
+        .collect()
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Chain {
@@ -94,10 +125,12 @@ impl Set {
 pub struct Table {
     /// `ip` or `ip6`.
     pub family: &'static str,
+    /// [`TABLE`] or a [`shard_name`].
+    pub name: String,
     pub comment: String,
     pub sets: OrdMap<String, Set>,
     pub chains: OrdMap<String, Chain>,
-    /// Named counters (fixed: declared by full loads only, never changed by a sync).
+    /// Named counters (fixed: declared with the table, never changed by a sync).
     pub counters: Vec<&'static str>,
 }
 
@@ -107,19 +140,28 @@ pub const COUNTER_DROP_NO_LOCAL_ENDPOINTS: &str = "drop-no-local-endpoints";
 pub const COUNTER_DROP_SOURCE_RANGE: &str = "drop-source-range";
 
 impl Table {
+    /// An empty table with no counters.
     #[must_use]
-    pub fn new(family: &'static str) -> Self {
+    pub fn new(family: &'static str, name: String, comment: &str) -> Self {
         Self {
             family,
-            comment: "rules for proxy-agent (kube-proxy replacement)".to_owned(),
+            name,
+            comment: comment.to_owned(),
             sets: OrdMap::new(),
             chains: OrdMap::new(),
-            counters: vec![
-                COUNTER_DROP_NO_LOCAL_ENDPOINTS,
-                COUNTER_DROP_SOURCE_RANGE,
-                COUNTER_REJECT_NO_ENDPOINTS,
-            ],
+            counters: Vec::new(),
         }
+    }
+
+    /// The verdict counters a Service table declares.
+    #[must_use]
+    pub fn with_counters(mut self) -> Self {
+        self.counters = vec![
+            COUNTER_DROP_NO_LOCAL_ENDPOINTS,
+            COUNTER_DROP_SOURCE_RANGE,
+            COUNTER_REJECT_NO_ENDPOINTS,
+        ];
+        self
     }
 
     /// The table in `nft -f` block syntax (sets first, so rules can name them).
@@ -136,7 +178,7 @@ impl Table {
     /// # Errors
     /// When `t` refuses the text.
     pub fn write_text(&self, t: &mut dyn Write) -> std::fmt::Result {
-        writeln!(t, "table {} {TABLE} {{", self.family)?;
+        writeln!(t, "table {} {} {{", self.family, self.name)?;
         writeln!(t, "\tcomment \"{}\"", self.comment)?;
         for name in &self.counters {
             writeln!(t, "\tcounter {name} {{\n\t}}")?;
@@ -187,9 +229,9 @@ impl Table {
             let _ = write!(spec, " comment \"{comment}\";");
         }
         if spec.is_empty() {
-            format!("add chain {} {TABLE} {name}", self.family)
+            format!("add chain {} {} {name}", self.family, self.name)
         } else {
-            format!("add chain {} {TABLE} {name} {{{spec} }}", self.family)
+            format!("add chain {} {} {name} {{{spec} }}", self.family, self.name)
         }
     }
 
@@ -197,9 +239,10 @@ impl Table {
     #[must_use]
     pub fn add_set(&self, name: &str, set: &Set) -> String {
         format!(
-            "add {} {} {TABLE} {name} {{ {}; }}",
+            "add {} {} {} {name} {{ {}; }}",
             set.kind,
             self.family,
+            self.name,
             set.decl.join("; ")
         )
     }

@@ -14,13 +14,14 @@ use std::{
 
 use netlink_sys::{Socket, SocketAddr};
 
-use super::{table::TABLE, NftError};
+use super::{table::is_ours, NftError};
 use crate::netlink::{attr, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST};
 
 const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
+const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
@@ -294,12 +295,20 @@ fn message(statement: &str) -> Option<Message> {
     let mut parts = statement.splitn(5, ' ');
     let (verb, object, family, table) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let rest = parts.next()?;
-    if table != TABLE {
+    if !is_ours(table) {
         return None;
     }
     let family_id = family_number(family)?;
-    let table_attr = string(1, TABLE);
+    let table_attr = string(1, table);
+    let Some(rest) = parts.next() else {
+        // `delete table ip NAME`: a Service table left with no Service.
+        return ((verb, object) == ("delete", "table")).then_some(Message {
+            kind: (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELTABLE,
+            flags: 0,
+            family: family_id,
+            attrs: table_attr,
+        });
+    };
     let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
     let (kind, flags, attrs) = match (verb, object) {
         ("add", "chain") => {
@@ -546,6 +555,10 @@ mod tests {
         )
         .is_none());
         assert!(message("add chain ip proxy-agent X { comment \"a/b:c\"; }").is_some());
+        assert!(message("add chain ip proxy-agent-svc-07 X").is_some());
+        assert!(message("delete table ip proxy-agent-svc-07").is_some());
+        assert!(message("delete table ip other-table").is_none());
+        assert!(message("table ip proxy-agent-svc-07 {\n}").is_none());
         assert!(encode(&["add chain ip other-table X".to_owned()]).is_none());
     }
 
