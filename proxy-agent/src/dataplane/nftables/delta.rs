@@ -4,7 +4,7 @@
 //! comparison skips what they share. Chains that are no longer wanted are flushed at
 //! once and deleted one sync later, when nothing can refer to them any more; affinity
 //! sets keep their elements.
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use imbl::ordmap::DiffItem;
 
@@ -38,15 +38,19 @@ fn names_any(chain: &Chain, sets: &BTreeSet<&String>) -> bool {
     })
 }
 
-/// The statements from `kernel` to `desired`. `stale` holds the chains flushed by an
-/// earlier sync (present, empty, in `kernel`): they are deleted now unless wanted
-/// again; the chains this sync drops are flushed and returned as the new `stale`.
+/// The statements from `kernel` to `desired`. Where `desired` keeps a chain's digest
+/// only, its text is in `fresh` (every chain rendered since `kernel` was). `stale` holds
+/// the chains flushed by an earlier sync (present, empty, in `kernel`): they are deleted
+/// now unless wanted again; the chains this sync drops are flushed and returned as the
+/// new `stale`.
 #[must_use]
-pub fn delta(
+pub fn delta<S: std::hash::BuildHasher>(
     kernel: &Table,
     desired: &Table,
+    fresh: &HashMap<String, Chain, S>,
     stale: &BTreeSet<String>,
 ) -> (Transaction, BTreeSet<String>) {
+    let text = |name: &str| fresh.get(name).unwrap_or(&desired.chains[name]);
     let (family, table) = (desired.family, &desired.name);
     // Sets whose declaration changed are recreated; every chain naming them is refilled.
     let redeclared: BTreeSet<&String> = kernel
@@ -61,14 +65,14 @@ pub fn delta(
     let mut newly_stale = BTreeSet::new();
     for item in kernel.chains.diff(&desired.chains) {
         match item {
-            DiffItem::Add(name, chain) => {
-                declare.push(desired.add_chain(name, chain));
+            DiffItem::Add(name, _) => {
+                declare.push(desired.add_chain(name, text(name)));
                 refill.insert(name);
             }
             DiffItem::Update { old, new } => {
                 let (name, old, chain) = (new.0, old.1, new.1);
                 if old.comment != chain.comment || old.hook != chain.hook {
-                    declare.push(desired.add_chain(name, chain));
+                    declare.push(desired.add_chain(name, text(name)));
                 }
                 if old.rules != chain.rules {
                     refill.insert(name);
@@ -109,7 +113,7 @@ pub fn delta(
     }
     sets(kernel, desired, &redeclared, &mut tx);
     for name in &refill {
-        for rule in &desired.chains[*name].rules {
+        for rule in &text(name).rules {
             tx.statements
                 .push(format!("add rule {family} {table} {name} {rule}"));
         }

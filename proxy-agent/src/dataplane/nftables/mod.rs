@@ -143,7 +143,13 @@ impl NftablesDataplane {
     /// Commits `pending`: as one netlink batch when every statement is in the wire
     /// grammar, else through `nft -f`. True when the tables were replaced (the
     /// fallback) rather than loaded over.
-    fn commit(&mut self, pending: &mut Pending, tables: &[table::Table]) -> Result<bool, NftError> {
+    fn commit(&mut self, pending: &mut Pending, programmed: &Programmed) -> Result<bool, NftError> {
+        let tables = &programmed.live;
+        let write = |table: &table::Table, out: &mut dyn std::fmt::Write| {
+            programmed
+                .rendered
+                .write_table(table, &programmed.from, out)
+        };
         if let (None, Some(wire)) = (&pending.full, self.wire.as_mut()) {
             if let Some(batch) = wire::encode(&pending.statements) {
                 wire.commit(&batch)?;
@@ -153,7 +159,7 @@ impl NftablesDataplane {
         }
         let loaded = match &pending.full {
             Some(existing) => load_streamed_in(self.netns.as_deref(), |out| {
-                ruleset::write_full_keeping(tables, existing, out)
+                ruleset::write_full_keeping(tables, existing, &write, out)
             })
             .map(|lines| pending.ops = lines),
             None => load_in(self.netns.as_deref(), &pending.text),
@@ -161,7 +167,7 @@ impl NftablesDataplane {
         let replaced = match (loaded, pending.over_existing()) {
             (Err(error), true) => {
                 warn!(%error, "cannot load over the tables there; replacing them (affinity is forgotten)");
-                load_in(self.netns.as_deref(), &ruleset::full_text(tables))?;
+                load_in(self.netns.as_deref(), &ruleset::full_text(tables, &write))?;
                 true
             }
             (loaded, _) => loaded.map(|()| false)?,
@@ -223,6 +229,7 @@ impl NftablesDataplane {
         };
         let mut rendered = kernel.rendered;
         rendered.update(&kernel.from, desired);
+        let fresh = rendered.take_fresh();
         let live = rendered.live();
         // The kernel holds the tables last programmed plus their stale chains, empty.
         let mut held: BTreeMap<TableKey, table::Table> = BTreeMap::new();
@@ -239,11 +246,13 @@ impl NftablesDataplane {
             let key = table.key();
             let Some(before) = held.remove(&key) else {
                 // A Service table that was empty: created whole (through `nft -f`).
-                statements.push(table.text());
+                let mut whole = String::new();
+                let _ = rendered.write_table(table, desired, &mut whole);
+                statements.push(whole);
                 continue;
             };
             let was_stale = kernel.stale.get(&key).unwrap_or(&no_stale);
-            let (tx, flushed) = delta::delta(&before, table, was_stale);
+            let (tx, flushed) = delta::delta(&before, table, &fresh, was_stale);
             statements.extend(tx.statements);
             if !flushed.is_empty() {
                 stale.insert(key, flushed);
@@ -292,7 +301,7 @@ impl super::Dataplane for NftablesDataplane {
         let old = self.kernel.as_ref().map(|k| k.from.clone());
         let (mut pending, mut programmed) = self.transaction(desired);
         if !pending.is_empty() {
-            match self.commit(&mut pending, &programmed.live) {
+            match self.commit(&mut pending, &programmed) {
                 // No stale chains are left in tables made anew.
                 Ok(true) => programmed.stale = BTreeMap::default(),
                 Ok(false) => {}

@@ -16,7 +16,7 @@ use super::{
         element, group_chains, main_table, shard_of, shard_table, Element, Family, Group,
         NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
     },
-    table::{Table, SHARDS},
+    table::{write_chain, Chain, Rules, Table, SHARDS},
 };
 use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
 
@@ -35,12 +35,8 @@ fn slot_of(group: &GroupKey) -> usize {
     usize::from(group.0) * PER_FAMILY + 1 + shard_of(&group.1)
 }
 
-/// The chains and sets one group put into its table.
-#[derive(Clone, Debug, Default)]
-struct Owned {
-    chains: Vec<String>,
-    sets: Vec<String>,
-}
+/// The names of the chains and sets one group puts into its table.
+type Owned = (Vec<String>, Vec<String>);
 
 #[derive(Clone, Debug)]
 pub struct Rendered {
@@ -50,18 +46,25 @@ pub struct Rendered {
     /// Service ports in each table.
     groups: Vec<usize>,
     cidrs_present: [bool; 2],
+    /// Each Service port's frontends (a port with none has nothing in the tables).
     members: HashMap<GroupKey, BTreeSet<FrontendKey>>,
-    owned: HashMap<GroupKey, Owned>,
     /// NodePort frontends per (table, node address) (the `nodeport-ips` element stays
     /// while any).
     nodeport_ips: HashMap<(usize, IpAddr), usize>,
     /// The `service-nodeports` element of each (table, `proto . port`), by the frontends
     /// that ask for it: the last by (Service port, key) wins, as in a full build.
     nodeports: BTreeMap<(usize, String), BTreeMap<(ServicePortName, FrontendKey), String>>,
+    /// Chains keep their text (`render`, tests), not only its digest.
+    text: bool,
+    /// The chains the last [`Self::update`] rendered, with their text (for the partial
+    /// transaction that writes them).
+    fresh: HashMap<String, Chain>,
+    /// Whether to keep `fresh` (not while building whole tables).
+    stash: bool,
 }
 
 impl Rendered {
-    /// Tables with no Service in them.
+    /// Tables with no Service in them, whose Service chains will be kept as digests.
     #[must_use]
     pub fn empty(cluster_cidrs: &[IpNet]) -> Self {
         let mut tables = Vec::with_capacity(2 * PER_FAMILY);
@@ -81,18 +84,79 @@ impl Rendered {
             tables,
             cidrs_present,
             members: HashMap::new(),
-            owned: HashMap::new(),
             nodeport_ips: HashMap::new(),
             nodeports: BTreeMap::new(),
+            text: false,
+            fresh: HashMap::new(),
+            stash: true,
         }
     }
 
-    /// The tables for `desired`, built from empty ones.
+    /// The tables for `desired`, built from empty ones, Service chains as digests.
     #[must_use]
     pub fn full(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Self {
         let mut rendered = Self::empty(cluster_cidrs);
+        rendered.stash = false;
+        rendered.update(&DesiredState::default(), desired);
+        rendered.stash = true;
+        rendered
+    }
+
+    /// [`Self::full`] with every chain's text.
+    #[must_use]
+    pub fn full_text(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Self {
+        let mut rendered = Self::empty(cluster_cidrs);
+        rendered.text = true;
         rendered.update(&DesiredState::default(), desired);
         rendered
+    }
+
+    /// The chains the last [`Self::update`] rendered, with their text.
+    pub fn take_fresh(&mut self) -> HashMap<String, Chain> {
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// One of [`Self::live`]'s tables whole, its Service chains rendered again from
+    /// `desired` (what the tables were rendered from), one Service port at a time.
+    ///
+    /// # Errors
+    /// When `out` refuses the text.
+    pub fn write_table(
+        &self,
+        table: &Table,
+        desired: &DesiredState,
+        out: &mut dyn std::fmt::Write,
+    ) -> std::fmt::Result {
+        table.write_open(out)?;
+        for (name, chain) in &table.chains {
+            if !matches!(chain.rules, Rules::Digest(_)) {
+                write_chain(out, name, chain)?;
+            }
+        }
+        let Some(at) = self.tables.iter().position(|t| t.key() == table.key()) else {
+            return out.write_str("}\n");
+        };
+        let mut groups: Vec<&GroupKey> = self
+            .members
+            .keys()
+            .filter(|group| slot_of(group) == at)
+            .collect();
+        groups.sort();
+        for group in groups {
+            let Some(scratch) = self.render_group(group, desired) else {
+                continue;
+            };
+            for (name, chain) in &scratch.chains {
+                if table
+                    .chains
+                    .get(name)
+                    .is_some_and(|c| matches!(c.rules, Rules::Digest(_)))
+                {
+                    write_chain(out, name, chain)?;
+                }
+            }
+        }
+        out.write_str("}\n")
     }
 
     /// The tables to program: per family the main table, then each Service table that
@@ -111,24 +175,45 @@ impl Rendered {
     /// Follows the frontends that differ from `old` (what the tables were rendered
     /// from) to `new`, names included.
     pub fn update(&mut self, old: &DesiredState, new: &DesiredState) {
-        let mut dirty = BTreeSet::new();
-        for item in old.frontends.diff(&new.frontends) {
-            let (key, before, after) = match item {
+        let changes: Vec<_> = old
+            .frontends
+            .diff(&new.frontends)
+            .map(|item| match item {
                 DiffItem::Add(k, f) => (k, None, Some(f)),
                 DiffItem::Remove(k, f) => (k, Some(f), None),
                 DiffItem::Update { old, new } => (old.0, Some(old.1), Some(new.1)),
-            };
+            })
+            .collect();
+        let mut dirty = BTreeSet::new();
+        for (key, before, after) in &changes {
+            dirty.extend(before.map(|f| group_of(key, f)));
+            dirty.extend(after.map(|f| group_of(key, f)));
+        }
+        // The names each changed port put into its table, rendered again from `old`
+        // while the memberships are still those (kept, they would cost as much again as
+        // the chains' digests).
+        let owned: Vec<(GroupKey, Option<Owned>)> = dirty
+            .into_iter()
+            .map(|group| {
+                let names = self.render_group(&group, old).map(|t| {
+                    (
+                        t.chains.keys().cloned().collect(),
+                        t.sets.keys().cloned().collect(),
+                    )
+                });
+                (group, names)
+            })
+            .collect();
+        for (key, before, after) in changes {
             if let Some(before) = before {
                 self.withdraw(key, before);
-                dirty.insert(group_of(key, before));
             }
             if let Some(after) = after {
                 self.place(key, after);
-                dirty.insert(group_of(key, after));
             }
         }
-        for group in dirty {
-            self.rebuild(group, new);
+        for (group, names) in owned {
+            self.rebuild(&group, names.as_ref(), new);
         }
     }
 
@@ -206,53 +291,75 @@ impl Rendered {
         }
     }
 
-    /// Replaces the chains and sets of one group with those its frontends in `desired`
-    /// make.
-    fn rebuild(&mut self, group: GroupKey, desired: &DesiredState) {
-        let (v6, at) = (group.0, slot_of(&group));
-        if let Some(owned) = self.owned.remove(&group) {
+    /// Replaces the chains and sets one group put into its table (`owned`) with those
+    /// its frontends in `desired` make.
+    fn rebuild(&mut self, group: &GroupKey, owned: Option<&Owned>, desired: &DesiredState) {
+        let at = slot_of(group);
+        if let Some((chains, sets)) = owned {
             self.groups[at] -= 1;
             let table = &mut self.tables[at];
-            for chain in &owned.chains {
+            for chain in chains {
                 table.chains.remove(chain);
             }
-            for set in &owned.sets {
+            for set in sets {
                 table.sets.remove(set);
             }
         }
+        let Some(scratch) = self.render_group(group, desired) else {
+            self.members.remove(group);
+            return;
+        };
+        for (name, chain) in scratch.chains {
+            let kept = if self.text {
+                chain.clone()
+            } else {
+                // The declarations of the group's sets the chain names go into its digest.
+                let named: Vec<String> = scratch
+                    .sets
+                    .iter()
+                    .filter(|(set, _)| chain.rules.iter().any(|r| r.contains(&format!("@{set}"))))
+                    .map(|(set, decl)| format!("{set} {}", decl.decl.join("; ")))
+                    .collect();
+                let named: Vec<&str> = named.iter().map(String::as_str).collect();
+                Chain {
+                    hook: chain.hook.clone(),
+                    comment: None,
+                    rules: chain.rules.digest(&named),
+                }
+            };
+            if !self.text && self.stash {
+                self.fresh.insert(name.clone(), chain);
+            }
+            self.tables[at].chains.insert(name, kept);
+        }
+        for (name, set) in scratch.sets {
+            self.tables[at].sets.insert(name, set);
+        }
+        self.groups[at] += 1;
+    }
+
+    /// The chains and sets of one group's frontends in `desired` (`None`: no frontend).
+    fn render_group(&self, group: &GroupKey, desired: &DesiredState) -> Option<Table> {
+        let v6 = group.0;
+        let mut scratch = Table::new(family_name(v6), String::new(), "");
         let frontends: Vec<(FrontendKey, Arc<Frontend>)> = self
             .members
-            .get(&group)
+            .get(group)
             .into_iter()
             .flatten()
             .filter_map(|key| Some((*key, desired.frontends.get(key)?.clone())))
             .collect();
         if frontends.is_empty() {
-            self.members.remove(&group);
-            return;
+            return None;
         }
         let refs = frontends.iter().map(|(k, f)| (k, f.as_ref())).collect();
-        let family = Family { v6 };
-        let mut scratch = Table::new(family_name(v6), String::new(), "");
         group_chains(
-            &as_group(&group, refs),
+            &as_group(group, refs),
             self.cidrs_present[usize::from(v6)],
-            family,
+            Family { v6 },
             &mut scratch,
         );
-        let owned = Owned {
-            chains: scratch.chains.keys().cloned().collect(),
-            sets: scratch.sets.keys().cloned().collect(),
-        };
-        let table = &mut self.tables[at];
-        for (name, chain) in scratch.chains {
-            table.chains.insert(name, chain);
-        }
-        for (name, set) in scratch.sets {
-            table.sets.insert(name, set);
-        }
-        self.owned.insert(group, owned);
-        self.groups[at] += 1;
+        Some(scratch)
     }
 }
 

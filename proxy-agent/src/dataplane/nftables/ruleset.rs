@@ -84,23 +84,28 @@ fn endpoint(backend: &Backend) -> String {
 /// transaction.
 #[must_use]
 pub fn render(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> String {
-    full_text(&build(desired, cluster_cidrs))
+    full_text(&build(desired, cluster_cidrs), &|table, out| {
+        table.write_text(out)
+    })
 }
 
-/// The tables for a desired state: per family the main table, then each Service table
-/// that holds a Service (the full build; `Rendered` keeps them current change by
-/// change).
+/// The tables for a desired state, every chain with its text: per family the main
+/// table, then each Service table that holds a Service (the full build; `Rendered`
+/// keeps them current change by change).
 #[must_use]
 pub fn build(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Vec<Table> {
-    super::rendered::Rendered::full(desired, cluster_cidrs).live()
+    super::rendered::Rendered::full_text(desired, cluster_cidrs).live()
 }
+
+/// Writes one table whole (its chains' text made again where only digests are kept).
+pub type WriteTable<'a> = dyn Fn(&Table, &mut dyn std::fmt::Write) -> std::fmt::Result + 'a;
 
 /// Replaces every table of ours with `tables`.
 #[must_use]
-pub fn full_text(tables: &[Table]) -> String {
+pub fn full_text(tables: &[Table], write: &WriteTable) -> String {
     let mut out = removal();
     for table in tables {
-        let _ = table.write_text(&mut out);
+        let _ = write(table, &mut out);
     }
     out
 }
@@ -169,6 +174,7 @@ impl Existing {
 pub fn write_full_keeping(
     tables: &[Table],
     existing: &BTreeMap<TableKey, Existing>,
+    write: &WriteTable,
     out: &mut dyn std::fmt::Write,
 ) -> std::fmt::Result {
     let wanted: BTreeSet<TableKey> = tables.iter().map(Table::key).collect();
@@ -179,7 +185,7 @@ pub fn write_full_keeping(
         let (family, name) = (table.family, &table.name);
         let Some(existing) = existing.get(&table.key()) else {
             out.write_str(&removal_of(family, name))?;
-            table.write_text(out)?;
+            write(table, out)?;
             continue;
         };
         // Every chain's rules in one statement (set elements stay): one `flush chain`
@@ -196,7 +202,7 @@ pub fn write_full_keeping(
                 None => writeln!(out, "delete {kind} {family} {name} {set_name}")?,
             }
         }
-        table.write_text(out)?;
+        write(table, out)?;
     }
     Ok(())
 }

@@ -48,20 +48,55 @@ pub struct Chain {
     pub rules: Rules,
 }
 
-/// A chain's rules, one a line, in one allocation of exactly their size: rules are kept
-/// for as long as they are programmed (220 000 at 10 000 Services), and are compared,
-/// written and replaced as a chain's whole, never one by one.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Rules(Box<str>);
+/// A chain's rules: their text, one rule a line in one allocation of exactly its size,
+/// or only a digest of it. The tables a sync keeps hold digests (a chain's text is
+/// made again when it is written), so what they cost stays small at any scale; rules
+/// are compared, written and replaced as a chain's whole, never one by one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rules {
+    Text(Box<str>),
+    /// A hash of the text and of the declarations of the sets it names (0: no rule).
+    Digest(u64),
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self::Text(Box::default())
+    }
+}
 
 impl Rules {
+    /// The rules, one by one (none for a digest).
     pub fn iter(&self) -> std::str::Lines<'_> {
-        self.0.lines()
+        match self {
+            Self::Text(text) => text.lines(),
+            Self::Digest(_) => "".lines(),
+        }
     }
 
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        match self {
+            Self::Text(text) => text.is_empty(),
+            Self::Digest(hash) => *hash == 0,
+        }
+    }
+
+    /// The digest of these rules, with `also` (the declarations of the sets they name:
+    /// a set declared anew makes every chain naming it be written again).
+    #[must_use]
+    pub fn digest(&self, also: &[&str]) -> Self {
+        use std::hash::{Hash, Hasher};
+        match self {
+            Self::Text(text) if text.is_empty() => Self::Digest(0),
+            Self::Text(text) => {
+                let mut hasher = std::hash::DefaultHasher::new();
+                text.hash(&mut hasher);
+                also.hash(&mut hasher);
+                Self::Digest(hasher.finish() | 1)
+            }
+            Self::Digest(_) => self.clone(),
+        }
     }
 }
 
@@ -83,8 +118,26 @@ impl<S: AsRef<str>> FromIterator<S> for Rules {
             }
             text.push_str(rule.as_ref());
         }
-        Self(text.into_boxed_str())
+        Self::Text(text.into_boxed_str())
     }
+}
+
+/// One chain in `nft -f` block syntax.
+///
+/// # Errors
+/// When `t` refuses the text.
+pub fn write_chain(t: &mut dyn Write, name: &str, chain: &Chain) -> std::fmt::Result {
+    writeln!(t, "\tchain {name} {{")?;
+    if let Some(hook) = &chain.hook {
+        writeln!(t, "\t\t{hook}")?;
+    }
+    if let Some(comment) = &chain.comment {
+        writeln!(t, "\t\tcomment \"{comment}\"")?;
+    }
+    for rule in &chain.rules {
+        writeln!(t, "\t\t{rule}")?;
+    }
+    writeln!(t, "\t}}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,11 +226,25 @@ impl Table {
     }
 
     /// [`Self::text`] appended to `t` (a full load is tens of MiB at 10 000 Services:
-    /// written once, not built and then copied).
+    /// written once, not built and then copied). Chains held as digests are left out.
     ///
     /// # Errors
     /// When `t` refuses the text.
     pub fn write_text(&self, t: &mut dyn Write) -> std::fmt::Result {
+        self.write_open(t)?;
+        for (name, chain) in &self.chains {
+            if !matches!(chain.rules, Rules::Digest(_)) {
+                write_chain(t, name, chain)?;
+            }
+        }
+        t.write_str("}\n")
+    }
+
+    /// The table's opening line, counters and sets: chains follow, then `}`.
+    ///
+    /// # Errors
+    /// When `t` refuses the text.
+    pub fn write_open(&self, t: &mut dyn Write) -> std::fmt::Result {
         writeln!(t, "table {} {} {{", self.family, self.name)?;
         writeln!(t, "\tcomment \"{}\"", self.comment)?;
         for name in &self.counters {
@@ -202,20 +269,7 @@ impl Table {
             }
             writeln!(t, "\t}}")?;
         }
-        for (name, chain) in &self.chains {
-            writeln!(t, "\tchain {name} {{")?;
-            if let Some(hook) = &chain.hook {
-                writeln!(t, "\t\t{hook}")?;
-            }
-            if let Some(comment) = &chain.comment {
-                writeln!(t, "\t\tcomment \"{comment}\"")?;
-            }
-            for rule in &chain.rules {
-                writeln!(t, "\t\t{rule}")?;
-            }
-            writeln!(t, "\t}}")?;
-        }
-        t.write_str("}\n")
+        Ok(())
     }
 
     /// The `add chain` statement that declares `name` (hook and comment included).
