@@ -269,7 +269,10 @@ pub async fn spawn(
         let _ = ready_tx.send(Ok(()));
         run(client, node_name, tx).await
     };
-    let done = crate::background::spawn("kube-source", 2, watching)
+    // One thread: decoding is the work, and two workers handing the connections' reads
+    // to each other cost more in wake-ups than they gained (30 000 Services: start →
+    // programmed 4.0 s with two, 2.8-3.1 s with one).
+    let done = crate::background::spawn("kube-source", 1, watching)
         .map_err(|e| SourceError::Kube(format!("cannot start the source's threads: {e}")))?;
     ready
         .await
