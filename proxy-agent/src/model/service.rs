@@ -177,6 +177,12 @@ pub fn slim_service(service: Service) -> ServiceInfo {
         .filter(|_| info.policies.externally_accessible && info.policies.external_local);
     info.publish_not_ready_addresses = spec.publish_not_ready_addresses == Some(true);
     info.external_name = spec.external_name;
+    // Kept for the Service's life: collected vectors start with room for four.
+    info.cluster_ips.shrink_to_fit();
+    info.ports.shrink_to_fit();
+    info.external_ips.shrink_to_fit();
+    info.source_ranges.shrink_to_fit();
+    info.load_balancer_ips.shrink_to_fit();
     info
 }
 

@@ -215,6 +215,9 @@ pub fn slim_slice(slice: EndpointSlice) -> Slice {
         .collect();
     // Collected in place into the API endpoints' much larger buffer: give it back.
     endpoints.shrink_to_fit();
+    // A list parsed as text grows its arrays by doubling: one port holds room for four.
+    let mut ports = slice.ports.unwrap_or_default();
+    ports.shrink_to_fit();
     Slice {
         name: meta.name.unwrap_or_default(),
         namespace: meta.namespace.unwrap_or_default(),
@@ -227,7 +230,7 @@ pub fn slim_slice(slice: EndpointSlice) -> Slice {
             "IPv6" => "IPv6",
             _ => "FQDN",
         },
-        ports: slice.ports.unwrap_or_default(),
+        ports,
         endpoints,
     }
 }

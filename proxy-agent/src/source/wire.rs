@@ -1,10 +1,11 @@
 //! API objects as the watchers decode them off the wire: the metadata the agent reads,
-//! and the other top-level fields it reads as JSON values, each decoded later on its
-//! own. So `managedFields`, unread labels and annotations (`last-applied-configuration`
-//! is a whole copy of the object) are skipped by the parser instead of built as JSON
-//! trees and dropped, and one malformed field skips its object, never the page it came
-//! in. (Raw JSON text would be smaller still, but a watch event reaches the object
-//! through serde's buffered content, which cannot yield it.)
+//! and the other top-level fields it reads kept apart, each decoded later on its own. So
+//! `managedFields`, unread labels and annotations (`last-applied-configuration` is a
+//! whole copy of the object) are skipped by the parser instead of built as JSON trees
+//! and dropped, and one malformed field skips its object, never the page it came in. A
+//! field of a listed object is kept as its JSON text (decoded once, straight into its
+//! type); a watch event reaches the object through serde's buffered content, which
+//! cannot give text back, so there it is a JSON value.
 use std::{borrow::Cow, collections::BTreeMap, fmt};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -40,11 +41,53 @@ const KEPT_KEYS: [&str; 6] = [
 pub struct WireObject {
     #[serde(default, deserialize_with = "metadata")]
     pub metadata: ObjectMeta,
-    pub spec: Option<Value>,
-    pub status: Option<Value>,
-    pub address_type: Option<Value>,
-    pub endpoints: Option<Value>,
-    pub ports: Option<Value>,
+    pub spec: Option<Field>,
+    pub status: Option<Field>,
+    pub address_type: Option<Field>,
+    pub endpoints: Option<Field>,
+    pub ports: Option<Field>,
+}
+
+/// One top-level field, not yet decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Field {
+    /// Its JSON text (a list page: the parser hands over the text it skipped).
+    Text(Box<str>),
+    /// Its JSON value (a watch event's object, which comes through buffered content).
+    Value(Value),
+}
+
+/// serde_json's name for "give me the raw text" (its `raw_value` feature): a parser
+/// that honours it calls `visit_map` with this one key and the text; buffered content
+/// calls `visit_newtype_struct` with itself.
+const RAW_TEXT: &str = "$serde_json::private::RawValue";
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = Field;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+                match map.next_key::<Cow<'de, str>>()? {
+                    Some(key) if key == RAW_TEXT => {
+                        let text: String = map.next_value()?;
+                        Ok(Field::Text(text.into_boxed_str()))
+                    }
+                    _ => Err(serde::de::Error::custom("expected raw JSON text")),
+                }
+            }
+
+            fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
+                Value::deserialize(d).map(Field::Value)
+            }
+        }
+        d.deserialize_newtype_struct(RAW_TEXT, FieldVisitor)
+    }
 }
 
 impl WireObject {
@@ -60,10 +103,14 @@ impl WireObject {
 pub fn field<T: serde::de::DeserializeOwned>(
     kind: &str,
     name: &str,
-    value: Option<Value>,
+    value: Option<Field>,
 ) -> Result<T, String> {
-    serde_json::from_value(value.unwrap_or(Value::Null))
-        .map_err(|e| format!("does not decode as {kind}: {name}: {e}"))
+    match value {
+        Some(Field::Text(text)) => serde_json::from_str(&text),
+        Some(Field::Value(value)) => serde_json::from_value(value),
+        None => serde_json::from_value(Value::Null),
+    }
+    .map_err(|e| format!("does not decode as {kind}: {name}: {e}"))
 }
 
 impl Resource for WireObject {
@@ -192,10 +239,13 @@ mod tests {
             annotations.keys().collect::<Vec<_>>(),
             [ANNOTATION_TOPOLOGY_MODE]
         );
+        // A listed object keeps its fields as text, decoded later straight to a type.
         assert_eq!(
             object.spec,
-            Some(serde_json::json!({"clusterIP": "10.96.0.1"}))
+            Some(Field::Text(r#"{"clusterIP":"10.96.0.1"}"#.into()))
         );
+        let spec: Value = field("Service", "spec", object.spec).expect("spec");
+        assert_eq!(spec, serde_json::json!({"clusterIP": "10.96.0.1"}));
         assert!(object.endpoints.is_none());
     }
 
@@ -208,21 +258,30 @@ mod tests {
             panic!("{event:?}");
         };
         assert_eq!(object.metadata.resource_version.as_deref(), Some("7"));
-        assert_eq!(object.endpoints, Some(serde_json::json!([])));
+        let endpoints: Value = field("EndpointSlice", "endpoints", object.endpoints).expect("[]");
+        assert_eq!(endpoints, serde_json::json!([]));
     }
 
     #[test]
     fn a_bad_field_fails_alone() {
         let text = r#"{"metadata":{"name":"s","labels":null},"endpoints":[{"addresses":7}],
             "addressType":"IPv4"}"#;
-        let object: WireObject = serde_json::from_str(text).expect("the object still decodes");
-        assert!(object.metadata.labels.is_none());
-        let endpoints: Result<Vec<k8s_openapi::api::discovery::v1::Endpoint>, _> =
-            field("EndpointSlice", "endpoints", object.endpoints);
-        let error = endpoints.expect_err("bad addresses");
-        assert!(
-            error.starts_with("does not decode as EndpointSlice: endpoints:"),
-            "{error}"
-        );
+        let event = format!(r#"{{"type":"ADDED","object":{text}}}"#);
+        let kube::api::WatchEvent::Added(watched) =
+            serde_json::from_str::<kube::api::WatchEvent<WireObject>>(&event).expect("decodes")
+        else {
+            panic!("not ADDED");
+        };
+        let listed: WireObject = serde_json::from_str(text).expect("the object still decodes");
+        assert!(listed.metadata.labels.is_none());
+        for object in [listed, watched] {
+            let endpoints: Result<Vec<k8s_openapi::api::discovery::v1::Endpoint>, _> =
+                field("EndpointSlice", "endpoints", object.endpoints);
+            let error = endpoints.expect_err("bad addresses");
+            assert!(
+                error.starts_with("does not decode as EndpointSlice: endpoints:"),
+                "{error}"
+            );
+        }
     }
 }
