@@ -270,7 +270,7 @@ fn random_changes_followed_incrementally_end_where_a_full_rebuild_does() {
             );
         }
         let mut tracker = Tracker::new(&snapshot, node.clone());
-        // As the agent keeps them (Service chains as digests), and with every chain's text.
+        // As the agent keeps them (no Service chain), and with every chain's text.
         let mut rendered = Rendered::full(tracker.desired(), &cidrs);
         let mut rendered_text = Rendered::full_text(tracker.desired(), &cidrs);
         let mut writer = MapWriter::restore(MapContents::default()).unwrap();
@@ -292,11 +292,11 @@ fn random_changes_followed_incrementally_end_where_a_full_rebuild_does() {
             let at = format!("seed {seed} step {step}");
             assert_eq!(*tracker.desired(), full, "{at}: desired state");
             rendered.update(&programmed, tracker.desired());
-            rendered.take_fresh();
+            rendered.take_changes();
             rendered_text.update(&programmed, tracker.desired());
             assert!(
                 rendered.live() == Rendered::full(&full, &cidrs).live(),
-                "{at}: nftables tables (digests) differ from a full build"
+                "{at}: nftables tables (fixed chains, sets) differ from a full build"
             );
             assert!(
                 rendered_text.live() == ruleset::build(&full, &cidrs),

@@ -3,7 +3,7 @@
 //! stale chains are flushed, then deleted one sync later; and one endpoint change among
 //! 10 000 Services is a handful of statements.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::Arc,
 };
@@ -309,7 +309,7 @@ fn one_endpoint_change_among_10000_services_is_a_handful_of_statements() {
     );
     let mut changed = Vec::new();
     for (old, new) in before.iter().zip(&after) {
-        let (tx, stale) = delta::delta(old, new, &HashMap::new(), &BTreeSet::new());
+        let (tx, stale) = delta::delta(old, new, &BTreeSet::new());
         if tx.is_empty() {
             continue;
         }

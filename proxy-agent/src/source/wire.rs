@@ -57,7 +57,7 @@ pub enum Field {
     Value(Value),
 }
 
-/// serde_json's name for "give me the raw text" (its `raw_value` feature): a parser
+/// `serde_json`'s name for "give me the raw text" (its `raw_value` feature): a parser
 /// that honours it calls `visit_map` with this one key and the text; buffered content
 /// calls `visit_newtype_struct` with itself.
 const RAW_TEXT: &str = "$serde_json::private::RawValue";

@@ -4,7 +4,7 @@
 //! comparison skips what they share. Chains that are no longer wanted are flushed at
 //! once and deleted one sync later, when nothing can refer to them any more; affinity
 //! sets keep their elements.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use imbl::ordmap::DiffItem;
 
@@ -38,19 +38,18 @@ fn names_any(chain: &Chain, sets: &BTreeSet<&String>) -> bool {
     })
 }
 
-/// The statements from `kernel` to `desired`. Where `desired` keeps a chain's digest
-/// only, its text is in `fresh` (every chain rendered since `kernel` was). `stale` holds
-/// the chains flushed by an earlier sync (present, empty, in `kernel`): they are deleted
-/// now unless wanted again; the chains this sync drops are flushed and returned as the
-/// new `stale`.
+/// The statements from `kernel` to `desired`. `stale` holds the chains flushed by an
+/// earlier sync (present, empty, in `kernel`): they are deleted now unless wanted
+/// again; the chains this sync drops are flushed and returned as the new `stale`.
+/// Either table may hold only part of the chains (the fixed ones and those of the
+/// Service ports that changed): what neither holds is left as it is.
 #[must_use]
-pub fn delta<S: std::hash::BuildHasher>(
+pub fn delta(
     kernel: &Table,
     desired: &Table,
-    fresh: &HashMap<String, Chain, S>,
     stale: &BTreeSet<String>,
 ) -> (Transaction, BTreeSet<String>) {
-    let text = |name: &str| fresh.get(name).unwrap_or(&desired.chains[name]);
+    let text = |name: &str| &desired.chains[name];
     let (family, table) = (desired.family, &desired.name);
     // Sets whose declaration changed are recreated; every chain naming them is refilled.
     let redeclared: BTreeSet<&String> = kernel

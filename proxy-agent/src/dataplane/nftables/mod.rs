@@ -212,7 +212,9 @@ impl NftablesDataplane {
             let rendered = Rendered::full(desired, &self.cluster_cidrs);
             let live = rendered.live();
             let existing = self.existing();
-            let stale = ruleset::stale_chains(&live, &existing);
+            let stale = ruleset::stale_chains(&live, &existing, &|t| {
+                rendered.chain_names(&t.key(), desired)
+            });
             let pending = Pending {
                 ops: 0,
                 text: String::new(),
@@ -229,13 +231,23 @@ impl NftablesDataplane {
         };
         let mut rendered = kernel.rendered;
         rendered.update(&kernel.from, desired);
-        let fresh = rendered.take_fresh();
         let live = rendered.live();
+        // The changed Service ports' chains, before and after, by table: the tables keep
+        // the fixed chains only, so each side is compared with these added.
+        let mut changed: BTreeMap<TableKey, (Vec<_>, Vec<_>)> = BTreeMap::new();
+        for change in rendered.take_changes() {
+            let sides = changed.entry(change.table).or_default();
+            sides.0.extend(change.before);
+            sides.1.extend(change.after);
+        }
         // The kernel holds the tables last programmed plus their stale chains, empty.
         let mut held: BTreeMap<TableKey, table::Table> = BTreeMap::new();
         for mut table in kernel.live {
             for name in kernel.stale.get(&table.key()).into_iter().flatten() {
                 table.chains.insert(name.clone(), table::Chain::default());
+            }
+            if let Some((before, _)) = changed.get(&table.key()) {
+                table.chains.extend(before.iter().cloned());
             }
             held.insert(table.key(), table);
         }
@@ -252,7 +264,11 @@ impl NftablesDataplane {
                 continue;
             };
             let was_stale = kernel.stale.get(&key).unwrap_or(&no_stale);
-            let (tx, flushed) = delta::delta(&before, table, &fresh, was_stale);
+            let mut wanted = table.clone();
+            if let Some((_, after)) = changed.get(&key) {
+                wanted.chains.extend(after.iter().cloned());
+            }
+            let (tx, flushed) = delta::delta(&before, &wanted, was_stale);
             statements.extend(tx.statements);
             if !flushed.is_empty() {
                 stale.insert(key, flushed);

@@ -1,7 +1,8 @@
 //! Our tables kept current change by change: a changed frontend re-renders the chains
 //! of its Service port only (kube-proxy's per-Service chains), in its Service's table,
-//! and rewrites its own dispatch-map element, so a sync costs what changed, never the
-//! whole ruleset. A full build is the same steps from empty tables.
+//! before and after, and rewrites its own dispatch-map element, so a sync costs what
+//! changed, never the whole ruleset; the Service chains themselves are not kept. A full
+//! build is the same steps from empty tables.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
@@ -16,7 +17,7 @@ use super::{
         element, group_chains, main_table, shard_of, shard_table, Element, Family, Group,
         NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
     },
-    table::{write_chain, Chain, Rules, Table, SHARDS},
+    table::{write_chain, Chain, Table, SHARDS},
 };
 use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
 
@@ -35,9 +36,6 @@ fn slot_of(group: &GroupKey) -> usize {
     usize::from(group.0) * PER_FAMILY + 1 + shard_of(&group.1)
 }
 
-/// The names of the chains and sets one group puts into its table.
-type Owned = (Vec<String>, Vec<String>);
-
 #[derive(Clone, Debug)]
 pub struct Rendered {
     /// `ip` then `ip6`: each the main table, then the Service tables (all of them, empty
@@ -54,17 +52,26 @@ pub struct Rendered {
     /// The `service-nodeports` element of each (table, `proto . port`), by the frontends
     /// that ask for it: the last by (Service port, key) wins, as in a full build.
     nodeports: BTreeMap<(usize, String), BTreeMap<(ServicePortName, FrontendKey), String>>,
-    /// Chains keep their text (`render`, tests), not only its digest.
+    /// The tables hold the Service ports' chains (`render`, tests). Else they hold the
+    /// fixed chains only: the Service chains are made again whenever they are needed
+    /// (a changed port's, a full load's), so what they cost is never kept.
     text: bool,
-    /// The chains the last [`Self::update`] rendered, with their text (for the partial
-    /// transaction that writes them).
-    fresh: HashMap<String, Chain>,
-    /// Whether to keep `fresh` (not while building whole tables).
-    stash: bool,
+    /// The chains of each port the updates since the last [`Self::take_changes`] changed,
+    /// before and after (not while building whole tables).
+    changes: Vec<GroupChange>,
+    record: bool,
+}
+
+/// One Service port's chains in its table, before and after a change.
+#[derive(Clone, Debug)]
+pub struct GroupChange {
+    pub table: (&'static str, String),
+    pub before: Vec<(String, Chain)>,
+    pub after: Vec<(String, Chain)>,
 }
 
 impl Rendered {
-    /// Tables with no Service in them, whose Service chains will be kept as digests.
+    /// Tables with no Service in them, whose Service chains will not be kept.
     #[must_use]
     pub fn empty(cluster_cidrs: &[IpNet]) -> Self {
         let mut tables = Vec::with_capacity(2 * PER_FAMILY);
@@ -87,18 +94,18 @@ impl Rendered {
             nodeport_ips: HashMap::new(),
             nodeports: BTreeMap::new(),
             text: false,
-            fresh: HashMap::new(),
-            stash: true,
+            changes: Vec::new(),
+            record: true,
         }
     }
 
-    /// The tables for `desired`, built from empty ones, Service chains as digests.
+    /// The tables for `desired`, built from empty ones, without the Service chains.
     #[must_use]
     pub fn full(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Self {
         let mut rendered = Self::empty(cluster_cidrs);
-        rendered.stash = false;
+        rendered.record = false;
         rendered.update(&DesiredState::default(), desired);
-        rendered.stash = true;
+        rendered.record = true;
         rendered
     }
 
@@ -111,9 +118,25 @@ impl Rendered {
         rendered
     }
 
-    /// The chains the last [`Self::update`] rendered, with their text.
-    pub fn take_fresh(&mut self) -> HashMap<String, Chain> {
-        std::mem::take(&mut self.fresh)
+    /// The Service ports' chains the updates since the last call changed.
+    pub fn take_changes(&mut self) -> Vec<GroupChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Every Service chain's name in table `key` for `desired` (what the tables were
+    /// rendered from), made again.
+    #[must_use]
+    pub fn chain_names(&self, key: &(&'static str, String), desired: &DesiredState) -> Vec<String> {
+        let Some(at) = self.tables.iter().position(|t| t.key() == *key) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = self.tables[at].chains.keys().cloned().collect();
+        for group in self.members.keys().filter(|group| slot_of(group) == at) {
+            if let Some(scratch) = self.render_group(group, desired) {
+                names.extend(scratch.chains.keys().cloned());
+            }
+        }
+        names
     }
 
     /// One of [`Self::live`]'s tables whole, its Service chains rendered again from
@@ -127,11 +150,12 @@ impl Rendered {
         desired: &DesiredState,
         out: &mut dyn std::fmt::Write,
     ) -> std::fmt::Result {
+        if self.text {
+            return table.write_text(out);
+        }
         table.write_open(out)?;
         for (name, chain) in &table.chains {
-            if !matches!(chain.rules, Rules::Digest(_)) {
-                write_chain(out, name, chain)?;
-            }
+            write_chain(out, name, chain)?;
         }
         let Some(at) = self.tables.iter().position(|t| t.key() == table.key()) else {
             return out.write_str("}\n");
@@ -147,13 +171,7 @@ impl Rendered {
                 continue;
             };
             for (name, chain) in &scratch.chains {
-                if table
-                    .chains
-                    .get(name)
-                    .is_some_and(|c| matches!(c.rules, Rules::Digest(_)))
-                {
-                    write_chain(out, name, chain)?;
-                }
+                write_chain(out, name, chain)?;
             }
         }
         out.write_str("}\n")
@@ -189,19 +207,14 @@ impl Rendered {
             dirty.extend(before.map(|f| group_of(key, f)));
             dirty.extend(after.map(|f| group_of(key, f)));
         }
-        // The names each changed port put into its table, rendered again from `old`
-        // while the memberships are still those (kept, they would cost as much again as
-        // the chains' digests).
-        let owned: Vec<(GroupKey, Option<Owned>)> = dirty
+        // What each changed port put into its table, made again from `old` while the
+        // memberships are still those (never kept: they would cost as much as the
+        // chains themselves).
+        let owned: Vec<(GroupKey, Option<Table>)> = dirty
             .into_iter()
             .map(|group| {
-                let names = self.render_group(&group, old).map(|t| {
-                    (
-                        t.chains.keys().cloned().collect(),
-                        t.sets.keys().cloned().collect(),
-                    )
-                });
-                (group, names)
+                let before = self.render_group(&group, old);
+                (group, before)
             })
             .collect();
         for (key, before, after) in changes {
@@ -212,8 +225,8 @@ impl Rendered {
                 self.place(key, after);
             }
         }
-        for (group, names) in owned {
-            self.rebuild(&group, names.as_ref(), new);
+        for (group, before) in owned {
+            self.rebuild(&group, before.as_ref(), new);
         }
     }
 
@@ -291,49 +304,47 @@ impl Rendered {
         }
     }
 
-    /// Replaces the chains and sets one group put into its table (`owned`) with those
+    /// Replaces the chains and sets one group put into its table (`before`) with those
     /// its frontends in `desired` make.
-    fn rebuild(&mut self, group: &GroupKey, owned: Option<&Owned>, desired: &DesiredState) {
+    fn rebuild(&mut self, group: &GroupKey, before: Option<&Table>, desired: &DesiredState) {
         let at = slot_of(group);
-        if let Some((chains, sets)) = owned {
+        if let Some(before) = before {
             self.groups[at] -= 1;
             let table = &mut self.tables[at];
-            for chain in chains {
+            for chain in before.chains.keys() {
                 table.chains.remove(chain);
             }
-            for set in sets {
+            for set in before.sets.keys() {
                 table.sets.remove(set);
             }
         }
-        let Some(scratch) = self.render_group(group, desired) else {
+        let after = self.render_group(group, desired);
+        if after.is_none() {
             self.members.remove(group);
+        }
+        if !self.text && self.record {
+            let chains = |t: Option<&Table>| -> Vec<(String, Chain)> {
+                t.iter()
+                    .flat_map(|t| t.chains.iter().map(|(n, c)| (n.clone(), c.clone())))
+                    .collect()
+            };
+            self.changes.push(GroupChange {
+                table: self.tables[at].key(),
+                before: chains(before),
+                after: chains(after.as_ref()),
+            });
+        }
+        let Some(scratch) = after else {
             return;
         };
-        for (name, chain) in scratch.chains {
-            let kept = if self.text {
-                chain.clone()
-            } else {
-                // The declarations of the group's sets the chain names go into its digest.
-                let named: Vec<String> = scratch
-                    .sets
-                    .iter()
-                    .filter(|(set, _)| chain.rules.iter().any(|r| r.contains(&format!("@{set}"))))
-                    .map(|(set, decl)| format!("{set} {}", decl.decl.join("; ")))
-                    .collect();
-                let named: Vec<&str> = named.iter().map(String::as_str).collect();
-                Chain {
-                    hook: chain.hook.clone(),
-                    comment: None,
-                    rules: chain.rules.digest(&named),
-                }
-            };
-            if !self.text && self.stash {
-                self.fresh.insert(name.clone(), chain);
+        let table = &mut self.tables[at];
+        if self.text {
+            for (name, chain) in scratch.chains {
+                table.chains.insert(name, chain);
             }
-            self.tables[at].chains.insert(name, kept);
         }
         for (name, set) in scratch.sets {
-            self.tables[at].sets.insert(name, set);
+            table.sets.insert(name, set);
         }
         self.groups[at] += 1;
     }

@@ -97,7 +97,7 @@ pub fn build(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Vec<Table> {
     super::rendered::Rendered::full_text(desired, cluster_cidrs).live()
 }
 
-/// Writes one table whole (its chains' text made again where only digests are kept).
+/// Writes one table whole (the Service chains made again where the table keeps none).
 pub type WriteTable<'a> = dyn Fn(&Table, &mut dyn std::fmt::Write) -> std::fmt::Result + 'a;
 
 /// Replaces every table of ours with `tables`.
@@ -208,19 +208,22 @@ pub fn write_full_keeping(
 }
 
 /// Per table, the chains a load over `existing` flushes and no longer wants (deleted
-/// by the next sync, once nothing refers to them).
+/// by the next sync, once nothing refers to them); `wanted` names every chain a table
+/// is loaded with.
 #[must_use]
 pub fn stale_chains(
     tables: &[Table],
     existing: &BTreeMap<TableKey, Existing>,
+    wanted: &dyn Fn(&Table) -> Vec<String>,
 ) -> BTreeMap<TableKey, BTreeSet<String>> {
     let mut stale = BTreeMap::new();
     for table in tables {
         if let Some(existing) = existing.get(&table.key()) {
+            let wanted: std::collections::HashSet<String> = wanted(table).into_iter().collect();
             let names: BTreeSet<String> = existing
                 .chains
                 .iter()
-                .filter(|name| !table.chains.contains_key(*name))
+                .filter(|name| !wanted.contains(*name))
                 .cloned()
                 .collect();
             if !names.is_empty() {

@@ -48,55 +48,19 @@ pub struct Chain {
     pub rules: Rules,
 }
 
-/// A chain's rules: their text, one rule a line in one allocation of exactly its size,
-/// or only a digest of it. The tables a sync keeps hold digests (a chain's text is
-/// made again when it is written), so what they cost stays small at any scale; rules
-/// are compared, written and replaced as a chain's whole, never one by one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rules {
-    Text(Box<str>),
-    /// A hash of the text and of the declarations of the sets it names (0: no rule).
-    Digest(u64),
-}
-
-impl Default for Rules {
-    fn default() -> Self {
-        Self::Text(Box::default())
-    }
-}
+/// A chain's rules, one a line, in one allocation of exactly their size: compared,
+/// written and replaced as a chain's whole, never one by one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rules(Box<str>);
 
 impl Rules {
-    /// The rules, one by one (none for a digest).
     pub fn iter(&self) -> std::str::Lines<'_> {
-        match self {
-            Self::Text(text) => text.lines(),
-            Self::Digest(_) => "".lines(),
-        }
+        self.0.lines()
     }
 
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        match self {
-            Self::Text(text) => text.is_empty(),
-            Self::Digest(hash) => *hash == 0,
-        }
-    }
-
-    /// The digest of these rules, with `also` (the declarations of the sets they name:
-    /// a set declared anew makes every chain naming it be written again).
-    #[must_use]
-    pub fn digest(&self, also: &[&str]) -> Self {
-        use std::hash::{Hash, Hasher};
-        match self {
-            Self::Text(text) if text.is_empty() => Self::Digest(0),
-            Self::Text(text) => {
-                let mut hasher = std::hash::DefaultHasher::new();
-                text.hash(&mut hasher);
-                also.hash(&mut hasher);
-                Self::Digest(hasher.finish() | 1)
-            }
-            Self::Digest(_) => self.clone(),
-        }
+        self.0.is_empty()
     }
 }
 
@@ -118,7 +82,7 @@ impl<S: AsRef<str>> FromIterator<S> for Rules {
             }
             text.push_str(rule.as_ref());
         }
-        Self::Text(text.into_boxed_str())
+        Self(text.into_boxed_str())
     }
 }
 
@@ -226,16 +190,14 @@ impl Table {
     }
 
     /// [`Self::text`] appended to `t` (a full load is tens of MiB at 10 000 Services:
-    /// written once, not built and then copied). Chains held as digests are left out.
+    /// written once, not built and then copied).
     ///
     /// # Errors
     /// When `t` refuses the text.
     pub fn write_text(&self, t: &mut dyn Write) -> std::fmt::Result {
         self.write_open(t)?;
         for (name, chain) in &self.chains {
-            if !matches!(chain.rules, Rules::Digest(_)) {
-                write_chain(t, name, chain)?;
-            }
+            write_chain(t, name, chain)?;
         }
         t.write_str("}\n")
     }
