@@ -165,6 +165,22 @@ fn one_change(
     let at = change();
     let out = client.wait_with_output().expect("client output");
     let text = String::from_utf8_lossy(&out.stdout);
+    // `first AT attempts N failed M last-error KIND@MS`: a failed attempt (refused, or no
+    // answer in 50 ms) is a packet path that broke, not only a slow one. Seen here only
+    // in nftables rows run after eBPF rows, before the change (MS < 150); likely the
+    // socket LB's direct connections left the same client ports in TIME_WAIT on the
+    // pods, and a SYN through DNAT carries another timestamp offset (PAWS; unverified).
+    let failed: u64 = text
+        .split_whitespace()
+        .nth(5)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if failed > 0 {
+        eprintln!(
+            "change to {pod}: {failed} failed connection attempts ({})",
+            text.trim()
+        );
+    }
     let micros: u128 = text.split_whitespace().nth(1)?.parse().ok()?;
     let event = at.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_micros();
     #[allow(clippy::cast_precision_loss, reason = "microseconds to milliseconds")]

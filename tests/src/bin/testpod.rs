@@ -290,6 +290,7 @@ fn request(proto: &str, to: SocketAddr) -> String {
 fn first_from(to: SocketAddr, name: &str, duration: Duration) {
     let started = Instant::now();
     let (mut attempts, mut failed) = (0u64, 0u64);
+    let mut last_error = String::from("-");
     while started.elapsed() < duration {
         attempts += 1;
         let reply = TcpStream::connect_timeout(&to, Duration::from_millis(50)).and_then(|mut s| {
@@ -303,14 +304,17 @@ fn first_from(to: SocketAddr, name: &str, duration: Duration) {
                 let at = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros());
-                println!("first {at} attempts {attempts} failed {failed}");
+                println!("first {at} attempts {attempts} failed {failed} last-error {last_error}");
                 return;
             }
             Ok(_) => {}
-            Err(_) => failed += 1,
+            Err(error) => {
+                failed += 1;
+                last_error = format!("{:?}@{}", error.kind(), started.elapsed().as_millis());
+            }
         }
     }
-    println!("never attempts {attempts} failed {failed}");
+    println!("never attempts {attempts} failed {failed} last-error {last_error}");
 }
 
 fn tcp_request(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
