@@ -167,9 +167,10 @@ fn one_change(
     let text = String::from_utf8_lossy(&out.stdout);
     // `first AT attempts N failed M last-error KIND@MS`: a failed attempt (refused, or no
     // answer in 50 ms) is a packet path that broke, not only a slow one. Seen here only
-    // in nftables rows run after eBPF rows, before the change (MS < 150); likely the
-    // socket LB's direct connections left the same client ports in TIME_WAIT on the
-    // pods, and a SYN through DNAT carries another timestamp offset (PAWS; unverified).
+    // in nftables rows run after eBPF rows, before the change (MS < 150): the socket
+    // LB's direct connections left the same client ports in TIME_WAIT on the pods, and a
+    // SYN through DNAT carries another timestamp offset (the pods count these as
+    // TcpExtPAWSTimewait).
     let failed: u64 = text
         .split_whitespace()
         .nth(5)
