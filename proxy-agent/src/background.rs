@@ -24,34 +24,21 @@ pub fn lower_priority() {
     }
 }
 
-/// Runs the future `make` makes on a thread of its own, named `name`, with a runtime of
-/// its own: `workers` threads (1: that thread alone), each at background priority.
-/// Returns the future's outcome to wait for.
+/// Runs the future `make` makes on a thread of its own, named `name`, with a
+/// single-threaded runtime of its own, at background priority. Returns the future's
+/// outcome to wait for.
 ///
 /// # Errors
 /// When the runtime or the thread cannot start.
-pub fn spawn<M, F>(
-    name: &str,
-    workers: usize,
-    make: M,
-) -> std::io::Result<oneshot::Receiver<F::Output>>
+pub fn spawn<M, F>(name: &str, make: M) -> std::io::Result<oneshot::Receiver<F::Output>>
 where
     M: FnOnce() -> F + Send + 'static,
     F: Future,
     F::Output: Send + 'static,
 {
-    let runtime = if workers > 1 {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .thread_name(name)
-            .on_thread_start(lower_priority)
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (done_tx, done) = oneshot::channel();
     std::thread::Builder::new()
         .name(name.to_owned())

@@ -79,7 +79,7 @@ pub async fn start(
     // The zone is built (whole at start) and followed on a thread of its own, off the
     // runtime that answers: each new snapshot rewrites the records of the Services it
     // changed only.
-    crate::background::spawn("dns-zone", 1, move || async move {
+    crate::background::spawn("dns-zone", move || async move {
         let mut followed: Option<(Arc<crate::model::Snapshot>, ZoneTracker)> = None;
         loop {
             let snapshot = updates.borrow_and_update().snapshot.clone();

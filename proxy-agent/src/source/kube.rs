@@ -244,7 +244,7 @@ fn spawn_watcher(
     });
 }
 
-/// Connects and watches on threads of their own (a runtime of the source's), so that
+/// Connects and watches on a thread of its own (a runtime of the source's), so that
 /// decoding API objects and keeping the store never delays the runtime that answers
 /// DNS, `/healthz` and `/metrics`. Returns once the client is made (or could not be),
 /// with the watch's outcome to wait for.
@@ -272,8 +272,8 @@ pub async fn spawn(
     // One thread: decoding is the work, and two workers handing the connections' reads
     // to each other cost more in wake-ups than they gained (30 000 Services: start →
     // programmed 4.0 s with two, 2.8-3.1 s with one).
-    let done = crate::background::spawn("kube-source", 1, watching)
-        .map_err(|e| SourceError::Kube(format!("cannot start the source's threads: {e}")))?;
+    let done = crate::background::spawn("kube-source", watching)
+        .map_err(|e| SourceError::Kube(format!("cannot start the source's thread: {e}")))?;
     ready
         .await
         .map_err(|_| SourceError::Kube("the source's thread ended".into()))??;

@@ -46,7 +46,7 @@ pub struct Inputs {
 
 /// Runs the loop on a thread of its own; the future ends when the loop does.
 pub async fn spawn(inputs: Inputs) -> std::io::Result<()> {
-    let done = crate::background::spawn("sync", 1, move || run(inputs))?;
+    let done = crate::background::spawn("sync", move || run(inputs))?;
     let _ = done.await;
     Ok(())
 }

@@ -49,7 +49,6 @@ pub fn delta(
     desired: &Table,
     stale: &BTreeSet<String>,
 ) -> (Transaction, BTreeSet<String>) {
-    let text = |name: &str| &desired.chains[name];
     let (family, table) = (desired.family, &desired.name);
     // Sets whose declaration changed are recreated; every chain naming them is refilled.
     let redeclared: BTreeSet<&String> = kernel
@@ -64,14 +63,14 @@ pub fn delta(
     let mut newly_stale = BTreeSet::new();
     for item in kernel.chains.diff(&desired.chains) {
         match item {
-            DiffItem::Add(name, _) => {
-                declare.push(desired.add_chain(name, text(name)));
+            DiffItem::Add(name, chain) => {
+                declare.push(desired.add_chain(name, chain));
                 refill.insert(name);
             }
             DiffItem::Update { old, new } => {
                 let (name, old, chain) = (new.0, old.1, new.1);
                 if old.comment != chain.comment || old.hook != chain.hook {
-                    declare.push(desired.add_chain(name, text(name)));
+                    declare.push(desired.add_chain(name, chain));
                 }
                 if old.rules != chain.rules {
                     refill.insert(name);
@@ -112,7 +111,7 @@ pub fn delta(
     }
     sets(kernel, desired, &redeclared, &mut tx);
     for name in &refill {
-        for rule in &text(name).rules {
+        for rule in &desired.chains[*name].rules {
             tx.statements
                 .push(format!("add rule {family} {table} {name} {rule}"));
         }

@@ -27,7 +27,8 @@ pub use self::load::{load, load_in};
 use self::{
     load::{load_streamed_in, nft_in},
     rendered::Rendered,
-    ruleset::{Existing, TableKey},
+    ruleset::Existing,
+    table::TableKey,
 };
 use super::{conntrack, Applied};
 use crate::model::{DesiredState, Plan};
@@ -58,15 +59,13 @@ struct Programmed {
 
 /// One sync's transaction.
 pub struct Pending {
-    /// `nft -f` input of a partial transaction (a full load is written from the tables
-    /// as it goes to nft).
-    pub text: String,
     /// Statements in it (a full load counts its lines once written).
     pub ops: usize,
-    /// A full load, over what the kernel holds of our tables.
+    /// A full load, over what the kernel holds of our tables (written from the tables as
+    /// it goes to nft).
     pub full: Option<BTreeMap<TableKey, Existing>>,
-    /// The statements of a partial transaction, one by one (empty for a full load).
-    pub statements: Vec<String>,
+    /// The statements of a partial transaction (empty for a full load).
+    pub partial: delta::Transaction,
 }
 
 impl Pending {
@@ -151,7 +150,7 @@ impl NftablesDataplane {
                 .write_table(table, &programmed.from, out)
         };
         if let (None, Some(wire)) = (&pending.full, self.wire.as_mut()) {
-            if let Some(batch) = wire::encode(&pending.statements) {
+            if let Some(batch) = wire::encode(&pending.partial.statements) {
                 wire.commit(&batch)?;
                 self.commits.netlink += 1;
                 return Ok(false);
@@ -162,7 +161,7 @@ impl NftablesDataplane {
                 ruleset::write_full_keeping(tables, existing, &write, out)
             })
             .map(|lines| pending.ops = lines),
-            None => load_in(self.netns.as_deref(), &pending.text),
+            None => load_in(self.netns.as_deref(), &pending.partial.text()),
         };
         let replaced = match (loaded, pending.over_existing()) {
             (Err(error), true) => {
@@ -217,9 +216,8 @@ impl NftablesDataplane {
             });
             let pending = Pending {
                 ops: 0,
-                text: String::new(),
                 full: Some(existing),
-                statements: Vec::new(),
+                partial: delta::Transaction::default(),
             };
             let programmed = Programmed {
                 rendered,
@@ -278,13 +276,10 @@ impl NftablesDataplane {
         for (family, name) in held.into_keys() {
             statements.push(format!("delete table {family} {name}"));
         }
-        let mut text = statements.join("\n");
-        text.push('\n');
         let pending = Pending {
-            text,
             ops: statements.len(),
             full: None,
-            statements,
+            partial: delta::Transaction { statements },
         };
         let programmed = Programmed {
             rendered,

@@ -17,7 +17,7 @@ use super::{
         element, group_chains, main_table, shard_of, shard_table, Element, Family, Group,
         NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
     },
-    table::{write_chain, Chain, Table, SHARDS},
+    table::{write_chain, Chain, Table, TableKey, SHARDS},
 };
 use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
 
@@ -65,7 +65,7 @@ pub struct Rendered {
 /// One Service port's chains in its table, before and after a change.
 #[derive(Clone, Debug)]
 pub struct GroupChange {
-    pub table: (&'static str, String),
+    pub table: TableKey,
     pub before: Vec<(String, Chain)>,
     pub after: Vec<(String, Chain)>,
 }
@@ -123,18 +123,16 @@ impl Rendered {
         std::mem::take(&mut self.changes)
     }
 
-    /// Every Service chain's name in table `key` for `desired` (what the tables were
-    /// rendered from), made again.
+    /// Every chain's name in table `key` for `desired` (what the tables were rendered
+    /// from), the Service chains made again.
     #[must_use]
-    pub fn chain_names(&self, key: &(&'static str, String), desired: &DesiredState) -> Vec<String> {
-        let Some(at) = self.tables.iter().position(|t| t.key() == *key) else {
+    pub fn chain_names(&self, key: &TableKey, desired: &DesiredState) -> Vec<String> {
+        let Some(at) = self.slot(key) else {
             return Vec::new();
         };
         let mut names: Vec<String> = self.tables[at].chains.keys().cloned().collect();
-        for group in self.members.keys().filter(|group| slot_of(group) == at) {
-            if let Some(scratch) = self.render_group(group, desired) {
-                names.extend(scratch.chains.keys().cloned());
-            }
+        for scratch in self.groups_in(at, desired) {
+            names.extend(scratch.chains.keys().cloned());
         }
         names
     }
@@ -157,24 +155,41 @@ impl Rendered {
         for (name, chain) in &table.chains {
             write_chain(out, name, chain)?;
         }
-        let Some(at) = self.tables.iter().position(|t| t.key() == table.key()) else {
-            return out.write_str("}\n");
-        };
+        for scratch in self
+            .slot(&table.key())
+            .into_iter()
+            .flat_map(|at| self.groups_in(at, desired))
+        {
+            for (name, chain) in &scratch.chains {
+                write_chain(out, name, chain)?;
+            }
+        }
+        out.write_str("}\n")
+    }
+
+    /// Where table `key` is in `tables`.
+    fn slot(&self, key: &TableKey) -> Option<usize> {
+        self.tables
+            .iter()
+            .position(|t| t.family == key.0 && t.name == key.1)
+    }
+
+    /// The chains and sets of each Service port in table `at`, made from `desired`, in
+    /// the ports' order.
+    fn groups_in<'a>(
+        &'a self,
+        at: usize,
+        desired: &'a DesiredState,
+    ) -> impl Iterator<Item = Table> + 'a {
         let mut groups: Vec<&GroupKey> = self
             .members
             .keys()
             .filter(|group| slot_of(group) == at)
             .collect();
         groups.sort();
-        for group in groups {
-            let Some(scratch) = self.render_group(group, desired) else {
-                continue;
-            };
-            for (name, chain) in &scratch.chains {
-                write_chain(out, name, chain)?;
-            }
-        }
-        out.write_str("}\n")
+        groups
+            .into_iter()
+            .filter_map(move |group| self.render_group(group, desired))
     }
 
     /// The tables to program: per family the main table, then each Service table that
@@ -352,7 +367,7 @@ impl Rendered {
     /// The chains and sets of one group's frontends in `desired` (`None`: no frontend).
     fn render_group(&self, group: &GroupKey, desired: &DesiredState) -> Option<Table> {
         let v6 = group.0;
-        let mut scratch = Table::new(family_name(v6), String::new(), "");
+        let mut scratch = Table::new(Family { v6 }.table(), String::new(), "");
         let frontends: Vec<(FrontendKey, Arc<Frontend>)> = self
             .members
             .get(group)
@@ -371,14 +386,6 @@ impl Rendered {
             &mut scratch,
         );
         Some(scratch)
-    }
-}
-
-fn family_name(v6: bool) -> &'static str {
-    if v6 {
-        "ip6"
-    } else {
-        "ip"
     }
 }
 

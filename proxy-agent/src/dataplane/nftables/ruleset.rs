@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use super::{
     names,
     table::{
-        Chain, Set, Table, COUNTER_DROP_NO_LOCAL_ENDPOINTS, COUNTER_DROP_SOURCE_RANGE,
+        Chain, Set, Table, TableKey, COUNTER_DROP_NO_LOCAL_ENDPOINTS, COUNTER_DROP_SOURCE_RANGE,
         COUNTER_REJECT_NO_ENDPOINTS, TABLE,
     },
 };
@@ -42,7 +42,7 @@ pub(super) struct Family {
 }
 
 impl Family {
-    fn table(self) -> &'static str {
+    pub(super) fn table(self) -> &'static str {
         if self.v6 {
             "ip6"
         } else {
@@ -108,16 +108,6 @@ pub fn full_text(tables: &[Table], write: &WriteTable) -> String {
         let _ = write(table, &mut out);
     }
     out
-}
-
-/// A table by family and name.
-pub type TableKey = (&'static str, String);
-
-impl Table {
-    #[must_use]
-    pub fn key(&self) -> TableKey {
-        (self.family, self.name.clone())
-    }
 }
 
 /// The names a table of ours holds in the kernel (read before a full load).

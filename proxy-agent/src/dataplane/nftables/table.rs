@@ -138,6 +138,9 @@ impl Set {
     }
 }
 
+/// A table by family and name.
+pub type TableKey = (&'static str, String);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     /// `ip` or `ip6`.
@@ -170,6 +173,11 @@ impl Table {
         }
     }
 
+    #[must_use]
+    pub fn key(&self) -> TableKey {
+        (self.family, self.name.clone())
+    }
+
     /// The verdict counters a Service table declares.
     #[must_use]
     pub fn with_counters(mut self) -> Self {
@@ -181,16 +189,9 @@ impl Table {
         self
     }
 
-    /// The table in `nft -f` block syntax (sets first, so rules can name them).
-    #[must_use]
-    pub fn text(&self) -> String {
-        let mut t = String::new();
-        let _ = self.write_text(&mut t);
-        t
-    }
-
-    /// [`Self::text`] appended to `t` (a full load is tens of MiB at 10 000 Services:
-    /// written once, not built and then copied).
+    /// The table in `nft -f` block syntax (sets first, so rules can name them), appended
+    /// to `t` (a full load is tens of MiB at 10 000 Services: written once, not built and
+    /// then copied).
     ///
     /// # Errors
     /// When `t` refuses the text.
