@@ -401,3 +401,44 @@ fn a_full_reload_keeps_the_clients_affinity_remembers() {
     let left = same_as_full(&kept, &fresh_listing, "after a reload");
     assert!(left.is_empty(), "left over: {left:?}");
 }
+
+/// A full load (fixed parts through `nft -f`, Service tables as netlink batches, what
+/// is outside the netlink grammar through `nft -f`) leaves exactly what `nft -f` of the
+/// rendered text leaves: for the flow cases (affinity, source ranges, NodePorts, many
+/// endpoints, IPv6) and for 500 Services over every Service table.
+#[test]
+fn a_full_load_leaves_what_nft_leaves_of_the_rendered_text() {
+    let cluster = Cluster::new("nff");
+    let (a, b) = (cluster.add_netns("load"), cluster.add_netns("text"));
+    let path = |n: &str| Some(PathBuf::from(format!("/run/netns/{n}")));
+    let flows_snapshot = flows::snapshot();
+    let node = flows::node(&flows_snapshot, "node1");
+    let cases = [
+        (
+            "flow cases",
+            model::build(&flows_snapshot, &node),
+            node.cluster_cidrs.clone(),
+        ),
+        (
+            "500 Services",
+            model::build(&scale::snapshot(500, 10), &NodeInfo::named("node1")),
+            Vec::new(),
+        ),
+    ];
+    for (case, desired, cidrs) in cases {
+        let mut loaded = NftablesDataplane::start_in(cidrs.clone(), path(&a)).expect("nft");
+        let applied = loaded.apply(&model::Plan::default(), &desired).expect(case);
+        assert!(applied.full, "{case}");
+        assert!(loaded.commits().netlink > 0, "{case}: no netlink batch");
+        nftables::load_in(path(&b).as_deref(), &ruleset::render(&desired, &cidrs)).expect(case);
+        for family in ["ip", "ip6"] {
+            let (got, want) = (listing(&a, family), listing(&b, family));
+            assert!(!want.0.is_empty(), "{case}: nothing in {family}");
+            let stale = same_as_full(&got, &want, case);
+            assert!(stale.is_empty(), "{case}: extra chains {stale:?}");
+        }
+        for netns in [&a, &b] {
+            nftables::load_in(path(netns).as_deref(), &ruleset::removal()).expect("clean");
+        }
+    }
+}

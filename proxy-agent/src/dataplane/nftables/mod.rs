@@ -1,10 +1,12 @@
 //! nftables dataplane: the ruleset of `ruleset.rs` in our own `ip`/`ip6` tables (a main
 //! table and Services spread over up to 16 tables of their own), loaded as one atomic
-//! transaction per sync: whole with `nft -f` at start and after any failure, otherwise
+//! transaction per table and sync: whole at start and after any failure (`full.rs`: the
+//! fixed parts through `nft -f`, each Service table as one netlink batch), otherwise
 //! only what changed (`rendered.rs` re-renders the changed Service ports, `delta.rs`
 //! writes what differs, `wire.rs` commits it without `nft` when it can); then stale UDP
 //! conntrack goes.
 pub mod delta;
+pub mod full;
 mod load;
 pub mod names;
 pub mod rendered;
@@ -24,12 +26,7 @@ use thiserror::Error;
 use tracing::{debug, warn};
 
 pub use self::load::{load, load_in};
-use self::{
-    load::{load_streamed_in, nft_in},
-    rendered::Rendered,
-    ruleset::Existing,
-    table::TableKey,
-};
+use self::{load::nft_in, rendered::Rendered, ruleset::Existing, table::TableKey};
 use super::{conntrack, Applied};
 use crate::model::{DesiredState, Plan};
 
@@ -46,6 +43,9 @@ pub fn cleanup() -> Result<(), NftError> {
     load(&ruleset::removal())
 }
 
+/// Per table, chains flushed by a sync and deleted by the next.
+type Stale = BTreeMap<TableKey, BTreeSet<String>>;
+
 /// What the kernel holds, as far as this process knows.
 struct Programmed {
     rendered: Rendered,
@@ -53,8 +53,8 @@ struct Programmed {
     live: Vec<table::Table>,
     /// The desired state `rendered` was made from.
     from: DesiredState,
-    /// Chains flushed by the last sync, deleted by the next, per table.
-    stale: BTreeMap<TableKey, BTreeSet<String>>,
+    /// Chains flushed by the last sync, deleted by the next.
+    stale: Stale,
 }
 
 /// One sync's transaction.
@@ -62,7 +62,7 @@ pub struct Pending {
     /// Statements in it (a full load counts its lines once written).
     pub ops: usize,
     /// A full load, over what the kernel holds of our tables (written from the tables as
-    /// it goes to nft).
+    /// it goes to the kernel).
     pub full: Option<BTreeMap<TableKey, Existing>>,
     /// The statements of a partial transaction (empty for a full load).
     pub partial: delta::Transaction,
@@ -75,8 +75,8 @@ impl Pending {
     }
 
     /// A full load over tables the kernel holds: when the kernel refuses it (a
-    /// declaration changed by an upgrade), the same tables are loaded after deleting
-    /// them, a text made only then.
+    /// declaration changed by an upgrade), the same tables are loaded whole after
+    /// deleting them, a text made only then.
     fn over_existing(&self) -> bool {
         self.full
             .as_ref()
@@ -87,10 +87,10 @@ impl Pending {
 /// How the transactions so far went to the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Commits {
-    /// Partial transactions committed as a netlink batch.
+    /// Netlink batches: partial transactions, and a full load's Service tables.
     pub netlink: usize,
-    /// Transactions loaded with `nft -f` (full loads, and partial ones outside the
-    /// netlink grammar).
+    /// Transactions loaded with `nft -f` (a full load's first step, and partial ones
+    /// outside the netlink grammar).
     pub nft: usize,
 }
 
@@ -139,40 +139,53 @@ impl NftablesDataplane {
         self.commits
     }
 
-    /// Commits `pending`: as one netlink batch when every statement is in the wire
-    /// grammar, else through `nft -f`. True when the tables were replaced (the
-    /// fallback) rather than loaded over.
-    fn commit(&mut self, pending: &mut Pending, programmed: &Programmed) -> Result<bool, NftError> {
+    /// Commits `pending`: a partial transaction as one netlink batch when every
+    /// statement is in the wire grammar, else through `nft -f`; a full load in its two
+    /// steps. A full load returns the chains it left stale, none when it fell back to
+    /// replacing the tables.
+    fn commit(
+        &mut self,
+        pending: &mut Pending,
+        programmed: &Programmed,
+    ) -> Result<Option<Stale>, NftError> {
         let tables = &programmed.live;
-        let write = |table: &table::Table, out: &mut dyn std::fmt::Write| {
-            programmed
-                .rendered
-                .write_table(table, &programmed.from, out)
-        };
         if let (None, Some(wire)) = (&pending.full, self.wire.as_mut()) {
             if let Some(batch) = wire::encode(&pending.partial.statements) {
                 wire.commit(&batch)?;
                 self.commits.netlink += 1;
-                return Ok(false);
+                return Ok(None);
             }
         }
         let loaded = match &pending.full {
-            Some(existing) => load_streamed_in(self.netns.as_deref(), |out| {
-                ruleset::write_full_keeping(tables, existing, &write, out)
-            })
-            .map(|lines| pending.ops = lines),
-            None => load_in(self.netns.as_deref(), &pending.partial.text()),
-        };
-        let replaced = match (loaded, pending.over_existing()) {
-            (Err(error), true) => {
-                warn!(%error, "cannot load over the tables there; replacing them (affinity is forgotten)");
-                load_in(self.netns.as_deref(), &ruleset::full_text(tables, &write))?;
-                true
-            }
-            (loaded, _) => loaded.map(|()| false)?,
+            Some(existing) => full::load(
+                self.netns.as_deref(),
+                self.wire.as_mut(),
+                tables,
+                existing,
+                &programmed.rendered,
+                &programmed.from,
+            )
+            .map(|loaded| {
+                pending.ops = loaded.statements;
+                self.commits.netlink += loaded.batches;
+                Some(loaded.stale)
+            }),
+            None => load_in(self.netns.as_deref(), &pending.partial.text()).map(|()| None),
         };
         self.commits.nft += 1;
-        Ok(replaced)
+        match (loaded, pending.over_existing()) {
+            (Err(error), true) => {
+                warn!(%error, "cannot load over the tables there; replacing them (affinity is forgotten)");
+                let write = |table: &table::Table, out: &mut dyn std::fmt::Write| {
+                    programmed
+                        .rendered
+                        .write_table(table, &programmed.from, out)
+                };
+                load_in(self.netns.as_deref(), &ruleset::full_text(tables, &write))?;
+                Ok(Some(Stale::new()))
+            }
+            (loaded, _) => loaded,
+        }
     }
 
     /// The names our tables hold in the kernel (none for a table that is not there or
@@ -211,9 +224,6 @@ impl NftablesDataplane {
             let rendered = Rendered::full(desired, &self.cluster_cidrs);
             let live = rendered.live();
             let existing = self.existing();
-            let stale = ruleset::stale_chains(&live, &existing, &|t| {
-                rendered.chain_names(&t.key(), desired)
-            });
             let pending = Pending {
                 ops: 0,
                 full: Some(existing),
@@ -223,7 +233,8 @@ impl NftablesDataplane {
                 rendered,
                 live,
                 from: desired.clone(),
-                stale,
+                // Known once the load has compared the tables there with these.
+                stale: Stale::new(),
             };
             return (pending, programmed);
         };
@@ -313,9 +324,8 @@ impl super::Dataplane for NftablesDataplane {
         let (mut pending, mut programmed) = self.transaction(desired);
         if !pending.is_empty() {
             match self.commit(&mut pending, &programmed) {
-                // No stale chains are left in tables made anew.
-                Ok(true) => programmed.stale = BTreeMap::default(),
-                Ok(false) => {}
+                Ok(Some(stale)) => programmed.stale = stale,
+                Ok(None) => {}
                 Err(error) => {
                     // Whatever happened, the next sync rewrites everything.
                     self.kernel = None;

@@ -123,18 +123,16 @@ impl Rendered {
         std::mem::take(&mut self.changes)
     }
 
-    /// Every chain's name in table `key` for `desired` (what the tables were rendered
-    /// from), the Service chains made again.
-    #[must_use]
-    pub fn chain_names(&self, key: &TableKey, desired: &DesiredState) -> Vec<String> {
-        let Some(at) = self.slot(key) else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = self.tables[at].chains.keys().cloned().collect();
-        for scratch in self.groups_in(at, desired) {
-            names.extend(scratch.chains.keys().cloned());
-        }
-        names
+    /// The chains and sets of each Service port in table `key`, made again from
+    /// `desired` (what the tables were rendered from), one port at a time.
+    pub fn service_ports<'a>(
+        &'a self,
+        key: &TableKey,
+        desired: &'a DesiredState,
+    ) -> impl Iterator<Item = Table> + 'a {
+        self.slot(key)
+            .into_iter()
+            .flat_map(move |at| self.groups_in(at, desired))
     }
 
     /// One of [`Self::live`]'s tables whole, its Service chains rendered again from
@@ -155,11 +153,7 @@ impl Rendered {
         for (name, chain) in &table.chains {
             write_chain(out, name, chain)?;
         }
-        for scratch in self
-            .slot(&table.key())
-            .into_iter()
-            .flat_map(|at| self.groups_in(at, desired))
-        {
+        for scratch in self.service_ports(&table.key(), desired) {
             for (name, chain) in &scratch.chains {
                 write_chain(out, name, chain)?;
             }
@@ -333,7 +327,14 @@ impl Rendered {
                 table.sets.remove(set);
             }
         }
-        let after = self.render_group(group, desired);
+        // A whole build keeps no chains: a port's render is needed only for its
+        // affinity sets.
+        let after = if self.text || self.record || self.has_affinity(group, desired) {
+            self.render_group(group, desired)
+        } else {
+            self.has_frontends(group, desired)
+                .then(|| Table::new(Family { v6: group.0 }.table(), String::new(), ""))
+        };
         if after.is_none() {
             self.members.remove(group);
         }
@@ -362,6 +363,27 @@ impl Rendered {
             table.sets.insert(name, set);
         }
         self.groups[at] += 1;
+    }
+
+    fn group_frontends<'a>(
+        &'a self,
+        group: &GroupKey,
+        desired: &'a DesiredState,
+    ) -> impl Iterator<Item = &'a Arc<Frontend>> + 'a {
+        self.members
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| desired.frontends.get(key))
+    }
+
+    fn has_frontends(&self, group: &GroupKey, desired: &DesiredState) -> bool {
+        self.group_frontends(group, desired).next().is_some()
+    }
+
+    fn has_affinity(&self, group: &GroupKey, desired: &DesiredState) -> bool {
+        self.group_frontends(group, desired)
+            .any(|f| f.affinity_timeout.is_some())
     }
 
     /// The chains and sets of one group's frontends in `desired` (`None`: no frontend).

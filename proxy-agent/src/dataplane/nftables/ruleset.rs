@@ -153,77 +153,6 @@ impl Existing {
     }
 }
 
-/// Whole tables loaded over the ones the kernel holds (`existing`) without deleting
-/// them: every chain (`flush table` empties them all, leaving set elements) and every
-/// set but the affinity ones is flushed and filled again, so the clients affinity
-/// remembers are kept (a table deleted and loaded again would forget them). Tables of
-/// ours that are no longer wanted are deleted.
-///
-/// # Errors
-/// When `out` refuses the text.
-pub fn write_full_keeping(
-    tables: &[Table],
-    existing: &BTreeMap<TableKey, Existing>,
-    write: &WriteTable,
-    out: &mut dyn std::fmt::Write,
-) -> std::fmt::Result {
-    let wanted: BTreeSet<TableKey> = tables.iter().map(Table::key).collect();
-    for (family, name) in existing.keys().filter(|key| !wanted.contains(*key)) {
-        writeln!(out, "delete table {family} {name}")?;
-    }
-    for table in tables {
-        let (family, name) = (table.family, &table.name);
-        let Some(existing) = existing.get(&table.key()) else {
-            out.write_str(&removal_of(family, name))?;
-            write(table, out)?;
-            continue;
-        };
-        // Every chain's rules in one statement (set elements stay): one `flush chain`
-        // per chain would be 330 000 statements at 30 000 Services.
-        writeln!(
-            out,
-            "add table {family} {name}\nflush table {family} {name}"
-        )?;
-        for (set_name, kind) in &existing.sets {
-            match table.sets.get(set_name) {
-                Some(set) if set.dynamic => {}
-                Some(_) => writeln!(out, "flush {kind} {family} {name} {set_name}")?,
-                // Sets no longer wanted go after the chains naming them were flushed.
-                None => writeln!(out, "delete {kind} {family} {name} {set_name}")?,
-            }
-        }
-        write(table, out)?;
-    }
-    Ok(())
-}
-
-/// Per table, the chains a load over `existing` flushes and no longer wants (deleted
-/// by the next sync, once nothing refers to them); `wanted` names every chain a table
-/// is loaded with.
-#[must_use]
-pub fn stale_chains(
-    tables: &[Table],
-    existing: &BTreeMap<TableKey, Existing>,
-    wanted: &dyn Fn(&Table) -> Vec<String>,
-) -> BTreeMap<TableKey, BTreeSet<String>> {
-    let mut stale = BTreeMap::new();
-    for table in tables {
-        if let Some(existing) = existing.get(&table.key()) {
-            let wanted: std::collections::HashSet<String> = wanted(table).into_iter().collect();
-            let names: BTreeSet<String> = existing
-                .chains
-                .iter()
-                .filter(|name| !wanted.contains(*name))
-                .cloned()
-                .collect();
-            if !names.is_empty() {
-                stale.insert(table.key(), names);
-            }
-        }
-    }
-    stale
-}
-
 /// The statements that remove every table of ours (and nothing else).
 #[must_use]
 pub fn removal() -> String {
@@ -237,7 +166,7 @@ pub fn removal() -> String {
 }
 
 /// Removes one table, whether it exists or not.
-fn removal_of(family: &str, name: &str) -> String {
+pub(super) fn removal_of(family: &str, name: &str) -> String {
     format!("add table {family} {name}\ndelete table {family} {name}\n")
 }
 

@@ -26,6 +26,7 @@ const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_CREATE: u16 = 0x400;
@@ -330,6 +331,14 @@ fn message(statement: &str) -> Option<Message> {
                 nested(4, &[rule(family, tail)?]),
             ],
         ),
+        // A set's elements all go (a full load refills the dispatch maps).
+        ("flush", "set" | "map") if tail.is_empty() && ELEMENT_SETS.contains(&name) => {
+            (NFT_MSG_DELSETELEM, 0, vec![table_attr, string(2, name)])
+        }
+        // A set no Service names any more (an affinity set).
+        ("delete", "set" | "map") if tail.is_empty() => {
+            (NFT_MSG_DELSET, 0, vec![table_attr, string(2, name)])
+        }
         ("add" | "delete", "element") if ELEMENT_SETS.contains(&name) => {
             let inner = tail.strip_prefix("{ ")?.strip_suffix(" }")?;
             let (key, data) = inner.split_once(" : ").unwrap_or((inner, ""));
@@ -379,66 +388,143 @@ pub struct Batch {
     last: u32,
 }
 
-/// The batch for `statements`, or `None` when one of them is outside the grammar
-/// (or the batch would be too large for one datagram).
-#[must_use]
-pub fn encode(statements: &[String]) -> Option<Batch> {
-    let messages: Vec<Message> = statements
-        .iter()
-        .map(|s| message(s))
-        .collect::<Option<_>>()?;
-    if messages.is_empty() {
-        return None;
+/// A batch made one statement at a time (a full load's Service table is tens of
+/// thousands of them: each is encoded as it comes, never kept as text).
+pub struct BatchWriter {
+    bytes: Vec<u8>,
+    /// The last message so far, not yet framed: it is the one that asks for an ACK.
+    last: Option<Message>,
+    count: u32,
+}
+
+const BATCH_GENMSG: [u8; 4] = [0, 0, 0, 10];
+
+impl Default for BatchWriter {
+    fn default() -> Self {
+        let mut bytes = Vec::new();
+        // Sequence numbers are given out when the batch is done; the begin message
+        // takes the first one, patched in then.
+        frame(&mut bytes, NFNL_MSG_BATCH_BEGIN, 0, 0, BATCH_GENMSG, &[]);
+        Self {
+            bytes,
+            last: None,
+            count: 0,
+        }
     }
-    let count = u32::try_from(messages.len() + 2).ok()?;
-    let first = SEQUENCE.fetch_add(count, Ordering::Relaxed);
-    let mut bytes = Vec::new();
-    let batch_genmsg = [0, 0, 0, 10];
-    frame(
-        &mut bytes,
-        NFNL_MSG_BATCH_BEGIN,
-        0,
-        first,
-        batch_genmsg,
-        &[],
-    );
-    let mut seq = first;
-    for (i, m) in messages.iter().enumerate() {
-        seq += 1;
-        // Errors are always answered; the last message also asks for an ACK, so success
-        // is confirmed rather than inferred.
-        let ack = if i + 1 == messages.len() {
-            NLM_F_ACK
-        } else {
-            0
+}
+
+impl BatchWriter {
+    /// Adds `statement`; `None` (and nothing added) when it is outside the grammar.
+    pub fn push(&mut self, statement: &str) -> Option<()> {
+        let message = message(statement)?;
+        if let Some(previous) = self.last.replace(message) {
+            self.put(&previous, 0);
+        }
+        Some(())
+    }
+
+    /// Adds every one of `statements`, or (when one is outside the grammar) none.
+    pub fn push_all<S: AsRef<str>>(&mut self, statements: &[S]) -> bool {
+        let Some(messages) = statements
+            .iter()
+            .map(|s| message(s.as_ref()))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return false;
         };
+        for message in messages {
+            if let Some(previous) = self.last.replace(message) {
+                self.put(&previous, 0);
+            }
+        }
+        true
+    }
+
+    /// The statements so far.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.count as usize + usize::from(self.last.is_some())
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The encoded size so far, in bytes.
+    #[must_use]
+    pub fn size(&self) -> usize {
+        self.bytes.len() + self.last.as_ref().map_or(0, |m| 20 + m.attrs.len())
+    }
+
+    fn put(&mut self, m: &Message, flags: u16) {
+        self.count += 1;
+        // Numbered from 1 after the begin message; made absolute in `finish`.
+        let seq = self.count;
         frame(
-            &mut bytes,
+            &mut self.bytes,
             m.kind,
-            m.flags | ack,
+            m.flags | flags,
             seq,
             [m.family, 0, 0, 0],
             &m.attrs,
         );
     }
-    frame(
-        &mut bytes,
-        NFNL_MSG_BATCH_END,
-        0,
-        seq + 1,
-        batch_genmsg,
-        &[],
-    );
-    (bytes.len() <= MAX_BATCH).then_some(Batch {
-        bytes,
-        first,
-        last: seq,
-    })
+
+    /// The batch (`None` when empty). Errors are always answered; the last message also
+    /// asks for an ACK, so success is confirmed rather than inferred.
+    #[must_use]
+    pub fn finish(mut self) -> Option<Batch> {
+        let last = self.last.take()?;
+        self.put(&last, NLM_F_ACK);
+        let first = SEQUENCE.fetch_add(self.count + 2, Ordering::Relaxed);
+        // Each message's sequence number sits at offset 8 of its header.
+        let mut at = 0;
+        let mut n = 0;
+        while at + 20 <= self.bytes.len() {
+            let len = u32::from_ne_bytes([
+                self.bytes[at],
+                self.bytes[at + 1],
+                self.bytes[at + 2],
+                self.bytes[at + 3],
+            ]) as usize;
+            self.bytes[at + 8..at + 12].copy_from_slice(&(first + n).to_ne_bytes());
+            n += 1;
+            at += crate::netlink::align(len);
+        }
+        let last = first + self.count;
+        frame(
+            &mut self.bytes,
+            NFNL_MSG_BATCH_END,
+            0,
+            last + 1,
+            BATCH_GENMSG,
+            &[],
+        );
+        Some(Batch {
+            bytes: self.bytes,
+            first,
+            last,
+        })
+    }
+}
+
+/// The batch for `statements`, or `None` when one of them is outside the grammar
+/// (or the batch would be too large for one datagram).
+#[must_use]
+pub fn encode(statements: &[String]) -> Option<Batch> {
+    let mut writer = BatchWriter::default();
+    for statement in statements {
+        writer.push(statement)?;
+    }
+    (writer.size() <= MAX_BATCH).then(|| writer.finish())?
 }
 
 /// A netfilter netlink socket in the dataplane's network namespace.
 pub struct Wire {
     socket: Socket,
+    /// The send buffer asked for so far (a batch must fit in it whole).
+    send_buffer: usize,
 }
 
 impl Wire {
@@ -468,7 +554,23 @@ impl Wire {
                 .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
             })?,
         };
-        Ok(Self { socket })
+        Ok(Self {
+            socket,
+            send_buffer: 0,
+        })
+    }
+
+    /// Makes room for a batch of `size` bytes (a full load's table is megabytes; the
+    /// kernel takes a batch in one datagram). Forced: past `wmem_max`, as `nft` does.
+    fn room_for(&mut self, size: usize) -> std::io::Result<()> {
+        if size + 4096 <= self.send_buffer.max(MAX_BATCH) {
+            return Ok(());
+        }
+        let want = (size + 4096).next_power_of_two();
+        nix::sys::socket::setsockopt(&self.socket, nix::sys::socket::sockopt::SndBufForce, &want)
+            .map_err(std::io::Error::from)?;
+        self.send_buffer = want;
+        Ok(())
     }
 
     /// Commits `batch` as one transaction: all of it or (on any error) none of it.
@@ -479,6 +581,7 @@ impl Wire {
         let io = |e: std::io::Error| NftError::Spawn(e);
         // Answers to an earlier batch that failed part-way are not ours.
         while self.socket.recv_from_full().is_ok() {}
+        self.room_for(batch.bytes.len()).map_err(io)?;
         self.socket
             .send_to(&batch.bytes, &SocketAddr::new(0, 0), 0)
             .map_err(io)?;
