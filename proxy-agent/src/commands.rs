@@ -122,6 +122,16 @@ fn dns_config(args: &DnsArgs) -> dns::DnsConfig {
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let node = args.node.node_info(&node_name(args.node_name.clone()));
+    // The source reads the cluster on a thread of its own while the dataplane loads (at
+    // 30 000 Services the first lists take most of a second).
+    let (tx, rx) = watch::channel(SourceUpdate::default());
+    let source = if let Some(dir) = args.manifests.clone() {
+        tokio::spawn(source::manifests::run(dir, tx))
+    } else {
+        let watching = source::kube::spawn(args.kubeconfig.clone(), node.name.clone(), tx).await?;
+        info!(node = %node.name, "watching the Kubernetes API");
+        tokio::spawn(watching)
+    };
     let dataplane = start_dataplane(&args)?;
     let dataplane_name = dataplane.name();
     let health = Arc::new(Health::new(
@@ -149,7 +159,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
         live.clone(),
     ));
-    let (tx, rx) = watch::channel(SourceUpdate::default());
     let redirecting_dns = !args.dns.dns_listen.is_empty() && dataplane_name == "ebpf";
     let notrack_dns = !args.dns.dns_listen.is_empty() && dataplane_name == "nftables";
     let dns = if args.dns.dns_listen.is_empty() {
@@ -172,13 +181,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Some(task) => task.await,
             None => std::future::pending().await,
         }
-    };
-    let source = if let Some(dir) = args.manifests.clone() {
-        tokio::spawn(source::manifests::run(dir, tx))
-    } else {
-        let watching = source::kube::spawn(args.kubeconfig.clone(), node.name.clone(), tx).await?;
-        info!(node = %node.name, "watching the Kubernetes API");
-        tokio::spawn(watching)
     };
     let addresses = source::addresses::follow().unwrap_or_else(|error| {
         warn!(%error, "cannot follow the node's addresses; NodePorts use the Node object's");

@@ -1,5 +1,8 @@
-//! `MapStore` over the pinned kernel maps, each entry to its family's map; runs of puts
-//! into one map go to the kernel as one batch (`batch.rs`), in the writer's order.
+//! `MapStore` over the pinned kernel maps, each entry to its family's map; puts wait per
+//! map and go to the kernel as batches (`batch.rs`) in dependency order, so a full sync
+//! is a few dozen syscalls rather than three per Service.
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
     HashMap, Map, MapData, PerCpuHashMap,
@@ -33,34 +36,62 @@ impl<K: aya::Pod, B: aya::Pod, R: aya::Pod> FamilyMaps<K, B, R> {
     }
 }
 
-/// Which map the waiting puts are for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Target {
-    Services4,
-    Services6,
-    Backends4,
-    Backends6,
-    RevNat4,
-    RevNat6,
-}
-
-/// Puts not yet written. Only one map's buffer fills at a time, so the kernel sees the
-/// writer's order (a backend before the slot naming it, slots before slot 0).
+/// Puts not yet written, one buffer per map. What a slot names (its backend, its
+/// reverse-NAT entry) is never written after it: buffers are written reverse NAT, then
+/// backends, then services, each in the writer's order, which keeps slots before the
+/// slot 0 that names them. A backend or reverse-NAT entry written earlier than the
+/// writer asked is one nothing names yet (ids are fresh; freed ones were deleted by a
+/// write that went at once, after what waited). Deletes, Maglev tables and source
+/// ranges go at once, after what waits.
 #[derive(Default)]
 struct Pending {
-    target: Option<Target>,
     services4: Buffered<Service4Key, ServiceValue>,
     services6: Buffered<Service6Key, ServiceValue>,
     backends4: Buffered<u32, Backend4>,
     backends6: Buffered<u32, Backend6>,
     revnat4: Buffered<u16, RevNat4>,
     revnat6: Buffered<u16, RevNat6>,
+    /// Puts waiting in all buffers.
+    count: usize,
+}
+
+/// Puts waiting before they are written (a bound on the buffers' memory: 16 384 puts are
+/// about 400 KiB, and a few dozen syscalls for 660 000 entries).
+const PENDING_MAX: usize = 16 * 1024;
+
+/// The LB maps of both families, shared with the thread that writes full buffers.
+struct LbMaps {
+    v4: FamilyMaps<Service4Key, Backend4, RevNat4>,
+    v6: FamilyMaps<Service6Key, Backend6, RevNat6>,
+}
+
+impl LbMaps {
+    /// Writes `p` in dependency order, emptying it.
+    fn write(&mut self, p: &mut Pending) -> Result<(), aya::maps::MapError> {
+        p.count = 0;
+        p.revnat4
+            .flush(&mut self.v4.revnat)
+            .and_then(|()| p.revnat6.flush(&mut self.v6.revnat))
+            .and_then(|()| p.backends4.flush(&mut self.v4.backends))
+            .and_then(|()| p.backends6.flush(&mut self.v6.backends))
+            .and_then(|()| p.services4.flush(&mut self.v4.services))
+            .and_then(|()| p.services6.flush(&mut self.v6.services))
+    }
+}
+
+/// A thread that writes full buffers while the writer fills the next: at 30 000
+/// Services a full sync spends half a second in the kernel's hash-map inserts beside
+/// the writer's own work. It lives while one apply hands it buffers; the first error
+/// stops it, and what it had not written yet is dropped.
+struct Flusher {
+    send: mpsc::SyncSender<Pending>,
+    done: std::thread::JoinHandle<Result<(), aya::maps::MapError>>,
 }
 
 pub struct KernelMaps {
-    v4: FamilyMaps<Service4Key, Backend4, RevNat4>,
-    v6: FamilyMaps<Service6Key, Backend6, RevNat6>,
+    lb: Arc<Mutex<LbMaps>>,
     pending: Pending,
+    flusher: Option<Flusher>,
     source_ranges: Option<LpmTrie<MapData, SourceRange4, u8>>,
     source_ranges6: Option<LpmTrie<MapData, SourceRange6, u8>>,
     maglev: Option<HashMap<MapData, u16, MaglevTable>>,
@@ -77,9 +108,12 @@ impl KernelMaps {
     ) -> Result<Self, EbpfError> {
         let [v4_ranges, v6_ranges] = source_ranges;
         Ok(Self {
-            v4: FamilyMaps::new(v4)?,
-            v6: FamilyMaps::new(v6)?,
+            lb: Arc::new(Mutex::new(LbMaps {
+                v4: FamilyMaps::new(v4)?,
+                v6: FamilyMaps::new(v6)?,
+            })),
             pending: Pending::default(),
+            flusher: None,
             source_ranges: v4_ranges.map(LpmTrie::try_from).transpose()?,
             source_ranges6: v6_ranges.map(LpmTrie::try_from).transpose()?,
             maglev: maglev.map(HashMap::try_from).transpose()?,
@@ -135,26 +169,81 @@ fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), EbpfErr
 }
 
 impl KernelMaps {
-    /// Makes `target` the map puts wait for, writing another map's waiting puts first.
-    fn stage(&mut self, target: Target) -> Result<&mut Pending, EbpfError> {
-        if self.pending.target != Some(target) {
-            self.write_pending()?;
-            self.pending.target = Some(target);
+    fn lb(&self) -> MutexGuard<'_, LbMaps> {
+        self.lb.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The buffers, after one more put; full ones go to the flusher.
+    fn stage(&mut self) -> Result<&mut Pending, EbpfError> {
+        if self.pending.count >= PENDING_MAX {
+            self.hand_off()?;
         }
+        self.pending.count += 1;
         Ok(&mut self.pending)
     }
 
-    fn write_pending(&mut self) -> Result<(), EbpfError> {
-        let p = &mut self.pending;
-        match p.target.take() {
-            None => Ok(()),
-            Some(Target::Services4) => Ok(p.services4.flush(&mut self.v4.services)?),
-            Some(Target::Services6) => Ok(p.services6.flush(&mut self.v6.services)?),
-            Some(Target::Backends4) => Ok(p.backends4.flush(&mut self.v4.backends)?),
-            Some(Target::Backends6) => Ok(p.backends6.flush(&mut self.v6.backends)?),
-            Some(Target::RevNat4) => Ok(p.revnat4.flush(&mut self.v4.revnat)?),
-            Some(Target::RevNat6) => Ok(p.revnat6.flush(&mut self.v6.revnat)?),
+    /// Gives the full buffers to the flusher (started if need be; written here if it
+    /// cannot be).
+    fn hand_off(&mut self) -> Result<(), EbpfError> {
+        let mut full = std::mem::take(&mut self.pending);
+        if self.flusher.is_none() {
+            let lb = self.lb.clone();
+            // One buffer waits while one is written: memory stays bounded.
+            let (send, receive) = mpsc::sync_channel::<Pending>(1);
+            let spawned = std::thread::Builder::new()
+                .name("bpf-write".to_owned())
+                .spawn(move || {
+                    for mut p in receive {
+                        lb.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .write(&mut p)?;
+                    }
+                    Ok(())
+                });
+            match spawned {
+                Ok(done) => self.flusher = Some(Flusher { send, done }),
+                Err(_) => return Ok(self.lb().write(&mut full)?),
+            }
         }
+        let stopped = self
+            .flusher
+            .as_ref()
+            .is_some_and(|f| f.send.send(full).is_err());
+        if stopped {
+            // It stopped at an error: that is the one to report.
+            return self.join_flusher();
+        }
+        Ok(())
+    }
+
+    /// Waits for the flusher to write what it was given; its error, if any.
+    fn join_flusher(&mut self) -> Result<(), EbpfError> {
+        let Some(Flusher { send, done }) = self.flusher.take() else {
+            return Ok(());
+        };
+        drop(send);
+        match done.join() {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(EbpfError::Io(
+                "bpf-write thread".into(),
+                std::io::Error::other("panicked while writing the maps"),
+            )),
+        }
+    }
+
+    /// Writes everything that waits, the flusher's buffers first. After a failure the
+    /// rest are dropped, not written out of order (the writer then treats this apply's
+    /// frontends as unsure and writes them again).
+    fn write_pending(&mut self) -> Result<(), EbpfError> {
+        if let Err(error) = self.join_flusher() {
+            self.pending = Pending::default();
+            return Err(error);
+        }
+        if self.pending.count == 0 {
+            return Ok(());
+        }
+        let mut p = std::mem::take(&mut self.pending);
+        Ok(self.lb().write(&mut p)?)
     }
 }
 
@@ -164,44 +253,44 @@ impl MapStore for KernelMaps {
     }
     fn put_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
         match backend {
-            BackendValue::V4(b) => self.stage(Target::Backends4)?.backends4.push(id, *b),
-            BackendValue::V6(b) => self.stage(Target::Backends6)?.backends6.push(id, *b),
+            BackendValue::V4(b) => self.stage()?.backends4.push(id, *b),
+            BackendValue::V6(b) => self.stage()?.backends6.push(id, *b),
         }
         Ok(())
     }
     fn del_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError> {
         self.write_pending()?;
         match backend {
-            BackendValue::V4(_) => ignore_missing(self.v4.backends.remove(&id)),
-            BackendValue::V6(_) => ignore_missing(self.v6.backends.remove(&id)),
+            BackendValue::V4(_) => ignore_missing(self.lb().v4.backends.remove(&id)),
+            BackendValue::V6(_) => ignore_missing(self.lb().v6.backends.remove(&id)),
         }
     }
     fn put_service(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), EbpfError> {
         match key {
-            SlotKey::V4(k) => self.stage(Target::Services4)?.services4.push(*k, *value),
-            SlotKey::V6(k) => self.stage(Target::Services6)?.services6.push(*k, *value),
+            SlotKey::V4(k) => self.stage()?.services4.push(*k, *value),
+            SlotKey::V6(k) => self.stage()?.services6.push(*k, *value),
         }
         Ok(())
     }
     fn del_service(&mut self, key: &SlotKey) -> Result<(), EbpfError> {
         self.write_pending()?;
         match key {
-            SlotKey::V4(k) => ignore_missing(self.v4.services.remove(k)),
-            SlotKey::V6(k) => ignore_missing(self.v6.services.remove(k)),
+            SlotKey::V4(k) => ignore_missing(self.lb().v4.services.remove(k)),
+            SlotKey::V6(k) => ignore_missing(self.lb().v6.services.remove(k)),
         }
     }
     fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
         match revnat {
-            RevNatValue::V4(r) => self.stage(Target::RevNat4)?.revnat4.push(index, *r),
-            RevNatValue::V6(r) => self.stage(Target::RevNat6)?.revnat6.push(index, *r),
+            RevNatValue::V4(r) => self.stage()?.revnat4.push(index, *r),
+            RevNatValue::V6(r) => self.stage()?.revnat6.push(index, *r),
         }
         Ok(())
     }
     fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.write_pending()?;
         match revnat {
-            RevNatValue::V4(_) => ignore_missing(self.v4.revnat.remove(&index)),
-            RevNatValue::V6(_) => ignore_missing(self.v6.revnat.remove(&index)),
+            RevNatValue::V4(_) => ignore_missing(self.lb().v4.revnat.remove(&index)),
+            RevNatValue::V6(_) => ignore_missing(self.lb().v6.revnat.remove(&index)),
         }
     }
     fn put_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
@@ -264,20 +353,19 @@ impl MapStore for KernelMaps {
     }
 
     fn read_all(&self) -> Result<MapContents, EbpfError> {
+        let lb = self.lb();
         Ok(MapContents {
-            services: (self.v4.services.iter())
+            services: (lb.v4.services.iter())
                 .map(|e| e.map(|(k, v)| (SlotKey::V4(k), v)))
-                .chain((self.v6.services.iter()).map(|e| e.map(|(k, v)| (SlotKey::V6(k), v))))
+                .chain((lb.v6.services.iter()).map(|e| e.map(|(k, v)| (SlotKey::V6(k), v))))
                 .collect::<Result<_, _>>()?,
-            backends: (self.v4.backends.iter())
+            backends: (lb.v4.backends.iter())
                 .map(|e| e.map(|(id, b)| (id, BackendValue::V4(b))))
-                .chain(
-                    (self.v6.backends.iter()).map(|e| e.map(|(id, b)| (id, BackendValue::V6(b)))),
-                )
+                .chain((lb.v6.backends.iter()).map(|e| e.map(|(id, b)| (id, BackendValue::V6(b)))))
                 .collect::<Result<_, _>>()?,
-            revnat: (self.v4.revnat.iter())
+            revnat: (lb.v4.revnat.iter())
                 .map(|e| e.map(|(i, r)| (i, RevNatValue::V4(r))))
-                .chain((self.v6.revnat.iter()).map(|e| e.map(|(i, r)| (i, RevNatValue::V6(r)))))
+                .chain((lb.v6.revnat.iter()).map(|e| e.map(|(i, r)| (i, RevNatValue::V6(r)))))
                 .collect::<Result<_, _>>()?,
             source_ranges: (self.source_ranges.iter())
                 .flat_map(LpmTrie::keys)
