@@ -33,6 +33,7 @@ impl Dataplane for NoDataplane {
             writes: 0,
             full: false,
             failed: Vec::new(),
+            failure_reasons: std::collections::BTreeMap::new(),
         })
     }
 }

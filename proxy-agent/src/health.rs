@@ -1,7 +1,9 @@
 //! `/healthz` and `/livez` with kube-proxy's semantics: healthy once the first sync is
 //! programmed, unhealthy when a pending change waits longer than `--healthz-stale-after`;
 //! `/healthz` (not `/livez`) also fails while the node is being deleted or is tainted
-//! for removal by the cluster autoscaler, so load balancers drain it first.
+//! for removal by the cluster autoscaler, so load balancers drain it first. A dataplane
+//! that programs all but a few frontends, or whose last sync failed, is degraded: the
+//! body says so (`failedFrontends`, `lastError`) and the status does not flap.
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
@@ -36,6 +38,10 @@ struct Inner {
     pending_since: Option<Instant>,
     /// Deleted or tainted `ToBeDeletedByClusterAutoscaler`.
     node_leaving: bool,
+    /// Frontends the last sync skipped.
+    failed_frontends: usize,
+    /// Why the last sync failed or skipped frontends (none once one succeeds whole).
+    last_error: Option<String>,
 }
 
 /// The cluster autoscaler's taint on a node it is about to remove.
@@ -59,6 +65,9 @@ struct Body {
     source_generation: u64,
     programmed_generation: u64,
     node_eligible: bool,
+    failed_frontends: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
 }
 
 impl Health {
@@ -93,6 +102,16 @@ impl Health {
         if generation >= inner.source_generation {
             inner.pending_since = None;
         }
+    }
+
+    /// What the last sync left undone: `failed` frontends skipped, and why (`None`:
+    /// nothing). A whole sync that failed keeps the previous count.
+    pub fn degraded(&self, failed: Option<usize>, error: Option<String>) {
+        let mut inner = self.lock();
+        if let Some(failed) = failed {
+            inner.failed_frontends = failed;
+        }
+        inner.last_error = error;
     }
 
     /// Follows this node's Node object (absent: eligible).
@@ -137,6 +156,8 @@ impl Health {
             source_generation: inner.source_generation,
             programmed_generation: inner.programmed_generation,
             node_eligible: !inner.node_leaving,
+            failed_frontends: inner.failed_frontends,
+            last_error: inner.last_error.clone(),
         };
         let code = if healthy {
             StatusCode::OK
@@ -204,6 +225,30 @@ mod tests {
         assert_eq!((body.source_generation, body.programmed_generation), (2, 1));
         health.programmed(2);
         assert_eq!(health.status().0, StatusCode::OK);
+    }
+
+    #[test]
+    fn skipped_frontends_show_in_the_body_without_failing_healthz() {
+        let health = Health::new("ebpf", Duration::from_mins(1));
+        health.source_changed(1);
+        health.programmed(1);
+        health.degraded(
+            Some(2),
+            Some("2 frontends skipped (ids_exhausted 2)".into()),
+        );
+        let (code, body) = health.status();
+        assert_eq!(code, StatusCode::OK);
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(json["failedFrontends"], 2);
+        assert_eq!(json["lastError"], "2 frontends skipped (ids_exhausted 2)");
+        // A whole sync failing keeps the count and says why; the status stays.
+        health.degraded(None, Some("sync failed: nft rejected the ruleset".into()));
+        let (code, body) = health.status();
+        assert_eq!((code, body.failed_frontends), (StatusCode::OK, 2));
+        health.degraded(Some(0), None);
+        let json = serde_json::to_value(health.status().1).unwrap();
+        assert_eq!(json["failedFrontends"], 0);
+        assert!(json.get("lastError").is_none());
     }
 
     #[test]

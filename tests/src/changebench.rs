@@ -142,6 +142,39 @@ fn rss_mib(pid: u32, field: &str) -> f64 {
     kib / 1024.0
 }
 
+/// Busy and total jiffies of all CPUs, from `/proc/stat`.
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    // idle and iowait.
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Waits (at most a minute) until the machine is quiet: the kernel frees a large
+/// ruleset or map set in deferred work after the process that held it is gone.
+fn wait_quiet() {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_mins(1) {
+        let (busy0, total0) = cpu_jiffies();
+        std::thread::sleep(Duration::from_millis(500));
+        let (busy1, total1) = cpu_jiffies();
+        let (busy, total) = (busy1.saturating_sub(busy0), total1.saturating_sub(total0));
+        if total > 0 && busy * 10 <= total {
+            break;
+        }
+    }
+    eprintln!("quiet after {:.1} s", started.elapsed().as_secs_f64());
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     crate::quantile(sorted, q).unwrap_or(f64::NAN)
 }
@@ -269,12 +302,18 @@ fn row(
     let from = usize::try_from(log_from).unwrap_or(0).min(log.len());
     let _ = std::fs::write(&kept, &log[from..]);
     eprintln!("agent log: {}", kept.display());
-    let _ = std::process::Command::new(crate::agent::agent_bin())
+    // In the node's namespace: the next row starts from nothing, not over this row's
+    // tables (a restart over 330 000 chains is another measurement), and the kernel's
+    // deferred teardown of them is not charged to it.
+    let _ = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", cluster.node("node1").netns))
+        .arg(crate::agent::agent_bin())
         .args(["cleanup", "--dataplane", dataplane, "--bpffs"])
         .arg(&agent.bpffs)
         .stderr(Stdio::null())
         .status();
     drop(api);
+    wait_quiet();
     latencies.sort_by(f64::total_cmp);
     cpu.sort_by(f64::total_cmp);
     let row = json!({
@@ -297,7 +336,7 @@ pub fn run(scales: &[usize], repeats: usize, only: &[String]) -> Value {
     let mut rows = Vec::new();
     for &services in scales {
         // eBPF rows first: tearing down a large nftables table keeps the kernel busy for
-        // seconds, which the next row's start would be charged for.
+        // seconds (each row also waits for a quiet machine before the next starts).
         for dataplane in ["ebpf", "nftables"] {
             for source in [Source::Manifests, Source::Api] {
                 let name = format!("{}:{dataplane}", source.name());

@@ -160,6 +160,7 @@ impl Dataplane for Recording {
             writes: 0,
             full: false,
             failed: Vec::new(),
+            failure_reasons: std::collections::BTreeMap::new(),
         })
     }
 }

@@ -16,6 +16,17 @@ pub enum DataplaneError {
     Nftables(#[from] nftables::NftError),
 }
 
+impl DataplaneError {
+    /// A short, stable name for metrics.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Ebpf(error) => error.reason(),
+            Self::Nftables(error) => error.reason(),
+        }
+    }
+}
+
 /// What one `apply` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -26,6 +37,8 @@ pub struct Applied {
     /// Frontends that could not be programmed: skipped (the others were), and left as
     /// they were for the next sync to try again.
     pub failed: Vec<crate::model::FrontendKey>,
+    /// Why they failed: how many by reason (see [`DataplaneError::reason`]).
+    pub failure_reasons: std::collections::BTreeMap<&'static str, usize>,
 }
 
 /// One backend as the sync loop sees it.

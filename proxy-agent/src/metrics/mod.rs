@@ -25,6 +25,13 @@ pub struct TrafficPolicyLabel {
     pub traffic_policy: &'static str,
 }
 
+/// Why a sync, or one frontend in it, could not be programmed
+/// (`proxyagent_sync_errors_total{reason}`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 /// Every metric the agent exports; cheap to clone (shared handles).
 pub struct Metrics {
     registry: Registry,
@@ -32,7 +39,7 @@ pub struct Metrics {
     pub sync_full_duration: Histogram,
     pub sync_partial_duration: Histogram,
     pub sync_last_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
-    pub sync_errors: Counter,
+    pub sync_errors: Family<ReasonLabel, Counter>,
     pub failed_frontends: Gauge,
     pub programmed_frontends: Gauge,
     pub programmed_backends: Gauge,
@@ -93,10 +100,10 @@ impl Metrics {
             "The last time proxy rules were successfully synced",
             sync_last_timestamp.clone(),
         );
-        let sync_errors = Counter::default();
+        let sync_errors = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "proxyagent_sync_errors",
-            "Syncs that failed to program the dataplane",
+            "Failures to program the dataplane, by reason: a whole sync, or one frontend skipped in it",
             sync_errors.clone(),
         );
         let failed_frontends = Gauge::default();
@@ -217,13 +224,19 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::Metrics;
+    use super::{Metrics, ReasonLabel};
 
     #[test]
     fn exports_kube_proxy_names_and_the_dataplane() {
         let metrics = Metrics::new("ebpf", &crate::health::Answers::default(), Vec::new());
         metrics.sync_duration.observe(0.002);
         metrics.programmed_frontends.set(3);
+        metrics
+            .sync_errors
+            .get_or_create(&ReasonLabel {
+                reason: "ids_exhausted",
+            })
+            .inc_by(2);
         let text = metrics.render();
         for want in [
             "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
@@ -232,7 +245,7 @@ mod tests {
             "kubeproxy_sync_partial_proxy_rules_duration_seconds_count 0",
             "proxyagent_dataplane_info{dataplane=\"ebpf\"} 1",
             "proxyagent_programmed_frontends 3",
-            "proxyagent_sync_errors_total 0",
+            "proxyagent_sync_errors_total{reason=\"ids_exhausted\"} 2",
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} 0",
             "kubeproxy_network_programming_duration_seconds_bucket{le=\"300.0\"} 0",
         ] {

@@ -21,7 +21,7 @@ use crate::{
     health::Health,
     health_check::HealthChecks,
     introspect::{Live, Programmed},
-    metrics::Metrics,
+    metrics::{Metrics, ReasonLabel},
     model::{self, DesiredState, NodeInfo, Snapshot, Tracker},
     source::SourceUpdate,
 };
@@ -170,8 +170,17 @@ fn sync_once(
     let (plan, applied) = match result {
         Ok(done) => done,
         Err(error) => {
-            inputs.metrics.sync_errors.inc();
-            error!(%error, "sync failed; will re-read the kernel state and retry");
+            inputs
+                .metrics
+                .sync_errors
+                .get_or_create(&ReasonLabel {
+                    reason: error.reason(),
+                })
+                .inc();
+            inputs
+                .health
+                .degraded(None, Some(format!("sync failed: {error}")));
+            error!(%error, reason = error.reason(), "sync failed; will re-read the kernel state and retry");
             return Err(());
         }
     };
@@ -213,6 +222,7 @@ fn sync_once(
     state.published_snapshot = Some(Arc::clone(snapshot));
     state.programmed = Some(programmed_after(&desired, &plan, &applied.failed));
     inputs.health.programmed(generation);
+    report_skipped(inputs, &applied);
     metrics
         .failed_frontends
         .set(i64::try_from(applied.failed.len()).unwrap_or(i64::MAX));
@@ -220,8 +230,32 @@ fn sync_once(
         Ok(())
     } else {
         // The rest is programmed; the failed ones are tried again after the backoff.
-        metrics.sync_errors.inc();
         Err(())
+    }
+}
+
+/// The frontends a sync skipped, by reason: counted, and said in `/healthz`'s body
+/// (cleared once a sync skips none).
+fn report_skipped(inputs: &Inputs, applied: &crate::dataplane::Applied) {
+    let summary = (!applied.failed.is_empty()).then(|| {
+        let reasons: Vec<String> = applied
+            .failure_reasons
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        format!(
+            "{} frontends skipped ({}); tried again after the backoff",
+            applied.failed.len(),
+            reasons.join(", ")
+        )
+    });
+    inputs.health.degraded(Some(applied.failed.len()), summary);
+    for (reason, n) in &applied.failure_reasons {
+        inputs
+            .metrics
+            .sync_errors
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(u64::try_from(*n).unwrap_or(u64::MAX));
     }
 }
 

@@ -239,5 +239,10 @@ fn running_out_of_ids_skips_the_frontends_that_need_new_ones() {
         .apply(&diff(&DesiredState::default(), &desired))
         .unwrap();
     assert_eq!(written.failed.len(), desired.frontends.len() - limit);
+    // Named for `proxyagent_sync_errors_total{reason}`.
+    assert_eq!(
+        written.reasons,
+        [("ids_exhausted", desired.frontends.len() - limit)].into()
+    );
     assert_eq!(writer.store().revnat.len(), limit);
 }

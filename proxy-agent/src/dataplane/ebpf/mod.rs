@@ -57,6 +57,21 @@ pub enum EbpfError {
     Netfilter(String),
 }
 
+impl EbpfError {
+    /// A short, stable name for metrics.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Exhausted(_) => "ids_exhausted",
+            Self::Map(_) => "bpf_map",
+            Self::Interfaces(_) => "interfaces",
+            Self::Netfilter(_) => "netfilter",
+            Self::Io(..) => "io",
+            _ => "bpf_load",
+        }
+    }
+}
+
 /// The eBPF dataplane as the sync loop drives it.
 pub struct EbpfDataplane {
     writer: MapWriter<kernel::KernelMaps>,
@@ -121,6 +136,7 @@ impl super::Dataplane for EbpfDataplane {
         Ok(super::Applied {
             writes: written.writes,
             failed: written.failed,
+            failure_reasons: written.reasons,
             full: false,
         })
     }

@@ -38,6 +38,17 @@ pub enum NftError {
     Rejected(String),
 }
 
+impl NftError {
+    /// A short, stable name for metrics.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Spawn(_) => "nft_spawn",
+            Self::Rejected(_) => "nft_rejected",
+        }
+    }
+}
+
 /// Removes our tables.
 pub fn cleanup() -> Result<(), NftError> {
     load(&ruleset::removal())
@@ -347,6 +358,7 @@ impl super::Dataplane for NftablesDataplane {
             writes: pending.ops,
             full: pending.full.is_some(),
             failed: Vec::new(),
+            failure_reasons: BTreeMap::new(),
         })
     }
 }

@@ -154,6 +154,8 @@ pub struct Written {
     pub writes: usize,
     /// Frontends that could not be written (skipped; the next apply tries them again).
     pub failed: Vec<FrontendKey>,
+    /// How many of them failed, by reason ([`EbpfError::reason`]).
+    pub reasons: std::collections::BTreeMap<&'static str, usize>,
 }
 
 impl<S: MapStore> MapWriter<S> {
@@ -354,13 +356,19 @@ impl<S: MapStore> MapWriter<S> {
                 tracing::warn!(%error, "cannot remove the counters of removed frontends");
             }
         }
-        let failed = result?;
+        let failures = result?;
+        let mut reasons = std::collections::BTreeMap::new();
+        for (_, reason) in &failures {
+            *reasons.entry(*reason).or_insert(0) += 1;
+        }
+        let failed: Vec<FrontendKey> = failures.into_iter().map(|(key, _)| key).collect();
         if failed.is_empty() {
             self.isolate = false;
         }
         Ok(Written {
             writes: self.writes - before,
             failed,
+            reasons,
         })
     }
 
@@ -369,7 +377,7 @@ impl<S: MapStore> MapWriter<S> {
         &mut self,
         plan: &Plan,
         touched: &mut Vec<FrontendKey>,
-    ) -> Result<Vec<FrontendKey>, EbpfError> {
+    ) -> Result<Vec<(FrontendKey, &'static str)>, EbpfError> {
         for id in self.maglev.unused() {
             if self.maglev.release(id) {
                 if let Err(error) = self.write().del_maglev(id) {
@@ -406,7 +414,7 @@ impl<S: MapStore> MapWriter<S> {
                     tracing::warn!(frontend = %key, %error, "cannot program this frontend; skipped, and tried again at the next sync");
                     // The flush may have failed after its own writes went in.
                     self.mark_unsure(key);
-                    failed.push(*key);
+                    failed.push((*key, error.reason()));
                 }
             }
         }
