@@ -66,6 +66,11 @@ struct LbMaps {
 }
 
 impl LbMaps {
+    /// The maps, whoever held them last (a panic while writing leaves them usable).
+    fn lock(lb: &Mutex<Self>) -> MutexGuard<'_, Self> {
+        lb.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Writes `p` in dependency order, emptying it.
     fn write(&mut self, p: &mut Pending) -> Result<(), aya::maps::MapError> {
         p.count = 0;
@@ -170,7 +175,7 @@ fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), EbpfErr
 
 impl KernelMaps {
     fn lb(&self) -> MutexGuard<'_, LbMaps> {
-        self.lb.lock().unwrap_or_else(PoisonError::into_inner)
+        LbMaps::lock(&self.lb)
     }
 
     /// The buffers, after one more put; full ones go to the flusher.
@@ -194,9 +199,7 @@ impl KernelMaps {
                 .name("bpf-write".to_owned())
                 .spawn(move || {
                     for mut p in receive {
-                        lb.lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .write(&mut p)?;
+                        LbMaps::lock(&lb).write(&mut p)?;
                     }
                     Ok(())
                 });

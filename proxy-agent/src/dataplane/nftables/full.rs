@@ -12,16 +12,12 @@ use std::{
 use super::{
     load::load_in,
     rendered::Rendered,
-    ruleset::{removal_of, Existing, NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS},
+    ruleset::{removal_of, Existing, DISPATCH},
     table::{Set, Table, TableKey, TABLE},
     wire::{Batch, BatchWriter, Wire},
     NftError,
 };
 use crate::model::DesiredState;
-
-/// The sets a Service table's frontends fill: emptied by the first step over a table
-/// that holds them, filled by the second once the chains they name are there.
-const DISPATCH: [&str; 3] = [SERVICE_IPS, SERVICE_NODEPORTS, NODEPORT_IPS];
 
 /// A table not there before is written in batches of about this size (it serves no
 /// traffic until its dispatch maps are filled, last); one that is there, in one.

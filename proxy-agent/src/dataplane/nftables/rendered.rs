@@ -6,7 +6,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    sync::Arc,
 };
 
 use imbl::ordmap::DiffItem;
@@ -365,16 +364,17 @@ impl Rendered {
         self.groups[at] += 1;
     }
 
+    /// The frontends of one group in `desired`.
     fn group_frontends<'a>(
         &'a self,
         group: &GroupKey,
         desired: &'a DesiredState,
-    ) -> impl Iterator<Item = &'a Arc<Frontend>> + 'a {
+    ) -> impl Iterator<Item = (&'a FrontendKey, &'a Frontend)> + 'a {
         self.members
             .get(group)
             .into_iter()
             .flatten()
-            .filter_map(|key| desired.frontends.get(key))
+            .filter_map(|key| Some((key, desired.frontends.get(key)?.as_ref())))
     }
 
     fn has_frontends(&self, group: &GroupKey, desired: &DesiredState) -> bool {
@@ -383,26 +383,19 @@ impl Rendered {
 
     fn has_affinity(&self, group: &GroupKey, desired: &DesiredState) -> bool {
         self.group_frontends(group, desired)
-            .any(|f| f.affinity_timeout.is_some())
+            .any(|(_, f)| f.affinity_timeout.is_some())
     }
 
     /// The chains and sets of one group's frontends in `desired` (`None`: no frontend).
     fn render_group(&self, group: &GroupKey, desired: &DesiredState) -> Option<Table> {
         let v6 = group.0;
         let mut scratch = Table::new(Family { v6 }.table(), String::new(), "");
-        let frontends: Vec<(FrontendKey, Arc<Frontend>)> = self
-            .members
-            .get(group)
-            .into_iter()
-            .flatten()
-            .filter_map(|key| Some((*key, desired.frontends.get(key)?.clone())))
-            .collect();
+        let frontends: Vec<_> = self.group_frontends(group, desired).collect();
         if frontends.is_empty() {
             return None;
         }
-        let refs = frontends.iter().map(|(k, f)| (k, f.as_ref())).collect();
         group_chains(
-            &as_group(group, refs),
+            &as_group(group, frontends),
             self.cidrs_present[usize::from(v6)],
             Family { v6 },
             &mut scratch,

@@ -252,6 +252,8 @@ pub(super) fn shard_table(cluster_cidrs: &[IpNet], family: Family, shard: usize)
 pub(super) const SERVICE_IPS: &str = "service-ips";
 pub(super) const SERVICE_NODEPORTS: &str = "service-nodeports";
 pub(super) const NODEPORT_IPS: &str = "nodeport-ips";
+/// The sets a Service table's frontends fill, element by element.
+pub(super) const DISPATCH: [&str; 3] = [SERVICE_IPS, SERVICE_NODEPORTS, NODEPORT_IPS];
 
 /// A frontend's element in `service-ips` (ClusterIP, external and load-balancer IPs) or
 /// in `service-nodeports` (NodePorts, whose address goes into `nodeport-ips`).

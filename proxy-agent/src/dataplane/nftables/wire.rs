@@ -14,7 +14,7 @@ use std::{
 
 use netlink_sys::{Socket, SocketAddr};
 
-use super::{table::is_ours, NftError};
+use super::{ruleset::DISPATCH, table::is_ours, NftError};
 use crate::netlink::{attr, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST};
 
 const NETLINK_NETFILTER: isize = 12;
@@ -34,8 +34,6 @@ const NLM_F_APPEND: u16 = 0x800;
 const NLMSG_ERROR: u16 = 2;
 /// Larger batches (a rare, big change) go through `nft -f`, which sizes its buffers.
 const MAX_BATCH: usize = 128 * 1024;
-/// The sets whose elements a partial sync writes (none has intervals).
-const ELEMENT_SETS: [&str; 3] = ["service-ips", "service-nodeports", "nodeport-ips"];
 
 /// Registers as `nft` uses them: the verdict register and two 16-byte data registers.
 const REG_VERDICT: u32 = 0;
@@ -332,14 +330,14 @@ fn message(statement: &str) -> Option<Message> {
             ],
         ),
         // A set's elements all go (a full load refills the dispatch maps).
-        ("flush", "set" | "map") if tail.is_empty() && ELEMENT_SETS.contains(&name) => {
+        ("flush", "set" | "map") if tail.is_empty() && DISPATCH.contains(&name) => {
             (NFT_MSG_DELSETELEM, 0, vec![table_attr, string(2, name)])
         }
         // A set no Service names any more (an affinity set).
         ("delete", "set" | "map") if tail.is_empty() => {
             (NFT_MSG_DELSET, 0, vec![table_attr, string(2, name)])
         }
-        ("add" | "delete", "element") if ELEMENT_SETS.contains(&name) => {
+        ("add" | "delete", "element") if DISPATCH.contains(&name) => {
             let inner = tail.strip_prefix("{ ")?.strip_suffix(" }")?;
             let (key, data) = inner.split_once(" : ").unwrap_or((inner, ""));
             let mut element = vec![value(1, &element_key(key)?)];
@@ -414,15 +412,6 @@ impl Default for BatchWriter {
 }
 
 impl BatchWriter {
-    /// Adds `statement`; `None` (and nothing added) when it is outside the grammar.
-    pub fn push(&mut self, statement: &str) -> Option<()> {
-        let message = message(statement)?;
-        if let Some(previous) = self.last.replace(message) {
-            self.put(&previous, 0);
-        }
-        Some(())
-    }
-
     /// Adds every one of `statements`, or (when one is outside the grammar) none.
     pub fn push_all<S: AsRef<str>>(&mut self, statements: &[S]) -> bool {
         let Some(messages) = statements
@@ -514,10 +503,7 @@ impl BatchWriter {
 #[must_use]
 pub fn encode(statements: &[String]) -> Option<Batch> {
     let mut writer = BatchWriter::default();
-    for statement in statements {
-        writer.push(statement)?;
-    }
-    (writer.size() <= MAX_BATCH).then(|| writer.finish())?
+    (writer.push_all(statements) && writer.size() <= MAX_BATCH).then(|| writer.finish())?
 }
 
 /// A netfilter netlink socket in the dataplane's network namespace.
