@@ -152,6 +152,7 @@ impl Cluster {
             "the end-to-end tests need root (network namespaces, cgroups, eBPF)"
         );
         ensure_bpffs();
+        ensure_netns_dir();
         reap_leftovers();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("pa{}{}{}", std::process::id() % 100_000, tag, n);
@@ -582,6 +583,19 @@ pub fn ensure_bpffs() {
         if fs_type.trim() != "bpf_fs" {
             sh(&["mount", "-t", "bpf", "bpffs", BPFFS]);
         }
+    });
+}
+
+/// Makes `/run/netns` a shared mount once per process before any test adds a namespace.
+/// On a fresh machine the first `ip netns add` bind-mounts that directory onto itself; a
+/// second one running at that moment creates its file under the mount and then fails
+/// with "Bind /proc/self/ns/net -> /run/netns/NAME failed: No such file or directory".
+fn ensure_netns_dir() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let probe = format!("pa{}-probe", std::process::id() % 100_000);
+        sh(&["ip", "netns", "add", &probe]);
+        sh(&["ip", "netns", "delete", &probe]);
     });
 }
 
