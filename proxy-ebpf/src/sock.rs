@@ -9,8 +9,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     MonitorEvent, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, REASON_BACKEND_MISSING,
-    REASON_NO_ENDPOINTS, SERVICE_FLAG_AFFINITY, VERDICT_LOCAL_REDIRECT, VERDICT_NAT,
-    VERDICT_REJECT, VERDICT_REVERSE_NAT,
+    REASON_NO_ENDPOINTS, REASON_NO_LOCAL_ENDPOINTS, SERVICE_FLAG_AFFINITY,
+    SERVICE_FLAG_DROP_EMPTY, VERDICT_DROP, VERDICT_LOCAL_REDIRECT, VERDICT_NAT, VERDICT_REJECT,
+    VERDICT_REVERSE_NAT,
 };
 
 use crate::{
@@ -162,18 +163,23 @@ fn choose<F: SockFamily>(
         lb::select_backend::<F>(&key, &svc).map(|(id, backend, _)| (id, backend, VERDICT_NAT, 0))
     };
     let Some((backend_id, backend, verdict, reason)) = chosen else {
-        event.verdict = VERDICT_REJECT;
-        event.reason = if svc.count == 0 {
-            REASON_NO_ENDPOINTS
+        // No endpoint on this node under a Local policy: kube-proxy drops, so the client
+        // waits out its timeout. The call goes on untranslated and the node's netfilter
+        // table drops its packets (the frontend is in its no-endpoints set).
+        let drop = svc.count == 0 && svc.flags & SERVICE_FLAG_DROP_EMPTY != 0;
+        (event.verdict, event.reason) = if drop {
+            (VERDICT_DROP, REASON_NO_LOCAL_ENDPOINTS)
+        } else if svc.count == 0 {
+            (VERDICT_REJECT, REASON_NO_ENDPOINTS)
         } else {
-            REASON_BACKEND_MISSING
+            (VERDICT_REJECT, REASON_BACKEND_MISSING)
         };
-        observe::count(rev_nat_index, hook, VERDICT_REJECT, u32::from(event.reason));
+        observe::count(rev_nat_index, hook, event.verdict, u32::from(event.reason));
         if observe::monitoring(rev_nat_index) {
             event.pid = observe::pid();
             F::emit(event, frontend, None);
         }
-        return Choice::Refuse;
+        return if drop { Choice::Pass } else { Choice::Refuse };
     };
     let to = F::backend_addr(&backend);
     observe::count(rev_nat_index, hook, verdict, backend_id);
@@ -198,7 +204,8 @@ fn refuse() -> i32 {
 
 /// connect4/sendmsg4: a Service destination becomes one of its backends (or the live
 /// node-local listener registered for it); a Service with no backends fails the call at
-/// once with ECONNREFUSED.
+/// once with ECONNREFUSED, one with no endpoint on this node under a Local policy is left
+/// to the netfilter table's drop.
 #[inline(always)]
 pub fn xlate_fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable in

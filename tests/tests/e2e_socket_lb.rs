@@ -190,6 +190,72 @@ fn refused(dataplane: &str) {
 }
 
 #[test]
+fn internal_traffic_policy_local_without_a_local_endpoint_drops_like_kube_proxy() {
+    local_policy_drops("ebpf");
+}
+
+#[test]
+fn internal_traffic_policy_local_without_a_local_endpoint_drops_like_kube_proxy_with_nftables() {
+    local_policy_drops("nftables");
+}
+
+/// kube-proxy drops a pod's traffic to an `internalTrafficPolicy: Local` Service whose
+/// endpoints are all on other nodes: the client waits out its timeout (no refusal), and
+/// traffic comes back once a local endpoint does.
+fn local_policy_drops(dataplane: &str) {
+    const LOCAL_IP: &str = "10.96.0.52";
+    let bed = setup_on(&format!("itp{}", &dataplane[..1]), dataplane);
+    let service = manifests::service("local", LOCAL_IP, &SVC_PORTS[..1]).replace(
+        "  type: ClusterIP\n",
+        "  type: ClusterIP\n  internalTrafficPolicy: Local\n",
+    );
+    manifests::write(&bed.dir, "local-svc.yaml", &service);
+    let slice = |ip: &'static str, node: &'static str| {
+        manifests::slice(
+            "local-abc",
+            "local",
+            &scenarios::POD_PORTS[..1],
+            &[manifests::Endpoint {
+                ip,
+                ready: true,
+                node,
+            }],
+        )
+    };
+    let to = format!("{LOCAL_IP}:80");
+    let wait_for = |want: &str| {
+        let started = Instant::now();
+        loop {
+            let line = requests(&bed, "tcp", &to, 1).remove(0);
+            if line.starts_with(want) {
+                return line;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no {want:?} after 10 s, last {line:?}\n{}",
+                bed.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    manifests::write(&bed.dir, "local-slice.yaml", &slice("10.244.1.2", "node1"));
+    wait_for("ok web-a");
+    // Only web-b, on node2: dropped, so the 2 s connect times out.
+    manifests::write(&bed.dir, "local-slice.yaml", &slice("10.244.2.2", "node2"));
+    let line = wait_for("err");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[..2], ["err", "TimedOut"], "{line}");
+    let ms: u64 = fields[2].parse().unwrap();
+    assert!(ms >= 1900, "gave up after {ms} ms: {line}");
+    for line in requests(&bed, "tcp", &to, 2) {
+        assert!(line.starts_with("err TimedOut"), "{line}");
+    }
+    // A local endpoint again: served again.
+    manifests::write(&bed.dir, "local-slice.yaml", &slice("10.244.1.2", "node1"));
+    wait_for("ok web-a");
+}
+
+#[test]
 fn endpoint_changes_reach_new_connections_within_a_second() {
     changes("ebpf");
 }

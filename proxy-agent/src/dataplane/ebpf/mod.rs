@@ -18,6 +18,7 @@ pub mod store;
 pub mod terminate;
 #[cfg(test)]
 mod tests;
+pub mod unserved;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -92,7 +93,10 @@ impl EbpfDataplane {
         let (maps, ebpf) = loader::load(bpffs, cgroup_root)?;
         let writer = MapWriter::restore_with(maps, maglev_size)?;
         let packets = cluster_cidrs
-            .map(|cidrs| nodeport::PacketPrograms::start(ebpf, bpffs.to_owned(), cidrs))
+            .map(|cidrs| {
+                let unserved = unserved::Unserved::of(&writer.programmed());
+                nodeport::PacketPrograms::start(ebpf, bpffs.to_owned(), cidrs, unserved)
+            })
             .transpose()?;
         if packets.is_some() {
             flows::spawn(bpffs.to_owned());
@@ -126,7 +130,34 @@ impl super::Dataplane for EbpfDataplane {
                 tracing::warn!(%error, "cannot follow the node's interfaces; per-packet programs left as they are");
             }
         }
-        let written = self.writer.apply(plan)?;
+        // Pods' traffic to a frontend left without a local endpoint is dropped by the
+        // netfilter table: its element goes in before the maps let such a connection
+        // through untranslated, and comes out after they translate it again.
+        let steps = self
+            .packets
+            .as_mut()
+            .map(|packets| packets.follow(plan))
+            .unwrap_or_default();
+        let mut unloaded = Vec::new();
+        if let Some(packets) = &mut self.packets {
+            if let Err(error) = packets.load_steps(&steps.added, &[]) {
+                tracing::warn!(%error, frontends = steps.added.len(), "cannot add to the no-endpoints drop sets; will retry");
+                unloaded.extend_from_slice(&steps.added);
+            }
+        }
+        let mut written = self.writer.apply(plan)?;
+        if let Some(packets) = &mut self.packets {
+            if let Err(error) = packets.load_steps(&[], &steps.removed) {
+                tracing::warn!(%error, frontends = steps.removed.len(), "cannot delete from the no-endpoints drop sets; will retry");
+                unloaded.extend_from_slice(&steps.removed);
+            }
+        }
+        if !unloaded.is_empty() {
+            *written.reasons.entry("netfilter").or_default() += unloaded.len();
+            written.failed.extend(unloaded);
+            written.failed.sort_unstable();
+            written.failed.dedup();
+        }
         // The plan's `before` is what the maps held (after a restart, what a previous
         // agent left there), so a backend removed while we were down counts too.
         let removed = terminate::removed_pairs(plan);

@@ -15,8 +15,16 @@ use aya::{
 use ipnet::IpNet;
 use tracing::{info, warn};
 
-use super::{loader, EbpfError};
-use crate::{dataplane::nftables, source::addresses};
+use super::{
+    loader,
+    unserved::{self, Steps, Unserved},
+    EbpfError,
+};
+use crate::{
+    dataplane::nftables,
+    model::{FrontendKey, Plan},
+    source::addresses,
+};
 
 /// The programs, by the names the object gives them.
 pub const INGRESS_PROGRAM: &str = "nodeport_ingress";
@@ -32,18 +40,22 @@ pub struct PacketPrograms {
     ebpf: Ebpf,
     bpffs: PathBuf,
     attached: BTreeSet<String>,
+    /// Frontends whose pods' traffic the netfilter table drops.
+    unserved: Unserved,
     /// The network namespace the programs serve: the one `start` ran in, whichever
     /// thread later calls `refresh` (the bench starts a node's dataplane in-process).
     netns: fs::File,
 }
 
 impl PacketPrograms {
-    /// Loads the programs, writes the cluster CIDRs, installs the netfilter table, and
-    /// attaches to the interfaces there are now.
+    /// Loads the programs, writes the cluster CIDRs, installs the netfilter table (its
+    /// drop sets filled from what the maps hold: `unserved`), and attaches to the
+    /// interfaces there are now.
     pub fn start(
         mut ebpf: Ebpf,
         bpffs: PathBuf,
         cluster_cidrs: &[IpNet],
+        unserved: Unserved,
     ) -> Result<Self, EbpfError> {
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
@@ -53,13 +65,15 @@ impl PacketPrograms {
             program.load()?;
         }
         write_cluster_cidrs(&mut ebpf, cluster_cidrs)?;
-        nftables::load(&netfilter_table()).map_err(|e| EbpfError::Netfilter(e.to_string()))?;
+        let table = netfilter_table() + &unserved.elements();
+        nftables::load(&table).map_err(|e| EbpfError::Netfilter(e.to_string()))?;
         let netns = fs::File::open("/proc/thread-self/ns/net")
             .map_err(|e| EbpfError::Io("/proc/thread-self/ns/net".into(), e))?;
         let mut programs = Self {
             ebpf,
             bpffs,
             attached: BTreeSet::new(),
+            unserved,
             netns,
         };
         programs.detach_stale()?;
@@ -70,6 +84,39 @@ impl PacketPrograms {
     /// Attaches to interfaces that gained a node address since the last call, and
     /// detaches from those that lost theirs.
     pub fn refresh(&mut self) -> Result<(), EbpfError> {
+        self.here(Self::refresh_here)
+    }
+
+    /// Follows a plan's frontends into the drop sets in memory; [`Self::load_steps`]
+    /// then brings the kernel along.
+    pub fn follow(&mut self, plan: &Plan) -> Steps {
+        self.unserved.follow(plan)
+    }
+
+    /// Adds (`added`) or deletes elements in one transaction. If the kernel refuses,
+    /// they are forgotten in memory, so the next plan carrying these keys tries again.
+    pub fn load_steps(
+        &mut self,
+        added: &[FrontendKey],
+        removed: &[FrontendKey],
+    ) -> Result<(), EbpfError> {
+        if added.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        let text = unserved::commands("add", added) + &unserved::commands("delete", removed);
+        let result =
+            self.here(|_| nftables::load(&text).map_err(|e| EbpfError::Netfilter(e.to_string())));
+        if result.is_err() {
+            self.unserved.undo(added, removed);
+        }
+        result
+    }
+
+    /// Runs `f` in the programs' network namespace.
+    fn here<T: Send>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, EbpfError> + Send,
+    ) -> Result<T, EbpfError> {
         if !same_netns(&self.netns) {
             let netns = self
                 .netns
@@ -80,7 +127,7 @@ impl PacketPrograms {
                     .spawn(move || {
                         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
                             .map_err(|e| EbpfError::Io("setns".into(), e.into()))?;
-                        self.refresh_here()
+                        f(self)
                     })
                     .join()
                     .unwrap_or_else(|_| {
@@ -91,7 +138,7 @@ impl PacketPrograms {
                     })
             });
         }
-        self.refresh_here()
+        f(self)
     }
 
     fn refresh_here(&mut self) -> Result<(), EbpfError> {
@@ -246,8 +293,10 @@ fn replace_trie<K: Pod + PartialEq>(
 }
 
 /// Masquerade for flows the ingress program marked (the node picks the source address,
-/// as kube-proxy's KUBE-POSTROUTING does), and the REJECT kube-proxy sends: a TCP reset
-/// for TCP (which an established connection heeds), ICMP port unreachable otherwise.
+/// as kube-proxy's KUBE-POSTROUTING does), the REJECT kube-proxy sends: a TCP reset
+/// for TCP (which an established connection heeds), ICMP port unreachable otherwise, and
+/// the DROP it gives traffic to a frontend with no endpoint on this node under a Local
+/// policy (which the socket programs leave untranslated).
 ///
 /// Unlike kube-proxy, not `fully-random`: keeping the client's port keeps each client
 /// port's connections on one 4-tuple at the backend, whose `TIME_WAIT` then accepts the
@@ -257,18 +306,25 @@ fn replace_trie<K: Pod + PartialEq>(
 fn netfilter_table() -> String {
     let masq = proxy_common::MARK_MASQ;
     let reject = proxy_common::MARK_REJECT;
+    let (set4, set6) = (unserved::SET4, unserved::SET6);
+    let drops = format!(
+        "ip daddr . meta l4proto . th dport @{set4} drop\n\t\tip6 daddr . meta l4proto . th dport @{set6} drop\n"
+    );
     let rejects = format!(
-        "meta mark & {reject:#x} == {reject:#x} meta l4proto tcp reject with tcp reset\n\t\tmeta mark & {reject:#x} == {reject:#x} reject\n"
+        "{drops}\t\tmeta mark & {reject:#x} == {reject:#x} meta l4proto tcp reject with tcp reset\n\t\tmeta mark & {reject:#x} == {reject:#x} reject\n"
     );
     // Both families in one `inet` table; the `ip` table of earlier versions goes in the
     // same transaction.
     format!(
         "add table ip {TABLE}\ndelete table ip {TABLE}\n\
          add table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n\
+         \tset {set4} {{ type ipv4_addr . inet_proto . inet_service; }}\n\
+         \tset {set6} {{ type ipv6_addr . inet_proto . inet_service; }}\n\
          \tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tmeta mark & {masq:#x} == {masq:#x} masquerade\n\t}}\n\
          \tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n\t\t{rejects}\t}}\n\
-         \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\t{rejects}\t}}\n}}\n"
+         \tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t\t{rejects}\t}}\n\
+         \tchain output {{\n\t\ttype filter hook output priority filter; policy accept;\n\t\t{drops}\t}}\n}}\n"
     )
 }
 
