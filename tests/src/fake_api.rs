@@ -7,7 +7,10 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     ops::Bound,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
     time::Duration,
 };
 
@@ -61,6 +64,9 @@ pub struct FakeApi {
     disconnect: broadcast::Sender<()>,
     /// While true, new watch requests wait (the client looks disconnected).
     held: Arc<tokio::sync::watch::Sender<bool>>,
+    /// While true, every request gets `503 Service Unavailable` (an API server down
+    /// behind its load balancer).
+    down: Arc<AtomicBool>,
     pub addr: SocketAddr,
 }
 
@@ -91,6 +97,7 @@ impl FakeApi {
             changed: broadcast::channel(4096).0,
             disconnect: broadcast::channel(16).0,
             held: Arc::new(tokio::sync::watch::channel(false).0),
+            down: Arc::new(AtomicBool::new(false)),
             addr,
         };
         let app = Router::new()
@@ -163,6 +170,17 @@ impl FakeApi {
 
     pub fn release_watches(&self) {
         self.held.send_replace(false);
+    }
+
+    /// An outage: open watches end and every request fails with 503 until
+    /// [`Self::recover`].
+    pub fn go_down(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.disconnect_watches();
+    }
+
+    pub fn recover(&self) {
+        self.down.store(false, Ordering::SeqCst);
     }
 
     pub fn set_list_delay(&self, plural: &'static str, delay: Duration) {
@@ -238,6 +256,15 @@ async fn handle(
             .body(Body::empty())
             .expect("response");
     };
+    if api.down.load(Ordering::SeqCst) {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "the server is currently unable to handle the request", "reason": "ServiceUnavailable", "code": 503});
+        return Response::builder()
+            .status(503)
+            .header("content-type", "application/json")
+            .body(Body::from(status.to_string()))
+            .expect("response");
+    }
     if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
         let mut held = api.held.subscribe();
         // The sender lives as long as `api`, so waiting cannot fail.

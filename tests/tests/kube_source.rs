@@ -40,7 +40,7 @@ fn node(name: &str) -> Value {
 /// Starts the source against `api` for node1; returns the receiver of its updates.
 fn start(api: &FakeApi) -> watch::Receiver<SourceUpdate> {
     let config = kube::Config::new(format!("http://{}", api.addr).parse().expect("url"));
-    let client = kube::Client::try_from(config).expect("client");
+    let client = kube_source::client_from(config).expect("client");
     let (tx, rx) = watch::channel(SourceUpdate::default());
     tokio::spawn(kube_source::run(client, "node1".into(), tx));
     rx
@@ -141,6 +141,37 @@ async fn a_delete_missed_while_disconnected_is_reconciled_by_the_relist() {
         "no bookmarks were requested: {:?}",
         api.counters()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_api_outage_the_source_is_watching_again_within_two_seconds() {
+    let api = FakeApi::start().await;
+    api.upsert(SERVICES, service("web", "10.96.0.10"));
+    api.upsert(NODES, node("node1"));
+    let mut rx = start(&api);
+    wait_for(&mut rx, Duration::from_secs(5), |s| s.services().len() == 1).await;
+    // 20 s of 503s: long enough for kube-rs's default backoff to reach 12.8 s.
+    api.go_down();
+    let watches = api.counters().watches;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    api.recover();
+    let ended = std::time::Instant::now();
+    api.upsert(SERVICES, service("late", "10.96.0.12"));
+    let (_, snapshot) = wait_for(&mut rx, Duration::from_secs(15), |s| {
+        cluster_ip(s, "late").is_some()
+    })
+    .await;
+    let took = ended.elapsed();
+    println!("a change made as the outage ended arrived after {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "a change made as the outage ended took {took:?}"
+    );
+    assert!(
+        cluster_ip(&snapshot, "web").is_some(),
+        "the outage removed a Service"
+    );
+    assert!(api.counters().watches > watches, "{:?}", api.counters());
 }
 
 /// A dataplane that only records what it was asked to program: the sync loop's

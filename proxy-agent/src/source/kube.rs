@@ -45,7 +45,19 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
         }
         None => Config::infer().await.map_err(|e| error(&e))?,
     };
-    Client::try_from(config).map_err(|e| error(&e))
+    client_from(config)
+}
+
+/// The client for a configuration. kube-rs retries a request answered 429, 503 or 504
+/// itself, 15 times from 5 ms doubling: through an API outage its waits grow into
+/// minutes before the watcher even hears of it, so a change made just after the
+/// outage waited 8-12 s. Here the watcher's own backoff ([`WatchBackoff`]) decides.
+///
+/// # Errors
+/// When the configuration cannot make a client (a bad TLS setup, say).
+pub fn client_from(mut config: Config) -> Result<Client, SourceError> {
+    config.default_retry = false;
+    Client::try_from(config).map_err(|e| SourceError::Kube(e.to_string()))
 }
 
 /// One watcher's news for the store. Objects arrive decoded, checked and slimmed (or as
@@ -206,6 +218,42 @@ pub fn resource(kind: Kind) -> ApiResource {
     }
 }
 
+/// The delays between retries after a watch or list error: 100 ms doubling up to 1 s,
+/// each cut by a random part of up to a half so a cluster's nodes do not retry in step.
+/// An agent is watching again within about a second of an API outage ending; kube-rs's
+/// default climbs to 30 s, which left changes made after a 10 s outage unseen for 8 s.
+#[derive(Debug)]
+struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let delay = self.next;
+        self.next = (delay * 2).min(Self::MAX);
+        Some(delay.mul_f64(rand::random_range(0.5..=1.0)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// Runs one kind's watcher (with backoff on errors) and forwards its events.
 fn spawn_watcher(
     client: Client,
@@ -215,7 +263,9 @@ fn spawn_watcher(
 ) {
     tokio::spawn(async move {
         let api: Api<WireObject> = Api::all_with(client, &resource(kind));
-        let mut events = watcher(api, config).default_backoff().boxed();
+        let mut events = watcher(api, config)
+            .backoff(WatchBackoff::default())
+            .boxed();
         let upsert = |object: WireObject, initial| {
             Change::Upsert(kind, object.key(), checked(kind, object), initial)
         };
