@@ -97,7 +97,10 @@ impl Netlink {
 }
 
 /// Walks the messages of one datagram; `Some` once the exchange has ended.
-fn messages(
+///
+/// # Errors
+/// On a message whose length is shorter than its header or runs past the datagram.
+pub fn messages(
     mut rest: &[u8],
     each: &mut impl FnMut(u16, &[u8]),
 ) -> Result<Option<Result<(), NetlinkError>>, NetlinkError> {

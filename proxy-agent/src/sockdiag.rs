@@ -91,7 +91,8 @@ fn request(family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
 }
 
 /// One `inet_diag_msg`; `None` for a short message or an unknown family.
-fn parse(msg: &[u8]) -> Option<DiagSocket> {
+#[must_use]
+pub fn parse(msg: &[u8]) -> Option<DiagSocket> {
     let msg = msg.get(..MSG_LEN)?;
     let family = msg[0];
     let id: [u8; SOCKID_LEN] = msg[4..4 + SOCKID_LEN].try_into().ok()?;

@@ -306,7 +306,10 @@ fn parse_tuple(data: &[u8]) -> Option<Tuple> {
     })
 }
 
-fn parse_entry(payload: &[u8]) -> Option<Entry> {
+/// One conntrack entry from a dump message's payload (after `nfgenmsg`); `None` when
+/// an attribute it needs is missing or malformed.
+#[must_use]
+pub fn parse_entry(payload: &[u8]) -> Option<Entry> {
     let top = attrs(payload);
     Some(Entry {
         orig: parse_tuple(top.get(&CTA_TUPLE_ORIG)?)?,

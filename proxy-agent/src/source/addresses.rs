@@ -63,7 +63,8 @@ fn dump_with_interfaces(netlink: &mut Netlink) -> Result<Vec<(u32, IpAddr)>, Net
 
 /// One `RTM_NEWADDR` body: `ifaddrmsg` then attributes; `IFA_LOCAL` is the interface's
 /// own address on point-to-point links, else `IFA_ADDRESS`.
-fn parse(body: &[u8]) -> Option<IpAddr> {
+#[must_use]
+pub fn parse(body: &[u8]) -> Option<IpAddr> {
     let attributes = attrs(body.get(8..)?);
     let raw = attributes
         .get(&IFA_LOCAL)

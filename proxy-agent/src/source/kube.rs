@@ -167,7 +167,7 @@ impl Store {
 
 /// Decodes, validates and slims an API object as its kind; the error names what is
 /// wrong. Each object is decoded once, when it arrives, one field at a time.
-fn checked(kind: Kind, object: WireObject) -> Result<Object, String> {
+pub fn checked(kind: Kind, object: WireObject) -> Result<Object, String> {
     let WireObject {
         metadata,
         spec,
