@@ -29,12 +29,7 @@ impl Dataplane for NoDataplane {
         Ok(DesiredState::default())
     }
     fn apply(&mut self, _plan: &Plan, _desired: &DesiredState) -> Result<Applied, DataplaneError> {
-        Ok(Applied {
-            writes: 0,
-            full: false,
-            failed: Vec::new(),
-            failure_reasons: std::collections::BTreeMap::new(),
-        })
+        Ok(Applied::default())
     }
 }
 

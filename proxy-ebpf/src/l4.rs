@@ -1,5 +1,5 @@
 //! The transport header of a per-packet flow: TCP, UDP and SCTP ports, whether the
-//! packet closes its flow, and port rewrites with each protocol's checksum update.
+//! packet opens or closes its flow, and port rewrites with each protocol's checksum update.
 use aya_ebpf::programs::TcContext;
 use proxy_common::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
@@ -10,9 +10,18 @@ const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 /// `bpf_skb_store_bytes`: keep a receive-side full checksum (`CHECKSUM_COMPLETE`) right.
 const BPF_F_RECOMPUTE_CSUM: u64 = 0x01;
 const TCP_FIN_OR_RST: u8 = 0x01 | 0x04;
-/// SCTP chunk types that end an association.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// SCTP chunk types that start and end an association.
+const SCTP_INIT: u8 = 1;
 const SCTP_ABORT: u8 = 6;
 const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
+
+/// `Packet::flow`: TCP FIN or RST; SCTP ABORT or SHUTDOWN COMPLETE.
+pub const CLOSING: u8 = 1;
+/// `Packet::flow`: a TCP SYN without ACK or an SCTP INIT, the first packet of a new
+/// connection whatever an old flow with the same ports left behind.
+pub const OPENING: u8 = 2;
 
 /// The fields of a TCP, UDP or SCTP packet the programs read.
 pub struct Packet<A> {
@@ -21,10 +30,10 @@ pub struct Packet<A> {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    /// TCP FIN or RST; SCTP ABORT or SHUTDOWN COMPLETE. A `u8`, not a `bool`: a
-    /// `bool`'s niche would make `Option<Packet>` a union whose members do not all
-    /// start at offset 0, BTF the kernel refuses.
-    pub closing: u8,
+    /// [`CLOSING`] and [`OPENING`] bits. One `u8`, not `bool`s: a `bool`'s niche would
+    /// make `Option<Packet>` a union whose members do not all start at offset 0, BTF the
+    /// kernel refuses; and one byte keeps the IPv6 path's stack under the verifier's 512.
+    pub flow: u8,
     /// Where the L4 header starts, and its length with the payload (from the IP
     /// header: a short frame's Ethernet padding is not part of it).
     pub l4: usize,
@@ -40,24 +49,36 @@ impl<A> Packet<A> {
         l4: usize,
         l4_len: u16,
     ) -> Option<Self> {
-        let closing = match proto {
-            PROTO_TCP => read::<u8>(ctx, l4 + 13)? & TCP_FIN_OR_RST != 0,
-            PROTO_UDP => false,
+        let flags = if proto == PROTO_TCP {
+            read::<u8>(ctx, l4 + 13)?
+        } else {
+            0
+        };
+        let (opening, closing) = match proto {
+            PROTO_TCP => (
+                flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+                flags & TCP_FIN_OR_RST != 0,
+            ),
+            PROTO_UDP => (false, false),
             PROTO_SCTP => {
                 // The first chunk's type, after the 12-byte common header.
                 let chunk: u8 = read(ctx, l4 + 12)?;
-                chunk == SCTP_ABORT || chunk == SCTP_SHUTDOWN_COMPLETE
+                (
+                    chunk == SCTP_INIT,
+                    chunk == SCTP_ABORT || chunk == SCTP_SHUTDOWN_COMPLETE,
+                )
             }
             _ => return None,
         };
-        let closing = u8::from(closing);
+        let opening = if opening { OPENING } else { 0 };
+        let flow = if closing { CLOSING } else { 0 } | opening;
         Some(Self {
             src,
             dst,
             sport_be: read(ctx, l4)?,
             dport_be: read(ctx, l4 + 2)?,
             proto,
-            closing,
+            flow,
             l4,
             l4_len,
         })

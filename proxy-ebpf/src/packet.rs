@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     MonitorEvent, ServiceValue, CT_FLAG_MASQ, CT_FORWARD, CT_REPLY, HOOK_TC_INGRESS, MARK_MASQ,
-    MARK_REJECT, PROTO_TCP, REASON_BACKEND_GONE, REASON_BACKEND_MISSING, REASON_NO_ENDPOINTS,
+    MARK_REJECT, PROTO_UDP, REASON_BACKEND_MISSING, REASON_NO_ENDPOINTS,
     REASON_NO_LOCAL_ENDPOINTS, REASON_RESELECTED, REASON_SOURCE_RANGE, SCOPE_EXTERNAL,
     SERVICE_FLAG_AFFINITY, SERVICE_FLAG_DROP_EMPTY, SERVICE_FLAG_EXTERNAL_MASQ,
     SERVICE_FLAG_EXTERNAL_SCOPE, SERVICE_FLAG_MASQ, SERVICE_FLAG_SOURCE_RANGES, VERDICT_DROP,
@@ -21,6 +21,7 @@ use proxy_common::{
 use crate::{
     affinity,
     family::{V4, V6},
+    l4::{CLOSING, OPENING},
     lb, observe,
     wire::{read, Flow, Packet, Wire, ETH_P_IP, ETH_P_IPV6},
 };
@@ -102,7 +103,7 @@ enum Known {
 }
 
 /// Ingress: existing flows go to their backend (a UDP flow whose backend left moves to
-/// a live one; a TCP flow's gets a reset), new ones are load-balanced. The steps are
+/// a live one), new ones are load-balanced. The steps are
 /// functions of their own, not inlined: each gets a stack frame of its own, and the
 /// verifier allows 512 bytes along a call chain (IPv6 keys are large).
 #[inline(never)]
@@ -116,7 +117,11 @@ fn ingress_in<F: Wire>(ctx: &TcContext) -> i32 {
     }
 }
 
-/// An existing flow's packet goes to its backend while that is live.
+/// An existing flow's packet goes to its backend. A TCP or SCTP flow keeps its backend
+/// after it left the Service, as kube-proxy's conntrack keeps it: a terminating pod
+/// drains its connections, and one that is gone answers for itself. A UDP flow moves
+/// to a live backend, and so does a new connection reusing a finished flow's ports (a
+/// busy client cycles through its ports faster than the sweep forgets flows).
 #[inline(never)]
 fn known<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>) -> Known {
     let key = forward_key::<F>(packet);
@@ -129,21 +134,14 @@ fn known<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>) -> Known {
         let (address, port_be) = F::backend_addr(&b);
         F::same(&address, &flow.nat) && port_be == flow.nat_port_be
     });
-    if live {
-        F::ct_touch(value, now(), packet.closing != 0);
+    let stays = packet.proto != PROTO_UDP && packet.flow & OPENING == 0;
+    if live || stays {
+        F::ct_touch(value, now(), packet.flow & CLOSING != 0);
         let to = (flow.nat, flow.nat_port_be);
         return Known::Verdict(translate::<F>(ctx, packet, &to, flow.flags));
     }
     F::ct_remove(&key);
     F::ct_remove(&reply_key::<F>(packet, (flow.nat, flow.nat_port_be)));
-    if packet.proto == PROTO_TCP {
-        return Known::Verdict(reject::<F>(
-            ctx,
-            packet,
-            flow.rev_nat_index,
-            REASON_BACKEND_GONE,
-        ));
-    }
     Known::New(true)
 }
 

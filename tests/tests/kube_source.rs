@@ -187,12 +187,7 @@ impl Dataplane for Recording {
     }
     fn apply(&mut self, _plan: &Plan, desired: &DesiredState) -> Result<Applied, DataplaneError> {
         self.0.lock().unwrap().push(desired.clone());
-        Ok(Applied {
-            writes: 0,
-            full: false,
-            failed: Vec::new(),
-            failure_reasons: std::collections::BTreeMap::new(),
-        })
+        Ok(Applied::default())
     }
 }
 

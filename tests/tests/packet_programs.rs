@@ -239,23 +239,28 @@ fn flow_on(
 }
 
 #[test]
-fn flows_of_a_backend_that_left_move_udp_and_reset_tcp() {
+fn flows_of_a_backend_that_left_move_udp_keep_tcp_and_a_new_syn_is_balanced_afresh() {
     let mut programs = loaded("stale");
     let udp_port = flow_on(&programs, at(NODE, 30053), B1, false, 20000);
     let tcp_port = flow_on(&programs, at(NODE, 30080), B1, true, 30000);
+    let reused_port = flow_on(&programs, at(NODE, 30080), B1, true, 31000);
     programs.program(&services(&[B2]));
     // The UDP flow's next datagram goes to the live backend, and stays there.
     for _ in 0..4 {
         let out = programs.run(true, &udp(client(udp_port), at(NODE, 30053), b"x", true));
         assert_eq!((out.verdict, endpoints(&out.packet).1), (PASS, B2));
     }
-    // The TCP flow is reset (marked for netfilter's REJECT with a TCP reset), not hung.
+    // The TCP flow keeps its backend, as kube-proxy's conntrack keeps it: a terminating
+    // pod drains its connections.
     let segment = tcp(client(tcp_port), at(NODE, 30080), ACK);
     let out = programs.run(true, &segment);
-    assert_eq!(
-        (out.verdict, out.mark, &out.packet),
-        (PASS, MARK_REJECT, &segment)
-    );
+    assert_eq!((out.verdict, endpoints(&out.packet).1), (PASS, B1));
+    assert_ne!(out.mark, MARK_REJECT);
+    // A new connection's SYN on a finished flow's ports (a busy client reuses ports
+    // before the sweep forgets the flow) is balanced afresh, not reset.
+    let out = programs.run(true, &tcp(client(reused_port), at(NODE, 30080), SYN));
+    assert_eq!((out.verdict, endpoints(&out.packet).1), (PASS, B2));
+    assert_ne!(out.mark, MARK_REJECT);
 }
 
 /// Ten backends behind one NodePort, and the backend each of 2 000 flows gets.

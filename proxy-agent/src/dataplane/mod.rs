@@ -28,7 +28,7 @@ impl DataplaneError {
 }
 
 /// What one `apply` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
     /// Kernel operations (map writes, nftables statements).
     pub writes: usize,
@@ -39,6 +39,9 @@ pub struct Applied {
     pub failed: Vec<crate::model::FrontendKey>,
     /// Why they failed: how many by reason (see [`DataplaneError::reason`]).
     pub failure_reasons: std::collections::BTreeMap<&'static str, usize>,
+    /// Whether this sync left state for a later one to remove (nftables' chains it
+    /// flushed): the sync loop runs again shortly even if nothing changes.
+    pub tidy_later: bool,
 }
 
 /// One backend as the sync loop sees it.

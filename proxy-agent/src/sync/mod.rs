@@ -27,6 +27,9 @@ use crate::{
 };
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
+/// How soon a sync that left state to remove (see `Applied::tidy_later`) is followed by
+/// one that removes it, when no change comes first.
+const TIDY_AFTER: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Everything the sync loop is handed.
@@ -91,6 +94,8 @@ struct State {
     gauges: followers::Gauges,
     health_checks: HealthChecks,
     since: SystemTime,
+    /// The last sync left state for a later one to remove.
+    tidy_later: bool,
 }
 
 async fn run(mut inputs: Inputs) {
@@ -102,6 +107,7 @@ async fn run(mut inputs: Inputs) {
         gauges: followers::Gauges::default(),
         health_checks: HealthChecks::new(inputs.health.clone(), inputs.runtime.clone()),
         since: SystemTime::now(),
+        tidy_later: false,
     };
     let mut retry = RETRY_MIN;
     let mut last_sync: Option<Instant> = None;
@@ -127,12 +133,15 @@ async fn run(mut inputs: Inputs) {
             }
             retry = RETRY_MIN;
         }
+        let tidy = std::mem::take(&mut state.tidy_later);
         tokio::select! {
             changed = inputs.updates.changed() => if changed.is_err() {
                 return;
             },
             // A closed address channel disables this branch; the source still drives.
             Ok(()) = inputs.addresses.changed() => {}
+            // What the last sync left to remove goes in one more, with or without news.
+            () = tokio::time::sleep(TIDY_AFTER), if tidy => {}
         }
     }
 }
@@ -221,6 +230,7 @@ fn sync_once(
     state.published = (*desired).clone();
     state.published_snapshot = Some(Arc::clone(snapshot));
     state.programmed = Some(programmed_after(&desired, &plan, &applied.failed));
+    state.tidy_later = applied.tidy_later;
     inputs.health.programmed(generation);
     report_skipped(inputs, &applied);
     metrics

@@ -559,12 +559,13 @@ fn udp_flood(to: SocketAddr, duration: Duration) {
 
 /// The connection-rate client: connect, send a byte, read the answer, close with a
 /// reset (`SO_LINGER` 0, so no side keeps `TIME_WAIT` and reused ports never collide),
-/// for a while; prints `ok=N err=M p50_us=X p99_us=Y`.
+/// for a while; prints `ok=N err=M p50_us=X p99_us=Y` and the first errors.
 fn rate(to: SocketAddr, duration: Duration) {
     let started = Instant::now();
     let (mut ok, mut errors) = (0u64, 0u64);
     let mut micros = Vec::with_capacity(1 << 16);
     let mut answer = [0u8; 3];
+    let mut first_errors = Vec::new();
     while started.elapsed() < duration {
         let one = Instant::now();
         let result = TcpStream::connect_timeout(&to, Duration::from_secs(1)).and_then(|mut s| {
@@ -579,10 +580,19 @@ fn rate(to: SocketAddr, duration: Duration) {
                 ok += 1;
                 micros.push(one.elapsed().as_micros());
             }
-            Err(_) => errors += 1,
+            Err(e) => {
+                errors += 1;
+                if first_errors.len() < 5 {
+                    let at = one.duration_since(started).as_millis();
+                    first_errors.push(format!("err {:?} (started at {at} ms)", e.kind()));
+                }
+            }
         }
     }
     print_rate(ok, errors, &mut micros);
+    for line in first_errors {
+        println!("{line}");
+    }
 }
 
 /// Prints `ok=N err=M p50_us=X p99_us=Y` from per-exchange microseconds.

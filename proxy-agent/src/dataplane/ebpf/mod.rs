@@ -169,6 +169,7 @@ impl super::Dataplane for EbpfDataplane {
             failed: written.failed,
             failure_reasons: written.reasons,
             full: false,
+            tidy_later: false,
         })
     }
 

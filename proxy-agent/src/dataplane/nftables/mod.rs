@@ -344,6 +344,7 @@ impl super::Dataplane for NftablesDataplane {
                 }
             }
         }
+        let tidy_later = programmed.stale.values().any(|chains| !chains.is_empty());
         self.kernel = Some(programmed);
         let old = old.unwrap_or_default();
         let udp = conntrack::UdpServices::changed(&old, desired);
@@ -359,6 +360,7 @@ impl super::Dataplane for NftablesDataplane {
             full: pending.full.is_some(),
             failed: Vec::new(),
             failure_reasons: BTreeMap::new(),
+            tidy_later,
         })
     }
 }
