@@ -150,6 +150,57 @@ impl Agent {
         }
     }
 
+    /// What the dataplane holds, as counts a leak would grow and a loss would shrink:
+    /// the eBPF maps' service slots and backends, or the nftables ruleset's lines and
+    /// chains.
+    #[must_use]
+    pub fn kernel_counts(&self, cluster: &Cluster, dataplane: &str) -> Vec<usize> {
+        let netns = cluster.node(&self.node).netns.clone();
+        if dataplane == "ebpf" {
+            let bin = agent_bin().display().to_string();
+            let bpffs = self.bpffs.display().to_string();
+            ["services", "backends"]
+                .iter()
+                .map(|what| {
+                    let args = [
+                        bin.as_str(),
+                        "dump",
+                        what,
+                        "--json",
+                        "--dataplane",
+                        "ebpf",
+                        "--bpffs",
+                        &bpffs,
+                    ];
+                    let out = crate::cluster::sh_in(&netns, &args);
+                    let json: serde_json::Value = serde_json::from_str(&out).expect("dump json");
+                    json.as_array().map_or(0, Vec::len)
+                })
+                .collect()
+        } else {
+            let out = crate::cluster::sh_in(&netns, &["nft", "list", "ruleset"]);
+            vec![out.lines().count(), out.matches("chain ").count()]
+        }
+    }
+
+    /// Removes everything the agent installed on its node (`proxy-agent cleanup`).
+    pub fn cleanup(&self, cluster: &Cluster, dataplane: &str) {
+        let bin = agent_bin().display().to_string();
+        let bpffs = self.bpffs.display().to_string();
+        let cgroup = self.cgroup_root.display().to_string();
+        let args = [
+            bin.as_str(),
+            "cleanup",
+            "--dataplane",
+            dataplane,
+            "--bpffs",
+            &bpffs,
+            "--cgroup-root",
+            &cgroup,
+        ];
+        crate::cluster::sh_in(&cluster.node(&self.node).netns, &args);
+    }
+
     #[must_use]
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()

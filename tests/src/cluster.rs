@@ -475,7 +475,11 @@ impl Cluster {
             .filter_map(|l| l.trim().parse().ok())
             .collect();
         for pid in &pids {
-            sh(&["kill", &format!("-{signal}"), &pid.to_string()]);
+            // A short-lived child in the same cgroup (the agent's `nft`) may be gone.
+            let _ = Command::new("kill")
+                .args([format!("-{signal}"), pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
         }
         let (mine, others): (Vec<Child>, Vec<Child>) = self
             .children

@@ -101,39 +101,6 @@ fn agent_pid(cluster: &Cluster) -> u32 {
         .expect("the agent's pid")
 }
 
-/// What the dataplane holds, as counts that leak would grow: the eBPF maps' service
-/// slots and backends, or the nftables ruleset's lines.
-fn kernel_state(cluster: &Cluster, agent: &Agent, dataplane: &str) -> Vec<usize> {
-    let netns = cluster.node("node1").netns.clone();
-    if dataplane == "ebpf" {
-        let bin = agent_bin().display().to_string();
-        let bpffs = agent.bpffs.display().to_string();
-        ["services", "backends"]
-            .iter()
-            .map(|what| {
-                let out = sh_in(
-                    &netns,
-                    &[
-                        &bin,
-                        "dump",
-                        what,
-                        "--json",
-                        "--dataplane",
-                        "ebpf",
-                        "--bpffs",
-                        &bpffs,
-                    ],
-                );
-                let json: serde_json::Value = serde_json::from_str(&out).expect("dump json");
-                json.as_array().map_or(0, Vec::len)
-            })
-            .collect()
-    } else {
-        let out = sh_in(&netns, &["nft", "list", "ruleset"]);
-        vec![out.lines().count(), out.matches("chain ").count()]
-    }
-}
-
 /// `testpod rate <to> <millis>`: from the client pod (in its node's cgroup,
 /// so through the socket programs) when `in_pod`, else from the LAN.
 fn client(cluster: &Cluster, in_pod: bool, to: &str, millis: u128) -> Child {
@@ -242,10 +209,10 @@ fn debug_dump(cluster: &Cluster, agent: &Agent, dataplane: &str) {
 /// a sync flushed one second later, as kube-proxy does), or the last one read.
 fn settled_state(cluster: &Cluster, agent: &Agent, dataplane: &str, want: &[usize]) -> Vec<usize> {
     let started = Instant::now();
-    let mut state = kernel_state(cluster, agent, dataplane);
+    let mut state = agent.kernel_counts(cluster, dataplane);
     while state != want && started.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(200));
-        state = kernel_state(cluster, agent, dataplane);
+        state = agent.kernel_counts(cluster, dataplane);
     }
     state
 }
@@ -256,7 +223,7 @@ fn soak(dataplane: &str) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     let (cluster, agent, dir) = bed(dataplane);
-    let before = kernel_state(&cluster, &agent, dataplane);
+    let before = agent.kernel_counts(&cluster, dataplane);
     let pid = agent_pid(&cluster);
     let churn_for = Duration::from_secs(secs);
     // The clients outlast the churn a little on both sides.

@@ -1,0 +1,92 @@
+//! Faults under live traffic: the agent killed with SIGKILL at random points of large
+//! syncs, again and again, while a pod keeps connecting to a Service. The node keeps
+//! serving through it (the kernel state outlives the agent), and the agent that finally
+//! stays up holds exactly what a clean start holds: no stale and no missing entries.
+use std::{
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use proxy_agent_tests::{
+    agent::testpod_bin,
+    manifests, scale,
+    scenarios::{setup_on, Bed, ECHO_IP},
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const SERVICES: usize = 2000;
+
+/// 2 000 Services beside echo (ClusterIPs in 10.97/16, clear of echo's) with
+/// `endpoints` endpoints each: each count makes every Service change.
+fn many(endpoints: usize) -> String {
+    scale::manifests(SERVICES, endpoints).replace("10.96.", "10.97.")
+}
+
+fn client(bed: &Bed, millis: u64) -> Child {
+    let testpod = testpod_bin().display().to_string();
+    let to = format!("{ECHO_IP}:80");
+    let millis = millis.to_string();
+    bed.cluster
+        .command_in_pod("client", &[&testpod, "request-for", "tcp", &to, &millis])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the client")
+}
+
+fn kill_9_during_large_syncs(dataplane: &str) {
+    let mut bed = setup_on(&format!("kill{}", &dataplane[..1]), dataplane);
+    manifests::write(&bed.dir, "many.yaml", &many(3));
+    bed.agent
+        .wait_healthy_within(&bed.cluster, Duration::from_mins(1));
+    let traffic = client(&bed, 6000);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut kills = Vec::new();
+    for round in 0..6 {
+        // Every Service changes while the agent is down: its first sync is large.
+        bed.cluster.signal("node1", "agent", "KILL");
+        manifests::write(&bed.dir, "many.yaml", &many(2 + round % 2));
+        bed.agent.respawn(&mut bed.cluster);
+        let after = rng.random_range(20..600);
+        kills.push(after);
+        std::thread::sleep(Duration::from_millis(after));
+    }
+    bed.cluster.signal("node1", "agent", "KILL");
+    bed.agent.respawn(&mut bed.cluster);
+    bed.agent
+        .wait_healthy_within(&bed.cluster, Duration::from_mins(1));
+    let survived = bed.agent.kernel_counts(&bed.cluster, dataplane);
+    let output = traffic.wait_with_output().expect("client output");
+    let report = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    // What a clean start programs from the same manifests.
+    bed.cluster.signal("node1", "agent", "KILL");
+    bed.agent.cleanup(&bed.cluster, dataplane);
+    bed.agent.respawn(&mut bed.cluster);
+    bed.agent
+        .wait_healthy_within(&bed.cluster, Duration::from_mins(1));
+    let clean = bed.agent.kernel_counts(&bed.cluster, dataplane);
+    println!(
+        "{dataplane}: 7 SIGKILLs ({kills:?} ms into a start over 2 000 changed Services); traffic meanwhile: {report}; kernel {survived:?} after, {clean:?} from a clean start"
+    );
+    assert!(
+        report.contains(" err=0"),
+        "connections failed while the agent was killed: {report}"
+    );
+    let ok: u64 = report
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("ok="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ok > 100, "too few connections: {report}");
+    assert_eq!(survived, clean, "stale or missing entries after the kills");
+}
+
+#[test]
+fn kill_9_during_large_syncs_loses_no_connection_and_leaves_nothing_stale_with_ebpf() {
+    kill_9_during_large_syncs("ebpf");
+}
+
+#[test]
+fn kill_9_during_large_syncs_loses_no_connection_and_leaves_nothing_stale_with_nftables() {
+    kill_9_during_large_syncs("nftables");
+}
