@@ -157,7 +157,13 @@ impl Cluster {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("pa{}{}{}", std::process::id() % 100_000, tag, n);
         fs::create_dir_all(RECORDS).expect("records dir");
-        fs::write(Path::new(RECORDS).join(&id), std::process::id().to_string()).expect("record");
+        // Written whole (then renamed into place): a record read half-written by another
+        // test's `reap_leftovers` would look like a dead run's, and its cluster be torn
+        // down under this one.
+        let record = Path::new(RECORDS).join(&id);
+        let partial = Path::new(RECORDS).join(format!(".{id}.tmp"));
+        fs::write(&partial, std::process::id().to_string()).expect("record");
+        fs::rename(&partial, &record).expect("record");
         fs::create_dir_all(cgroup_base(&id)).expect("test cgroup");
         let cluster = Self {
             id,
@@ -672,10 +678,17 @@ fn reap_leftovers() {
         return;
     };
     for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        // Only a record naming a process that is gone is a leftover.
         let owner = fs::read_to_string(entry.path()).unwrap_or_default();
-        let alive = Path::new("/proc").join(owner.trim()).exists() && !owner.trim().is_empty();
-        if !alive {
-            teardown(&entry.file_name().to_string_lossy());
+        let Ok(pid) = owner.trim().parse::<u32>() else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            teardown(&name);
         }
     }
 }

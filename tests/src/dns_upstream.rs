@@ -28,7 +28,9 @@ use crate::cluster::within_netns;
 /// - `nx*.example.org`: NXDOMAIN with an SOA whose minimum is 60;
 /// - `slow*.example.org`: answered after 300 ms;
 /// - `big.example.org` TXT: 2 000 bytes (more than fits 512);
-/// - `*.pod.cluster.local` A 10.244.9.9; `*.in-addr.arpa` PTR-less NXDOMAIN.
+/// - `*.pod.cluster.local` A 10.244.9.9; `*.in-addr.arpa` PTR-less NXDOMAIN;
+/// - `garbage-{bytes,id,cut,flood}.*`: garbage instead of an answer (see
+///   [`garbage_answer`]; `flood` keeps sending it).
 pub struct Upstream {
     pub addr: SocketAddr,
     counts: Arc<Mutex<HashMap<(String, &'static str), usize>>>,
@@ -60,7 +62,15 @@ impl Upstream {
                 let (counts, silent) = (counts.clone(), silent.clone());
                 thread::spawn(move || {
                     if let Some(answer) = answer(&packet, "udp", &counts, &silent) {
-                        let _ = udp.send_to(&answer, peer);
+                        let flood = garbage(&packet).is_some_and(|kind| kind == "flood");
+                        // `garbage-flood`: a datagram that is not the answer every
+                        // 300 ms for 6 s.
+                        for _ in 0..if flood { 20 } else { 1 } {
+                            let _ = udp.send_to(&answer, peer);
+                            if flood {
+                                thread::sleep(Duration::from_millis(300));
+                            }
+                        }
                     }
                 });
             }
@@ -121,6 +131,37 @@ fn serve_tcp(
     }
 }
 
+/// The garbage a `garbage-<kind>.…` question gets, if it is one.
+fn garbage(packet: &[u8]) -> Option<&'static str> {
+    let request = Message::from_vec(packet).ok()?;
+    let name = request.queries().first()?.name().to_lowercase().to_ascii();
+    ["bytes", "id", "cut", "flood"]
+        .into_iter()
+        .find(|kind| name.starts_with(&format!("garbage-{kind}.")))
+}
+
+/// `bytes` (and `flood`): noise; `id`: the question echoed back under another id;
+/// `cut`: a header promising an answer that is not there.
+fn garbage_answer(kind: &str, id: u16, packet: &[u8]) -> Vec<u8> {
+    match kind {
+        "id" => {
+            let mut reply = packet.to_vec();
+            reply[..2].copy_from_slice(&id.wrapping_add(1).to_be_bytes());
+            reply[2] |= 0x80;
+            reply
+        }
+        "cut" => {
+            let mut reply = packet[..12].to_vec();
+            reply[2] |= 0x80;
+            reply[7] = 1;
+            reply
+        }
+        _ => (0..200u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11).to_le_bytes()[0])
+            .collect(),
+    }
+}
+
 fn answer(
     packet: &[u8],
     transport: &'static str,
@@ -138,6 +179,9 @@ fn answer(
         .or_default() += 1;
     if silent.load(Ordering::SeqCst) {
         return None;
+    }
+    if let Some(kind) = garbage(packet) {
+        return Some(garbage_answer(kind, request.id(), packet));
     }
     if name.starts_with("slow") {
         thread::sleep(Duration::from_millis(300));

@@ -344,6 +344,34 @@ fn other_names_are_forwarded_cached_coalesced_and_served_stale() {
 }
 
 #[test]
+fn an_upstream_sending_garbage_gets_servfail_and_wedges_nothing() {
+    let bed = setup("dnsjunk", "none");
+    // Over UDP (forwarded names) and over TCP (the cluster domain's misses).
+    for name in [
+        "garbage-bytes.example.org",
+        "garbage-id.example.org",
+        "garbage-cut.example.org",
+        "garbage-flood.example.org",
+        "garbage-bytes.default.pod.cluster.local",
+        "garbage-cut.default.pod.cluster.local",
+    ] {
+        // dig gives up after 3 s: an answer held up by the garbage shows no status.
+        let out = dig(&bed, &[name, "A"]);
+        assert_eq!(status(&out), "SERVFAIL", "{name}:\n{out}");
+        assert!(bed.upstream.count(name, "udp") + bed.upstream.count(name, "tcp") >= 1);
+    }
+    // Still answering, from the upstream and from the zone.
+    assert_eq!(
+        dig(&bed, &["+short", "after.example.org", "A"]).trim(),
+        "192.0.2.1"
+    );
+    assert_eq!(
+        status(&dig(&bed, &["echo.default.svc.cluster.local", "A"])),
+        "NOERROR"
+    );
+}
+
+#[test]
 fn hostile_packets_neither_crash_nor_wedge_it() {
     let bed = setup("dnsbad", "none");
     let server: SocketAddr = format!("{LISTEN}:53").parse().unwrap();

@@ -7,7 +7,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
-    time::timeout,
+    time::{timeout, timeout_at},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -83,8 +83,11 @@ async fn udp(server: SocketAddr, query: &Message) -> Result<Message, UpstreamErr
     socket.connect(server).await.map_err(io)?;
     socket.send(&encode(server, query)?).await.map_err(io)?;
     let mut buffer = vec![0u8; 4096];
+    // One deadline for the whole exchange: a stream of datagrams that are not the answer
+    // must not keep the question waiting.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        let n = timeout(TIMEOUT, socket.recv(&mut buffer))
+        let n = timeout_at(deadline, socket.recv(&mut buffer))
             .await
             .map_err(|_| UpstreamError::Timeout(server))?
             .map_err(io)?;
