@@ -323,6 +323,10 @@ fn tcp_request(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
     let seen = stream.peer_addr()?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
+    // Closed with a reset once the server has closed: its socket then keeps no
+    // TIME_WAIT, which a later connection's SYN could meet through the fully random
+    // source ports of kube-proxy-style masquerade (about 1 in 10 000 then times out).
+    socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
     Ok((reply, seen))
 }
 

@@ -246,3 +246,40 @@ fn running_out_of_ids_skips_the_frontends_that_need_new_ones() {
     );
     assert_eq!(writer.store().revnat.len(), limit);
 }
+
+#[test]
+fn past_the_maglev_tables_a_frontend_chooses_at_random_instead_of_being_skipped() {
+    let mut writer = MapWriter::restore(MapContents::default()).unwrap();
+    writer.limit_maglev_tables(2);
+    let mut desired = DesiredState::default();
+    for i in 1..=3u8 {
+        let key = crate::model::FrontendKey {
+            ip: IpAddr::from([10, 100, 0, 1]),
+            port: 30000 + u16::from(i),
+            protocol: Protocol::Tcp,
+        };
+        // Three distinct backend sets: three tables wanted.
+        let backend = crate::model::Backend {
+            ip: IpAddr::from([10, 244, 1, i]),
+            port: 8080,
+        };
+        let mut frontend = crate::model::Frontend::backends_only(vec![backend]);
+        frontend.kind = crate::model::FrontendKind::NodePort;
+        desired.frontends.insert(key, frontend.into());
+    }
+    let written = writer
+        .apply(&diff(&DesiredState::default(), &desired))
+        .unwrap();
+    assert!(written.failed.is_empty(), "{written:?}");
+    let store = writer.store();
+    assert_eq!(store.maglev.len(), 2);
+    let fronts: Vec<&ServiceValue> = store
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot() == 0)
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(fronts.len(), 3);
+    assert_eq!(fronts.iter().filter(|v| v.maglev_table == 0).count(), 1);
+    assert!(fronts.iter().all(|v| v.count == 1));
+}

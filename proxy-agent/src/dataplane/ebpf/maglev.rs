@@ -105,9 +105,15 @@ pub enum Change {
 impl Tables {
     #[must_use]
     pub fn new(size: u32) -> Self {
+        Self::with_limit(size, MAX_MAGLEV_TABLES)
+    }
+
+    /// At most `limit` tables (the map's size; smaller in tests).
+    #[must_use]
+    pub fn with_limit(size: u32, limit: u32) -> Self {
         Self {
             size,
-            ids: IdAllocator::new(MAX_MAGLEV_TABLES),
+            ids: IdAllocator::new(limit.min(MAX_MAGLEV_TABLES)),
             by_set: HashMap::new(),
             users: HashMap::new(),
         }

@@ -231,7 +231,16 @@ impl<S: MapStore> MapWriter<S> {
                 .push(self.acquire_backend(backend, proto, rewrite)?);
         }
         if maglev && !scope.slots.is_empty() {
-            let change = self.maglev.acquire(&scope.slots)?;
+            let change = match self.maglev.acquire(&scope.slots) {
+                Ok(change) => change,
+                // Past the tables' budget (16 384 distinct backend sets, 64 KiB each) the
+                // frontend still serves, each node choosing at random, not skipped.
+                Err(EbpfError::Exhausted(what)) => {
+                    tracing::warn!(what, backends = scope.slots.len(), "no Maglev table left; this frontend's external clients get random backends");
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            };
             let (Change::Reuse(id) | Change::Create(id)) = change;
             scope.maglev = id;
             if matches!(change, Change::Create(_)) || rewrite {

@@ -441,6 +441,12 @@ impl<S: MapStore> MapWriter<S> {
         tracing::warn!(%error, left_behind = self.left_behind, "cannot delete an unused map entry; left in place");
     }
 
+    /// Allows at most `limit` Maglev tables (a fresh writer's; for tests).
+    #[cfg(test)]
+    pub(crate) fn limit_maglev_tables(&mut self, limit: u32) {
+        self.maglev = maglev::Tables::with_limit(self.maglev.size, limit);
+    }
+
     #[must_use]
     pub fn store(&self) -> &S {
         &self.store
