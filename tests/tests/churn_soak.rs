@@ -7,7 +7,7 @@
 //! the maps and the datapath counters at the end.
 use std::{
     fmt::Write as _,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -110,12 +110,7 @@ fn client(cluster: &Cluster, in_pod: bool, to: &str, millis: u128) -> Child {
     let mut command = if in_pod {
         cluster.command_in_pod("client", &args)
     } else {
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net=/run/netns/{}", cluster.lan_netns()))
-            .arg("--")
-            .args(args);
-        command
+        cluster.command_in_lan(&args)
     };
     command
         .stdout(Stdio::piped())

@@ -42,6 +42,13 @@ impl Mutator {
         &items[self.rng.random_range(0..items.len())]
     }
 
+    /// One to three [`mutate_tree`] steps on a parsed seed.
+    fn mutate_tree(&mut self, tree: &mut serde_json::Value) {
+        for _ in 0..self.rng.random_range(1..=3) {
+            mutate_tree(&mut self.rng, tree);
+        }
+    }
+
     fn mutate(&mut self, seed: &[u8]) -> Vec<u8> {
         const INTERESTING: [u8; 10] = [0, 1, 0x7f, 0x80, 0xff, b'-', b':', b'\n', b' ', b'"'];
         let mut out = seed.to_vec();
@@ -236,9 +243,7 @@ fn mutated_manifests_are_rejected_by_name_never_a_panic() {
             String::from_utf8_lossy(&bytes).into_owned()
         } else {
             let mut tree: serde_json::Value = serde_yaml::from_str(seed).expect("yaml");
-            for _ in 0..mutator.rng.random_range(1..=3) {
-                mutate_tree(&mut mutator.rng, &mut tree);
-            }
+            mutator.mutate_tree(&mut tree);
             serde_yaml::to_string(&tree).expect("yaml out")
         };
         inputs += 1;
@@ -310,9 +315,7 @@ fn mutated_api_objects_are_rejected_by_name_never_a_panic() {
             mutator.mutate(seed)
         } else {
             let mut tree: serde_json::Value = serde_json::from_slice(seed).expect("json");
-            for _ in 0..mutator.rng.random_range(1..=3) {
-                mutate_tree(&mut mutator.rng, &mut tree);
-            }
+            mutator.mutate_tree(&mut tree);
             serde_json::to_vec(&tree).expect("json out")
         };
         inputs += 1;

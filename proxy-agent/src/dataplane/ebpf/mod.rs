@@ -76,6 +76,8 @@ impl EbpfError {
 /// The eBPF dataplane as the sync loop drives it.
 pub struct EbpfDataplane {
     writer: MapWriter<kernel::KernelMaps>,
+    /// What the maps held at start, until the first sync asks for it.
+    restored: Option<DesiredState>,
     packets: Option<nodeport::PacketPrograms>,
     terminator: terminate::Terminator,
 }
@@ -92,9 +94,13 @@ impl EbpfDataplane {
     ) -> Result<Self, EbpfError> {
         let (maps, ebpf) = loader::load(bpffs, cgroup_root)?;
         let writer = MapWriter::restore_with(maps, maglev_size)?;
+        // What the maps hold, read once: it fills the drop sets here and is the first
+        // sync's `programmed()`.
+        let restored = cluster_cidrs.map(|_| writer.programmed());
         let packets = cluster_cidrs
-            .map(|cidrs| {
-                let unserved = unserved::Unserved::of(&writer.programmed());
+            .zip(restored.as_ref())
+            .map(|(cidrs, state)| {
+                let unserved = unserved::Unserved::of(state);
                 nodeport::PacketPrograms::start(ebpf, bpffs.to_owned(), cidrs, unserved)
             })
             .transpose()?;
@@ -103,6 +109,7 @@ impl EbpfDataplane {
         }
         Ok(Self {
             writer,
+            restored,
             packets,
             terminator: terminate::Terminator::spawn(bpffs.to_owned()),
         })
@@ -115,7 +122,11 @@ impl super::Dataplane for EbpfDataplane {
     }
 
     fn programmed(&mut self) -> Result<DesiredState, super::DataplaneError> {
-        Ok(self.writer.programmed())
+        // Nothing is written between start and the first sync: what start read stands.
+        Ok(self
+            .restored
+            .take()
+            .unwrap_or_else(|| self.writer.programmed()))
     }
 
     fn apply(
@@ -130,6 +141,8 @@ impl super::Dataplane for EbpfDataplane {
                 tracing::warn!(%error, "cannot follow the node's interfaces; per-packet programs left as they are");
             }
         }
+        // Once the maps change, what start read no longer stands.
+        self.restored = None;
         // Pods' traffic to a frontend left without a local endpoint is dropped by the
         // netfilter table: its element goes in before the maps let such a connection
         // through untranslated, and comes out after they translate it again.
@@ -140,17 +153,11 @@ impl super::Dataplane for EbpfDataplane {
             .unwrap_or_default();
         let mut unloaded = Vec::new();
         if let Some(packets) = &mut self.packets {
-            if let Err(error) = packets.load_steps(&steps.added, &[]) {
-                tracing::warn!(%error, frontends = steps.added.len(), "cannot add to the no-endpoints drop sets; will retry");
-                unloaded.extend_from_slice(&steps.added);
-            }
+            unloaded = packets.load_steps(&steps.added, &[]);
         }
         let mut written = self.writer.apply(plan)?;
         if let Some(packets) = &mut self.packets {
-            if let Err(error) = packets.load_steps(&[], &steps.removed) {
-                tracing::warn!(%error, frontends = steps.removed.len(), "cannot delete from the no-endpoints drop sets; will retry");
-                unloaded.extend_from_slice(&steps.removed);
-            }
+            unloaded.extend(packets.load_steps(&[], &steps.removed));
         }
         if !unloaded.is_empty() {
             *written.reasons.entry("netfilter").or_default() += unloaded.len();

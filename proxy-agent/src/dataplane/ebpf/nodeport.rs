@@ -93,23 +93,26 @@ impl PacketPrograms {
         self.unserved.follow(plan)
     }
 
-    /// Adds (`added`) or deletes elements in one transaction. If the kernel refuses,
-    /// they are forgotten in memory, so the next plan carrying these keys tries again.
+    /// Adds (`added`) or deletes elements in one transaction. If the kernel refuses, they
+    /// are forgotten in memory and returned, to be reported as failed frontends: the next
+    /// plan carrying these keys tries them again.
     pub fn load_steps(
         &mut self,
         added: &[FrontendKey],
         removed: &[FrontendKey],
-    ) -> Result<(), EbpfError> {
+    ) -> Vec<FrontendKey> {
         if added.is_empty() && removed.is_empty() {
-            return Ok(());
+            return Vec::new();
         }
         let text = unserved::commands("add", added) + &unserved::commands("delete", removed);
         let result =
             self.here(|_| nftables::load(&text).map_err(|e| EbpfError::Netfilter(e.to_string())));
-        if result.is_err() {
-            self.unserved.undo(added, removed);
-        }
-        result
+        let Err(error) = result else {
+            return Vec::new();
+        };
+        warn!(%error, added = added.len(), removed = removed.len(), "cannot update the no-endpoints drop sets; will retry");
+        self.unserved.undo(added, removed);
+        added.iter().chain(removed).copied().collect()
     }
 
     /// Runs `f` in the programs' network namespace.

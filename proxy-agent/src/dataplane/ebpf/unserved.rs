@@ -106,10 +106,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::{commands, Unserved};
-    use crate::model::{
-        Backend, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Plan, Protocol, Route,
-        ServicePortName,
-    };
+    use crate::model::{Backend, EmptyVerdict, Frontend, FrontendKey, Plan, Protocol};
 
     fn frontend(when_empty: EmptyVerdict, backends: usize) -> Arc<Frontend> {
         let backends: Vec<Backend> = (0..backends)
@@ -118,21 +115,9 @@ mod tests {
                 port: 8080,
             })
             .collect();
-        let route = Route::new(backends.into(), false, when_empty, true);
-        Arc::new(Frontend {
-            service: ServicePortName {
-                namespace: "default".into(),
-                name: "web".into(),
-                port: "http".into(),
-            },
-            kind: FrontendKind::ClusterIp,
-            pod: route.clone(),
-            node: route.clone(),
-            external: route,
-            affinity_timeout: None,
-            source_ranges: Vec::new(),
-            health_check_node_port: None,
-        })
+        let mut frontend = Frontend::backends_only(backends);
+        frontend.pod.when_empty = when_empty;
+        Arc::new(frontend)
     }
 
     fn key(ip: &str) -> FrontendKey {
