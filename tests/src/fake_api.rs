@@ -55,6 +55,9 @@ struct Inner {
     rv: u64,
     collections: HashMap<&'static str, Collection>,
     counters: Counters,
+    /// Bumped by each disconnect, under the lock: a watch opened in an earlier epoch
+    /// sends nothing stored after it (a dropped connection carries no later event).
+    disconnects: u64,
 }
 
 #[derive(Clone)]
@@ -147,18 +150,20 @@ impl FakeApi {
         let _ = self.changed.send(());
     }
 
-    /// Forgets history: watches resuming from any current resourceVersion get 410.
+    /// Forgets history: a watch resuming from an earlier resourceVersion than the
+    /// current one gets 410 (from the current one, nothing is missing: it is served).
     pub fn compact(&self) {
         let mut inner = self.lock();
-        let next = inner.rv + 1;
+        let current = inner.rv;
         for collection in inner.collections.values_mut() {
             collection.log.clear();
-            collection.compacted_before = next;
+            collection.compacted_before = current;
         }
     }
 
     /// Ends every open watch, as a dropped connection would.
     pub fn disconnect_watches(&self) {
+        self.lock().disconnects += 1;
         let _ = self.disconnect.send(());
     }
 
@@ -343,9 +348,11 @@ fn watch(api: FakeApi, plural: &'static str, query: HashMap<String, String>) -> 
     let (tx, rx) = mpsc::channel::<String>(1024);
     let mut changed = api.changed.subscribe();
     let mut disconnect = api.disconnect.subscribe();
+    let epoch;
     {
         let mut inner = api.lock();
         inner.counters.watches += 1;
+        epoch = inner.disconnects;
         if from < inner.collections[plural].compacted_before {
             inner.counters.gone += 1;
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -362,6 +369,9 @@ fn watch(api: FakeApi, plural: &'static str, query: HashMap<String, String>) -> 
         loop {
             let lines: Vec<(u64, String)> = {
                 let inner = api.lock();
+                if inner.disconnects != epoch {
+                    return;
+                }
                 let log = &inner.collections[plural].log;
                 // The log is in resourceVersion order: only what is new is read, as an
                 // API server's watch cache does.
@@ -379,8 +389,9 @@ fn watch(api: FakeApi, plural: &'static str, query: HashMap<String, String>) -> 
                 sent = rv;
             }
             tokio::select! {
-                _ = changed.recv() => {}
+                biased;
                 _ = disconnect.recv() => return,
+                _ = changed.recv() => {}
                 () = &mut deadline => return,
                 _ = bookmark.tick(), if bookmarks => {
                     api.lock().counters.bookmarks += 1;
