@@ -473,6 +473,12 @@ fn main() {
         .iter()
         .map(|&n| full_syncs(&cluster, &mut ebpf, n))
         .collect();
+    if args.iter().any(|a| a == "--only-full-sync") {
+        std::fs::create_dir_all(&out).expect("out dir");
+        std::fs::write(out.join("full_sync.json"), Value::from(full).to_string())
+            .expect("full_sync.json");
+        return;
+    }
     let change = endpoint_changes(&cluster, &mut ebpf, &cfg);
     drop(ebpf);
     let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);

@@ -3,8 +3,9 @@
 //! the maps mid-update always finds a complete service, old or new. Frontends and their
 //! scopes are written in `frontends.rs`.
 mod frontends;
+mod lookup;
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::IpAddr,
     sync::{Arc, PoisonError},
 };
@@ -122,7 +123,7 @@ impl ProgrammedFrontend {
 pub struct MapWriter<S> {
     store: S,
     frontends: BTreeMap<FrontendKey, ProgrammedFrontend>,
-    backend_ids: HashMap<BackendKey, u32>,
+    backend_ids: lookup::BackendLookup,
     /// Each backend id's value and how many slots point at it.
     backends: IdTable<(BackendValue, u32)>,
     backend_alloc: IdAllocator,
@@ -136,7 +137,7 @@ pub struct MapWriter<S> {
     freed_backends: Vec<u32>,
     /// Ids given out by the apply under way.
     new_frontends: Vec<(u16, FrontendKey)>,
-    new_backends: Vec<(u32, Backend)>,
+    new_backends: Vec<u32>,
     /// Maglev tables of the per-packet path.
     maglev: maglev::Tables,
     /// After a failed apply: the next one writes each frontend through to the kernel
@@ -172,7 +173,7 @@ impl<S: MapStore> MapWriter<S> {
         let mut writer = Self {
             store,
             frontends: BTreeMap::new(),
-            backend_ids: HashMap::new(),
+            backend_ids: lookup::BackendLookup::default(),
             backends: IdTable::default(),
             backend_alloc: IdAllocator::new(MAX_BACKENDS),
             revnat_alloc: IdAllocator::new(MAX_REVNAT - 1),
@@ -191,8 +192,8 @@ impl<S: MapStore> MapWriter<S> {
         }
         for (&id, backend) in &contents.backends {
             writer.backend_alloc.take(id);
-            writer.backend_ids.insert(backend.parts(), id);
             writer.backends.insert(id, (*backend, 0));
+            writer.backend_ids.insert(id, &writer.backends);
         }
         for (key, value) in contents
             .services
@@ -348,7 +349,12 @@ impl<S: MapStore> MapWriter<S> {
                 index.backends.remove(id);
             }
             index.frontends.extend(self.new_frontends.drain(..));
-            index.backends.extend(self.new_backends.drain(..));
+            // An id given out and freed again in this apply is not named.
+            let named = self.new_backends.drain(..).filter_map(|id| {
+                let (ip, port, _) = self.backends.get(&id)?.0.parts();
+                Some((id, Backend { ip, port }))
+            });
+            index.backends.extend(named);
         }
         if !revnat.is_empty() || !backends.is_empty() {
             // Counters of a freed id would be credited to its next owner.
@@ -479,7 +485,7 @@ impl<S: MapStore> MapWriter<S> {
         rewrite: bool,
     ) -> Result<u32, EbpfError> {
         let key = (backend.ip, backend.port, proto);
-        if let Some(&id) = self.backend_ids.get(&key) {
+        if let Some(id) = self.backend_ids.get(&key, &self.backends) {
             if rewrite {
                 let value = BackendValue::new(backend.ip, backend.port, proto);
                 self.write().put_backend(id, &value)?;
@@ -498,9 +504,9 @@ impl<S: MapStore> MapWriter<S> {
             self.backend_alloc.release(id);
             return Err(error);
         }
-        self.new_backends.push((id, *backend));
-        self.backend_ids.insert(key, id);
+        self.new_backends.push(id);
         self.backends.insert(id, (value, 1));
+        self.backend_ids.insert(id, &self.backends);
         Ok(id)
     }
 
@@ -514,7 +520,7 @@ impl<S: MapStore> MapWriter<S> {
             let backend = *backend;
             let key = backend.parts();
             self.backends.remove(&id);
-            self.backend_ids.remove(&key);
+            self.backend_ids.remove(&key, id);
             self.backend_alloc.release(id);
             self.freed_backends.push(id);
             if let Err(error) = self.write().del_backend(id, &backend) {
