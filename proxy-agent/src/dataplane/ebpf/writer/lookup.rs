@@ -48,3 +48,39 @@ impl BackendLookup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::{BackendLookup, Values};
+    use crate::dataplane::ebpf::store::BackendValue;
+
+    fn ip(i: u32) -> IpAddr {
+        if i.is_multiple_of(3) {
+            IpAddr::V6(Ipv6Addr::from(u128::from(i)))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
+        }
+    }
+
+    #[test]
+    fn ids_are_found_by_their_values_through_growth_and_removal() {
+        let (mut lookup, mut values) = (BackendLookup::default(), Values::default());
+        for id in 1..=20_000 {
+            values.insert(id, (BackendValue::new(ip(id), 8080, 6), 1));
+            lookup.insert(id, &values);
+        }
+        for id in (1..=20_000).step_by(2) {
+            let (value, _) = values.remove(&id).expect("stored");
+            lookup.remove(&value.parts(), id);
+        }
+        for id in 1..=20_000 {
+            let found = lookup.get(&(ip(id), 8080, 6), &values);
+            assert_eq!(found, (id % 2 == 0).then_some(id), "backend {id}");
+            // Another port or protocol is another backend.
+            assert_eq!(lookup.get(&(ip(id), 8081, 6), &values), None);
+            assert_eq!(lookup.get(&(ip(id), 8080, 17), &values), None);
+        }
+    }
+}
