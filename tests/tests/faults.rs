@@ -2,7 +2,11 @@
 //! syncs, again and again, while a pod keeps connecting to a Service. The node keeps
 //! serving through it (the kernel state outlives the agent), and the agent that finally
 //! stays up holds exactly what a clean start holds: no stale and no missing entries.
+//! And manifests replaced the way editors, shells and kubelet replace them, under traffic.
 use std::{
+    io::Write as _,
+    os::unix::fs::symlink,
+    path::Path,
     process::{Child, Stdio},
     time::Duration,
 };
@@ -75,16 +79,7 @@ fn kill_9_during_large_syncs(dataplane: &str) {
     println!(
         "{dataplane}: 7 SIGKILLs ({kills:?} ms into a start over 2 000 changed Services); traffic meanwhile: {report}; kernel {survived:?} after, {clean:?} from a clean start"
     );
-    assert!(
-        report.contains(" err=0"),
-        "connections failed while the agent was killed: {report}"
-    );
-    let ok: u64 = report
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("ok="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(ok > 100, "too few connections: {report}");
+    assert_served(&report, "while the agent was killed");
     assert_eq!(survived, clean, "stale or missing entries after the kills");
 }
 
@@ -96,4 +91,66 @@ fn kill_9_during_large_syncs_loses_no_connection_and_leaves_nothing_stale_with_e
 #[test]
 fn kill_9_during_large_syncs_loses_no_connection_and_leaves_nothing_stale_with_nftables() {
     kill_9_during_large_syncs("nftables");
+}
+
+/// The client's report: it failed no connection and made enough of them.
+fn assert_served(report: &str, what: &str) {
+    assert!(
+        report.contains(" err=0"),
+        "connections failed {what}: {report}"
+    );
+    let ok: u64 = report
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("ok="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ok > 100, "too few connections: {report}");
+}
+
+/// Puts `text` in `dir/..NAME/FILE` and points `dir/..data` at it (through a link renamed
+/// over the old one), as kubelet updates a config map volume.
+fn configmap_version(dir: &Path, name: &str, file: &str, text: &str) {
+    let version = dir.join(format!("..{name}"));
+    std::fs::create_dir_all(&version).expect("version directory");
+    std::fs::write(version.join(file), text).expect("versioned file");
+    symlink(format!("..{name}"), dir.join("..data_tmp")).expect("data link");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap the data link");
+}
+
+/// echo's Service file truncated and written again 1.2 s later (`kubectl get … > file`),
+/// then made a config map volume's link and swapped to a new version twice, while a pod
+/// keeps connecting to echo: no connection fails (a half-written file read as empty
+/// would remove echo's Service).
+fn manifests_replaced_in_place(dataplane: &str) {
+    let bed = setup_on(&format!("repl{}", &dataplane[..1]), dataplane);
+    let traffic = client(&bed, 5000);
+    std::thread::sleep(Duration::from_millis(300));
+    let file = bed.dir.join("echo-svc.yaml");
+    let text = std::fs::read_to_string(&file).expect("echo's Service");
+    let mut writer = std::fs::File::create(&file).expect("truncate");
+    std::thread::sleep(Duration::from_millis(1200));
+    writer.write_all(text.as_bytes()).expect("write");
+    drop(writer);
+    std::thread::sleep(Duration::from_millis(500));
+    configmap_version(&bed.dir, "v1", "echo-svc.yaml", &text);
+    symlink("..data/echo-svc.yaml", bed.dir.join(".echo-link")).expect("file link");
+    std::fs::rename(bed.dir.join(".echo-link"), &file).expect("file becomes a link");
+    for version in ["v2", "v3"] {
+        std::thread::sleep(Duration::from_millis(700));
+        configmap_version(&bed.dir, version, "echo-svc.yaml", &text);
+    }
+    let output = traffic.wait_with_output().expect("client output");
+    let report = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    println!("{dataplane}: echo's Service file rewritten in place, then swapped as a ConfigMap: {report}");
+    assert_served(&report, "while echo's Service file was replaced");
+}
+
+#[test]
+fn manifests_replaced_in_place_keep_serving_with_ebpf() {
+    manifests_replaced_in_place("ebpf");
+}
+
+#[test]
+fn manifests_replaced_in_place_keep_serving_with_nftables() {
+    manifests_replaced_in_place("nftables");
 }
