@@ -251,21 +251,13 @@ fn running_out_of_ids_skips_the_frontends_that_need_new_ones() {
 fn past_the_maglev_tables_a_frontend_chooses_at_random_instead_of_being_skipped() {
     let mut writer = MapWriter::restore(MapContents::default()).unwrap();
     writer.limit_maglev_tables(2);
-    let mut desired = DesiredState::default();
-    for i in 1..=3u8 {
-        let key = crate::model::FrontendKey {
-            ip: IpAddr::from([10, 100, 0, 1]),
-            port: 30000 + u16::from(i),
-            protocol: Protocol::Tcp,
-        };
-        // Three distinct backend sets: three tables wanted.
-        let backend = crate::model::Backend {
-            ip: IpAddr::from([10, 244, 1, i]),
-            port: 8080,
-        };
-        let mut frontend = crate::model::Frontend::backends_only(vec![backend]);
-        frontend.kind = crate::model::FrontendKind::NodePort;
-        desired.frontends.insert(key, frontend.into());
+    // Three NodePort frontends with distinct backend sets: three tables wanted.
+    let keys = [1, 2, 3].map(|i| key(i, Protocol::Tcp));
+    let mut desired = state(&[(keys[0], &[1]), (keys[1], &[2]), (keys[2], &[3])]);
+    for key in &keys {
+        if let Some(frontend) = desired.frontends.get_mut(key) {
+            std::sync::Arc::make_mut(frontend).kind = crate::model::FrontendKind::NodePort;
+        }
     }
     let written = writer
         .apply(&diff(&DesiredState::default(), &desired))

@@ -276,10 +276,7 @@ impl<S: MapStore> MapWriter<S> {
             backends: self
                 .backends
                 .iter()
-                .map(|(id, (backend, _))| {
-                    let (ip, port, _) = backend.parts();
-                    (id, Backend { ip, port })
-                })
+                .map(|(id, (value, _))| (id, backend_of(value)))
                 .collect(),
         };
         *self.index.write().unwrap_or_else(PoisonError::into_inner) = index;
@@ -301,10 +298,7 @@ impl<S: MapStore> MapWriter<S> {
                     .slots
                     .iter()
                     .filter_map(|id| self.backends.get(id))
-                    .map(|(b, _)| {
-                        let (ip, port, _) = b.parts();
-                        Backend { ip, port }
-                    })
+                    .map(|(value, _)| backend_of(value))
                     .collect();
                 let mut frontend = Frontend::backends_only(backends);
                 frontend.affinity_timeout = programmed.affinity;
@@ -350,10 +344,10 @@ impl<S: MapStore> MapWriter<S> {
             }
             index.frontends.extend(self.new_frontends.drain(..));
             // An id given out and freed again in this apply is not named.
-            let named = self.new_backends.drain(..).filter_map(|id| {
-                let (ip, port, _) = self.backends.get(&id)?.0.parts();
-                Some((id, Backend { ip, port }))
-            });
+            let named = self
+                .new_backends
+                .drain(..)
+                .filter_map(|id| Some((id, backend_of(&self.backends.get(&id)?.0))));
             index.backends.extend(named);
         }
         if !revnat.is_empty() || !backends.is_empty() {
@@ -535,6 +529,12 @@ const UNSURE: Backend = Backend {
     ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
     port: 0,
 };
+
+/// The backend a map value names (its protocol aside).
+fn backend_of(value: &BackendValue) -> Backend {
+    let (ip, port, _) = value.parts();
+    Backend { ip, port }
+}
 
 fn slot_number(n: usize) -> u16 {
     u16::try_from(n).unwrap_or(u16::MAX)
