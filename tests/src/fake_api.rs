@@ -367,27 +367,29 @@ fn watch(api: FakeApi, plural: &'static str, query: HashMap<String, String>) -> 
         tokio::pin!(deadline);
         let mut bookmark = tokio::time::interval(Duration::from_millis(200));
         loop {
-            let lines: Vec<(u64, String)> = {
+            let (lines, read_to): (Vec<String>, u64) = {
                 let inner = api.lock();
                 if inner.disconnects != epoch {
                     return;
                 }
                 let log = &inner.collections[plural].log;
                 // The log is in resourceVersion order: only what is new is read, as an
-                // API server's watch cache does.
+                // API server's watch cache does, and what the selector leaves out is
+                // read once (the watch's progress, which bookmarks report, passes it).
                 let new = log.partition_point(|(rv, _, _)| *rv <= sent);
-                log[new..]
+                let lines = log[new..]
                     .iter()
-                    .filter(|(rv, _, o)| *rv > sent && selected(o, &query))
-                    .map(|(rv, kind, o)| (*rv, event_line(kind, o)))
-                    .collect()
+                    .filter(|(_, _, o)| selected(o, &query))
+                    .map(|(_, kind, o)| event_line(kind, o))
+                    .collect();
+                (lines, log.last().map_or(sent, |(rv, _, _)| sent.max(*rv)))
             };
-            for (rv, line) in lines {
+            for line in lines {
                 if tx.send(line).await.is_err() {
                     return;
                 }
-                sent = rv;
             }
+            sent = read_to;
             tokio::select! {
                 biased;
                 _ = disconnect.recv() => return,

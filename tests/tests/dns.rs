@@ -313,6 +313,7 @@ fn other_names_are_forwarded_cached_coalesced_and_served_stale() {
     assert!(flags(&out).contains("tc"), "no TC bit:\n{out}");
     let out = dig(&bed, &["+tcp", "big.example.org", "TXT"]);
     assert_eq!(answers(&out).len(), 1, "{out}");
+    answers_while_it_prefetches(&bed);
     // An expired entry is served only when the upstream fails.
     assert_eq!(
         dig(&bed, &["+short", "ttl1.example.org", "A"]).trim(),
@@ -335,6 +336,7 @@ fn other_names_are_forwarded_cached_coalesced_and_served_stale() {
         "coredns_cache_hits_total{type=\"denial\"}",
         "coredns_cache_misses_total",
         "coredns_cache_served_stale_total 1",
+        "coredns_cache_prefetch_total 1",
         "coredns_forward_requests_total",
         "coredns_forward_request_duration_seconds_count",
         "coredns_cache_entries{type=\"success\"}",
@@ -633,4 +635,31 @@ fn kube_dns_local(tag: &str, dataplane: &str) {
     // A graceful exit hands over at once.
     bed.cluster.terminate("node1", "agent");
     wait_for(&bed, "kube-dns", Duration::from_secs(1));
+}
+
+/// A popular entry in the last tenth of its life is refreshed in the background
+/// (prefetch), started from the thread that answers it on the hot path; every answer
+/// meanwhile is the cached one, and the agent goes on answering.
+fn answers_while_it_prefetches(bed: &Bed) {
+    let up = &bed.upstream;
+    // The wire form of an answer lives 1 s, so the hits at 1.2 s and 2.4 s reach the
+    // cache, and the one at 7.5 s (of 8 s) prefetches.
+    let started = Instant::now();
+    for at in [0.0, 1.2, 2.4, 7.5] {
+        thread::sleep(Duration::from_secs_f64(at).saturating_sub(started.elapsed()));
+        assert_eq!(
+            dig(bed, &["+short", "ttl8.example.org", "A"]).trim(),
+            "192.0.2.1"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while up.count("ttl8.example.org", "udp") < 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(up.count("ttl8.example.org", "udp"), 2, "no prefetch");
+    assert_eq!(
+        dig(bed, &["+short", "ttl8.example.org", "A"]).trim(),
+        "192.0.2.1",
+        "the agent stopped answering after a prefetch"
+    );
 }

@@ -364,6 +364,10 @@ fn mutated_dns_queries_are_answered_with_their_id_never_a_panic() {
     let zone = Arc::new(Zone::build(&fixture_snapshot(), "cluster.local", 30));
     let (_keep, zone_rx) = tokio::sync::watch::channel(Some(zone));
     let mut registry = prometheus_client::registry::Registry::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let resolver = Resolver::new(
         zone_rx,
         Upstreams {
@@ -371,6 +375,7 @@ fn mutated_dns_queries_are_answered_with_their_id_never_a_panic() {
             forward: Vec::new(),
         },
         DnsMetrics::register(&mut registry),
+        runtime.handle().clone(),
     );
     let names = [
         "echo.default.svc.cluster.local",

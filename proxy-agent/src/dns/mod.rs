@@ -102,7 +102,12 @@ pub async fn start(
     if let (Some(bpffs), Some(&target)) = (&config.redirect, config.listen.first()) {
         redirect::start(bpffs, target, &config.domain, zone_rx.clone())?;
     }
-    let resolver = Resolver::new(zone_rx.clone(), config.upstreams, metrics);
+    let resolver = Resolver::new(
+        zone_rx.clone(),
+        config.upstreams,
+        metrics,
+        tokio::runtime::Handle::current(),
+    );
     if config.notrack {
         notrack::start(zone_rx, Arc::clone(&resolver));
     }

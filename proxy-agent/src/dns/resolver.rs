@@ -46,6 +46,9 @@ pub struct Resolver {
     inflight: Mutex<HashMap<Key, Waiters>>,
     wire: WireCache,
     metrics: DnsMetrics,
+    /// Where upstream queries run: the hot path that starts them (a prefetch) may be on
+    /// a thread outside any runtime.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Where a query stands after the synchronous part.
@@ -102,6 +105,7 @@ impl Resolver {
         zone: watch::Receiver<Option<Arc<Zone>>>,
         upstreams: Upstreams,
         metrics: DnsMetrics,
+        runtime: tokio::runtime::Handle,
     ) -> Arc<Self> {
         Arc::new(Self {
             zone,
@@ -110,6 +114,7 @@ impl Resolver {
             inflight: Mutex::new(HashMap::new()),
             wire: WireCache::default(),
             metrics,
+            runtime,
         })
     }
 
@@ -423,7 +428,7 @@ impl Resolver {
         inflight.insert(key.clone(), vec![tx]);
         drop(inflight);
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let answer = this.ask(&query, &servers, transport).await;
             if let Some(answer) = &answer {
                 let inserted = this.cache.insert(&key, answer.clone(), Instant::now());
