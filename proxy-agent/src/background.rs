@@ -6,39 +6,25 @@ use std::future::Future;
 
 use tokio::sync::oneshot;
 
-/// The nice value of background threads (the answering runtime keeps 0).
+/// The nice value of background threads (the answering threads keep 0).
 const NICE: i32 = 10;
-
-/// Lowers the calling thread's CPU priority; a failure is logged and ignored.
-pub fn lower_priority() {
-    // On Linux, PRIO_PROCESS with `who = 0` names the calling thread only.
-    #[allow(
-        unsafe_code,
-        reason = "setpriority takes integers only and has no memory-safety preconditions; \
-                  neither std nor nix has a safe wrapper for a thread's nice value"
-    )]
-    // SAFETY: plain integer arguments.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower a background thread's priority");
-    }
-}
-
-/// The scheduler slice of threads that answer queries (the kernel's default is 0.7-3 ms).
+/// The scheduler slice of background threads: longer than any default slice (0.75 ms
+/// times 1 + log2 of the CPUs, at most 3 ms), so that a normal thread waking up
+/// preempts one mid-slice instead of waiting for its slice to end.
+const BACKGROUND_SLICE_NS: u64 = 4_000_000;
+/// The scheduler slice of threads that answer queries.
 const ANSWERING_SLICE_NS: u64 = 100_000;
 
-/// Marks the calling thread latency-sensitive: a short scheduler slice (Linux 6.12+
-/// EEVDF), so that its wake-up preempts a background thread in the middle of its slice
-/// instead of waiting for the slice to end; its share of the CPU is unchanged. On older
-/// kernels the slice is ignored; a failure is logged and ignored.
-pub fn answer_promptly() {
+/// Sets the calling thread's fair-class policy, nice value and slice (the slice is
+/// Linux 6.12+ EEVDF's, ignored by older kernels).
+fn schedule(policy: i32, nice: i32, slice_ns: u64) -> std::io::Result<()> {
     let attr = libc::sched_attr {
         size: u32::try_from(std::mem::size_of::<libc::sched_attr>()).unwrap_or(u32::MAX),
-        sched_policy: u32::try_from(libc::SCHED_OTHER).unwrap_or_default(),
+        sched_policy: u32::try_from(policy).unwrap_or_default(),
         sched_flags: 0,
-        sched_nice: 0,
+        sched_nice: nice,
         sched_priority: 0,
-        sched_runtime: ANSWERING_SLICE_NS,
+        sched_runtime: slice_ns,
         sched_deadline: 0,
         sched_period: 0,
     };
@@ -50,8 +36,28 @@ pub fn answer_promptly() {
     // SAFETY: `attr` is a valid, initialised sched_attr whose size field is its size;
     // pid 0 names the calling thread.
     let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, std::ptr::from_ref(&attr), 0u32) };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot shorten an answering thread's slice");
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Makes the calling thread a background one: `SCHED_BATCH` (its wake-ups never
+/// preempt another thread), a lower priority and a long slice (other threads' wake-ups
+/// preempt it). A failure is logged and ignored.
+pub fn lower_priority() {
+    if let Err(error) = schedule(libc::SCHED_BATCH, NICE, BACKGROUND_SLICE_NS) {
+        tracing::debug!(%error, "cannot lower a background thread's priority");
+    }
+}
+
+/// Marks the calling thread latency-sensitive: a short scheduler slice, so that its
+/// wake-up preempts a background thread in the middle of its slice; its share of the
+/// CPU is unchanged. A failure is logged and ignored.
+pub fn answer_promptly() {
+    if let Err(error) = schedule(libc::SCHED_OTHER, 0, ANSWERING_SLICE_NS) {
+        tracing::debug!(%error, "cannot shorten an answering thread's slice");
     }
 }
 
@@ -117,6 +123,11 @@ mod tests {
             let after_name = nice.rsplit_once(')').expect("name").1;
             let fields: Vec<&str> = after_name.split_whitespace().collect();
             assert_eq!(fields[16], super::NICE.to_string());
+            assert_eq!(sched_field("policy"), Some(libc::SCHED_BATCH.to_string()));
+            assert_eq!(
+                sched_field("se.slice"),
+                Some(super::BACKGROUND_SLICE_NS.to_string())
+            );
         })
         .join()
         .expect("thread");
@@ -128,5 +139,6 @@ mod tests {
             .split_whitespace()
             .collect();
         assert_eq!(fields[16], "0");
+        assert_eq!(sched_field("policy"), Some(libc::SCHED_OTHER.to_string()));
     }
 }
