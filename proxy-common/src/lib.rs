@@ -17,13 +17,20 @@ pub const PROTO_SCTP: u8 = 132;
 /// idle agent pays only for the entries it writes.
 pub const MAX_SERVICE_ENTRIES: u32 = 1 << 20;
 pub const MAX_BACKENDS: u32 = 1 << 19;
-pub const MAX_REVNAT: u32 = 1 << 16;
+/// Frontends with a reverse-NAT index (the index is a `u32`; the map bounds it).
+pub const MAX_REVNAT: u32 = 1 << 18;
 pub const MAX_SOCK_REVNAT: u32 = 1 << 17;
 
 /// `BPF_F_NO_PREALLOC`.
 pub const MAP_NO_PREALLOC: u32 = 1;
 
+/// The layout of the pinned maps' keys and values. A change of any shared struct
+/// bumps it: an agent finding maps pinned by another layout (or by one before the
+/// stamp) recreates them all instead of misreading them. Kept in `LB_LAYOUT`.
+pub const LAYOUT_VERSION: u32 = 2;
+
 /// Names of the pinned maps, as the eBPF object declares them.
+pub const MAP_LAYOUT: &str = "LB_LAYOUT";
 pub const MAP_SERVICES4: &str = "LB4_SERVICES";
 pub const MAP_BACKENDS4: &str = "LB4_BACKENDS";
 pub const MAP_REVNAT4: &str = "LB4_REVNAT";
@@ -169,15 +176,15 @@ const _: () = assert!(size_of::<Service6Key>() == 24);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
     pub backend_id: u32,
+    pub rev_nat_index: u32,
     pub count: u16,
-    pub rev_nat_index: u16,
-    pub flags: u8,
-    pub pad: u8,
     /// Slot 0: the `LB4_MAGLEV` table the per-packet path chooses backends from (0:
     /// none, choose at random).
     pub maglev_table: u16,
+    pub flags: u8,
+    pub pad: [u8; 3],
 }
-const _: () = assert!(size_of::<ServiceValue>() == 12);
+const _: () = assert!(size_of::<ServiceValue>() == 16);
 
 /// Value of `LB4_BACKENDS`, keyed by backend id (`u32`).
 #[repr(C)]
@@ -201,7 +208,7 @@ pub struct Backend6 {
 }
 const _: () = assert!(size_of::<Backend6>() == 20);
 
-/// Value of `LB4_REVNAT`, keyed by the service's `rev_nat_index` (`u16`): the frontend
+/// Value of `LB4_REVNAT`, keyed by the service's `rev_nat_index` (`u32`): the frontend
 /// address a reply must appear to come from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -239,10 +246,11 @@ const _: () = assert!(size_of::<SockRevNat6Key>() == 32);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockRevNat6 {
     pub address: [u8; 16],
+    pub rev_nat_index: u32,
     pub port_be: u16,
-    pub rev_nat_index: u16,
+    pub pad: u16,
 }
-const _: () = assert!(size_of::<SockRevNat6>() == 20);
+const _: () = assert!(size_of::<SockRevNat6>() == 24);
 
 /// Key of `LB4_SK_REVNAT`: which backend a given socket was sent to.
 #[repr(C)]
@@ -260,10 +268,11 @@ const _: () = assert!(size_of::<SockRevNat4Key>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockRevNat4 {
     pub address_be: u32,
+    pub rev_nat_index: u32,
     pub port_be: u16,
-    pub rev_nat_index: u16,
+    pub pad: u16,
 }
-const _: () = assert!(size_of::<SockRevNat4>() == 8);
+const _: () = assert!(size_of::<SockRevNat4>() == 12);
 
 /// Value of `LOCAL_REDIRECT4`, keyed by a frontend's slot-0 `Service4Key`: the local
 /// listener to use instead of the backends while `heartbeat_ns` (CLOCK_MONOTONIC, as
@@ -283,12 +292,13 @@ const _: () = assert!(size_of::<LocalRedirect4>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StatsKey {
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
+    pub backend_id: u32,
     pub hook: u8,
     pub verdict: u8,
-    pub backend_id: u32,
+    pub pad: u16,
 }
-const _: () = assert!(size_of::<StatsKey>() == 8);
+const _: () = assert!(size_of::<StatsKey>() == 12);
 
 impl StatsKey {
     /// Whether `backend_id` names a backend (not a reject's or drop's reason).
@@ -316,8 +326,8 @@ const _: () = assert!(size_of::<Stats>() == 16);
 pub struct MonitorConfig {
     pub expires_ns: u64,
     /// Only this frontend's events (its reverse-NAT index), or 0 for all.
-    pub rev_nat_index: u16,
-    pub pad: [u8; 6],
+    pub rev_nat_index: u32,
+    pub pad: u32,
 }
 const _: () = assert!(size_of::<MonitorConfig>() == 16);
 
@@ -334,15 +344,14 @@ pub struct MonitorEvent {
     pub frontend_port_be: u16,
     pub backend_port_be: u16,
     pub backend_id: u32,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     pub hook: u8,
     pub verdict: u8,
     pub reason: u8,
     pub proto: u8,
-    pub pad: [u8; 2],
     /// The calling process (thread group id).
     pub pid: u32,
-    pub pad2: u32,
+    pub pad: u32,
 }
 const _: () = assert!(size_of::<MonitorEvent>() == 48);
 
@@ -364,8 +373,8 @@ const _: () = assert!(size_of::<MonitorEvent6>() == 80);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
     pub client_cookie: u64,
-    pub rev_nat_index: u16,
-    pub pad: [u8; 6],
+    pub rev_nat_index: u32,
+    pub pad: u32,
 }
 const _: () = assert!(size_of::<AffinityKey>() == 16);
 
@@ -422,11 +431,11 @@ pub struct Ct4Value {
     /// CLOCK_MONOTONIC of the last packet.
     pub last_seen_ns: u64,
     pub nat_be: u32,
-    pub nat_port_be: u16,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     pub backend_id: u32,
+    pub nat_port_be: u16,
     pub flags: u8,
-    pub pad: [u8; 3],
+    pub pad: u8,
 }
 const _: () = assert!(size_of::<Ct4Value>() == 24);
 
@@ -435,8 +444,7 @@ const _: () = assert!(size_of::<Ct4Value>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRange4 {
-    pub rev_nat_index_be: u16,
-    pub pad: u16,
+    pub rev_nat_index_be: u32,
     pub address_be: u32,
 }
 const _: () = assert!(size_of::<SourceRange4>() == 8);
@@ -461,11 +469,11 @@ const _: () = assert!(size_of::<Ct6Key>() == 40);
 pub struct Ct6Value {
     pub last_seen_ns: u64,
     pub nat: [u8; 16],
-    pub nat_port_be: u16,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     pub backend_id: u32,
+    pub nat_port_be: u16,
     pub flags: u8,
-    pub pad: [u8; 7],
+    pub pad: [u8; 5],
 }
 const _: () = assert!(size_of::<Ct6Value>() == 40);
 
@@ -473,8 +481,7 @@ const _: () = assert!(size_of::<Ct6Value>() == 40);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRange6 {
-    pub rev_nat_index_be: u16,
-    pub pad: u16,
+    pub rev_nat_index_be: u32,
     pub address: [u8; 16],
 }
 const _: () = assert!(size_of::<SourceRange6>() == 20);

@@ -17,7 +17,7 @@ pub fn select<F: Family>(
     let key = AffinityKey {
         client_cookie,
         rev_nat_index: svc.rev_nat_index,
-        pad: [0; 6],
+        pad: 0,
     };
     // SAFETY: helper call with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };

@@ -12,6 +12,10 @@ use proxy_common::{
     MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_STATS,
 };
 
+/// The layout the maps were made with (`LAYOUT_VERSION`), written by the agent.
+#[map]
+pub static LB_LAYOUT: Array<u32> = Array::pinned(1, 0);
+
 #[map]
 pub static LB4_SERVICES: HashMap<Service4Key, ServiceValue> =
     HashMap::pinned(MAX_SERVICE_ENTRIES, MAP_NO_PREALLOC);
@@ -20,7 +24,7 @@ pub static LB4_SERVICES: HashMap<Service4Key, ServiceValue> =
 pub static LB4_BACKENDS: HashMap<u32, Backend4> = HashMap::pinned(MAX_BACKENDS, MAP_NO_PREALLOC);
 
 #[map]
-pub static LB4_REVNAT: HashMap<u16, RevNat4> = HashMap::pinned(MAX_REVNAT, MAP_NO_PREALLOC);
+pub static LB4_REVNAT: HashMap<u32, RevNat4> = HashMap::pinned(MAX_REVNAT, MAP_NO_PREALLOC);
 
 /// Per-socket memory of which backend replaced which frontend; LRU so a flood of
 /// short-lived sockets can never fill it.
@@ -81,7 +85,7 @@ pub static LB6_SERVICES: HashMap<Service6Key, ServiceValue> =
 pub static LB6_BACKENDS: HashMap<u32, Backend6> = HashMap::pinned(MAX_BACKENDS, MAP_NO_PREALLOC);
 
 #[map]
-pub static LB6_REVNAT: HashMap<u16, RevNat6> = HashMap::pinned(MAX_REVNAT, MAP_NO_PREALLOC);
+pub static LB6_REVNAT: HashMap<u32, RevNat6> = HashMap::pinned(MAX_REVNAT, MAP_NO_PREALLOC);
 
 /// `LB4_SK_REVNAT` for sockets sent to IPv6 backends.
 #[map]

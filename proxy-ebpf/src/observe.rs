@@ -10,12 +10,13 @@ const BPF_NOEXIST: u64 = 1;
 
 /// One more decision for this frontend, backend, hook and verdict.
 #[inline(always)]
-pub fn count(rev_nat_index: u16, hook: u8, verdict: u8, backend_id: u32) {
+pub fn count(rev_nat_index: u32, hook: u8, verdict: u8, backend_id: u32) {
     let key = StatsKey {
         rev_nat_index,
         hook,
         verdict,
         backend_id,
+        pad: 0,
     };
     match LB_STATS.get_ptr_mut(key) {
         // SAFETY: a per-CPU value of this CPU; nothing else writes it while we run.
@@ -37,7 +38,7 @@ pub fn count(rev_nat_index: u16, hook: u8, verdict: u8, backend_id: u32) {
 
 /// Whether a monitor wants events of this frontend now.
 #[inline(always)]
-pub fn monitoring(rev_nat_index: u16) -> bool {
+pub fn monitoring(rev_nat_index: u32) -> bool {
     let Some(config) = LB_MONITOR.get(0) else {
         return false;
     };

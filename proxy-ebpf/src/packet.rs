@@ -245,7 +245,7 @@ fn egress_in<F: Wire>(ctx: &TcContext) -> i32 {
 #[inline(never)]
 fn report<F: Wire>(
     packet: &Packet<F::Addr>,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     backend_id: u32,
     to: &(F::Addr, u16),
     reason: u8,
@@ -265,20 +265,18 @@ fn remember<F: Wire>(
     flags: u8,
 ) {
     let seen = now();
-    let forward = Flow {
-        nat: backend.0,
-        nat_port_be: backend.1,
+    // One value, reused: the IPv6 path's frames stay within the 512-byte stack.
+    let mut flow = Flow {
+        nat: packet.dst,
+        nat_port_be: packet.dport_be,
         rev_nat_index: route.rev_nat_index,
         backend_id,
         flags,
     };
-    let reply = Flow {
-        nat: packet.dst,
-        nat_port_be: packet.dport_be,
-        ..forward
-    };
-    F::ct_put(&reply_key::<F>(packet, *backend), &reply, seen);
-    F::ct_put(&forward_key::<F>(packet), &forward, seen);
+    F::ct_put(&reply_key::<F>(packet, *backend), &flow, seen);
+    flow.nat = backend.0;
+    flow.nat_port_be = backend.1;
+    F::ct_put(&forward_key::<F>(packet), &flow, seen);
 }
 
 fn translate<F: Wire>(
@@ -297,20 +295,20 @@ fn translate<F: Wire>(
 }
 
 /// Hands the packet to netfilter marked for rejection (TCP reset, ICMP unreachable).
-fn reject<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>, index: u16, reason: u8) -> i32 {
+fn reject<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>, index: u32, reason: u8) -> i32 {
     refuse::<F>(packet, index, VERDICT_REJECT, reason);
     ctx.set_mark(MARK_REJECT);
     TC_ACT_OK
 }
 
-fn drop_packet<F: Wire>(packet: &Packet<F::Addr>, index: u16, reason: u8) -> i32 {
+fn drop_packet<F: Wire>(packet: &Packet<F::Addr>, index: u32, reason: u8) -> i32 {
     refuse::<F>(packet, index, VERDICT_DROP, reason);
     TC_ACT_SHOT
 }
 
 /// Counts a reject or drop (the reason in the backend field) and streams it.
 #[inline(never)]
-fn refuse<F: Wire>(packet: &Packet<F::Addr>, index: u16, verdict: u8, reason: u8) {
+fn refuse<F: Wire>(packet: &Packet<F::Addr>, index: u32, verdict: u8, reason: u8) {
     observe::count(index, HOOK_TC_INGRESS, verdict, u32::from(reason));
     if observe::monitoring(index) {
         let event = event(packet, index, verdict, reason);
@@ -318,7 +316,7 @@ fn refuse<F: Wire>(packet: &Packet<F::Addr>, index: u16, verdict: u8, reason: u8
     }
 }
 
-fn event<A>(packet: &Packet<A>, rev_nat_index: u16, verdict: u8, reason: u8) -> MonitorEvent {
+fn event<A>(packet: &Packet<A>, rev_nat_index: u32, verdict: u8, reason: u8) -> MonitorEvent {
     MonitorEvent {
         rev_nat_index,
         hook: HOOK_TC_INGRESS,

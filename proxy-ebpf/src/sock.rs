@@ -29,15 +29,15 @@ const V4_MAPPED_BE: u32 = 0xffff_u32.to_be();
 
 /// The per-socket memory of which backend replaced which frontend, per family.
 trait SockFamily: Family {
-    fn remember(cookie: u64, backend: (Self::Addr, u16), frontend: (Self::Addr, u16), index: u16);
+    fn remember(cookie: u64, backend: (Self::Addr, u16), frontend: (Self::Addr, u16), index: u32);
     /// The frontend (and its reverse-NAT index) a socket's backend peer stands for.
-    fn recall(cookie: u64, peer: (Self::Addr, u16)) -> Option<((Self::Addr, u16), u16)>;
+    fn recall(cookie: u64, peer: (Self::Addr, u16)) -> Option<((Self::Addr, u16), u32)>;
     fn forget(cookie: u64, peer: (Self::Addr, u16));
 }
 
 impl SockFamily for V4 {
     #[inline(always)]
-    fn remember(cookie: u64, backend: (u32, u16), frontend: (u32, u16), index: u16) {
+    fn remember(cookie: u64, backend: (u32, u16), frontend: (u32, u16), index: u32) {
         let key = SockRevNat4Key {
             cookie,
             address_be: backend.0,
@@ -48,13 +48,14 @@ impl SockFamily for V4 {
             address_be: frontend.0,
             port_be: frontend.1,
             rev_nat_index: index,
+            pad: 0,
         };
         // A full LRU map evicts the oldest entry, so insertion cannot fail for lack of
         // room; any other failure only loses the reverse mapping, never the connection.
         let _ = LB4_SK_REVNAT.insert(key, value, 0);
     }
     #[inline(always)]
-    fn recall(cookie: u64, peer: (u32, u16)) -> Option<((u32, u16), u16)> {
+    fn recall(cookie: u64, peer: (u32, u16)) -> Option<((u32, u16), u32)> {
         let key = SockRevNat4Key {
             cookie,
             address_be: peer.0,
@@ -79,7 +80,7 @@ impl SockFamily for V4 {
 
 impl SockFamily for V6 {
     #[inline(always)]
-    fn remember(cookie: u64, backend: ([u8; 16], u16), frontend: ([u8; 16], u16), index: u16) {
+    fn remember(cookie: u64, backend: ([u8; 16], u16), frontend: ([u8; 16], u16), index: u32) {
         let key = SockRevNat6Key {
             cookie,
             address: backend.0,
@@ -90,12 +91,13 @@ impl SockFamily for V6 {
             address: frontend.0,
             port_be: frontend.1,
             rev_nat_index: index,
+            pad: 0,
         };
         // As for IPv4: LRU, and a failure loses only the reverse mapping.
         let _ = LB6_SK_REVNAT.insert(key, value, 0);
     }
     #[inline(always)]
-    fn recall(cookie: u64, peer: ([u8; 16], u16)) -> Option<(([u8; 16], u16), u16)> {
+    fn recall(cookie: u64, peer: ([u8; 16], u16)) -> Option<(([u8; 16], u16), u32)> {
         let key = SockRevNat6Key {
             cookie,
             address: peer.0,

@@ -53,7 +53,7 @@ const ADDRESS_CLIENT: u64 = 1 << 63;
 pub struct Flow<A> {
     pub nat: A,
     pub nat_port_be: u16,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     pub backend_id: u32,
     pub flags: u8,
 }
@@ -89,7 +89,7 @@ pub trait Wire: Family {
     fn ct_remove(key: &Self::CtKey);
     /// Whether the source is a pod (inside `--cluster-cidr`).
     fn in_cluster(src: &Self::Addr) -> bool;
-    fn source_allowed(rev_nat_index: u16, src: &Self::Addr) -> bool;
+    fn source_allowed(rev_nat_index: u32, src: &Self::Addr) -> bool;
 }
 
 impl Wire for V4 {
@@ -197,7 +197,7 @@ impl Wire for V4 {
             rev_nat_index: flow.rev_nat_index,
             backend_id: flow.backend_id,
             flags: flow.flags,
-            pad: [0; 3],
+            pad: 0,
         };
         // LRU maps evict rather than fail; a lost entry only means the next packet
         // chooses again.
@@ -212,10 +212,9 @@ impl Wire for V4 {
         CLUSTER_CIDR4.get(Key::new(32, *src)).is_some()
     }
     #[inline(always)]
-    fn source_allowed(rev_nat_index: u16, src: &u32) -> bool {
+    fn source_allowed(rev_nat_index: u32, src: &u32) -> bool {
         let data = SourceRange4 {
             rev_nat_index_be: rev_nat_index.to_be(),
-            pad: 0,
             address_be: *src,
         };
         LB4_SOURCE_RANGES.get(Key::new(64, data)).is_some()
@@ -330,7 +329,7 @@ impl Wire for V6 {
             rev_nat_index: flow.rev_nat_index,
             backend_id: flow.backend_id,
             flags: flow.flags,
-            pad: [0; 7],
+            pad: [0; 5],
         };
         // As for IPv4: LRU.
         let _ = LB6_CT.insert(key, value, 0);
@@ -344,10 +343,9 @@ impl Wire for V6 {
         CLUSTER_CIDR6.get(Key::new(128, *src)).is_some()
     }
     #[inline(always)]
-    fn source_allowed(rev_nat_index: u16, src: &[u8; 16]) -> bool {
+    fn source_allowed(rev_nat_index: u32, src: &[u8; 16]) -> bool {
         let data = SourceRange6 {
             rev_nat_index_be: rev_nat_index.to_be(),
-            pad: 0,
             address: *src,
         };
         LB6_SOURCE_RANGES.get(Key::new(160, data)).is_some()

@@ -520,6 +520,76 @@ fn a_restarted_agent_takes_over_and_cleanup_removes_everything() {
 }
 
 #[test]
+fn an_agent_finding_maps_of_another_layout_makes_them_anew() {
+    let mut bed = setup("lay");
+    let to = format!("{ECHO_IP}:80");
+    assert!(bed
+        .cluster
+        .terminate("node1", "agent")
+        .iter()
+        .all(std::process::ExitStatus::success));
+    // What an agent from before layout 2 left: no stamp, and 12-byte service values.
+    let pin = |name: &str| bed.agent.bpffs.join(name).display().to_string();
+    std::fs::remove_file(pin("LB_LAYOUT")).expect("unpin the stamp");
+    std::fs::remove_file(pin("LB4_SERVICES")).expect("unpin the services");
+    let created = Command::new("bpftool")
+        .args(["map", "create", &pin("LB4_SERVICES"), "type", "hash"])
+        .args([
+            "key",
+            "12",
+            "value",
+            "12",
+            "entries",
+            "1024",
+            "name",
+            "LB4_SERVICES",
+        ])
+        .args(["flags", "1"])
+        .status()
+        .unwrap();
+    assert!(created.success(), "bpftool map create");
+    bed.agent.respawn(&mut bed.cluster);
+    bed.agent.wait_healthy(&bed.cluster);
+    assert!(
+        bed.agent.log_text().contains("another layout"),
+        "the old maps were not named:\n{}",
+        bed.agent.log_text()
+    );
+    let show = |name: &str| {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned", &pin(name)])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()
+    };
+    assert_eq!(
+        show("LB4_SERVICES")["bytes_value"],
+        16,
+        "the map was not made anew"
+    );
+    let stamp = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", &pin("LB_LAYOUT")])
+        .output()
+        .unwrap();
+    let stamp: serde_json::Value = serde_json::from_slice(&stamp.stdout).unwrap_or_default();
+    // With BTF the value is a number; without, its bytes in hex.
+    let value = &stamp[0]["value"];
+    let layout = value.as_u64().or_else(|| {
+        let bytes: Vec<u8> = value
+            .as_array()?
+            .iter()
+            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect();
+        Some(u64::from(u32::from_ne_bytes(bytes.try_into().ok()?)))
+    });
+    assert_eq!(layout, Some(2), "not stamped: {stamp}");
+    assert_eq!(
+        names(&answered_by(&requests(&bed, "tcp", &to, 20), &to)),
+        ["web-a", "web-b"]
+    );
+}
+
+#[test]
 fn replacing_the_agent_fails_no_connection() {
     replace_agent("ebpf");
 }

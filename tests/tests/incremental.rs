@@ -196,7 +196,7 @@ fn resolved(maps: &MapContents) -> BTreeSet<String> {
             .get(&id)
             .map_or_else(|| format!("missing {id}"), |b| format!("{:?}", b.parts()))
     };
-    let revnat = |index: u16| format!("{:?}", maps.revnat.get(&index));
+    let revnat = |index: u32| format!("{:?}", maps.revnat.get(&index));
     let mut out = BTreeSet::new();
     for (key, value) in &maps.services {
         let mut line = format!(

@@ -69,7 +69,7 @@ impl State {
 
     /// Frontends by reverse-NAT index.
     #[must_use]
-    pub fn indexed_frontends(&self) -> BTreeMap<u16, FrontendKey> {
+    pub fn indexed_frontends(&self) -> BTreeMap<u32, FrontendKey> {
         self.frontends()
             .into_iter()
             .map(|(index, (key, _))| (index, key))
@@ -77,7 +77,7 @@ impl State {
     }
 
     /// Frontends by reverse-NAT index, with their backend count.
-    fn frontends(&self) -> BTreeMap<u16, (FrontendKey, u16)> {
+    fn frontends(&self) -> BTreeMap<u32, (FrontendKey, u16)> {
         self.maps
             .services
             .iter()
@@ -204,7 +204,7 @@ impl State {
     #[must_use]
     pub fn affinity(&self, names: &Names) -> Vec<AffinityRow> {
         let now = crate::dataplane::system::monotonic_ns();
-        let timeouts: BTreeMap<u16, u64> = self
+        let timeouts: BTreeMap<u32, u64> = self
             .maps
             .services
             .iter()

@@ -122,9 +122,9 @@ fn wanted(filters: &[VerdictFilter], verdict: u8) -> bool {
 }
 
 /// The reverse-NAT indexes of `service`'s frontends (`namespace/name`).
-fn indexes_of(service: &str, names: &Names, args: &MonitorArgs) -> Result<BTreeSet<u16>> {
+fn indexes_of(service: &str, names: &Names, args: &MonitorArgs) -> Result<BTreeSet<u32>> {
     let state = super::ebpf::State::read(&args.bpffs)?;
-    let indexes: BTreeSet<u16> = state
+    let indexes: BTreeSet<u32> = state
         .indexed_frontends()
         .into_iter()
         .filter(|(_, frontend)| {

@@ -179,14 +179,13 @@ pub enum SourceRange {
 
 impl SourceRange {
     #[must_use]
-    pub fn new(rev_nat: u16, net: &IpNet) -> Self {
+    pub fn new(rev_nat: u32, net: &IpNet) -> Self {
         let len = 32 + u32::from(net.prefix_len());
         match net {
             IpNet::V4(net) => Self::V4(
                 len,
                 SourceRange4 {
                     rev_nat_index_be: rev_nat.to_be(),
-                    pad: 0,
                     address_be: u32::from_ne_bytes(net.network().octets()),
                 },
             ),
@@ -194,15 +193,14 @@ impl SourceRange {
                 len,
                 SourceRange6 {
                     rev_nat_index_be: rev_nat.to_be(),
-                    pad: 0,
                     address: net.network().octets(),
                 },
             ),
         }
     }
     #[must_use]
-    pub fn rev_nat_index(&self) -> u16 {
-        u16::from_be(match self {
+    pub fn rev_nat_index(&self) -> u32 {
+        u32::from_be(match self {
             Self::V4(_, data) => data.rev_nat_index_be,
             Self::V6(_, data) => data.rev_nat_index_be,
         })

@@ -50,10 +50,10 @@ impl MapStore for FaultyStore {
         }
         self.inner.del_service(key)
     }
-    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+    fn put_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.inner.put_revnat(index, revnat)
     }
-    fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+    fn del_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.inner.del_revnat(index, revnat)
     }
     fn put_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError> {
@@ -221,7 +221,7 @@ fn running_out_of_ids_skips_the_frontends_that_need_new_ones() {
     // Unchecked maps: the checks after every write would make this quadratic.
     let mut writer = MapWriter::restore(MapContents::default()).unwrap();
     // More frontends than reverse-NAT ids.
-    let limit = usize::from(u16::try_from(proxy_common::MAX_REVNAT - 1).unwrap_or(u16::MAX));
+    let limit = usize::try_from(proxy_common::MAX_REVNAT - 1).unwrap();
     let mut desired = DesiredState::default();
     for i in 0..=limit {
         let octets = u32::try_from(i).unwrap().to_be_bytes();

@@ -10,7 +10,7 @@ use crate::model::{Backend, FrontendKey};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Index {
-    pub frontends: HashMap<u16, FrontendKey>,
+    pub frontends: HashMap<u32, FrontendKey>,
     pub backends: IdTable<Backend>,
 }
 

@@ -22,7 +22,7 @@ use super::{
 pub struct FamilyMaps<K, B, R> {
     services: HashMap<MapData, K, ServiceValue>,
     backends: HashMap<MapData, u32, B>,
-    revnat: HashMap<MapData, u16, R>,
+    revnat: HashMap<MapData, u32, R>,
 }
 
 impl<K: aya::Pod, B: aya::Pod, R: aya::Pod> FamilyMaps<K, B, R> {
@@ -49,8 +49,8 @@ struct Pending {
     services6: Buffered<Service6Key, ServiceValue>,
     backends4: Buffered<u32, Backend4>,
     backends6: Buffered<u32, Backend6>,
-    revnat4: Buffered<u16, RevNat4>,
-    revnat6: Buffered<u16, RevNat6>,
+    revnat4: Buffered<u32, RevNat4>,
+    revnat6: Buffered<u32, RevNat6>,
     /// Puts waiting in all buffers.
     count: usize,
 }
@@ -282,14 +282,14 @@ impl MapStore for KernelMaps {
             SlotKey::V6(k) => ignore_missing(self.lb().v6.services.remove(k)),
         }
     }
-    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+    fn put_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError> {
         match revnat {
             RevNatValue::V4(r) => self.stage()?.revnat4.push(index, *r),
             RevNatValue::V6(r) => self.stage()?.revnat6.push(index, *r),
         }
         Ok(())
     }
-    fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+    fn del_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.write_pending()?;
         match revnat {
             RevNatValue::V4(_) => ignore_missing(self.lb().v4.revnat.remove(&index)),
@@ -334,12 +334,12 @@ impl MapStore for KernelMaps {
             None => Ok(()),
         }
     }
-    fn forget_stats(&mut self, revnat: &[u16], backends: &[u32]) -> Result<(), EbpfError> {
+    fn forget_stats(&mut self, revnat: &[u32], backends: &[u32]) -> Result<(), EbpfError> {
         self.write_pending()?;
         let Some(stats) = &mut self.stats else {
             return Ok(());
         };
-        let revnat: std::collections::HashSet<u16> = revnat.iter().copied().collect();
+        let revnat: std::collections::HashSet<u32> = revnat.iter().copied().collect();
         let backends: std::collections::HashSet<u32> = backends.iter().copied().collect();
         let doomed: Vec<StatsKey> = stats
             .keys()

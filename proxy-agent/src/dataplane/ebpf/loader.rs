@@ -7,10 +7,12 @@ use std::{
 };
 
 use aya::{
+    maps::{Array, Map, MapData},
     programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr},
     Ebpf, EbpfLoader,
 };
-use tracing::{debug, info};
+use proxy_common::{LAYOUT_VERSION, MAP_LAYOUT};
+use tracing::{debug, info, warn};
 
 use super::{kernel::KernelMaps, EbpfError};
 
@@ -37,6 +39,77 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
 /// The program that forgets a closed socket's backend.
 pub const RELEASE_PROGRAM: &str = "sock_release";
 
+/// Every map the object pins, by name.
+pub const PINNED_MAPS: [&str; 20] = [
+    proxy_common::MAP_LAYOUT,
+    proxy_common::MAP_SERVICES4,
+    proxy_common::MAP_BACKENDS4,
+    proxy_common::MAP_REVNAT4,
+    proxy_common::MAP_SOCK_REVNAT4,
+    proxy_common::MAP_LOCAL_REDIRECT4,
+    proxy_common::MAP_STATS,
+    proxy_common::MAP_EVENTS,
+    proxy_common::MAP_MONITOR,
+    proxy_common::MAP_AFFINITY4,
+    proxy_common::MAP_CT4,
+    proxy_common::MAP_CLUSTER_CIDR4,
+    proxy_common::MAP_SOURCE_RANGES4,
+    proxy_common::MAP_MAGLEV4,
+    proxy_common::MAP_SERVICES6,
+    proxy_common::MAP_BACKENDS6,
+    proxy_common::MAP_REVNAT6,
+    proxy_common::MAP_SOCK_REVNAT6,
+    proxy_common::MAP_CT6,
+    proxy_common::MAP_CLUSTER_CIDR6,
+];
+
+/// The layout stamped on the maps pinned in `bpffs`, if any.
+#[must_use]
+pub fn pinned_layout(bpffs: &Path) -> Option<u32> {
+    let data = MapData::from_pin(bpffs.join(MAP_LAYOUT)).ok()?;
+    let stamp: Array<MapData, u32> = Array::try_from(Map::Array(data)).ok()?;
+    stamp.get(&0, 0).ok()
+}
+
+/// Unpins the maps of another layout (or of one from before layouts were stamped), so
+/// that the object makes them anew instead of reading their bytes as other fields. The
+/// previous agent's programs keep their maps until their links are swapped. Returns
+/// how many were unpinned.
+fn retire_other_layout(bpffs: &Path) -> Result<usize, EbpfError> {
+    let found = pinned_layout(bpffs);
+    if found == Some(LAYOUT_VERSION) {
+        return Ok(0);
+    }
+    let mut retired = 0;
+    for name in PINNED_MAPS {
+        let pin = bpffs.join(name);
+        match fs::remove_file(&pin) {
+            Ok(()) => retired += 1,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(EbpfError::Io(pin, error)),
+        }
+    }
+    if retired > 0 {
+        warn!(
+            found = found.map_or_else(|| "none".to_owned(), |v| v.to_string()),
+            layout = LAYOUT_VERSION,
+            maps = retired,
+            "the pinned eBPF maps have another layout: made anew (flows in progress on the per-packet path choose their backend again)"
+        );
+    }
+    Ok(retired)
+}
+
+/// Stamps the maps just loaded with this layout.
+fn stamp_layout(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(MAP_LAYOUT)
+        .ok_or_else(|| EbpfError::MissingMap(MAP_LAYOUT.to_owned()))?;
+    let mut stamp: Array<&mut MapData, u32> = Array::try_from(map)?;
+    stamp.set(0, LAYOUT_VERSION, 0)?;
+    Ok(())
+}
+
 /// Where pinned links live below `--bpffs`.
 #[must_use]
 pub fn links_dir(bpffs: &Path) -> PathBuf {
@@ -59,9 +132,11 @@ pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<(KernelMaps, Ebpf), Ebpf
     ) {
         tracing::warn!(%error, "cannot raise the memlock rlimit; going on");
     }
+    retire_other_layout(bpffs)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(bpffs)
         .load(OBJECT)?;
+    stamp_layout(&mut ebpf)?;
     let cgroup =
         fs::File::open(cgroup_root).map_err(|e| EbpfError::Io(cgroup_root.to_owned(), e))?;
     for name in SOCKET_PROGRAMS {

@@ -57,7 +57,7 @@ pub struct SocketEntry {
     pub cookie: u64,
     pub backend: SocketAddr,
     pub frontend: SocketAddr,
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
 }
 
 /// The IPv4 per-socket map's entries (`LB4_SK_REVNAT`).
@@ -146,11 +146,11 @@ pub fn map_fill(bpffs: &Path) -> Vec<MapFill> {
         let entries = match name {
             MAP_SERVICES4 => count_keys::<Service4Key, ServiceValue>(map),
             MAP_BACKENDS4 => count_keys::<u32, Backend4>(map),
-            MAP_REVNAT4 => count_keys::<u16, RevNat4>(map),
+            MAP_REVNAT4 => count_keys::<u32, RevNat4>(map),
             MAP_SOCK_REVNAT4 => count_keys::<SockRevNat4Key, SockRevNat4>(map),
             MAP_SERVICES6 => count_keys::<Service6Key, ServiceValue>(map),
             MAP_BACKENDS6 => count_keys::<u32, Backend6>(map),
-            MAP_REVNAT6 => count_keys::<u16, RevNat6>(map),
+            MAP_REVNAT6 => count_keys::<u32, RevNat6>(map),
             MAP_SOCK_REVNAT6 => count_keys::<SockRevNat6Key, SockRevNat6>(map),
             MAP_LOCAL_REDIRECT4 => count_keys::<Service4Key, LocalRedirect4>(map),
             MAP_AFFINITY4 => count_keys::<AffinityKey, AffinityValue>(map),
@@ -174,13 +174,13 @@ const LEASE: Duration = Duration::from_secs(3);
 pub struct Monitor {
     config: Array<MapData, MonitorConfig>,
     ring: RingBuf<MapData>,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     renewed_ns: u64,
 }
 
 impl Monitor {
     /// Starts the stream: all frontends, or only the one with this reverse-NAT index.
-    pub fn open(bpffs: &Path, rev_nat_index: Option<u16>) -> Result<Self, EbpfError> {
+    pub fn open(bpffs: &Path, rev_nat_index: Option<u32>) -> Result<Self, EbpfError> {
         let config = Array::try_from(Map::Array(MapData::from_pin(bpffs.join(MAP_MONITOR))?))?;
         let ring = RingBuf::try_from(Map::RingBuf(MapData::from_pin(bpffs.join(MAP_EVENTS))?))?;
         let mut monitor = Self {
@@ -201,7 +201,7 @@ impl Monitor {
             MonitorConfig {
                 expires_ns: now + lease,
                 rev_nat_index: self.rev_nat_index,
-                pad: [0; 6],
+                pad: 0,
             },
             0,
         )?;
@@ -295,14 +295,13 @@ fn decode_record(bytes: &[u8]) -> Option<MonitorEvent> {
         frontend_port_be: u16_at(24),
         backend_port_be: u16_at(26),
         backend_id: u32_at(28),
-        rev_nat_index: u16_at(32),
-        hook: bytes[34],
-        verdict: bytes[35],
-        reason: bytes[36],
-        proto: bytes[37],
-        pad: [0; 2],
+        rev_nat_index: u32_at(32),
+        hook: bytes[36],
+        verdict: bytes[37],
+        reason: bytes[38],
+        proto: bytes[39],
         pid: u32_at(40),
-        pad2: 0,
+        pad: 0,
     })
 }
 
@@ -325,9 +324,8 @@ mod tests {
             verdict: 10,
             reason: 11,
             proto: 12,
-            pad: [0; 2],
             pid: 13,
-            pad2: 0,
+            pad: 0,
         };
         let mut bytes = Vec::new();
         bytes.extend(1u64.to_ne_bytes());
@@ -337,8 +335,8 @@ mod tests {
         bytes.extend(5u16.to_ne_bytes());
         bytes.extend(6u16.to_ne_bytes());
         bytes.extend(7u32.to_ne_bytes());
-        bytes.extend(8u16.to_ne_bytes());
-        bytes.extend([9, 10, 11, 12, 0, 0]);
+        bytes.extend(8u32.to_ne_bytes());
+        bytes.extend([9, 10, 11, 12]);
         bytes.extend(13u32.to_ne_bytes());
         bytes.extend(0u32.to_ne_bytes());
         let decoded = super::decode(&bytes).expect("an IPv4 record");

@@ -17,7 +17,7 @@ struct ServiceEntry {
     slot: u16,
     backend_id: u32,
     count: u16,
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     flags: Vec<&'static str>,
     #[serde(skip_serializing_if = "is_zero")]
@@ -36,14 +36,14 @@ struct BackendEntry {
 
 #[derive(Serialize)]
 struct RevNatEntry {
-    index: u16,
+    index: u32,
     address: IpAddr,
     port: u16,
 }
 
 #[derive(Serialize)]
 struct SourceRangeEntry {
-    rev_nat_index: u16,
+    rev_nat_index: u32,
     range: String,
 }
 

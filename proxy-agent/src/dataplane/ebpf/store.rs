@@ -13,8 +13,8 @@ pub trait MapStore {
     fn del_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), EbpfError>;
     fn put_service(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), EbpfError>;
     fn del_service(&mut self, key: &SlotKey) -> Result<(), EbpfError>;
-    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError>;
-    fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError>;
+    fn put_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError>;
+    fn del_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError>;
     /// A `loadBalancerSourceRanges` prefix.
     fn put_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError>;
     fn del_source_range(&mut self, range: &SourceRange) -> Result<(), EbpfError>;
@@ -29,7 +29,7 @@ pub trait MapStore {
     /// Everything the maps hold now, for restoring ids after a restart.
     fn read_all(&self) -> Result<MapContents, EbpfError>;
     /// Drops the datapath counters of freed reverse-NAT indexes and backend ids.
-    fn forget_stats(&mut self, _revnat: &[u16], _backends: &[u32]) -> Result<(), EbpfError> {
+    fn forget_stats(&mut self, _revnat: &[u32], _backends: &[u32]) -> Result<(), EbpfError> {
         Ok(())
     }
 }
@@ -39,7 +39,7 @@ pub trait MapStore {
 pub struct MapContents {
     pub services: BTreeMap<SlotKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
-    pub revnat: BTreeMap<u16, RevNatValue>,
+    pub revnat: BTreeMap<u32, RevNatValue>,
     pub source_ranges: BTreeSet<SourceRange>,
     /// Maglev tables: their size and the backend ids they hold (sorted, unique).
     pub maglev: BTreeMap<u16, (u32, Vec<u32>)>,
@@ -74,11 +74,11 @@ impl MapStore for MapContents {
         self.services.remove(key);
         Ok(())
     }
-    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+    fn put_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.revnat.insert(index, *revnat);
         Ok(())
     }
-    fn del_revnat(&mut self, index: u16, _revnat: &RevNatValue) -> Result<(), EbpfError> {
+    fn del_revnat(&mut self, index: u32, _revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.revnat.remove(&index);
         Ok(())
     }

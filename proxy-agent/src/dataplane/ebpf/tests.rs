@@ -81,7 +81,7 @@ impl MapStore for CheckedStore {
         self.check();
         Ok(())
     }
-    fn put_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+    fn put_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.maps.put_revnat(index, revnat)?;
         self.check();
         Ok(())
@@ -106,7 +106,7 @@ impl MapStore for CheckedStore {
         self.check();
         Ok(())
     }
-    fn del_revnat(&mut self, index: u16, revnat: &RevNatValue) -> Result<(), EbpfError> {
+    fn del_revnat(&mut self, index: u32, revnat: &RevNatValue) -> Result<(), EbpfError> {
         self.maps.del_revnat(index, revnat)?;
         self.check();
         Ok(())

@@ -59,7 +59,7 @@ impl<S: MapStore> MapWriter<S> {
         key: &FrontendKey,
         frontend: &Frontend,
         old: Option<&ProgrammedFrontend>,
-        rev_nat: &mut Option<u16>,
+        rev_nat: &mut Option<u32>,
         taken: &mut Vec<(bool, Scope)>,
     ) -> Result<(), EbpfError> {
         let unsure = old.is_some_and(|o| o.unsure.is_some());
@@ -139,7 +139,7 @@ impl<S: MapStore> MapWriter<S> {
             return Err(error);
         }
         self.frontends.remove(key);
-        self.revnat_alloc.release(u32::from(old.rev_nat));
+        self.revnat_alloc.release(old.rev_nat);
         self.freed_revnat.push(old.rev_nat);
         let mut released = Released::default();
         for scope in old.held() {
@@ -330,7 +330,7 @@ fn route_flags(frontend: &Frontend, has_source_ranges: bool) -> (u8, Option<u8>)
 
 /// The `loadBalancerSourceRanges` of a frontend's family as source-range keys: as in
 /// kube-proxy, a family without ranges of its own is not filtered.
-fn source_ranges(rev_nat: u16, ipv4: bool, ranges: &[IpNet]) -> Vec<SourceRange> {
+fn source_ranges(rev_nat: u32, ipv4: bool, ranges: &[IpNet]) -> Vec<SourceRange> {
     let mut keys: Vec<SourceRange> = ranges
         .iter()
         .filter(|range| matches!(range, IpNet::V4(_)) == ipv4)

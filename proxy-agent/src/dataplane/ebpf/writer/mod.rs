@@ -36,7 +36,7 @@ struct Scope {
 
 #[derive(Debug, Clone, Default)]
 struct ProgrammedFrontend {
-    rev_nat: u16,
+    rev_nat: u32,
     /// Scope 0: the pod route (the socket LB's, and pods' per packet).
     pod: Scope,
     /// `SCOPE_EXTERNAL`: external clients' route where it differs.
@@ -65,7 +65,7 @@ impl ProgrammedFrontend {
     /// scopes (external or not) acquired for the new version, `ranges` its new ranges.
     fn unsure_after(
         old: Option<&Self>,
-        rev_nat: u16,
+        rev_nat: u32,
         taken: Vec<(bool, Scope)>,
         ranges: Vec<SourceRange>,
     ) -> Self {
@@ -133,10 +133,10 @@ pub struct MapWriter<S> {
     /// Ids as readers outside the sync loop see them (metrics, debug endpoints).
     index: SharedIndex,
     /// Ids freed by the apply under way, whose counters go with them.
-    freed_revnat: Vec<u16>,
+    freed_revnat: Vec<u32>,
     freed_backends: Vec<u32>,
     /// Ids given out by the apply under way.
-    new_frontends: Vec<(u16, FrontendKey)>,
+    new_frontends: Vec<(u32, FrontendKey)>,
     new_backends: Vec<u32>,
     /// Maglev tables of the per-packet path.
     maglev: maglev::Tables,
@@ -215,7 +215,7 @@ impl<S: MapStore> MapWriter<S> {
                 .filter(|range| range.rev_nat_index() == value.rev_nat_index)
                 .copied()
                 .collect();
-            writer.revnat_alloc.take(u32::from(value.rev_nat_index));
+            writer.revnat_alloc.take(value.rev_nat_index);
             writer.frontends.insert(
                 frontend_key,
                 ProgrammedFrontend {
@@ -457,14 +457,13 @@ impl<S: MapStore> MapWriter<S> {
         &mut self.store
     }
 
-    fn new_revnat(&mut self, ip: IpAddr, port: u16) -> Result<u16, EbpfError> {
+    fn new_revnat(&mut self, ip: IpAddr, port: u16) -> Result<u32, EbpfError> {
         let index = self
             .revnat_alloc
             .allocate()
-            .and_then(|i| u16::try_from(i).ok())
             .ok_or(EbpfError::Exhausted("reverse NAT"))?;
         if let Err(error) = self.write().put_revnat(index, &RevNatValue::new(ip, port)) {
-            self.revnat_alloc.release(u32::from(index));
+            self.revnat_alloc.release(index);
             return Err(error);
         }
         Ok(index)
