@@ -70,6 +70,8 @@ pub struct FakeApi {
     /// While true, every request gets `503 Service Unavailable` (an API server down
     /// behind its load balancer).
     down: Arc<AtomicBool>,
+    /// While true, every watch gets `410 Gone` (its history always just compacted).
+    expired: Arc<AtomicBool>,
     pub addr: SocketAddr,
 }
 
@@ -101,6 +103,7 @@ impl FakeApi {
             disconnect: broadcast::channel(16).0,
             held: Arc::new(tokio::sync::watch::channel(false).0),
             down: Arc::new(AtomicBool::new(false)),
+            expired: Arc::new(AtomicBool::new(false)),
             addr,
         };
         let app = Router::new()
@@ -186,6 +189,15 @@ impl FakeApi {
 
     pub fn recover(&self) {
         self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// Every watch, open or new, ends with `410 Gone` while `on`: lists still work, so a
+    /// client relists and watches again, and is sent away again.
+    pub fn expire_every_watch(&self, on: bool) {
+        self.expired.store(on, Ordering::SeqCst);
+        if on {
+            self.disconnect_watches();
+        }
     }
 
     pub fn set_list_delay(&self, plural: &'static str, delay: Duration) {
@@ -353,7 +365,7 @@ fn watch(api: FakeApi, plural: &'static str, query: HashMap<String, String>) -> 
         let mut inner = api.lock();
         inner.counters.watches += 1;
         epoch = inner.disconnects;
-        if from < inner.collections[plural].compacted_before {
+        if from < inner.collections[plural].compacted_before || api.expired.load(Ordering::SeqCst) {
             inner.counters.gone += 1;
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": format!("too old resource version: {from}"), "reason": "Expired", "code": 410});

@@ -1,0 +1,158 @@
+//! Faults of the Kubernetes API under live traffic: the API server gone for a minute,
+//! then answering every watch with 410 Gone, then sending malformed objects, while a pod
+//! keeps connecting to a Service. The node keeps serving what was programmed through
+//! all of it, and the agent follows the next good change as before.
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use proxy_agent_tests::{
+    agent::{testpod_bin, Agent},
+    cluster::Cluster,
+    fake_api::{FakeApi, ENDPOINT_SLICES, NODES, SERVICES},
+    scenarios::{self, ECHO_IP},
+};
+use serde_json::{json, Value};
+
+/// How long the API server is away (the minute; shorter by env for a quick run).
+fn outage() -> Duration {
+    std::env::var("PROXY_AGENT_API_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_mins(1), Duration::from_secs)
+}
+
+fn echo_service(ports: &Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
+           "spec": {"clusterIP": ECHO_IP, "clusterIPs": [ECHO_IP], "ports": ports}})
+}
+
+fn echo_slice(addresses: &[&str]) -> Value {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "echo-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "echo"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+}
+
+/// The pods answering echo now.
+fn answered(cluster: &Cluster) -> Vec<String> {
+    let mut pods: Vec<String> = scenarios::requests(cluster, "tcp", &format!("{ECHO_IP}:80"), 20)
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_owned())
+        .collect();
+    pods.sort();
+    pods.dedup();
+    pods
+}
+
+fn api_faults_under_traffic(dataplane: &str) {
+    let mut cluster = scenarios::echo_cluster(&format!("apif{}", &dataplane[..1]));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let listener = cluster.listen_on_lan("10.100.0.254:0");
+    let api = runtime.block_on(async { FakeApi::start_on(listener) });
+    let http = json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]);
+    api.upsert(SERVICES, echo_service(&http));
+    api.upsert(ENDPOINT_SLICES, echo_slice(&["10.244.1.2", "10.244.2.2"]));
+    api.upsert(
+        NODES,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}}),
+    );
+    let kubeconfig = cluster.scratch().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    let args = [
+        "--kubeconfig".to_owned(),
+        kubeconfig.display().to_string(),
+        "--dataplane".to_owned(),
+        dataplane.to_owned(),
+    ];
+    let agent = Agent::start_with(&mut cluster, "node1", &args);
+    assert_eq!(
+        answered(&cluster),
+        ["web-a", "web-b"],
+        "{}",
+        agent.log_text()
+    );
+
+    let total = outage() + Duration::from_secs(12);
+    let testpod = testpod_bin().display().to_string();
+    let to = format!("{ECHO_IP}:80");
+    let millis = total.as_millis().to_string();
+    let traffic = cluster
+        .command_in_pod("client", &[&testpod, "request-for", "tcp", &to, &millis])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the client");
+    let started = Instant::now();
+    // The API server away: every request answered 503.
+    api.go_down();
+    std::thread::sleep(outage());
+    api.recover();
+    // Every watch sent away with 410 Gone: the agent relists, watches, is sent away again.
+    let gone = api.counters().gone;
+    api.expire_every_watch(true);
+    std::thread::sleep(Duration::from_secs(4));
+    api.expire_every_watch(false);
+    let expired = api.counters().gone - gone;
+    // Malformed objects: a Service whose ports are not a list, a slice with a bad address.
+    api.upsert(SERVICES, echo_service(&json!("not-a-list")));
+    api.upsert(ENDPOINT_SLICES, echo_slice(&["10.244.1.999"]));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        answered(&cluster),
+        ["web-a", "web-b"],
+        "the last good version was not kept:\n{}",
+        agent.log_text()
+    );
+    // The next good change is followed at once.
+    api.upsert(SERVICES, echo_service(&http));
+    api.upsert(ENDPOINT_SLICES, echo_slice(&["10.244.2.3"]));
+    let changed = Instant::now();
+    while answered(&cluster) != ["web-c"] {
+        assert!(
+            changed.elapsed() < Duration::from_secs(2),
+            "the change after the faults was not followed:\n{}",
+            agent.log_text()
+        );
+    }
+    let followed = changed.elapsed();
+    let output = traffic.wait_with_output().expect("client output");
+    let report = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    println!(
+        "{dataplane}: API down {:?}, {expired} watches answered 410 in 4 s, two malformed objects; traffic over {:?}: {report}; the next change live after {followed:?}",
+        outage(),
+        started.elapsed()
+    );
+    assert!(expired >= 2, "the watches were not sent away: {expired}");
+    let log = agent.log_text();
+    for named in ["default/echo", "10.244.1.999"] {
+        assert!(
+            log.contains(named),
+            "the bad object is not named ({named}):\n{log}"
+        );
+    }
+    assert!(
+        report.contains(" err=0"),
+        "connections failed through the API faults: {report}"
+    );
+    let ok: u64 = report
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("ok="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ok > 100, "too few connections: {report}");
+    drop(runtime);
+}
+
+#[test]
+fn api_gone_expired_and_malformed_keep_serving_with_ebpf() {
+    api_faults_under_traffic("ebpf");
+}
+
+#[test]
+fn api_gone_expired_and_malformed_keep_serving_with_nftables() {
+    api_faults_under_traffic("nftables");
+}
