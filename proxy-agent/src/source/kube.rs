@@ -222,19 +222,36 @@ pub fn resource(kind: Kind) -> ApiResource {
 /// each cut by a random part of up to a half so a cluster's nodes do not retry in step.
 /// An agent is watching again within about a second of an API outage ending; kube-rs's
 /// default climbs to 30 s, which left changes made after a 10 s outage unseen for 8 s.
+/// The delays start again from 100 ms only after [`Self::CALM`] without an error, as
+/// client-go's do: a success in between (a relist answered, then its watch sent away
+/// with 410 again) does not, or an API server answering every watch with 410 would be
+/// relisted ten times a second.
 #[derive(Debug)]
 struct WatchBackoff {
     next: std::time::Duration,
+    last_error: Option<std::time::Instant>,
+    calm: std::time::Duration,
 }
 
 impl WatchBackoff {
     const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
     const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+    const CALM: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// With another calm period (tests).
+    #[must_use]
+    fn with_calm(calm: std::time::Duration) -> Self {
+        Self {
+            next: Self::FIRST,
+            last_error: None,
+            calm,
+        }
+    }
 }
 
 impl Default for WatchBackoff {
     fn default() -> Self {
-        Self { next: Self::FIRST }
+        Self::with_calm(Self::CALM)
     }
 }
 
@@ -242,6 +259,14 @@ impl Iterator for WatchBackoff {
     type Item = std::time::Duration;
 
     fn next(&mut self) -> Option<Self::Item> {
+        let now = std::time::Instant::now();
+        if self
+            .last_error
+            .is_some_and(|at| now.duration_since(at) >= self.calm)
+        {
+            self.next = Self::FIRST;
+        }
+        self.last_error = Some(now);
         let delay = self.next;
         self.next = (delay * 2).min(Self::MAX);
         Some(delay.mul_f64(rand::random_range(0.5..=1.0)))
@@ -249,9 +274,8 @@ impl Iterator for WatchBackoff {
 }
 
 impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
+    /// A success alone does not start the delays over (see the type's text).
+    fn reset(&mut self) {}
 }
 
 /// Runs one kind's watcher (with backoff on errors) and forwards its events.
@@ -383,4 +407,33 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use std::time::Duration;
+
+    use kube::runtime::utils::Backoff as _;
+
+    use super::WatchBackoff;
+
+    #[test]
+    fn delays_grow_through_successes_and_start_over_after_a_calm_period() {
+        let mut backoff = WatchBackoff::with_calm(Duration::from_millis(200));
+        let mut upper = Vec::new();
+        for _ in 0..6 {
+            let delay = backoff.next().expect("a delay");
+            upper.push(delay);
+            // A relist answered between two 410s.
+            backoff.reset();
+        }
+        let ms = |d: &Duration| d.as_millis();
+        // Each delay is within [half, whole] of 100, 200, 400, 800, 1000, 1000 ms.
+        for (delay, whole) in upper.iter().zip([100, 200, 400, 800, 1000, 1000]) {
+            assert!(ms(delay) >= whole / 2 && ms(delay) <= whole, "{upper:?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        let after_calm = backoff.next().expect("a delay");
+        assert!(after_calm <= Duration::from_millis(100), "{after_calm:?}");
+    }
 }
