@@ -1,6 +1,7 @@
 //! Test bed for proxy-agent: simulated clusters in network namespaces, the real agent
 //! binary, and manifest writers. Used by the end-to-end tests and `cargo xtask demo`.
 pub mod agent;
+pub mod api_echo;
 pub mod benchtargets;
 pub mod changebench;
 pub mod cluster;

@@ -325,3 +325,21 @@ pub fn assert_destroyed(cluster: &Cluster, agent: &Agent, replaced: usize) {
         crate::agent::sample_sum(&metrics, "proxyagent_udp_sockets_destroyed_total", &[]);
     assert!(destroyed >= 1.0, "{metrics}");
 }
+
+/// Asserts a `testpod request-for` report (`ok=N err=0 …`): no connection failed
+/// `what`, and enough were made to prove it.
+///
+/// # Panics
+/// When a connection failed or 100 or fewer were made.
+pub fn assert_served(report: &str, what: &str) {
+    assert!(
+        report.contains(" err=0"),
+        "connections failed {what}: {report}"
+    );
+    let ok: u64 = report
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("ok="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ok > 100, "too few connections: {report}");
+}

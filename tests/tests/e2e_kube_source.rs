@@ -4,35 +4,11 @@ use std::time::{Duration, Instant};
 
 use proxy_agent_tests::{
     agent::Agent,
+    api_echo::{answered, service as echo_service, slice as echo_slice},
     fake_api::{FakeApi, ENDPOINT_SLICES, NODES, SERVICES},
-    scenarios::{self, ECHO_IP},
+    scenarios,
 };
-use serde_json::{json, Value};
-
-fn echo_service() -> Value {
-    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo", "namespace": "default"},
-           "spec": {"clusterIP": ECHO_IP, "clusterIPs": [ECHO_IP], "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}})
-}
-
-fn echo_slice(ready: &[&str]) -> Value {
-    let endpoints: Vec<Value> = ready
-        .iter()
-        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
-        .collect();
-    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"name": "echo-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "echo"}},
-           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
-}
-
-fn answered(cluster: &proxy_agent_tests::cluster::Cluster) -> Vec<String> {
-    let mut pods: Vec<String> = scenarios::requests(cluster, "tcp", &format!("{ECHO_IP}:80"), 20)
-        .iter()
-        .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_owned())
-        .collect();
-    pods.sort();
-    pods.dedup();
-    pods
-}
+use serde_json::json;
 
 #[test]
 fn the_agent_follows_the_api_server() {

@@ -14,7 +14,7 @@ use std::{
 use proxy_agent_tests::{
     agent::testpod_bin,
     manifests, scale,
-    scenarios::{setup_on, Bed, ECHO_IP},
+    scenarios::{assert_served, setup_on, Bed, ECHO_IP},
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -91,20 +91,6 @@ fn kill_9_during_large_syncs_loses_no_connection_and_leaves_nothing_stale_with_e
 #[test]
 fn kill_9_during_large_syncs_loses_no_connection_and_leaves_nothing_stale_with_nftables() {
     kill_9_during_large_syncs("nftables");
-}
-
-/// The client's report: it failed no connection and made enough of them.
-fn assert_served(report: &str, what: &str) {
-    assert!(
-        report.contains(" err=0"),
-        "connections failed {what}: {report}"
-    );
-    let ok: u64 = report
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("ok="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(ok > 100, "too few connections: {report}");
 }
 
 /// Puts `text` in `dir/..NAME/FILE` and points `dir/..data` at it (through a link renamed

@@ -152,8 +152,6 @@ struct UdpServing {
 
 impl UdpServing {
     fn run(self) -> std::io::Result<()> {
-        // Whatever the hot path starts lands on the runtime.
-        let _runtime = self.runtime.enter();
         let mut buffer = vec![0u8; 65535];
         loop {
             let received = self.socket.recv_from(&mut buffer);

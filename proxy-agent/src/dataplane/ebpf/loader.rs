@@ -40,7 +40,7 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
 pub const RELEASE_PROGRAM: &str = "sock_release";
 
 /// Every map the object pins, by name.
-pub const PINNED_MAPS: [&str; 20] = [
+const PINNED_MAPS: [&str; 20] = [
     proxy_common::MAP_LAYOUT,
     proxy_common::MAP_SERVICES4,
     proxy_common::MAP_BACKENDS4,
@@ -65,7 +65,7 @@ pub const PINNED_MAPS: [&str; 20] = [
 
 /// The layout stamped on the maps pinned in `bpffs`, if any.
 #[must_use]
-pub fn pinned_layout(bpffs: &Path) -> Option<u32> {
+fn pinned_layout(bpffs: &Path) -> Option<u32> {
     let data = MapData::from_pin(bpffs.join(MAP_LAYOUT)).ok()?;
     let stamp: Array<MapData, u32> = Array::try_from(Map::Array(data)).ok()?;
     stamp.get(&0, 0).ok()
