@@ -209,6 +209,12 @@ pub struct RunArgs {
     /// a backend change moves about 1/N of flows, and a table costs 4 bytes per entry).
     #[arg(long, default_value_t = crate::dataplane::ebpf::maglev::DEFAULT_SIZE, value_parser = parse_maglev_size)]
     pub maglev_table_size: u32,
+    /// Entries of the eBPF service map of each family (Cilium's `--bpf-lb-map-max`): a
+    /// slot for each frontend and one for each of its backends. The backend maps hold
+    /// half as many, the reverse-NAT maps (one per frontend) a quarter. Changing it
+    /// makes the pinned maps anew at the next start.
+    #[arg(long, default_value_t = proxy_common::MAX_SERVICE_ENTRIES, value_parser = parse_lb_map_max)]
+    pub bpf_lb_map_max: u32,
     #[command(flatten)]
     pub paths: KernelPaths,
     #[command(flatten)]
@@ -264,6 +270,15 @@ pub struct CleanupArgs {
     pub dataplane: DataplaneKind,
     #[command(flatten)]
     pub paths: KernelPaths,
+}
+
+fn parse_lb_map_max(text: &str) -> Result<u32, String> {
+    let entries: u32 = text.parse().map_err(|e| format!("{e}"))?;
+    let min = crate::dataplane::ebpf::Sizing::MIN_LB_MAP;
+    if entries < min {
+        return Err(format!("{entries} is less than {min}"));
+    }
+    Ok(entries)
 }
 
 fn parse_maglev_size(text: &str) -> Result<u32, String> {

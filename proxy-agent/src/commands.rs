@@ -51,7 +51,10 @@ fn start_ebpf(args: &RunArgs) -> Result<ebpf::EbpfDataplane> {
         &args.paths.bpffs,
         &cgroup,
         Some(&args.node.cluster_cidr),
-        args.maglev_table_size,
+        ebpf::Sizing {
+            maglev_table_size: args.maglev_table_size,
+            lb_map_max: args.bpf_lb_map_max,
+        },
     )?)
 }
 

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod dataplane;
 pub mod debug;
 pub mod dns;
+pub mod fault;
 pub mod health;
 pub mod health_check;
 pub mod introspect;

@@ -18,6 +18,16 @@ pub fn agent_bin() -> PathBuf {
     )
 }
 
+/// The agent built with `fault-hooks` (`cargo xtask build`'s `proxy-agent-faults`, or
+/// `PROXY_AGENT_FAULTS_BIN`): faults armed through `PUT /debug/faults/{point}`.
+#[must_use]
+pub fn faults_agent_bin() -> PathBuf {
+    std::env::var_os("PROXY_AGENT_FAULTS_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/proxy-agent-faults"),
+        PathBuf::from,
+    )
+}
+
 /// The `testpod` helper built beside the running test or demo binary.
 #[must_use]
 pub fn testpod_bin() -> PathBuf {
@@ -40,6 +50,7 @@ pub struct Agent {
     pub bpffs: PathBuf,
     pub cgroup_root: PathBuf,
     source: Vec<String>,
+    binary: PathBuf,
 }
 
 impl Agent {
@@ -62,7 +73,11 @@ impl Agent {
 
     /// Starts the agent on `node` with `source` arguments, without waiting.
     pub fn spawn_with(cluster: &mut Cluster, node: &str, source: &[String]) -> Self {
-        let bin = agent_bin();
+        Self::spawn_binary(cluster, node, source, &agent_bin())
+    }
+
+    /// [`Self::spawn_with`] running `bin` (this and every restart).
+    pub fn spawn_binary(cluster: &mut Cluster, node: &str, source: &[String], bin: &Path) -> Self {
         assert!(
             bin.exists(),
             "{} is missing: run `cargo xtask build`",
@@ -77,6 +92,7 @@ impl Agent {
             bpffs,
             cgroup_root,
             source: source.to_vec(),
+            binary: bin.to_owned(),
         };
         agent.respawn(cluster);
         agent
@@ -85,7 +101,7 @@ impl Agent {
     /// Starts another agent process for the same node with the same source (a restart
     /// or upgrade).
     pub fn respawn(&self, cluster: &mut Cluster) {
-        self.respawn_with(cluster, &agent_bin());
+        self.respawn_with(cluster, &self.binary);
     }
 
     /// [`Self::respawn`] running `binary` (an upgrade).
@@ -121,8 +137,14 @@ impl Agent {
     /// An HTTP GET from inside the node: status code and body.
     #[must_use]
     pub fn http_get(&self, cluster: &Cluster, addr: &str, path: &str) -> (u16, String) {
+        self.http(cluster, "GET", addr, path)
+    }
+
+    /// An HTTP request from inside the node: status code and body.
+    #[must_use]
+    pub fn http(&self, cluster: &Cluster, method: &str, addr: &str, path: &str) -> (u16, String) {
         let bin = testpod_bin().display().to_string();
-        let out = cluster.run_on_node(&self.node, &[&bin, "http-get", addr, path]);
+        let out = cluster.run_on_node(&self.node, &[&bin, "http", method, addr, path]);
         let (code, body) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
         (code.parse().unwrap_or(0), body.to_owned())
     }

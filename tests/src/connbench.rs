@@ -185,9 +185,13 @@ pub fn install(
             Installed::Nothing
         }
         _ => {
-            let mut dp =
-                ebpf::EbpfDataplane::start(bpffs, &cluster.node("node1").cgroup, None, 16381)
-                    .expect("ebpf");
+            let mut dp = ebpf::EbpfDataplane::start(
+                bpffs,
+                &cluster.node("node1").cgroup,
+                None,
+                ebpf::Sizing::default(),
+            )
+            .expect("ebpf");
             dp.apply(&model::diff(&DesiredState::default(), desired), desired)
                 .expect("ebpf apply");
             Installed::Ebpf(Box::new(dp))

@@ -7,7 +7,10 @@ use std::{path::Path, process::Stdio};
 
 use k8s_openapi::api::discovery::v1::EndpointPort;
 use proxy_agent::{
-    dataplane::{ebpf::EbpfDataplane, Dataplane},
+    dataplane::{
+        ebpf::{EbpfDataplane, Sizing},
+        Dataplane,
+    },
     model::{
         self,
         service::{PortInfo, ServiceType},
@@ -172,7 +175,8 @@ fn install_ebpf(
     let cidrs = node.cluster_cidrs.clone();
     let netns = cluster.node("node1").netns.clone();
     let mut dataplane = within_netns(&netns, move || {
-        EbpfDataplane::start(&bpffs, &cgroup, Some(&cidrs), 16_381).map_err(|e| e.to_string())
+        EbpfDataplane::start(&bpffs, &cgroup, Some(&cidrs), Sizing::default())
+            .map_err(|e| e.to_string())
     })?;
     dataplane
         .apply(

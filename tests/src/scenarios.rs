@@ -67,6 +67,27 @@ pub fn udp_flow_pods(out: &str) -> Vec<String> {
         .collect()
 }
 
+/// web-a (node1) and web-b (node2), ready: a Service's endpoints on both nodes.
+pub const WEB_A_AND_B: [Endpoint<'static>; 2] = [
+    Endpoint {
+        ip: "10.244.1.2",
+        ready: true,
+        node: "node1",
+    },
+    Endpoint {
+        ip: "10.244.2.2",
+        ready: true,
+        node: "node2",
+    },
+];
+
+/// What a client (`testpod request-for`, `hold`, ...) printed once it exits.
+#[must_use]
+pub fn client_report(child: Child) -> String {
+    let output = child.wait_with_output().expect("client output");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
 /// The empty Service (no endpoints) beside echo in a [`Bed`].
 pub const EMPTY_IP: &str = "10.96.0.51";
 
@@ -94,6 +115,12 @@ pub fn setup(tag: &str) -> Bed {
 /// The same with the agent on `dataplane`.
 #[must_use]
 pub fn setup_on(tag: &str, dataplane: &str) -> Bed {
+    setup_with(tag, &crate::agent::agent_bin(), &["--dataplane", dataplane])
+}
+
+/// The same running the agent `binary` with `args` beside `--manifests`.
+#[must_use]
+pub fn setup_with(tag: &str, binary: &Path, args: &[&str]) -> Bed {
     let mut cluster = echo_cluster(tag);
     let dir = cluster.scratch().join("manifests");
     std::fs::create_dir_all(&dir).expect("manifests directory");
@@ -115,16 +142,10 @@ pub fn setup_on(tag: &str, dataplane: &str) -> Bed {
             ("10.244.2.3", false, "node2"),
         ],
     );
-    let agent = Agent::start_with(
-        &mut cluster,
-        "node1",
-        &[
-            "--manifests".into(),
-            dir.display().to_string(),
-            "--dataplane".into(),
-            dataplane.into(),
-        ],
-    );
+    let mut source = vec!["--manifests".to_owned(), dir.display().to_string()];
+    source.extend(args.iter().map(|&arg| arg.to_owned()));
+    let agent = Agent::spawn_binary(&mut cluster, "node1", &source, binary);
+    agent.wait_healthy(&cluster);
     Bed {
         cluster,
         agent,
@@ -187,11 +208,7 @@ pub fn restart_under_load(
         ));
         std::thread::sleep(Duration::from_millis(300));
     }
-    let report = |child: Child| {
-        let output = child.wait_with_output().expect("client output");
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    };
-    let (held, stream) = (report(held), report(stream));
+    let (held, stream) = (client_report(held), client_report(stream));
     assert!(
         held.ends_with("err=0"),
         "the long-lived connection broke: {held}"

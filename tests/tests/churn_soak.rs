@@ -118,11 +118,6 @@ fn client(cluster: &Cluster, in_pod: bool, to: &str, millis: u128) -> Child {
         .expect("spawn a client")
 }
 
-fn report(child: Child) -> String {
-    let out = child.wait_with_output().expect("client output");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn count(text: &str, key: &str) -> u64 {
     text.split_whitespace()
         .find_map(|f| f.strip_prefix(key))
@@ -240,7 +235,10 @@ fn soak(dataplane: &str) {
         let next = started + Duration::from_millis(changes * 50);
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
-    let (pod_report, lan_report) = (report(pod_client), report(lan_client));
+    let (pod_report, lan_report) = (
+        scenarios::client_report(pod_client),
+        scenarios::client_report(lan_client),
+    );
     debug_dump(&cluster, &agent, dataplane);
     // Back to the first set: the kernel holds what it held then, nothing more.
     manifests::write(&dir, "churn-slice.yaml", &slice(&FIRST));

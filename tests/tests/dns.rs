@@ -13,7 +13,7 @@ use proxy_agent_tests::{
     cluster::{within_netns, Cluster},
     dns_upstream::Upstream,
     manifests,
-    scenarios::{self, ECHO_IP, POD_PORTS, SVC_PORTS},
+    scenarios::{self, ECHO_IP, POD_PORTS, SVC_PORTS, WEB_A_AND_B},
 };
 
 const LISTEN: &str = "169.254.20.10";
@@ -89,18 +89,7 @@ fn setup(tag: &str, dataplane: &str) -> Bed {
         &manifests::service("echo", ECHO_IP, &SVC_PORTS),
     );
     manifests::write(&dir, "world.yaml", WORLD);
-    let endpoints = [
-        manifests::Endpoint {
-            ip: "10.244.1.2",
-            ready: true,
-            node: "node1",
-        },
-        manifests::Endpoint {
-            ip: "10.244.2.2",
-            ready: true,
-            node: "node2",
-        },
-    ];
+    let endpoints = WEB_A_AND_B;
     manifests::write(
         &dir,
         "echo-slice.yaml",

@@ -10,7 +10,7 @@ use proxy_agent_tests::{
     agent::{sample_sum, testpod_bin, Agent},
     cluster::Cluster,
     manifests::{self, Endpoint},
-    scenarios::{self, POD_PORTS},
+    scenarios::{self, POD_PORTS, WEB_A_AND_B},
 };
 
 /// The echo pods' ports, with the line-echo port long-lived connections use.
@@ -79,18 +79,7 @@ fn setup(tag: &str, dataplane: &str) -> Bed {
     let dir = cluster.scratch().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     manifests::write(&dir, "services.yaml", SERVICES);
-    let both = [
-        Endpoint {
-            ip: "10.244.1.2",
-            ready: true,
-            node: "node1",
-        },
-        Endpoint {
-            ip: "10.244.2.2",
-            ready: true,
-            node: "node2",
-        },
-    ];
+    let both = WEB_A_AND_B;
     for (slice, service, endpoints) in [
         ("np-cluster-1", "np-cluster", &both[..]),
         ("lb-1", "lb", &both[..]),

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <command>\n\n  build   install missing tools, build the eBPF object and target/release/proxy-agent\n  test    build, then fmt check, clippy (host and eBPF crates), unit, golden and end-to-end tests\n  demo    build, bring up a simulated cluster from examples/demo and send requests to a ClusterIP\n  bless   rewrite the golden files from the current model\n  bench   build, then measure programming cost against kube-proxy's iptables mode [--quick]\n  clippy  clippy with -D warnings on the host crates and the eBPF crate"
+        "usage: cargo xtask <command>\n\n  build   install missing tools, build the eBPF object, target/release/proxy-agent and proxy-agent-faults (fault hooks)\n  test    build, then fmt check, clippy (host and eBPF crates), unit, golden and end-to-end tests\n  demo    build, bring up a simulated cluster from examples/demo and send requests to a ClusterIP\n  bless   rewrite the golden files from the current model\n  bench   build, then measure programming cost against kube-proxy's iptables mode [--quick]\n  clippy  clippy with -D warnings on the host crates and the eBPF crate"
     );
     std::process::exit(2)
 }
@@ -78,20 +78,32 @@ fn ebpf_object() -> PathBuf {
     root().join("target/ebpf/bpfel-unknown-none/release/proxy-ebpf")
 }
 
+/// The agent built with `fault-hooks`.
+fn faults_agent() -> PathBuf {
+    root().join("target/release/proxy-agent-faults")
+}
+
 fn build() -> Result<()> {
     toolchain::ensure()?;
     run(&mut toolchain::ebpf_cargo(&["build", "--release"], &[]))?;
-    run(cargo()
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "proxy-agent",
-            "-p",
-            "proxy-agent-tests",
-            "--bins",
-        ])
-        .env("PROXY_EBPF_OBJECT", ebpf_object()))?;
+    let release_build = |args: &[&str]| {
+        run(cargo()
+            .args(["build", "--release"])
+            .args(args)
+            .env("PROXY_EBPF_OBJECT", ebpf_object()))
+    };
+    // The fault suite's agent, with faults armed on demand (`fault-hooks`), built first:
+    // the build below leaves target/release/proxy-agent the one without them.
+    release_build(&[
+        "-p",
+        "proxy-agent",
+        "--bin",
+        "proxy-agent",
+        "--features",
+        "fault-hooks",
+    ])?;
+    std::fs::copy(root().join("target/release/proxy-agent"), faults_agent())?;
+    release_build(&["-p", "proxy-agent", "-p", "proxy-agent-tests", "--bins"])?;
     Ok(())
 }
 
@@ -100,6 +112,7 @@ fn clippy() -> Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--all-features",
         "--",
         "-D",
         "warnings",
@@ -128,7 +141,8 @@ fn test() -> Result<String> {
             ])
             .args(["--", "--test-threads", "2"])
             .env("PROXY_EBPF_OBJECT", ebpf_object())
-            .env("PROXY_AGENT_BIN", root().join("target/release/proxy-agent")),
+            .env("PROXY_AGENT_BIN", root().join("target/release/proxy-agent"))
+            .env("PROXY_AGENT_FAULTS_BIN", faults_agent()),
     )?;
     Ok(format!("{passed} passed, {failed} failed"))
 }

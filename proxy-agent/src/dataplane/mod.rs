@@ -37,7 +37,8 @@ pub struct Applied {
     /// Frontends that could not be programmed: skipped (the others were), and left as
     /// they were for the next sync to try again.
     pub failed: Vec<crate::model::FrontendKey>,
-    /// Why they failed: how many by reason (see [`DataplaneError::reason`]).
+    /// Why they failed: how many by reason (see [`DataplaneError::reason`]); also any
+    /// failure besides frontends (the node's interfaces not followed), counted once.
     pub failure_reasons: std::collections::BTreeMap<&'static str, usize>,
     /// Whether this sync left state for a later one to remove (nftables' chains it
     /// flushed): the sync loop runs again shortly even if nothing changes.

@@ -218,6 +218,8 @@ pub async fn serve(
                 .route("/debug/frontends", get(introspect::frontends))
                 .with_state(live),
         );
+    #[cfg(feature = "fault-hooks")]
+    let app = app.merge(crate::fault::routes());
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }

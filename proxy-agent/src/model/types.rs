@@ -235,6 +235,17 @@ impl Frontend {
     /// The same frontend with every route going to `backends`, no masquerade, REJECT
     /// when empty: what a dataplane that keeps only backends (the socket LB maps)
     /// restores after a restart.
+    /// A frontend the kernel holds in an unknown state (a write or delete of it
+    /// failed part way): no desired frontend equals it, so the next plan writes it
+    /// again if it is still wanted and removes it if not.
+    #[must_use]
+    pub fn unknown() -> Self {
+        Self::backends_only(vec![Backend {
+            ip: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            port: 0,
+        }])
+    }
+
     #[must_use]
     pub fn backends_only(backends: Vec<Backend>) -> Self {
         let route = Route::new(backends.into(), false, EmptyVerdict::Reject, false);

@@ -6,7 +6,10 @@ use netlink_sys::protocols::NETLINK_ROUTE;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::netlink::{attrs, Netlink, NetlinkError, NLM_F_DUMP, NLM_F_REQUEST};
+use crate::{
+    fault::{self, Point},
+    netlink::{attrs, Netlink, NetlinkError, NLM_F_DUMP, NLM_F_REQUEST},
+};
 
 const RTM_NEWADDR: u16 = 20;
 const RTM_GETADDR: u16 = 22;
@@ -45,6 +48,9 @@ pub fn by_interface() -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
 }
 
 fn dump_with_interfaces(netlink: &mut Netlink) -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
+    if fault::fails(Point::Rtnetlink) {
+        return Err(NetlinkError::Socket(fault::injected(Point::Rtnetlink)));
+    }
     // ifaddrmsg: any family, every interface.
     netlink.send(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, &[0; 8], &[])?;
     let mut found = Vec::new();

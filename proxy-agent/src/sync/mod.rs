@@ -3,7 +3,7 @@
 //! their frontends only) and apply the plan. A change after a quiet period is programmed
 //! at once; within `--min-sync-period` of the last sync it waits, so a burst coalesces
 //! (kube-proxy's bounded-frequency runner). A failed apply re-reads the kernel and
-//! retries with backoff. Runs on a thread of its own, off the runtime serving DNS,
+//! retries with backoff, or sooner with the next change. Runs on a thread of its own, off the runtime serving DNS,
 //! health and metrics.
 mod followers;
 
@@ -111,9 +111,9 @@ async fn run(mut inputs: Inputs) {
     };
     let mut retry = RETRY_MIN;
     let mut last_sync: Option<Instant> = None;
-    let mut failed = false;
+    let mut retrying = false;
     loop {
-        if !failed {
+        if !retrying {
             // A change after a quiet period goes at once; one soon after a sync waits
             // out the minimum period, gathering whatever else arrives meanwhile.
             if let Some(at) = last_sync.map(|t| t + inputs.min_sync_period) {
@@ -122,13 +122,22 @@ async fn run(mut inputs: Inputs) {
         }
         let update = inputs.updates.borrow_and_update().clone();
         inputs.health.source_changed(update.generation);
-        failed = false;
+        retrying = false;
         if let Some(snapshot) = update.snapshot {
             last_sync = Some(Instant::now());
             if sync_once(&mut inputs, &mut state, &snapshot, update.generation).is_err() {
-                tokio::time::sleep(retry).await;
+                // What failed is tried again after the backoff, or with the next change
+                // if that comes first: a key that keeps failing never holds up others'
+                // changes (kube-proxy's retry is a floor, not a gate, the same way).
+                let retry_at = Instant::now() + retry;
                 retry = (retry * 2).min(RETRY_MAX);
-                failed = true;
+                tokio::select! {
+                    changed = inputs.updates.changed() => if changed.is_err() {
+                        return;
+                    },
+                    Ok(()) = inputs.addresses.changed() => {}
+                    () = tokio::time::sleep_until(retry_at.into()) => retrying = true,
+                }
                 continue;
             }
             retry = RETRY_MIN;
@@ -270,8 +279,8 @@ fn report_skipped(inputs: &Inputs, applied: &crate::dataplane::Applied) {
 }
 
 /// What the kernel holds after a plan towards `desired` in which `failed` frontends
-/// could not be written: those read as absent (an upsert to try again) or, for a
-/// removal, as still there.
+/// could not be written: those read as unknown, so the next plan writes them again
+/// while they are wanted and removes them once they are not.
 fn programmed_after(
     desired: &DesiredState,
     plan: &model::Plan,
@@ -279,10 +288,12 @@ fn programmed_after(
 ) -> DesiredState {
     let mut programmed = desired.clone();
     for key in failed {
-        if programmed.frontends.remove(key).is_none() {
-            if let Some(old) = plan.before.get(key) {
-                programmed.frontends.insert(*key, old.clone());
-            }
+        // Unknown rather than absent: a failed upsert may hold ids and entries, which
+        // the next plan must remove if the frontend is no longer wanted by then.
+        if desired.frontends.contains_key(key) || plan.before.contains_key(key) {
+            programmed
+                .frontends
+                .insert(*key, model::Frontend::unknown().into());
         }
     }
     programmed
@@ -317,7 +328,8 @@ mod tests {
     }
 
     /// The next plan holds exactly the frontends that failed: an upsert that failed is
-    /// upserted again, a removal that failed is removed again, and the rest is left.
+    /// upserted again (or removed, once no longer wanted), a removal that failed is
+    /// removed again, and the rest is left.
     #[test]
     fn the_next_plan_retries_only_what_failed() {
         let mut before = DesiredState::default();
@@ -336,5 +348,11 @@ mod tests {
             vec![key(2)]
         );
         assert_eq!(retry.remove, vec![key(3)]);
+        // An upsert that failed and is no longer wanted is removed: whatever it took
+        // (ids, slots) is given back.
+        desired.frontends.remove(&key(2));
+        let dropped = diff(&programmed, &desired);
+        assert!(dropped.upsert.is_empty());
+        assert_eq!(dropped.remove, vec![key(2), key(3)]);
     }
 }

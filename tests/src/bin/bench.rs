@@ -9,7 +9,11 @@ use std::{
 };
 
 use proxy_agent::{
-    dataplane::{ebpf::EbpfDataplane, nftables::NftablesDataplane, Dataplane},
+    dataplane::{
+        ebpf::{EbpfDataplane, Sizing},
+        nftables::NftablesDataplane,
+        Dataplane,
+    },
     model::{self, DesiredState, NodeInfo},
 };
 use proxy_agent_tests::{
@@ -467,7 +471,8 @@ fn main() {
     let node = cluster.add_node("node1", 1);
     let bpffs = cluster.bpffs_dir("node1");
     std::fs::create_dir_all(&bpffs).expect("bpffs dir");
-    let mut ebpf = EbpfDataplane::start(&bpffs, &node.cgroup, None, 16381).expect("eBPF dataplane");
+    let mut ebpf = EbpfDataplane::start(&bpffs, &node.cgroup, None, Sizing::default())
+        .expect("eBPF dataplane");
     let full: Vec<Value> = cfg
         .scales
         .iter()

@@ -1,7 +1,7 @@
 //! Runs inside a simulated pod: `serve` answers every TCP connection and UDP datagram
 //! with the pod's name and the peer address it saw (and `echo:PORT` echoes lines on a
 //! connection kept open); `request` is the client, printing one line per attempt;
-//! `hold` keeps one connection busy; `http-get` reads the agent's health endpoint.
+//! `hold` keeps one connection busy; `http-get` reads the agent's health endpoint, `http` sends it any method.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -11,7 +11,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod udp-hold IP:PORT MILLISECONDS\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS\n       testpod first-from IP:PORT NAME MILLISECONDS"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod http METHOD IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod udp-hold IP:PORT MILLISECONDS\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS\n       testpod first-from IP:PORT NAME MILLISECONDS"
     );
     std::process::exit(2)
 }
@@ -60,7 +60,8 @@ fn main() {
             let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
             udp_hold(to, Duration::from_millis(millis));
         }
-        Some("http-get") if args.len() == 3 => http_get(&args[1], &args[2]),
+        Some("http-get") if args.len() == 3 => http("GET", &args[1], &args[2]),
+        Some("http") if args.len() == 4 => http(&args[1], &args[2], &args[3]),
         Some("hold") if args.len() == 3 => {
             let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
             let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
@@ -378,13 +379,14 @@ fn udp_hold(to: SocketAddr, duration: Duration) {
     }
 }
 
-fn http_get(addr: &str, path: &str) {
+fn http(method: &str, addr: &str, path: &str) {
     let Ok(mut stream) = TcpStream::connect(addr) else {
         println!("000");
         return;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
+    let _ =
+        stream.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes());
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
     let status = response.split_whitespace().nth(1).unwrap_or("000");

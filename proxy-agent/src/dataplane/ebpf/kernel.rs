@@ -17,6 +17,7 @@ use super::{
     store::{BackendValue, MapContents, MapStore, RevNatValue, SlotKey, SourceRange},
     EbpfError,
 };
+use crate::fault::{self, Point};
 
 /// The LB maps of one family.
 pub struct FamilyMaps<K, B, R> {
@@ -53,6 +54,8 @@ struct Pending {
     revnat6: Buffered<u32, RevNat6>,
     /// Puts waiting in all buffers.
     count: usize,
+    /// A put among them the kernel is to refuse (an injected fault, `fault.rs`).
+    faulted: bool,
 }
 
 /// Puts waiting before they are written (a bound on the buffers' memory: 16 384 puts are
@@ -74,6 +77,13 @@ impl LbMaps {
     /// Writes `p` in dependency order, emptying it.
     fn write(&mut self, p: &mut Pending) -> Result<(), aya::maps::MapError> {
         p.count = 0;
+        if std::mem::take(&mut p.faulted) {
+            *p = Pending::default();
+            return Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error: fault::injected(Point::BpfMap),
+            }));
+        }
         p.revnat4
             .flush(&mut self.v4.revnat)
             .and_then(|()| p.revnat6.flush(&mut self.v6.revnat))
@@ -269,6 +279,9 @@ impl MapStore for KernelMaps {
         }
     }
     fn put_service(&mut self, key: &SlotKey, value: &ServiceValue) -> Result<(), EbpfError> {
+        if fault::fails_for(Point::BpfMap, key.ip()) {
+            self.pending.faulted = true;
+        }
         match key {
             SlotKey::V4(k) => self.stage()?.services4.push(*k, *value),
             SlotKey::V6(k) => self.stage()?.services6.push(*k, *value),

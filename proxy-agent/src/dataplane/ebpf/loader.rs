@@ -14,7 +14,7 @@ use aya::{
 use proxy_common::{LAYOUT_VERSION, MAP_LAYOUT};
 use tracing::{debug, info, warn};
 
-use super::{kernel::KernelMaps, EbpfError};
+use super::{kernel::KernelMaps, EbpfError, Sizing};
 
 /// The object `cargo xtask build` compiled, embedded at build time.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
@@ -71,13 +71,36 @@ fn pinned_layout(bpffs: &Path) -> Option<u32> {
     stamp.get(&0, 0).ok()
 }
 
-/// Unpins the maps of another layout (or of one from before layouts were stamped), so
-/// that the object makes them anew instead of reading their bytes as other fields. The
+/// The service, backend and reverse-NAT maps' entries for `sizing`, by map name.
+fn lb_map_sizes(sizing: Sizing) -> [(&'static str, u32); 6] {
+    [
+        (proxy_common::MAP_SERVICES4, sizing.lb_map_max),
+        (proxy_common::MAP_SERVICES6, sizing.lb_map_max),
+        (proxy_common::MAP_BACKENDS4, sizing.backends()),
+        (proxy_common::MAP_BACKENDS6, sizing.backends()),
+        (proxy_common::MAP_REVNAT4, sizing.revnat()),
+        (proxy_common::MAP_REVNAT6, sizing.revnat()),
+    ]
+}
+
+/// A pinned LB map whose size is not `sizing`'s, with the size it has.
+fn resized_map(bpffs: &Path, sizing: Sizing) -> Option<(&'static str, u32)> {
+    lb_map_sizes(sizing).into_iter().find_map(|(name, wanted)| {
+        let data = MapData::from_pin(bpffs.join(name)).ok()?;
+        let held = data.info().ok()?.max_entries();
+        (held != wanted).then_some((name, held))
+    })
+}
+
+/// Unpins the maps of another layout (or of one from before layouts were stamped), or
+/// of another `--bpf-lb-map-max`, so that the object makes them anew instead of
+/// reading their bytes as other fields or its ids running past their end. The
 /// previous agent's programs keep their maps until their links are swapped. Returns
 /// how many were unpinned.
-fn retire_other_layout(bpffs: &Path) -> Result<usize, EbpfError> {
+fn retire_other_layout(bpffs: &Path, sizing: Sizing) -> Result<usize, EbpfError> {
     let found = pinned_layout(bpffs);
-    if found == Some(LAYOUT_VERSION) {
+    let resized = resized_map(bpffs, sizing);
+    if found == Some(LAYOUT_VERSION) && resized.is_none() {
         return Ok(0);
     }
     let mut retired = 0;
@@ -93,8 +116,9 @@ fn retire_other_layout(bpffs: &Path) -> Result<usize, EbpfError> {
         warn!(
             found = found.map_or_else(|| "none".to_owned(), |v| v.to_string()),
             layout = LAYOUT_VERSION,
+            resized = resized.map(|(name, held)| format!("{name} holds {held}")),
             maps = retired,
-            "the pinned eBPF maps have another layout: made anew (flows in progress on the per-packet path choose their backend again)"
+            "the pinned eBPF maps have another layout or size: made anew (flows in progress on the per-packet path choose their backend again)"
         );
     }
     Ok(retired)
@@ -118,7 +142,11 @@ pub fn links_dir(bpffs: &Path) -> PathBuf {
 
 /// Loads, pins and attaches the socket programs; returns the maps to write and the
 /// object, whose per-packet programs `nodeport.rs` attaches.
-pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<(KernelMaps, Ebpf), EbpfError> {
+pub fn load(
+    bpffs: &Path,
+    cgroup_root: &Path,
+    sizing: Sizing,
+) -> Result<(KernelMaps, Ebpf), EbpfError> {
     if OBJECT.is_empty() {
         return Err(EbpfError::NoObject);
     }
@@ -132,10 +160,13 @@ pub fn load(bpffs: &Path, cgroup_root: &Path) -> Result<(KernelMaps, Ebpf), Ebpf
     ) {
         tracing::warn!(%error, "cannot raise the memlock rlimit; going on");
     }
-    retire_other_layout(bpffs)?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(bpffs)
-        .load(OBJECT)?;
+    retire_other_layout(bpffs, sizing)?;
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(bpffs);
+    for (name, entries) in lb_map_sizes(sizing) {
+        loader.map_max_entries(name, entries);
+    }
+    let mut ebpf = loader.load(OBJECT)?;
     stamp_layout(&mut ebpf)?;
     let cgroup =
         fs::File::open(cgroup_root).map_err(|e| EbpfError::Io(cgroup_root.to_owned(), e))?;

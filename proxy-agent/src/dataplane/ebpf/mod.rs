@@ -58,6 +58,43 @@ pub enum EbpfError {
     Netfilter(String),
 }
 
+/// How large the eBPF dataplane's maps and tables are.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizing {
+    /// Entries of each Maglev table (a prime).
+    pub maglev_table_size: u32,
+    /// Entries of each family's service map (`--bpf-lb-map-max`): a slot per frontend
+    /// and one per backend of it. The backend maps hold half as many, and the
+    /// reverse-NAT maps a quarter (one id per frontend).
+    pub lb_map_max: u32,
+}
+
+impl Default for Sizing {
+    fn default() -> Self {
+        Self {
+            maglev_table_size: maglev::DEFAULT_SIZE,
+            lb_map_max: proxy_common::MAX_SERVICE_ENTRIES,
+        }
+    }
+}
+
+impl Sizing {
+    /// The smallest `--bpf-lb-map-max`: room for a frontend or so in every map.
+    pub const MIN_LB_MAP: u32 = 16;
+
+    /// Entries of each family's backend map.
+    #[must_use]
+    pub fn backends(&self) -> u32 {
+        self.lb_map_max / 2
+    }
+
+    /// Entries of each family's reverse-NAT map.
+    #[must_use]
+    pub fn revnat(&self) -> u32 {
+        self.lb_map_max / 4
+    }
+}
+
 impl EbpfError {
     /// A short, stable name for metrics.
     #[must_use]
@@ -90,10 +127,10 @@ impl EbpfDataplane {
         bpffs: &Path,
         cgroup_root: &Path,
         cluster_cidrs: Option<&[IpNet]>,
-        maglev_size: u32,
+        sizing: Sizing,
     ) -> Result<Self, EbpfError> {
-        let (maps, ebpf) = loader::load(bpffs, cgroup_root)?;
-        let writer = MapWriter::restore_with(maps, maglev_size)?;
+        let (maps, ebpf) = loader::load(bpffs, cgroup_root, sizing)?;
+        let writer = MapWriter::restore_with(maps, sizing)?;
         // What the maps hold, read once: it fills the drop sets here and is the first
         // sync's `programmed()`.
         let restored = cluster_cidrs.map(|_| writer.programmed());
@@ -136,9 +173,11 @@ impl super::Dataplane for EbpfDataplane {
     ) -> Result<super::Applied, super::DataplaneError> {
         // Node addresses come and go with interfaces; each sync follows them. A failure
         // there leaves the programs where they are and does not hold up the maps.
+        let mut unfollowed = None;
         if let Some(packets) = &mut self.packets {
             if let Err(error) = packets.refresh() {
                 tracing::warn!(%error, "cannot follow the node's interfaces; per-packet programs left as they are");
+                unfollowed = Some(error.reason());
             }
         }
         // Once the maps change, what start read no longer stands.
@@ -158,6 +197,10 @@ impl super::Dataplane for EbpfDataplane {
         let mut written = self.writer.apply(plan)?;
         if let Some(packets) = &mut self.packets {
             unloaded.extend(packets.load_steps(&[], &steps.removed));
+        }
+        // Counted, not retried: the next address change or sync follows them again.
+        if let Some(reason) = unfollowed {
+            *written.reasons.entry(reason).or_default() += 1;
         }
         if !unloaded.is_empty() {
             *written.reasons.entry("netfilter").or_default() += unloaded.len();

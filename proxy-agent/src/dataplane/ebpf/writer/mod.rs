@@ -10,7 +10,7 @@ use std::{
     sync::{Arc, PoisonError},
 };
 
-use proxy_common::{ServiceValue, MAX_BACKENDS, MAX_REVNAT, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY};
+use proxy_common::{ServiceValue, SCOPE_EXTERNAL, SERVICE_FLAG_AFFINITY};
 
 use super::{
     dense::IdTable,
@@ -18,7 +18,7 @@ use super::{
     index::{Index, SharedIndex},
     maglev,
     store::{BackendValue, MapStore, RevNatValue, SlotKey, SourceRange},
-    EbpfError,
+    EbpfError, Sizing,
 };
 use crate::model::{Backend, DesiredState, Frontend, FrontendKey, Plan, Protocol};
 
@@ -163,27 +163,28 @@ impl<S: MapStore> MapWriter<S> {
     /// Takes over whatever the store already holds (a previous agent's state), with
     /// Maglev tables of the default size.
     pub fn restore(store: S) -> Result<Self, EbpfError> {
-        Self::restore_with(store, maglev::DEFAULT_SIZE)
+        Self::restore_with(store, Sizing::default())
     }
 
-    /// [`Self::restore`] with Maglev tables of `maglev_size` entries (a prime); tables
-    /// of another size are rebuilt as their frontends are next written.
-    pub fn restore_with(store: S, maglev_size: u32) -> Result<Self, EbpfError> {
+    /// [`Self::restore`] with ids for maps of `sizing`, and Maglev tables of its size
+    /// (tables of another size are rebuilt as their frontends are next written).
+    pub fn restore_with(store: S, sizing: Sizing) -> Result<Self, EbpfError> {
         let contents = store.read_all()?;
         let mut writer = Self {
             store,
             frontends: BTreeMap::new(),
             backend_ids: lookup::BackendLookup::default(),
             backends: IdTable::default(),
-            backend_alloc: IdAllocator::new(MAX_BACKENDS),
-            revnat_alloc: IdAllocator::new(MAX_REVNAT - 1),
+            backend_alloc: IdAllocator::new(sizing.backends()),
+            // Index 0 means none.
+            revnat_alloc: IdAllocator::new(sizing.revnat() - 1),
             writes: 0,
             index: Arc::default(),
             freed_revnat: Vec::new(),
             freed_backends: Vec::new(),
             new_frontends: Vec::new(),
             new_backends: Vec::new(),
-            maglev: maglev::Tables::new(maglev_size),
+            maglev: maglev::Tables::new(sizing.maglev_table_size),
             isolate: false,
             left_behind: 0,
         };
@@ -291,7 +292,7 @@ impl<S: MapStore> MapWriter<S> {
             .map(|(key, programmed)| {
                 if programmed.unsure.is_some() {
                     // Matches no desired frontend: the next plan writes or removes it.
-                    return (*key, Frontend::backends_only(vec![UNSURE]));
+                    return (*key, Frontend::unknown());
                 }
                 let backends = programmed
                     .pod
@@ -522,12 +523,6 @@ impl<S: MapStore> MapWriter<S> {
         }
     }
 }
-
-/// The backend an unsure frontend reads back as: no desired frontend has it.
-const UNSURE: Backend = Backend {
-    ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-    port: 0,
-};
 
 /// The backend a map value names (its protocol aside).
 fn backend_of(value: &BackendValue) -> Backend {
