@@ -2,7 +2,9 @@
 //! syncs, again and again, while a pod keeps connecting to a Service. The node keeps
 //! serving through it (the kernel state outlives the agent), and the agent that finally
 //! stays up holds exactly what a clean start holds: no stale and no missing entries.
-//! And manifests replaced the way editors, shells and kubelet replace them, under traffic.
+//! And manifests replaced the way editors, shells and kubelet replace them, under traffic;
+//! and a node interface removed and plugged in again: its NodePorts come back while the
+//! node's other address keeps serving.
 use std::{
     io::Write as _,
     os::unix::fs::symlink,
@@ -13,8 +15,12 @@ use std::{
 
 use proxy_agent_tests::{
     agent::testpod_bin,
+    cluster::{sh, sh_in, Cluster},
     manifests, scale,
-    scenarios::{assert_served, setup_on, Bed, ECHO_IP},
+    scenarios::{
+        assert_served, client_report, setup_on, setup_with, Bed, ECHO_IP, POD_PORTS, SVC_PORTS,
+        WEB_A_AND_B,
+    },
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -139,4 +145,104 @@ fn manifests_replaced_in_place_keep_serving_with_ebpf() {
 #[test]
 fn manifests_replaced_in_place_keep_serving_with_nftables() {
     manifests_replaced_in_place("nftables");
+}
+
+/// A second interface of node1 on the LAN (`eth1`, 10.101.0.21/24: a subnet of its own,
+/// so no route of the node's first address goes through it), as a NIC plugged in.
+fn plug(cluster: &Cluster) {
+    let node = cluster.node("node1").netns.clone();
+    let lan = cluster.lan_netns();
+    // The same hardware address each time, as the same NIC plugged in again: the LAN's
+    // neighbour caches stay right.
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        "eth1",
+        "address",
+        "02:00:0a:65:00:15",
+        "netns",
+        &node,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "n1b",
+        "netns",
+        &lan,
+    ]);
+    sh_in(&lan, &["ip", "link", "set", "n1b", "master", "br0", "up"]);
+    sh_in(
+        &node,
+        &["ip", "addr", "add", "10.101.0.21/24", "dev", "eth1"],
+    );
+    sh_in(&node, &["ip", "link", "set", "eth1", "up"]);
+}
+
+/// Polls a NodePort connection from the LAN's 10.101.0.254 to `to` until one succeeds.
+fn served_within(cluster: &Cluster, to: &str, limit: Duration) -> Duration {
+    let testpod = testpod_bin().display().to_string();
+    let started = std::time::Instant::now();
+    loop {
+        let out = cluster.run_in_lan(&[&testpod, "probe", "tcp", "10.101.0.254", to, "1", "300"]);
+        if out.starts_with("ok ") {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{to} not served after {limit:?}: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_interface_removed_and_plugged_in_again_serves_its_nodeports_again_with_ebpf() {
+    let bed = setup_with(
+        "ifce",
+        &proxy_agent_tests::agent::agent_bin(),
+        &["--dataplane", "ebpf", "--cluster-cidr", "10.244.0.0/16"],
+    );
+    let service = manifests::service("edge", "10.96.0.70", &SVC_PORTS[..1])
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace("targetPort: http}", "targetPort: http, nodePort: 30080}")
+        + "---\n"
+        + &manifests::slice("edge-abc", "edge", &POD_PORTS[..1], &WEB_A_AND_B);
+    manifests::write(&bed.dir, "edge.yaml", &service);
+    let cluster = &bed.cluster;
+    // Only the interface holding an address answers ARP for it, so eth1's traffic
+    // arrives on eth1, through the programs attached there.
+    sh_in(
+        &cluster.node("node1").netns,
+        &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"],
+    );
+    cluster.run_in_lan(&["ip", "addr", "add", "10.101.0.254/24", "dev", "br0"]);
+    plug(cluster);
+    let first = served_within(cluster, "10.101.0.21:30080", Duration::from_secs(5));
+    // The node's first address serves throughout.
+    let testpod = testpod_bin().display().to_string();
+    let traffic = cluster
+        .command_in_lan(&[&testpod, "request-for", "tcp", "10.100.0.1:30080", "2500"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the client");
+    std::thread::sleep(Duration::from_millis(300));
+    sh_in(&cluster.node("node1").netns, &["ip", "link", "del", "eth1"]);
+    std::thread::sleep(Duration::from_millis(500));
+    plug(cluster);
+    let again = served_within(cluster, "10.101.0.21:30080", Duration::from_secs(5));
+    let report = client_report(traffic);
+    println!(
+        "plugged: served after {first:?}; removed and plugged again: served after {again:?}; the node's first address meanwhile: {report}"
+    );
+    let log = bed.agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("per-packet load balancing detached") && l.contains("eth1")),
+        "eth1's programs were not detached when it went"
+    );
+    assert_served(
+        &report,
+        "to the node's first address while eth1 went and came back",
+    );
 }
