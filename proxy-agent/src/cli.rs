@@ -211,7 +211,7 @@ pub struct RunArgs {
     pub maglev_table_size: u32,
     /// Entries of the eBPF service map of each family (Cilium's `--bpf-lb-map-max`): a
     /// slot for each frontend and one for each of its backends. The backend maps hold
-    /// half as many, the reverse-NAT maps (one per frontend) a quarter. Changing it
+    /// half as many, and so do the reverse-NAT maps (one per frontend). Changing it
     /// makes the pinned maps anew at the next start.
     #[arg(long, default_value_t = proxy_common::MAX_SERVICE_ENTRIES, value_parser = parse_lb_map_max)]
     pub bpf_lb_map_max: u32,

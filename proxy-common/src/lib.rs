@@ -13,12 +13,13 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
 
-/// Capacity of the pinned maps. Hash maps are created without preallocation, so an
-/// idle agent pays only for the entries it writes.
+/// Capacity of the pinned maps. Hash maps are created without preallocation: they cost
+/// the entries written, plus a 16-byte bucket per entry of capacity from the start
+/// (the LB maps' defaults: 64 MiB across both families; `--bpf-lb-map-max` sizes them).
 pub const MAX_SERVICE_ENTRIES: u32 = 1 << 20;
 pub const MAX_BACKENDS: u32 = 1 << 19;
 /// Frontends with a reverse-NAT index (the index is a `u32`; the map bounds it).
-pub const MAX_REVNAT: u32 = 1 << 18;
+pub const MAX_REVNAT: u32 = 1 << 19;
 pub const MAX_SOCK_REVNAT: u32 = 1 << 17;
 
 /// `BPF_F_NO_PREALLOC`.

@@ -13,7 +13,7 @@ use std::{
 
 use proxy_agent_tests::{
     agent::{agent_bin, faults_agent_bin, sample_sum, testpod_bin},
-    manifests, scale,
+    manifests,
     scenarios::{
         assert_served, client_report, setup_with, Bed, ECHO_IP, POD_PORTS, SVC_PORTS, WEB_A_AND_B,
     },
@@ -277,14 +277,26 @@ fn sharing(services: usize, endpoints: usize) -> String {
     out
 }
 
+/// `services` Services at 10.98.0.1 and on with no endpoints: a frontend and a slot each.
+fn bare(services: usize) -> String {
+    let mut out = String::new();
+    for i in 1..=services {
+        let _ = write!(
+            out,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: b{i}, namespace: default}}\nspec: {{clusterIP: 10.98.0.{i}, clusterIPs: [10.98.0.{i}], ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n"
+        );
+    }
+    out
+}
+
 /// Frontends with their backends' slots, past the end of a small service map: the ones
 /// that fit are written, the rest skipped with `bpf_map` and retried, echo serving
 /// throughout; with a wide Service gone, the next fits. Then more frontends than
 /// reverse-NAT ids: skipped with `ids_exhausted` until ids are freed.
 #[test]
 fn full_maps_and_exhausted_ids_skip_only_what_does_not_fit_with_ebpf() {
-    // 64 slots a family, 16 reverse-NAT entries (15 ids): echo's two ports take 6
-    // slots and 2 ids, empty 1 and 1.
+    // 64 slots a family, 32 backend ids, 32 reverse-NAT entries (31 ids): echo's two
+    // ports take 6 slots and 2 ids, empty 1 and 1.
     let bed = setup_with(
         "fullm",
         &agent_bin(),
@@ -332,25 +344,20 @@ fn full_maps_and_exhausted_ids_skip_only_what_does_not_fit_with_ebpf() {
     until(&bed, Duration::from_secs(15), "the rest fits", || {
         healthz_body(&bed).contains("\"failedFrontends\":0")
     });
-    // 16 one-endpoint Services: 2 slots each fit, 12 ids do not.
+    // 32 Services without endpoints: their 32 slots fit, 28 free ids do not.
     manifests::write(&bed.dir, "wide.yaml", "");
-    let narrow = scale::manifests(16, 1).replace("10.96.", "10.98.");
-    manifests::write(&bed.dir, "narrow.yaml", &narrow);
+    manifests::write(&bed.dir, "bare.yaml", &bare(32));
     until(&bed, Duration::from_secs(10), "ids exhausted", || {
         healthz_body(&bed).contains("skipped (ids_exhausted")
     });
     let ids_health = healthz_body(&bed);
-    manifests::write(
-        &bed.dir,
-        "narrow.yaml",
-        &scale::manifests(12, 1).replace("10.96.", "10.98."),
-    );
+    manifests::write(&bed.dir, "bare.yaml", &bare(28));
     until(&bed, Duration::from_secs(15), "ids freed", || {
         healthz_body(&bed).contains("\"failedFrontends\":0")
     });
     let report = client_report(traffic);
     println!(
-        "service map of 64 slots: {fit} of 8 wide Services fit ({full_health}); 16 narrow Services over 12 free ids ({ids_health}); echo meanwhile: {report}"
+        "service map of 64 slots: {fit} of 8 wide Services fit ({full_health}); 32 Services over 28 free ids ({ids_health}); echo meanwhile: {report}"
     );
     assert!((3..8).contains(&fit), "{fit} wide Services programmed");
     assert!(full_health.contains("bpf_map"), "{full_health}");

@@ -8,7 +8,7 @@ use proxy_common::{MaglevTable, ServiceValue};
 use super::{
     store::{BackendValue, MapContents, MapStore, RevNatValue, SlotKey, SourceRange},
     tests::{key, state, CheckedStore},
-    EbpfError, MapWriter,
+    EbpfError, MapWriter, Sizing,
 };
 use crate::model::{diff, DesiredState, Protocol};
 
@@ -218,10 +218,14 @@ fn a_removal_that_fails_keeps_the_frontend_whole_until_it_succeeds() {
 
 #[test]
 fn running_out_of_ids_skips_the_frontends_that_need_new_ones() {
-    // Unchecked maps: the checks after every write would make this quadratic.
-    let mut writer = MapWriter::restore(MapContents::default()).unwrap();
+    // Maps of 64 slots: 31 reverse-NAT ids (index 0 is none).
+    let sizing = Sizing {
+        lb_map_max: 64,
+        ..Sizing::default()
+    };
+    let mut writer = MapWriter::restore_with(MapContents::default(), sizing).unwrap();
     // More frontends than reverse-NAT ids.
-    let limit = usize::try_from(proxy_common::MAX_REVNAT - 1).unwrap();
+    let limit = usize::try_from(sizing.revnat() - 1).unwrap();
     let mut desired = DesiredState::default();
     for i in 0..=limit {
         let octets = u32::try_from(i).unwrap().to_be_bytes();

@@ -65,7 +65,8 @@ pub struct Sizing {
     pub maglev_table_size: u32,
     /// Entries of each family's service map (`--bpf-lb-map-max`): a slot per frontend
     /// and one per backend of it. The backend maps hold half as many, and the
-    /// reverse-NAT maps a quarter (one id per frontend).
+    /// reverse-NAT maps as many (one id per frontend: 524 287 by default, for 100 000
+    /// Services each a ClusterIP and a NodePort on 3 node addresses).
     pub lb_map_max: u32,
 }
 
@@ -91,7 +92,7 @@ impl Sizing {
     /// Entries of each family's reverse-NAT map.
     #[must_use]
     pub fn revnat(&self) -> u32 {
-        self.lb_map_max / 4
+        self.lb_map_max / 2
     }
 }
 
