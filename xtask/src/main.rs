@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <command>\n\n  build   install missing tools, build the eBPF object, target/release/proxy-agent and proxy-agent-faults (fault hooks)\n  test    build, then fmt check, clippy (host and eBPF crates), unit, golden and end-to-end tests\n  demo    build, bring up a simulated cluster from examples/demo and send requests to a ClusterIP\n  bless   rewrite the golden files from the current model\n  bench   build, then measure programming cost against kube-proxy's iptables mode [--quick]\n  clippy  clippy with -D warnings on the host crates and the eBPF crate"
+        "usage: cargo xtask <command>\n\n  build   install missing tools, build the eBPF object, target/release/proxy-agent and proxy-agent-faults (fault hooks)\n  test    build, then fmt check, clippy (host and eBPF crates), unit, golden and end-to-end tests\n  demo    build, bring up a simulated cluster from examples/demo and send requests to a ClusterIP\n  bless   rewrite the golden files from the current model\n  bench   build, then measure programming cost against kube-proxy's iptables mode [--quick]\n  clippy  clippy with -D warnings on the host crates, the eBPF crate and the fuzz targets"
     );
     std::process::exit(2)
 }
@@ -120,7 +120,18 @@ fn clippy() -> Result<()> {
     run(&mut toolchain::ebpf_cargo(
         &["clippy", "--release"],
         &["--", "-D", "warnings"],
-    ))
+    ))?;
+    // The cargo-fuzz targets build with stable too (unfuzzed): kept compiling and clean.
+    run(cargo()
+        .args([
+            "clippy",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+            "--target-dir",
+        ])
+        .arg(root().join("target"))
+        .args(["--", "-D", "warnings"])
+        .env("PROXY_EBPF_OBJECT", ebpf_object()))
 }
 
 /// Everything CI checks; returns the test totals line.
@@ -128,6 +139,7 @@ fn test() -> Result<String> {
     build()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["fmt", "--check", "--manifest-path", "proxy-ebpf/Cargo.toml"]))?;
+    run(cargo().args(["fmt", "--check", "--manifest-path", "fuzz/Cargo.toml"]))?;
     clippy()?;
     let (passed, failed) = run_tests(
         cargo()
