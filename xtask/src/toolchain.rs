@@ -37,6 +37,8 @@ const PACKAGES: &[&str] = &[
     "libfontconfig-dev",
     "libfreetype-dev",
     "fonts-dejavu-core",
+    // libFuzzer, which the fuzz targets link (built from C++ by libfuzzer-sys).
+    "g++",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";
