@@ -54,7 +54,7 @@ pub enum DataplaneKind {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch the cluster and program this node's dataplane.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print what would be programmed for a node, without touching the kernel.
     Render(RenderArgs),
     /// Remove everything the agent installs.
@@ -188,6 +188,10 @@ impl NodeArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// kube-proxy's configuration file (a `KubeProxyConfiguration`, as in the
+    /// `kube-system/kube-proxy` ConfigMap): its fields fill the flags not given here.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// The node this agent serves.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,

@@ -7,6 +7,7 @@
 pub mod background;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod dataplane;
 pub mod debug;
 pub mod dns;

@@ -1,7 +1,7 @@
 //! Entry point: parse the command line, set up logging, run the subcommand.
 use std::io::IsTerminal;
 
-use clap::Parser;
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
 use proxy_agent::{
     cli::{Cli, Command, LogFormat},
     commands,
@@ -46,13 +46,33 @@ fn tune_allocator() {
     }
 }
 
+/// Fills the `run` flags the command line (or the environment) left unset from
+/// `--config`, naming what the file sets that the agent does not act on.
+fn apply_config(cli: &mut Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let (Command::Run(args), Some(run)) = (&mut cli.command, matches.subcommand_matches("run"))
+    else {
+        return Ok(());
+    };
+    let Some(path) = args.config.clone() else {
+        return Ok(());
+    };
+    let settings = proxy_agent::config::load(&path)?;
+    settings.apply(args, |id| {
+        run.value_source(id)
+            .is_some_and(|source| source != ValueSource::DefaultValue)
+    });
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(&cli);
+    apply_config(&mut cli, &matches)?;
     match cli.command {
         Command::Run(args) => {
             tune_allocator();
-            run(args)
+            run(*args)
         }
         Command::Render(args) => commands::render(&args),
         Command::Cleanup(args) => commands::cleanup(&args),

@@ -1,11 +1,44 @@
 //! The echo scenario's Service and EndpointSlice as the fake API server holds them, and
 //! which pods answer echo now: for the tests that run the agent against the API.
+use std::path::PathBuf;
+
 use serde_json::{json, Value};
 
 use crate::{
     cluster::Cluster,
+    fake_api::{FakeApi, ENDPOINT_SLICES, NODES, SERVICES},
     scenarios::{requests, ECHO_IP},
 };
+
+/// The fake API server, served from the LAN namespace, and what keeps it running.
+pub struct Served {
+    pub api: FakeApi,
+    /// A kubeconfig for it, in the cluster's scratch directory.
+    pub kubeconfig: PathBuf,
+    pub runtime: tokio::runtime::Runtime,
+}
+
+/// The fake API server holding echo (web-a and web-b ready) and node1, with a
+/// kubeconfig for it at `kubeconfig_name` in the scratch directory.
+#[must_use]
+pub fn serve(cluster: &Cluster, kubeconfig_name: &str) -> Served {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let listener = cluster.listen_on_lan("10.100.0.254:0");
+    let api = runtime.block_on(async { FakeApi::start_on(listener) });
+    api.upsert(SERVICES, service());
+    api.upsert(ENDPOINT_SLICES, slice(&["10.244.1.2", "10.244.2.2"]));
+    api.upsert(
+        NODES,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}}),
+    );
+    let kubeconfig = cluster.scratch().join(kubeconfig_name);
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    Served {
+        api,
+        kubeconfig,
+        runtime,
+    }
+}
 
 /// echo's Service: TCP 80 to the pods' `http` port.
 #[must_use]

@@ -4,26 +4,19 @@ use std::time::{Duration, Instant};
 
 use proxy_agent_tests::{
     agent::Agent,
-    api_echo::{answered, service as echo_service, slice as echo_slice},
-    fake_api::{FakeApi, ENDPOINT_SLICES, NODES, SERVICES},
+    api_echo::{answered, serve, slice as echo_slice, Served},
+    fake_api::ENDPOINT_SLICES,
     scenarios,
 };
-use serde_json::json;
 
 #[test]
 fn the_agent_follows_the_api_server() {
     let mut cluster = scenarios::echo_cluster("kube");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = cluster.listen_on_lan("10.100.0.254:0");
-    let api = runtime.block_on(async { FakeApi::start_on(listener) });
-    api.upsert(SERVICES, echo_service());
-    api.upsert(ENDPOINT_SLICES, echo_slice(&["10.244.1.2", "10.244.2.2"]));
-    api.upsert(
-        NODES,
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}}),
-    );
-    let kubeconfig = cluster.scratch().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let Served {
+        api,
+        kubeconfig,
+        runtime,
+    } = serve(&cluster, "kubeconfig");
     let agent = Agent::start_with(
         &mut cluster,
         "node1",

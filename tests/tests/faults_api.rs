@@ -9,8 +9,8 @@ use std::{
 
 use proxy_agent_tests::{
     agent::{testpod_bin, Agent},
-    api_echo::{answered, service as echo_service, slice as echo_slice},
-    fake_api::{FakeApi, ENDPOINT_SLICES, NODES, SERVICES},
+    api_echo::{answered, serve, service as echo_service, slice as echo_slice, Served},
+    fake_api::{ENDPOINT_SLICES, SERVICES},
     scenarios::{self, assert_served, ECHO_IP},
 };
 use serde_json::json;
@@ -25,17 +25,11 @@ fn outage() -> Duration {
 
 fn api_faults_under_traffic(dataplane: &str) {
     let mut cluster = scenarios::echo_cluster(&format!("apif{}", &dataplane[..1]));
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let listener = cluster.listen_on_lan("10.100.0.254:0");
-    let api = runtime.block_on(async { FakeApi::start_on(listener) });
-    api.upsert(SERVICES, echo_service());
-    api.upsert(ENDPOINT_SLICES, echo_slice(&["10.244.1.2", "10.244.2.2"]));
-    api.upsert(
-        NODES,
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}}),
-    );
-    let kubeconfig = cluster.scratch().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+    let Served {
+        api,
+        kubeconfig,
+        runtime,
+    } = serve(&cluster, "kubeconfig");
     let args = [
         "--kubeconfig".to_owned(),
         kubeconfig.display().to_string(),

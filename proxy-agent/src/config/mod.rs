@@ -1,0 +1,245 @@
+//! kube-proxy's configuration file (`run --config`): a `KubeProxyConfiguration` as
+//! kubeadm writes it into the `kube-system/kube-proxy` config map. The fields that apply
+//! fill the `run` flags the command line left unset (flags win, as in kube-proxy); the
+//! others are named once at start; a file that cannot be read is an error before
+//! anything runs.
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::cli::RunArgs;
+
+const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
+const KIND: &str = "KubeProxyConfiguration";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(String, #[source] std::io::Error),
+    #[error("{0} is not a KubeProxyConfiguration: {1}")]
+    Parse(String, String),
+    #[error("{0}: field {1}: {2}")]
+    Field(String, &'static str, String),
+}
+
+/// The part of `KubeProxyConfiguration` the agent reads; anything else is kept by name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct KubeProxyConfiguration {
+    api_version: String,
+    kind: String,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: String,
+    node_port_addresses: Option<Vec<String>>,
+    healthz_bind_address: String,
+    metrics_bind_address: String,
+    hostname_override: String,
+    mode: String,
+    client_connection: ClientConnection,
+    iptables: SyncSettings,
+    nftables: SyncSettings,
+    #[serde(flatten)]
+    others: BTreeMap<String, serde_yaml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct ClientConnection {
+    kubeconfig: String,
+    #[serde(flatten)]
+    others: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// The `iptables` and `nftables` sections: the sync periods of kube-proxy's mode.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct SyncSettings {
+    min_sync_period: Option<String>,
+    #[serde(flatten)]
+    others: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// What the file says for the flags it can set; `None` where it says nothing.
+#[derive(Debug, Default, PartialEq)]
+pub struct FileSettings {
+    pub cluster_cidr: Option<Vec<IpNet>>,
+    pub nodeport_addresses: Option<Vec<IpNet>>,
+    pub healthz_bind_address: Option<SocketAddr>,
+    pub metrics_bind_address: Option<SocketAddr>,
+    pub hostname_override: Option<String>,
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub min_sync_period: Option<Duration>,
+    /// Fields set in the file that the agent does not act on, by their path.
+    pub ignored: Vec<String>,
+}
+
+/// Reads and checks `path`.
+///
+/// # Errors
+/// When the file cannot be read, is not a `KubeProxyConfiguration`, or a field the
+/// agent reads holds a value it cannot take.
+pub fn load(path: &Path) -> Result<FileSettings, ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(name.clone(), e))?;
+    parse(&name, &text)
+}
+
+/// [`load`] of a text already read; `name` names it in errors.
+///
+/// # Errors
+/// As [`load`].
+pub fn parse(name: &str, text: &str) -> Result<FileSettings, ConfigError> {
+    let file: KubeProxyConfiguration = serde_yaml::from_str(text)
+        .map_err(|e| ConfigError::Parse(name.to_owned(), e.to_string()))?;
+    if file.api_version != API_VERSION || file.kind != KIND {
+        return Err(ConfigError::Parse(
+            name.to_owned(),
+            format!(
+                "apiVersion {:?} and kind {:?}, not {API_VERSION} {KIND}",
+                file.api_version, file.kind
+            ),
+        ));
+    }
+    let field =
+        |field: &'static str, error: String| ConfigError::Field(name.to_owned(), field, error);
+    let cidrs = |text: &str, field_name: &'static str| {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .map_err(|e| field(field_name, format!("{s}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let address = |text: &str, field_name: &'static str| {
+        (!text.is_empty())
+            .then(|| {
+                text.parse::<SocketAddr>()
+                    .map_err(|e| field(field_name, format!("{text}: {e}")))
+            })
+            .transpose()
+    };
+    // kube-proxy reads the section of the mode it runs in (iptables when unset).
+    let mode_section = if file.mode == "nftables" {
+        &file.nftables
+    } else {
+        &file.iptables
+    };
+    let min_sync_period = mode_section
+        .min_sync_period
+        .as_deref()
+        .map(|text| {
+            humantime::parse_duration(text)
+                .map_err(|e| field("minSyncPeriod", format!("{text}: {e}")))
+        })
+        .transpose()?
+        // kubeadm writes "0s" for "the default".
+        .filter(|period| !period.is_zero());
+    let mode_name = if file.mode == "nftables" {
+        "nftables"
+    } else {
+        "iptables"
+    };
+    let mut ignored = set_fields("", &file.others);
+    ignored.extend(set_fields(
+        "clientConnection.",
+        &file.client_connection.others,
+    ));
+    ignored.extend(set_fields(&format!("{mode_name}."), &mode_section.others));
+    if !file.mode.is_empty() {
+        ignored.push(format!(
+            "mode ({}: the agent's --dataplane chooses)",
+            file.mode
+        ));
+    }
+    ignored.sort();
+    Ok(FileSettings {
+        cluster_cidr: Some(cidrs(&file.cluster_cidr, "clusterCIDR")?).filter(|c| !c.is_empty()),
+        nodeport_addresses: Some(cidrs(
+            &file.node_port_addresses.unwrap_or_default().join(","),
+            "nodePortAddresses",
+        )?)
+        .filter(|c| !c.is_empty()),
+        healthz_bind_address: address(&file.healthz_bind_address, "healthzBindAddress")?,
+        metrics_bind_address: address(&file.metrics_bind_address, "metricsBindAddress")?,
+        hostname_override: Some(file.hostname_override).filter(|h| !h.is_empty()),
+        kubeconfig: Some(file.client_connection.kubeconfig)
+            .filter(|k| !k.is_empty())
+            .map(Into::into),
+        min_sync_period,
+        ignored,
+    })
+}
+
+/// The fields of `others` set to something besides an empty, zero or null value
+/// (kubeadm writes every field, mostly unset), as `prefix` + name.
+fn set_fields(prefix: &str, others: &BTreeMap<String, serde_yaml::Value>) -> Vec<String> {
+    others
+        .iter()
+        .filter(|(_, value)| is_set(value))
+        .map(|(name, _)| format!("{prefix}{name}"))
+        .collect()
+}
+
+fn is_set(value: &serde_yaml::Value) -> bool {
+    use serde_yaml::Value;
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !(s.is_empty() || s == "0" || s == "0s"),
+        Value::Sequence(items) => items.iter().any(is_set),
+        Value::Mapping(map) => map.values().any(is_set),
+        Value::Tagged(tagged) => is_set(&tagged.value),
+    }
+}
+
+impl FileSettings {
+    /// Fills the flags of `args` that `given` (a flag's id) says the command line left
+    /// unset, and names once what the file sets that the agent does not act on.
+    pub fn apply(self, args: &mut RunArgs, given: impl Fn(&str) -> bool) {
+        if !given("cluster_cidr") {
+            if let Some(cidrs) = self.cluster_cidr {
+                args.node.cluster_cidr = cidrs;
+            }
+        }
+        if !given("nodeport_addresses") {
+            if let Some(cidrs) = self.nodeport_addresses {
+                args.node.nodeport_addresses = cidrs;
+            }
+        }
+        if !given("healthz_bind_address") {
+            if let Some(addr) = self.healthz_bind_address {
+                args.healthz_bind_address = addr;
+            }
+        }
+        if !given("metrics_bind_address") {
+            if let Some(addr) = self.metrics_bind_address {
+                args.metrics_bind_address = addr;
+            }
+        }
+        if !given("node_name") && self.hostname_override.is_some() {
+            args.node_name = self.hostname_override;
+        }
+        if !given("kubeconfig") && args.manifests.is_none() && self.kubeconfig.is_some() {
+            args.kubeconfig = self.kubeconfig;
+        }
+        if !given("min_sync_period") {
+            if let Some(period) = self.min_sync_period {
+                args.min_sync_period = period;
+            }
+        }
+        if !self.ignored.is_empty() {
+            tracing::warn!(
+                fields = %self.ignored.join(", "),
+                "kube-proxy configuration fields the agent does not act on"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
