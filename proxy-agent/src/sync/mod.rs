@@ -3,8 +3,8 @@
 //! their frontends only) and apply the plan. A change after a quiet period is programmed
 //! at once; within `--min-sync-period` of the last sync it waits, so a burst coalesces
 //! (kube-proxy's bounded-frequency runner). A failed apply re-reads the kernel and
-//! retries with backoff, or sooner with the next change. Runs on a thread of its own, off the runtime serving DNS,
-//! health and metrics.
+//! retries with backoff, or sooner with the next change. Runs on a thread of its own,
+//! off the runtime serving DNS, health and metrics.
 mod followers;
 
 use std::{
@@ -111,6 +111,7 @@ async fn run(mut inputs: Inputs) {
     };
     let mut retry = RETRY_MIN;
     let mut last_sync: Option<Instant> = None;
+    let mut retry_at: Option<Instant> = None;
     let mut retrying = false;
     loop {
         if !retrying {
@@ -125,22 +126,16 @@ async fn run(mut inputs: Inputs) {
         retrying = false;
         if let Some(snapshot) = update.snapshot {
             last_sync = Some(Instant::now());
-            if sync_once(&mut inputs, &mut state, &snapshot, update.generation).is_err() {
+            if sync_once(&mut inputs, &mut state, &snapshot, update.generation).is_ok() {
+                retry = RETRY_MIN;
+                retry_at = None;
+            } else {
                 // What failed is tried again after the backoff, or with the next change
                 // if that comes first: a key that keeps failing never holds up others'
                 // changes (kube-proxy's retry is a floor, not a gate, the same way).
-                let retry_at = Instant::now() + retry;
+                retry_at = Some(Instant::now() + retry);
                 retry = (retry * 2).min(RETRY_MAX);
-                tokio::select! {
-                    changed = inputs.updates.changed() => if changed.is_err() {
-                        return;
-                    },
-                    Ok(()) = inputs.addresses.changed() => {}
-                    () = tokio::time::sleep_until(retry_at.into()) => retrying = true,
-                }
-                continue;
             }
-            retry = RETRY_MIN;
         }
         let tidy = std::mem::take(&mut state.tidy_later);
         tokio::select! {
@@ -151,6 +146,8 @@ async fn run(mut inputs: Inputs) {
             Ok(()) = inputs.addresses.changed() => {}
             // What the last sync left to remove goes in one more, with or without news.
             () = tokio::time::sleep(TIDY_AFTER), if tidy => {}
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now).into()),
+                if retry_at.is_some() => retrying = true,
         }
     }
 }

@@ -8,7 +8,6 @@ use std::{
 };
 
 use super::NftError;
-use crate::fault::{self, Point};
 
 /// Runs `nft -f -` on `text` in the current network namespace.
 ///
@@ -35,9 +34,7 @@ pub fn load_streamed_in(
     netns: Option<&Path>,
     write: impl FnOnce(&mut dyn fmt::Write) -> fmt::Result,
 ) -> Result<usize, NftError> {
-    if fault::fails(Point::Nft) {
-        return Err(NftError::Rejected(fault::injected(Point::Nft).to_string()));
-    }
+    NftError::fault()?;
     let mut child = nft_in(netns)
         .args(["-f", "-"])
         .stdin(Stdio::piped())

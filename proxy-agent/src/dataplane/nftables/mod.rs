@@ -39,6 +39,16 @@ pub enum NftError {
 }
 
 impl NftError {
+    /// A commit refused as the kernel would refuse it, when a fault is armed
+    /// (`fault.rs`; never in a build without `fault-hooks`).
+    fn fault() -> Result<(), Self> {
+        use crate::fault::{self, Point};
+        if fault::fails(Point::Nft) {
+            return Err(Self::Rejected(fault::injected(Point::Nft).to_string()));
+        }
+        Ok(())
+    }
+
     /// A short, stable name for metrics.
     #[must_use]
     pub fn reason(&self) -> &'static str {

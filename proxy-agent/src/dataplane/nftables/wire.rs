@@ -15,10 +15,7 @@ use std::{
 use netlink_sys::{Socket, SocketAddr};
 
 use super::{ruleset::DISPATCH, table::is_ours, NftError};
-use crate::{
-    fault::{self, Point},
-    netlink::{attr, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST},
-};
+use crate::netlink::{attr, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST};
 
 const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -567,9 +564,7 @@ impl Wire {
     /// # Errors
     /// The kernel's first error, as `nft` would report it.
     pub fn commit(&mut self, batch: &Batch) -> Result<(), NftError> {
-        if fault::fails(Point::Nft) {
-            return Err(NftError::Rejected(fault::injected(Point::Nft).to_string()));
-        }
+        NftError::fault()?;
         let io = |e: std::io::Error| NftError::Spawn(e);
         // Answers to an earlier batch that failed part-way are not ours.
         while self.socket.recv_from_full().is_ok() {}
