@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
-use crate::model::NodeInfo;
+use crate::model::{DetectLocal, NodeInfo};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -138,6 +138,10 @@ pub struct TraceArgs {
     /// Destination as IP:PORT[/tcp|udp|sctp] (IPv6 as [IP]:PORT).
     #[arg(long)]
     pub to: String,
+    /// The interface the packet arrives on, for interface-based `--detect-local-mode`
+    /// (as iptables' `-i`); absent: sent by the node, or not said.
+    #[arg(long)]
+    pub in_interface: Option<String>,
     /// Explain offline from a manifests directory (with `--node-name`) instead of
     /// asking the running agent.
     #[arg(long, requires = "node_name")]
@@ -164,25 +168,128 @@ pub struct KernelPaths {
     pub bpffs: PathBuf,
 }
 
+/// kube-proxy's `--detect-local-mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LocalMode {
+    /// Sources in `--cluster-cidr`.
+    #[default]
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    /// Sources in the Node object's `spec.podCIDRs`, followed as they change.
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+    /// Packets arriving on `--pod-bridge-interface`.
+    #[value(name = "BridgeInterface")]
+    BridgeInterface,
+    /// Packets arriving on interfaces named `--pod-interface-name-prefix`*.
+    #[value(name = "InterfaceNamePrefix")]
+    InterfaceNamePrefix,
+}
+
+impl LocalMode {
+    /// The mode by kube-proxy's name of it (as its configuration file spells it).
+    #[must_use]
+    pub fn from_kube_name(name: &str) -> Option<Self> {
+        <Self as clap::ValueEnum>::from_str(name, false).ok()
+    }
+}
+
+/// One `--nodeport-addresses` item: a CIDR, or `primary` (kube-proxy 1.29+).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodePortAddress {
+    Cidr(IpNet),
+    Primary,
+}
+
+impl std::str::FromStr for NodePortAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "primary" {
+            return Ok(Self::Primary);
+        }
+        s.parse()
+            .map(Self::Cidr)
+            .map_err(|e| format!("{s}: {e} (want a CIDR or `primary`)"))
+    }
+}
+
 /// What the model needs to know about this node besides the cluster.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
     /// Pod CIDRs; traffic to a Service from outside them is masqueraded.
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Vec<IpNet>,
-    /// Node addresses that accept NodePort traffic (default: all but loopback).
+    /// How traffic from this node's pods is told from external traffic (kube-proxy's
+    /// modes): it decides ClusterIP masquerade and which pods skip a Local policy.
+    #[arg(long, value_enum, default_value_t = LocalMode::ClusterCidr)]
+    pub detect_local_mode: LocalMode,
+    /// The bridge pods are attached to, for `--detect-local-mode BridgeInterface`.
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The name prefix of pods' host-side interfaces, for
+    /// `--detect-local-mode InterfaceNamePrefix`.
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
+    /// Node addresses that accept NodePort traffic: CIDRs, or `primary` for the Node
+    /// object's primary address of each family (default: all but loopback).
     #[arg(long, value_delimiter = ',')]
-    pub nodeport_addresses: Vec<IpNet>,
+    pub nodeport_addresses: Vec<NodePortAddress>,
 }
 
 impl NodeArgs {
-    #[must_use]
-    pub fn node_info(&self, name: &str) -> NodeInfo {
-        NodeInfo {
-            cluster_cidrs: self.cluster_cidr.clone(),
-            nodeport_cidrs: self.nodeport_addresses.clone(),
-            ..NodeInfo::named(name)
+    /// The node's settings, checked as kube-proxy checks them.
+    ///
+    /// # Errors
+    /// An interface mode without its interface, or `primary` beside CIDRs.
+    pub fn node_info(&self, name: &str) -> Result<NodeInfo, String> {
+        let interface = |value: &Option<String>, flag: &str| {
+            let name = value.clone().filter(|v| !v.is_empty()).ok_or_else(|| {
+                format!(
+                    "--detect-local-mode {:?} needs {flag}",
+                    self.detect_local_mode
+                )
+            })?;
+            let bad = name.len() > 15
+                || name
+                    .chars()
+                    .any(|c| c.is_whitespace() || matches!(c, '"' | '\\' | '*' | '/' | ':'));
+            if bad {
+                return Err(format!("{flag} {name:?}: not an interface name (at most 15 bytes, no space, quote, '*', '/' or ':')"));
+            }
+            Ok(name)
+        };
+        let detect_local = match self.detect_local_mode {
+            LocalMode::ClusterCidr => DetectLocal::ClusterCidr,
+            LocalMode::NodeCidr => DetectLocal::NodeCidr,
+            LocalMode::BridgeInterface => DetectLocal::BridgeInterface(interface(
+                &self.pod_bridge_interface,
+                "--pod-bridge-interface",
+            )?),
+            LocalMode::InterfaceNamePrefix => DetectLocal::InterfaceNamePrefix(interface(
+                &self.pod_interface_name_prefix,
+                "--pod-interface-name-prefix",
+            )?),
+        };
+        let primary = self.nodeport_addresses.contains(&NodePortAddress::Primary);
+        if primary && self.nodeport_addresses.len() > 1 {
+            return Err("--nodeport-addresses primary cannot be combined with CIDRs".into());
         }
+        let nodeport_cidrs = self
+            .nodeport_addresses
+            .iter()
+            .filter_map(|a| match a {
+                NodePortAddress::Cidr(cidr) => Some(*cidr),
+                NodePortAddress::Primary => None,
+            })
+            .collect();
+        Ok(NodeInfo {
+            cluster_cidrs: self.cluster_cidr.clone(),
+            detect_local,
+            nodeport_cidrs,
+            nodeport_primary: primary,
+            ..NodeInfo::named(name)
+        })
     }
 }
 

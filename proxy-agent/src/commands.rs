@@ -13,7 +13,7 @@ use crate::{
     health::{self, Health},
     introspect::{self, Live},
     metrics::{self, Metrics},
-    model::{self, DesiredState, NodeInfo, Plan, Snapshot},
+    model::{self, DesiredState, LocalTraffic, NodeInfo, Plan, Snapshot},
     source::{self, manifests::ManifestsDir, SourceUpdate},
     sync,
 };
@@ -41,7 +41,7 @@ fn node_name(given: Option<String>) -> String {
     })
 }
 
-fn start_ebpf(args: &RunArgs) -> Result<ebpf::EbpfDataplane> {
+fn start_ebpf(args: &RunArgs, local: &LocalTraffic) -> Result<ebpf::EbpfDataplane> {
     system::ensure_bpffs(&args.paths.bpffs)?;
     let cgroup = match &args.paths.cgroup_root {
         Some(path) => path.clone(),
@@ -50,7 +50,7 @@ fn start_ebpf(args: &RunArgs) -> Result<ebpf::EbpfDataplane> {
     Ok(ebpf::EbpfDataplane::start(
         &args.paths.bpffs,
         &cgroup,
-        Some(&args.node.cluster_cidr),
+        Some(local),
         ebpf::Sizing {
             maglev_table_size: args.maglev_table_size,
             lb_map_max: args.bpf_lb_map_max,
@@ -58,8 +58,12 @@ fn start_ebpf(args: &RunArgs) -> Result<ebpf::EbpfDataplane> {
     )?)
 }
 
-fn start_nftables(args: &RunArgs, reason: &str) -> Result<Box<dyn Dataplane>> {
-    let dataplane = nftables::NftablesDataplane::start(args.node.cluster_cidr.clone())
+fn start_nftables(
+    args: &RunArgs,
+    local: &LocalTraffic,
+    reason: &str,
+) -> Result<Box<dyn Dataplane>> {
+    let dataplane = nftables::NftablesDataplane::start(local.clone())
         .context("starting the nftables dataplane")?;
     // A previous eBPF agent's socket programs would translate before our rules see a packet.
     if let Err(error) = ebpf::loader::cleanup(&args.paths.bpffs) {
@@ -72,17 +76,17 @@ fn start_nftables(args: &RunArgs, reason: &str) -> Result<Box<dyn Dataplane>> {
     Ok(Box::new(dataplane))
 }
 
-fn start_dataplane(args: &RunArgs) -> Result<Box<dyn Dataplane>> {
+fn start_dataplane(args: &RunArgs, local: &LocalTraffic) -> Result<Box<dyn Dataplane>> {
     let ebpf = match args.dataplane {
         DataplaneKind::None => return Ok(Box::new(NoDataplane)),
-        DataplaneKind::Nftables => return start_nftables(args, "requested"),
-        DataplaneKind::Ebpf => start_ebpf(args).context("starting the eBPF dataplane")?,
-        DataplaneKind::Auto => match start_ebpf(args) {
+        DataplaneKind::Nftables => return start_nftables(args, local, "requested"),
+        DataplaneKind::Ebpf => start_ebpf(args, local).context("starting the eBPF dataplane")?,
+        DataplaneKind::Auto => match start_ebpf(args, local) {
             Ok(dataplane) => dataplane,
             Err(error) => {
                 let reason = format!("auto: the eBPF programs could not load ({error:#})");
                 warn!(%reason, "falling back to nftables");
-                return start_nftables(args, &reason);
+                return start_nftables(args, local, &reason);
             }
         },
     };
@@ -120,7 +124,10 @@ fn dns_config(args: &DnsArgs) -> dns::DnsConfig {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    let node = args.node.node_info(&node_name(args.node_name.clone()));
+    let node = args
+        .node
+        .node_info(&node_name(args.node_name.clone()))
+        .map_err(anyhow::Error::msg)?;
     // The source reads the cluster on a thread of its own while the dataplane loads (at
     // 30 000 Services the first lists take most of a second).
     let (tx, rx) = watch::channel(SourceUpdate::default());
@@ -131,7 +138,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         info!(node = %node.name, "watching the Kubernetes API");
         tokio::spawn(watching)
     };
-    let dataplane = start_dataplane(&args)?;
+    let dataplane = start_dataplane(&args, &node.local())?;
     let dataplane_name = dataplane.name();
     let health = Arc::new(Health::new(
         dataplane.name(),
@@ -230,7 +237,10 @@ fn offline_state(
     let mut manifests = ManifestsDir::new(dir);
     manifests.reload()?;
     let snapshot = manifests.snapshot();
-    let node = node.node_info(node_name).with_node_object(&snapshot);
+    let node = node
+        .node_info(node_name)
+        .map_err(anyhow::Error::msg)?
+        .with_node_object(&snapshot);
     let desired = model::build(&snapshot, &node);
     Ok((snapshot, node, desired))
 }
@@ -242,10 +252,7 @@ pub fn render(args: &RenderArgs) -> Result<()> {
             println!("{}", ebpf::render::render(&desired)?);
         }
         DataplaneKind::None => print!("{desired}"),
-        DataplaneKind::Nftables => print!(
-            "{}",
-            nftables::ruleset::render(&desired, &node.cluster_cidrs)
-        ),
+        DataplaneKind::Nftables => print!("{}", nftables::ruleset::render(&desired, &node.local())),
     }
     Ok(())
 }
@@ -272,8 +279,20 @@ fn trace_offline(args: &TraceArgs, dir: &Path, node_name: &str) -> Result<model:
         protocol,
         destination,
         port,
+        interface: in_interface(args)?,
     };
     Ok(model::explain::trace(&snapshot, &state, &node, packet))
+}
+
+/// `--in-interface`, checked.
+fn in_interface(args: &TraceArgs) -> Result<Option<model::flow::IfName>> {
+    args.in_interface
+        .as_deref()
+        .map(|name| {
+            model::flow::IfName::new(name)
+                .with_context(|| format!("--in-interface {name}: not an interface name"))
+        })
+        .transpose()
 }
 
 /// Asks the running agent's `/debug/trace` (plain HTTP/1.0 on its metrics address).
@@ -284,11 +303,14 @@ fn trace_live(args: &TraceArgs) -> Result<model::explain::Trace> {
             .replace('/', "%2F")
             .replace(':', "%3A")
     };
-    let path = format!(
+    let mut path = format!(
         "/debug/trace?from={}&to={}",
         encode(&args.from.to_string()),
         encode(&args.to)
     );
+    if let Some(name) = in_interface(args)? {
+        path = path + "&iif=" + &encode(name.as_str());
+    }
     let body = crate::debug::agent_get(args.agent, &path)
         .context("asking the running agent (or pass --manifests DIR --node-name N)")?;
     Ok(serde_json::from_str(&body)?)

@@ -12,7 +12,11 @@ use axum::{
     Json,
 };
 
-use crate::model::{self, flow::Packet, DesiredState, NodeInfo, Protocol, Snapshot};
+use crate::model::{
+    self,
+    flow::{IfName, Packet},
+    DesiredState, NodeInfo, Protocol, Snapshot,
+};
 
 /// What the kernel was last programmed from.
 pub struct Programmed {
@@ -71,9 +75,11 @@ pub fn parse_destination(to: &str) -> Result<(IpAddr, u16, Protocol), String> {
 pub struct TraceQuery {
     from: Option<String>,
     to: Option<String>,
+    /// The interface the packet arrives on (interface-based local detection).
+    iif: Option<String>,
 }
 
-/// `GET /debug/trace?from=IP&to=IP:PORT[/proto]`: the `trace` JSON for that connection.
+/// `GET /debug/trace?from=IP&to=IP:PORT[/proto][&iif=NAME]`: the `trace` JSON for that connection.
 pub async fn trace(
     State(live): State<Arc<Live>>,
     Query(query): Query<TraceQuery>,
@@ -89,6 +95,13 @@ pub async fn trace(
         .as_ref()
         .ok_or_else(|| bad("to=IP:PORT[/proto] is required".into()))?;
     let (destination, port, protocol) = parse_destination(to).map_err(bad)?;
+    let interface = query
+        .iif
+        .as_deref()
+        .map(|name| {
+            IfName::new(name).ok_or_else(|| bad(format!("iif={name}: not an interface name")))
+        })
+        .transpose()?;
     let programmed = live.get().ok_or_else(|| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -100,6 +113,7 @@ pub async fn trace(
         protocol,
         destination,
         port,
+        interface,
     };
     let mut trace = model::explain::trace(
         &programmed.snapshot,

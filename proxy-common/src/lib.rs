@@ -52,6 +52,7 @@ pub const MAP_SOCK_REVNAT6: &str = "LB6_SK_REVNAT";
 pub const MAP_CT6: &str = "LB6_CT";
 pub const MAP_CLUSTER_CIDR6: &str = "CLUSTER_CIDR6";
 pub const MAP_SOURCE_RANGES6: &str = "LB6_SOURCE_RANGES";
+pub const MAP_LOCAL_INTERFACES: &str = "LOCAL_INTERFACES";
 
 /// Largest Maglev lookup table (a prime, Cilium's default); `--maglev-table-size` may
 /// choose a smaller prime.
@@ -64,6 +65,9 @@ pub const MAX_MAGLEV_TABLES: u32 = 1 << 14;
 pub const MAX_CT: u32 = 1 << 18;
 /// `--cluster-cidr` prefixes, and `loadBalancerSourceRanges` prefixes.
 pub const MAX_CLUSTER_CIDRS: u32 = 256;
+/// Interfaces whose traffic is a local pod's (`--detect-local-mode` BridgeInterface or
+/// InterfaceNamePrefix), by ifindex: those the per-packet programs are attached to.
+pub const MAX_LOCAL_INTERFACES: u32 = 256;
 pub const MAX_SOURCE_RANGES: u32 = 1 << 14;
 
 /// `Service4Key::scope` of the entries external clients use when their route differs

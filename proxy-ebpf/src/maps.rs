@@ -8,7 +8,7 @@ use proxy_common::{
     LocalRedirect4, MaglevTable, MonitorConfig, RevNat4, RevNat6, Service4Key, Service6Key,
     ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
     SourceRange6, Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CLUSTER_CIDRS, MAX_CT, MAX_LOCAL_REDIRECT, MAX_MAGLEV_TABLES, MAX_REVNAT,
+    MAX_CLUSTER_CIDRS, MAX_CT, MAX_LOCAL_INTERFACES, MAX_LOCAL_REDIRECT, MAX_MAGLEV_TABLES, MAX_REVNAT,
     MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_STATS,
 };
 
@@ -61,7 +61,8 @@ pub static LB4_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub static LB4_CT: LruHashMap<Ct4Key, Ct4Value> = LruHashMap::pinned(MAX_CT, 0);
 
-/// `--cluster-cidr`: sources inside take the pod route, all others the external one.
+/// `--cluster-cidr` (or the Node's pod CIDRs with NodeCIDR detection): sources inside
+/// take the pod route, all others the external one.
 #[map]
 pub static CLUSTER_CIDR4: LpmTrie<u32, u8> = LpmTrie::pinned(MAX_CLUSTER_CIDRS, 0);
 
@@ -103,3 +104,8 @@ pub static CLUSTER_CIDR6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_CLUSTER_CI
 /// IPv6 `loadBalancerSourceRanges` per frontend (see `SourceRange6`).
 #[map]
 pub static LB6_SOURCE_RANGES: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(MAX_SOURCE_RANGES, 0);
+
+/// Interfaces local pods' traffic arrives on (interface-based local detection), by
+/// ifindex: packets arriving there take the pod route.
+#[map]
+pub static LOCAL_INTERFACES: HashMap<u32, u8> = HashMap::pinned(MAX_LOCAL_INTERFACES, 0);

@@ -21,7 +21,9 @@ use crate::{
     affinity,
     family::{V4, V6},
     l4::{CLOSING, OPENING},
-    lb, observe,
+    lb,
+    maps::LOCAL_INTERFACES,
+    observe,
     wire::{read, Flow, Packet, Wire, ETH_P_IP, ETH_P_IPV6},
 };
 
@@ -144,6 +146,15 @@ fn known<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>) -> Known {
     Known::New(true)
 }
 
+/// Whether the packet arrived on an interface local pods' traffic comes from.
+#[inline(always)]
+fn from_local_interface(ctx: &TcContext) -> bool {
+    // SAFETY: `skb` is the context pointer the kernel handed this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: read-only lookup; the value is not kept.
+    unsafe { LOCAL_INTERFACES.get(ifindex) }.is_some()
+}
+
 /// A new flow to a frontend gets a backend, or the frontend's verdict.
 #[inline(never)]
 fn new_flow<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>, reselected: bool) -> i32 {
@@ -156,7 +167,7 @@ fn new_flow<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>, reselected: bool
     {
         return drop_packet::<F>(packet, svc.rev_nat_index, REASON_SOURCE_RANGE);
     }
-    let external = !F::in_cluster(&packet.src);
+    let external = !F::in_cluster(&packet.src) && !from_local_interface(ctx);
     let (frontend, route, masquerade) = if external && svc.flags & SERVICE_FLAG_EXTERNAL_SCOPE != 0
     {
         let scoped = F::key(packet.dst, packet.dport_be, packet.proto, SCOPE_EXTERNAL);

@@ -189,7 +189,7 @@ impl FlowBed {
         let sources: BTreeSet<IpAddr> = cases
             .iter()
             .filter(|c| {
-                c.node == node && info.classify(c.packet.source) != model::SourceClass::Node
+                c.node == node && info.classify(c.packet.source, None) != model::SourceClass::Node
             })
             .map(|c| c.packet.source)
             .filter(|s| !endpoint_ips.contains(s))

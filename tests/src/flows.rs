@@ -80,6 +80,7 @@ fn parse(line: usize, text: &str) -> Case {
                 .unwrap_or_else(|| panic!("line {line}: protocol")),
             destination: destination.ip(),
             port: destination.port(),
+            interface: None,
         },
         expected: expected.trim().to_owned(),
     }

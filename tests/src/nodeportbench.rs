@@ -172,10 +172,10 @@ fn install_ebpf(
 ) -> Result<(Option<Box<EbpfDataplane>>, f64), String> {
     let started = std::time::Instant::now();
     let (bpffs, cgroup) = (bpffs.to_owned(), cluster.node("node1").cgroup.clone());
-    let cidrs = node.cluster_cidrs.clone();
+    let local = node.local();
     let netns = cluster.node("node1").netns.clone();
     let mut dataplane = within_netns(&netns, move || {
-        EbpfDataplane::start(&bpffs, &cgroup, Some(&cidrs), Sizing::default())
+        EbpfDataplane::start(&bpffs, &cgroup, Some(&local), Sizing::default())
             .map_err(|e| e.to_string())
     })?;
     dataplane

@@ -302,6 +302,7 @@ pub fn frontend(name: &str, kind: FrontendKind, pod: Route, external: Route) -> 
         affinity_timeout: None,
         source_ranges: Vec::new(),
         health_check_node_port: None,
+        hints_passed_over: None,
     }
 }
 

@@ -135,3 +135,50 @@ fn the_trace_command_prints_the_decision() {
         "{text}"
     );
 }
+
+#[test]
+fn trace_names_the_topology_hint_that_decided() {
+    let snapshot = flows::snapshot();
+    let trace = |node: &str, to: &str| {
+        let info = flows::node(&snapshot, node);
+        let state = model::build(&snapshot, &info);
+        let (ip, port) = to.rsplit_once(':').unwrap();
+        let packet = flow::Packet {
+            source: "10.244.1.50".parse().unwrap(),
+            protocol: model::Protocol::Tcp,
+            destination: ip.parse().unwrap(),
+            port: port.parse().unwrap(),
+            interface: None,
+        };
+        model::explain::trace(&snapshot, &state, &info, packet)
+    };
+    let same_node = trace("node1", "10.96.1.29:80");
+    assert_eq!(
+        same_node.topology.as_deref(),
+        Some("PreferSameNode: endpoints hinted for node node1")
+    );
+    let excluded: Vec<_> = same_node
+        .endpoints
+        .iter()
+        .filter_map(|e| e.excluded_because.clone())
+        .collect();
+    assert_eq!(
+        excluded,
+        ["hinted for node(s) node2, not node1 (PreferSameNode)"; 2]
+    );
+    // No endpoint is hinted for node1: zone hints decide, and the trace says why.
+    let fallback = trace("node1", "10.96.1.30:80");
+    assert_eq!(
+        fallback.topology.as_deref(),
+        Some("PreferSameZone: endpoints hinted for zone zone-a (node hints: none for node node1)")
+    );
+    // One ready endpoint lacks zone hints: every endpoint, said so.
+    let missing = trace("node1", "10.96.1.16:80");
+    assert_eq!(
+        missing.topology.as_deref(),
+        Some(
+            "hints passed over: zone hints: 1 of 2 ready endpoints have none; using every endpoint"
+        )
+    );
+    assert!(missing.to_string().contains("topology   hints passed over"));
+}

@@ -19,7 +19,7 @@ fn the_nftables_ruleset_passes_the_packet_flow_table_on_a_real_kernel() {
         let info = flows::node(&snapshot, node);
         let desired = model::build(&snapshot, &info);
         let file = bed.cluster.scratch().join("rules.nft");
-        std::fs::write(&file, ruleset::render(&desired, &info.cluster_cidrs)).unwrap();
+        std::fs::write(&file, ruleset::render(&desired, &info.local())).unwrap();
         sh_in(&bed.node_ns, &["nft", "-f", &file.display().to_string()]);
         bed.run_table(&cases, &mut tally, |_| None);
     }

@@ -70,7 +70,7 @@ fn golden_cases() {
             &(render::render(&desired).unwrap() + "\n"),
         ));
         let node = flows::node(&snapshot, "node1");
-        let ruleset = render_nft(&desired, &node.cluster_cidrs);
+        let ruleset = render_nft(&desired, &node.local());
         nft_accepts(case, &ruleset);
         failures.extend(check(case, "nftables.nft", &ruleset));
         println!(

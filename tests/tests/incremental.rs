@@ -254,7 +254,7 @@ fn ebpf_full(desired: &DesiredState) -> BTreeSet<String> {
 #[test]
 fn random_changes_followed_incrementally_end_where_a_full_rebuild_does() {
     let node = node();
-    let cidrs = node.cluster_cidrs.clone();
+    let cidrs = node.local();
     for seed in 0..6 {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut snapshot = Snapshot::default();

@@ -13,7 +13,7 @@ use proxy_agent::{
         nftables::{self, delta, ruleset, table, NftablesDataplane},
         Dataplane,
     },
-    model::{self, Backend, DesiredState, Frontend, NodeInfo},
+    model::{self, Backend, DesiredState, Frontend, LocalTraffic, NodeInfo},
 };
 use proxy_agent_tests::{
     cluster::{sh_in, Cluster},
@@ -227,7 +227,7 @@ fn partial_syncs_leave_the_kernel_as_a_full_load_would() {
         ("no service", DesiredState::default()),
         ("everything back", base.clone()),
     ];
-    let cidrs = node.cluster_cidrs.clone();
+    let cidrs = node.local();
     let mut partial = NftablesDataplane::start_in(cidrs.clone(), path(&a)).expect("nft");
     let mut previous = DesiredState::default();
     let mut stale_before = BTreeSet::new();
@@ -286,9 +286,9 @@ fn partial_syncs_leave_the_kernel_as_a_full_load_would() {
 fn one_endpoint_change_among_10000_services_is_a_handful_of_statements() {
     let snapshot = scale::snapshot(10_000, 10);
     let node = NodeInfo::named("node1");
-    let before = ruleset::build(&model::build(&snapshot, &node), &[]);
+    let before = ruleset::build(&model::build(&snapshot, &node), &LocalTraffic::default());
     let moved = scale::with_endpoint(&snapshot, 5_000, "10.200.0.1".parse().unwrap());
-    let after = ruleset::build(&model::build(&moved, &node), &[]);
+    let after = ruleset::build(&model::build(&moved, &node), &LocalTraffic::default());
     assert_eq!(
         before.iter().map(table::Table::key).collect::<Vec<_>>(),
         after.iter().map(table::Table::key).collect::<Vec<_>>(),
@@ -430,7 +430,11 @@ fn a_full_load_leaves_what_nft_leaves_of_the_rendered_text() {
         let applied = loaded.apply(&model::Plan::default(), &desired).expect(case);
         assert!(applied.full, "{case}");
         assert!(loaded.commits().netlink > 0, "{case}: no netlink batch");
-        nftables::load_in(path(&b).as_deref(), &ruleset::render(&desired, &cidrs)).expect(case);
+        nftables::load_in(
+            path(&b).as_deref(),
+            &ruleset::render(&desired, &cidrs.clone().into()),
+        )
+        .expect(case);
         for family in ["ip", "ip6"] {
             let (got, want) = (listing(&a, family), listing(&b, family));
             assert!(!want.0.is_empty(), "{case}: nothing in {family}");

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::cli::RunArgs;
+use crate::cli::{LocalMode, NodePortAddress, RunArgs};
 
 const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 const KIND: &str = "KubeProxyConfiguration";
@@ -33,6 +33,8 @@ struct KubeProxyConfiguration {
     #[serde(rename = "clusterCIDR")]
     cluster_cidr: String,
     node_port_addresses: Option<Vec<String>>,
+    detect_local_mode: String,
+    detect_local: DetectLocalSection,
     healthz_bind_address: String,
     metrics_bind_address: String,
     hostname_override: String,
@@ -52,6 +54,14 @@ struct ClientConnection {
     others: BTreeMap<String, serde_yaml::Value>,
 }
 
+/// `detectLocal`: the interface arguments of the interface modes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct DetectLocalSection {
+    bridge_interface: String,
+    interface_name_prefix: String,
+}
+
 /// The `iptables` and `nftables` sections: the sync periods of kube-proxy's mode.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -65,7 +75,10 @@ struct SyncSettings {
 #[derive(Debug, Default, PartialEq)]
 pub struct FileSettings {
     pub cluster_cidr: Option<Vec<IpNet>>,
-    pub nodeport_addresses: Option<Vec<IpNet>>,
+    pub nodeport_addresses: Option<Vec<NodePortAddress>>,
+    pub detect_local_mode: Option<LocalMode>,
+    pub pod_bridge_interface: Option<String>,
+    pub pod_interface_name_prefix: Option<String>,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
     pub hostname_override: Option<String>,
@@ -158,11 +171,24 @@ pub fn parse(name: &str, text: &str) -> Result<FileSettings, ConfigError> {
     ignored.sort();
     Ok(FileSettings {
         cluster_cidr: Some(cidrs(&file.cluster_cidr, "clusterCIDR")?).filter(|c| !c.is_empty()),
-        nodeport_addresses: Some(cidrs(
-            &file.node_port_addresses.unwrap_or_default().join(","),
-            "nodePortAddresses",
-        )?)
+        nodeport_addresses: Some(nodeport_addresses(&file.node_port_addresses.unwrap_or_default()).map_err(|e| field("nodePortAddresses", e))?)
         .filter(|c| !c.is_empty()),
+        detect_local_mode: (!file.detect_local_mode.is_empty())
+            .then(|| {
+                LocalMode::from_kube_name(&file.detect_local_mode).ok_or_else(|| {
+                    field(
+                        "detectLocalMode",
+                        format!(
+                            "{}: want ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix",
+                            file.detect_local_mode
+                        ),
+                    )
+                })
+            })
+            .transpose()?,
+        pod_bridge_interface: Some(file.detect_local.bridge_interface).filter(|s| !s.is_empty()),
+        pod_interface_name_prefix: Some(file.detect_local.interface_name_prefix)
+            .filter(|s| !s.is_empty()),
         healthz_bind_address: address(&file.healthz_bind_address, "healthzBindAddress")?,
         metrics_bind_address: address(&file.metrics_bind_address, "metricsBindAddress")?,
         hostname_override: Some(file.hostname_override).filter(|h| !h.is_empty()),
@@ -172,6 +198,20 @@ pub fn parse(name: &str, text: &str) -> Result<FileSettings, ConfigError> {
         min_sync_period,
         ignored,
     })
+}
+
+/// `nodePortAddresses`: CIDRs, or `primary` alone.
+fn nodeport_addresses(items: &[String]) -> Result<Vec<NodePortAddress>, String> {
+    let parsed = items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<NodePortAddress>)
+        .collect::<Result<Vec<_>, _>>()?;
+    if parsed.len() > 1 && parsed.contains(&NodePortAddress::Primary) {
+        return Err("primary cannot be combined with CIDRs".into());
+    }
+    Ok(parsed)
 }
 
 /// The fields of `others` set to something besides an empty, zero or null value
@@ -207,9 +247,20 @@ impl FileSettings {
             }
         }
         if !given("nodeport_addresses") {
-            if let Some(cidrs) = self.nodeport_addresses {
-                args.node.nodeport_addresses = cidrs;
+            if let Some(addresses) = self.nodeport_addresses {
+                args.node.nodeport_addresses = addresses;
             }
+        }
+        if !given("detect_local_mode") {
+            if let Some(mode) = self.detect_local_mode {
+                args.node.detect_local_mode = mode;
+            }
+        }
+        if !given("pod_bridge_interface") && self.pod_bridge_interface.is_some() {
+            args.node.pod_bridge_interface = self.pod_bridge_interface;
+        }
+        if !given("pod_interface_name_prefix") && self.pod_interface_name_prefix.is_some() {
+            args.node.pod_interface_name_prefix = self.pod_interface_name_prefix;
         }
         if !given("healthz_bind_address") {
             if let Some(addr) = self.healthz_bind_address {

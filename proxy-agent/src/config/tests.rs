@@ -91,6 +91,9 @@ fn a_kubeadm_file_sets_what_applies_and_names_the_rest() {
         FileSettings {
             cluster_cidr: Some(vec!["10.244.0.0/16".parse().unwrap()]),
             nodeport_addresses: None,
+            detect_local_mode: None,
+            pod_bridge_interface: None,
+            pod_interface_name_prefix: None,
             healthz_bind_address: None,
             metrics_bind_address: Some("0.0.0.0:10249".parse().unwrap()),
             hostname_override: None,
@@ -123,6 +126,67 @@ fn the_nftables_mode_reads_the_nftables_section() {
     let settings = parse("config.conf", &text).unwrap();
     assert_eq!(settings.min_sync_period, Some(Duration::from_millis(250)));
     assert!(settings.ignored.iter().any(|f| f.starts_with("mode")));
+}
+
+#[test]
+fn local_detection_and_primary_nodeport_addresses_come_from_the_file() {
+    let text = KUBEADM
+        .replace(
+            "detectLocalMode: \"\"",
+            "detectLocalMode: InterfaceNamePrefix",
+        )
+        .replace("interfaceNamePrefix: \"\"", "interfaceNamePrefix: veth")
+        .replace("nodePortAddresses: null", "nodePortAddresses: [primary]");
+    let mut args = run_args(&["--manifests", "/m"]);
+    parse("config.conf", &text)
+        .unwrap()
+        .apply(&mut args, |id| id == "manifests");
+    let node = args.node.node_info("n").unwrap();
+    assert_eq!(
+        node.detect_local,
+        crate::model::DetectLocal::InterfaceNamePrefix("veth".into())
+    );
+    assert!(node.nodeport_primary && node.nodeport_cidrs.is_empty());
+    // The flag wins over the file.
+    let mut args = run_args(&["--detect-local-mode", "ClusterCIDR", "--manifests", "/m"]);
+    parse("config.conf", &text).unwrap().apply(&mut args, |id| {
+        ["detect_local_mode", "manifests"].contains(&id)
+    });
+    assert_eq!(
+        args.node.node_info("n").unwrap().detect_local,
+        crate::model::DetectLocal::ClusterCidr
+    );
+    // A mode without its interface is refused, as kube-proxy refuses it.
+    let lacking = KUBEADM.replace("detectLocalMode: \"\"", "detectLocalMode: BridgeInterface");
+    let mut args = run_args(&["--manifests", "/m"]);
+    parse("c", &lacking).unwrap().apply(&mut args, |_| false);
+    let error = args.node.node_info("n").unwrap_err();
+    assert!(error.contains("--pod-bridge-interface"), "{error}");
+    for bad in [
+        "detectLocalMode: Bridge",
+        "nodePortAddresses: [primary, 10.0.0.0/8]",
+    ] {
+        let key = bad.split(':').next().unwrap();
+        let text = KUBEADM
+            .replace(
+                "detectLocalMode: \"\"",
+                if key == "detectLocalMode" {
+                    bad
+                } else {
+                    "detectLocalMode: \"\""
+                },
+            )
+            .replace(
+                "nodePortAddresses: null",
+                if key == "nodePortAddresses" {
+                    bad
+                } else {
+                    "nodePortAddresses: null"
+                },
+            );
+        let error = parse("c", &text).unwrap_err().to_string();
+        assert!(error.contains(key), "{bad}: {error}");
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ pub mod system;
 
 use thiserror::Error;
 
-use crate::model::{DesiredState, Plan};
+use crate::model::{DesiredState, LocalTraffic, Plan};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -51,6 +51,13 @@ pub trait Dataplane: Send {
     fn name(&self) -> &'static str;
     /// What the kernel holds now; a restart or a failed sync starts from this.
     fn programmed(&mut self) -> Result<DesiredState, DataplaneError>;
+    /// Follows how local pod traffic is told (`--detect-local-mode`, resolved against
+    /// the node: it changes with the Node's pod CIDRs). The sync loop calls it before
+    /// its first `apply` and whenever it changes; it takes effect from the next `apply`.
+    fn set_local(&mut self, local: &LocalTraffic) -> Result<(), DataplaneError> {
+        let _ = local;
+        Ok(())
+    }
     /// Programs the plan; on error the caller re-reads `programmed` and retries.
     /// `desired` is the whole state the plan leads to, for backends that compare whole
     /// renderings rather than frontends.

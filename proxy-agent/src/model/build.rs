@@ -145,6 +145,7 @@ impl PortContext<'_> {
             affinity_timeout: self.service.affinity_timeout,
             source_ranges,
             health_check_node_port: self.service.health_check_node_port,
+            hints_passed_over: sets.passed_over.clone(),
         }
     }
 
@@ -176,7 +177,7 @@ impl PortContext<'_> {
         };
         let masquerade = match kind {
             // Traffic to a ClusterIP from outside the cluster CIDR (when it is known).
-            FrontendKind::ClusterIp => class != SourceClass::Pod && self.node.knows_cluster_cidr(),
+            FrontendKind::ClusterIp => class != SourceClass::Pod && self.node.detects_local(),
             // externalTrafficPolicy Cluster masquerades everyone; Local keeps client
             // addresses, but the node's own traffic sent to every endpoint is masqueraded.
             _ => !policies.external_local || (class == SourceClass::Node && !local),
@@ -205,7 +206,7 @@ pub(super) fn uses_local_set(
     let short_circuit = !sets.cluster.is_empty() && policies.uses_cluster_endpoints();
     match class {
         SourceClass::External => true,
-        SourceClass::Pod => !(short_circuit && node.knows_cluster_cidr()),
+        SourceClass::Pod => !(short_circuit && node.detects_local()),
         SourceClass::Node => !short_circuit,
     }
 }

@@ -1,13 +1,13 @@
 //! Which endpoints a Service port may use on this node, after kube-proxy's
 //! `CategorizeEndpoints`: ready endpoints, else serving-and-terminating ones (KEP-1669),
-//! zone hints when the Service opts in and every endpoint has them, and the node-local
-//! subsets the Local traffic policies use.
+//! narrowed by topology hints (node hints first, then zone hints, each only when every
+//! ready endpoint carries one), and the node-local subsets the Local traffic policies use.
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc};
 
 use super::slice::Slice;
 
 use super::{
-    node::NodeInfo,
+    node::{NodeInfo, LABEL_ZONE},
     types::{Backend, Protocol},
 };
 
@@ -22,6 +22,8 @@ pub struct Candidate {
     pub terminating: bool,
     /// `hints.forZones`; empty when the endpoint has no hints.
     pub zone_hints: Vec<String>,
+    /// `hints.forNodes` (trafficDistribution `PreferSameNode`).
+    pub node_hints: Vec<String>,
 }
 
 impl Candidate {
@@ -44,7 +46,9 @@ pub struct Policies {
     pub internal_local: bool,
     pub external_local: bool,
     pub externally_accessible: bool,
-    /// `trafficDistribution: PreferClose` or the topology-mode `Auto` annotation.
+    /// `trafficDistribution` (`PreferClose`, `PreferSameZone`, `PreferSameNode`) or the
+    /// topology-mode `Auto` annotation: the EndpointSlice controller then writes hints.
+    /// Shown by `trace`; the hints themselves decide, as in kube-proxy.
     pub topology_opt_in: bool,
 }
 
@@ -71,8 +75,22 @@ pub struct Categorized {
     pub local: Arc<[Backend]>,
     /// Whether any usable endpoint exists anywhere: decides REJECT against DROP.
     pub has_any: bool,
-    /// Whether zone hints narrowed the cluster set.
-    pub topology: bool,
+    /// Which hints narrowed the cluster set.
+    pub topology: Topology,
+    /// Why hints the endpoints carry were not used here (kube-proxy logs it).
+    pub passed_over: Option<Arc<str>>,
+}
+
+/// kube-proxy's topology mode: which hints choose a Service port's cluster-wide endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Topology {
+    /// Every ready endpoint.
+    #[default]
+    All,
+    /// Those hinted for this node's zone (`PreferSameZone`, formerly `PreferClose`).
+    SameZone,
+    /// Those hinted for this node (`PreferSameNode`).
+    SameNode,
 }
 
 /// Endpoints of the slices of `family`, with the slice's port for the Service port's
@@ -113,6 +131,11 @@ pub fn candidates(
                     .iter()
                     .map(ToString::to_string)
                     .collect(),
+                node_hints: endpoint
+                    .node_hints()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
             });
         }
     }
@@ -134,16 +157,67 @@ fn slice_port(slice: &Slice, port_name: &str, protocol: Protocol) -> Option<u16>
     })
 }
 
-/// kube-proxy's `canUseTopology`: every ready endpoint has hints, and some are for
-/// this node's zone.
+/// kube-proxy's `topologyModeFromHints`: node hints when every ready endpoint has one
+/// and some are for this node; else zone hints, alike; else every endpoint. With why
+/// hints that exist were passed over.
 #[must_use]
-pub fn can_use_topology(candidates: &[Candidate], policies: Policies, node: &NodeInfo) -> bool {
-    let Some(zone) = node.zone.as_deref().filter(|_| policies.topology_opt_in) else {
-        return false;
-    };
+pub fn topology_mode(candidates: &[Candidate], node: &NodeInfo) -> (Topology, Option<String>) {
     let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.ready).collect();
-    ready.iter().all(|c| !c.zone_hints.is_empty())
-        && ready.iter().any(|c| c.zone_hints.iter().any(|z| z == zone))
+    let zone = node.zone.as_deref();
+    let mut passed_over = Vec::new();
+    for (mode, hints, here, what) in [
+        (
+            Topology::SameNode,
+            (|c: &Candidate| &c.node_hints) as fn(&Candidate) -> &Vec<String>,
+            Some(node.name.as_str()),
+            "node",
+        ),
+        (
+            Topology::SameZone,
+            |c: &Candidate| &c.zone_hints,
+            zone,
+            "zone",
+        ),
+    ] {
+        let hinted = ready.iter().filter(|c| !hints(c).is_empty()).count();
+        if hinted == 0 {
+            continue;
+        }
+        if hinted < ready.len() {
+            passed_over.push(format!(
+                "{what} hints: {} of {} ready endpoints have none",
+                ready.len() - hinted,
+                ready.len()
+            ));
+            continue;
+        }
+        let Some(here) = here else {
+            passed_over.push(format!(
+                "{what} hints: node {} has no {LABEL_ZONE} label",
+                node.name
+            ));
+            continue;
+        };
+        if ready.iter().any(|c| hints(c).iter().any(|h| h == here)) {
+            let why = (!passed_over.is_empty()).then(|| passed_over.join("; "));
+            return (mode, why);
+        }
+        passed_over.push(format!("{what} hints: none for {what} {here}"));
+    }
+    let why = (!passed_over.is_empty()).then(|| passed_over.join("; ") + "; using every endpoint");
+    (Topology::All, why)
+}
+
+/// Whether `c` is in the cluster-wide set under `mode` (kube-proxy's `availableForTopology`).
+fn available(c: &Candidate, mode: Topology, node: &NodeInfo) -> bool {
+    match mode {
+        Topology::All => true,
+        Topology::SameZone => node
+            .zone
+            .as_deref()
+            .is_some_and(|zone| c.zone_hints.iter().any(|z| z == zone)),
+        Topology::SameNode => c.node_hints.contains(&node.name),
+    }
 }
 
 fn sorted(iter: impl Iterator<Item = Backend>) -> Arc<[Backend]> {
@@ -156,14 +230,13 @@ fn sorted(iter: impl Iterator<Item = Backend>) -> Arc<[Backend]> {
 pub fn categorize(candidates: &[Candidate], policies: Policies, node: &NodeInfo) -> Categorized {
     let mut out = Categorized::default();
     if policies.uses_cluster_endpoints() {
-        out.topology = can_use_topology(candidates, policies, node);
-        let zone = node.zone.as_deref().unwrap_or_default();
-        let in_zone = |c: &&Candidate| !out.topology || c.zone_hints.iter().any(|z| z == zone);
+        let (mode, why) = topology_mode(candidates, node);
+        out.topology = mode;
+        out.passed_over = why.map(Into::into);
         out.cluster = sorted(
             candidates
                 .iter()
-                .filter(|c| c.ready)
-                .filter(in_zone)
+                .filter(|c| c.ready && available(c, mode, node))
                 .map(|c| c.backend),
         );
         if out.cluster.is_empty() {

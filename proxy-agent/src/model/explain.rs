@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{
     build::uses_local_set,
-    endpoints::{self, Candidate, Categorized, Policies},
+    endpoints::{self, Candidate, Categorized, Policies, Topology},
     flow::{self, Outcome, Packet},
     node::NodeInfo,
     snapshot::Snapshot,
@@ -56,6 +56,10 @@ pub struct Trace {
     pub verdict: String,
     pub reason: String,
     pub selection: Option<String>,
+    /// Which topology hints chose the cluster-wide endpoints, or why hints were passed
+    /// over (`None`: the endpoints carry none).
+    #[serde(default)]
+    pub topology: Option<String>,
     #[serde(default)]
     pub flows: Vec<FlowNote>,
 }
@@ -85,6 +89,7 @@ pub fn trace(snapshot: &Snapshot, state: &DesiredState, node: &NodeInfo, packet:
         verdict: decision.outcome.to_string(),
         reason: decision.reason.clone(),
         selection: None,
+        topology: None,
         flows: Vec::new(),
     };
     let Some((key, frontend)) = decision.frontend else {
@@ -121,12 +126,34 @@ pub fn trace(snapshot: &Snapshot, state: &DesiredState, node: &NodeInfo, packet:
     let slices = snapshot.slices_of(&ns_name.0, &ns_name.1);
     let candidates = endpoints::candidates(&slices, &frontend.service.port, key.protocol, key.ip);
     let sets = endpoints::categorize(&candidates, policies, node);
+    out.topology = describe_topology(&sets, node);
     let local_route = uses_local_set(frontend.kind, decision.class, policies, &sets, node);
     out.endpoints = candidates
         .iter()
         .map(|c| note(c, route, &sets, local_route, frontend.kind, node))
         .collect();
     out
+}
+
+/// The hint that decided, in words: kube-proxy's topology mode and what it matched.
+fn describe_topology(sets: &Categorized, node: &NodeInfo) -> Option<String> {
+    let used = match sets.topology {
+        Topology::SameNode => Some(format!(
+            "PreferSameNode: endpoints hinted for node {}",
+            node.name
+        )),
+        Topology::SameZone => Some(format!(
+            "PreferSameZone: endpoints hinted for zone {}",
+            node.zone.as_deref().unwrap_or_default()
+        )),
+        Topology::All => None,
+    };
+    match (used, &sets.passed_over) {
+        (Some(used), Some(why)) => Some(format!("{used} ({why})")),
+        (Some(used), None) => Some(used),
+        (None, Some(why)) => Some(format!("hints passed over: {why}")),
+        (None, None) => None,
+    }
 }
 
 fn describe(policies: Policies, affinity: bool) -> Vec<String> {
@@ -196,12 +223,22 @@ fn exclusion(
         let on = c.node.as_deref().unwrap_or("no node");
         return format!("on {on}, not {}, and {policy} is Local", node.name);
     }
-    if sets.topology && !c.zone_hints.is_empty() {
-        let zone = node.zone.as_deref().unwrap_or("?");
-        return format!(
-            "hinted for zone(s) {}, this node is in {zone}",
-            c.zone_hints.join(",")
-        );
+    match sets.topology {
+        Topology::SameNode => {
+            return format!(
+                "hinted for node(s) {}, not {} (PreferSameNode)",
+                c.node_hints.join(","),
+                node.name
+            );
+        }
+        Topology::SameZone => {
+            let zone = node.zone.as_deref().unwrap_or("?");
+            return format!(
+                "hinted for zone(s) {}, this node is in {zone} (PreferSameZone)",
+                c.zone_hints.join(",")
+            );
+        }
+        Topology::All => {}
     }
     "not in the endpoint set this client's route uses".to_owned()
 }
@@ -226,6 +263,9 @@ impl fmt::Display for Trace {
         )?;
         if !self.policies.is_empty() {
             writeln!(f, "policies   {}", self.policies.join(", "))?;
+        }
+        if let Some(topology) = &self.topology {
+            writeln!(f, "topology   {topology}")?;
         }
         writeln!(f, "endpoints")?;
         if self.endpoints.is_empty() {

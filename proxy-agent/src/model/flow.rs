@@ -18,6 +18,50 @@ pub struct Packet {
     pub protocol: Protocol,
     pub destination: IpAddr,
     pub port: u16,
+    /// The interface it arrived on (`None`: sent by the node, or not said), which
+    /// interface-based local detection decides by.
+    pub interface: Option<IfName>,
+}
+
+/// An interface name as the kernel bounds it (15 bytes), kept inline so a packet is `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct IfName {
+    bytes: [u8; 15],
+    len: u8,
+}
+
+impl IfName {
+    /// `None` for a name the kernel would refuse (empty, or longer than 15 bytes).
+    #[must_use]
+    pub fn new(name: &str) -> Option<Self> {
+        let len = name.len();
+        if len == 0 || len > 15 {
+            return None;
+        }
+        let mut bytes = [0; 15];
+        bytes[..len].copy_from_slice(name.as_bytes());
+        Some(Self {
+            bytes,
+            len: u8::try_from(len).ok()?,
+        })
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What happens to it.
@@ -89,7 +133,8 @@ pub fn evaluate(state: &DesiredState, node: &NodeInfo, packet: Packet) -> Outcom
 /// The outcome with the frontend matched and the reason, in words.
 #[must_use]
 pub fn decide<'a>(state: &'a DesiredState, node: &NodeInfo, packet: Packet) -> Decision<'a> {
-    let class = node.classify(packet.source);
+    let interface = packet.interface;
+    let class = node.classify(packet.source, interface.as_ref().map(IfName::as_str));
     let key = FrontendKey {
         ip: packet.destination,
         port: packet.port,

@@ -19,7 +19,7 @@ pub use build::{
     DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
 };
 pub use diff::{diff, Plan};
-pub use node::{NodeInfo, LABEL_ZONE};
+pub use node::{DetectLocal, LocalTraffic, NodeInfo, LABEL_ZONE};
 pub use snapshot::{Changes, ObjectKey, Snapshot};
 pub use tracker::Tracker;
 pub use types::{

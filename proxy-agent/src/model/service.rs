@@ -167,8 +167,10 @@ pub fn slim_service(service: Service) -> ServiceInfo {
             .external_ips
             .as_ref()
             .is_some_and(|ips| !ips.is_empty()),
-        topology_opt_in: spec.traffic_distribution.as_deref() == Some("PreferClose")
-            || auto(ANNOTATION_TOPOLOGY_MODE)
+        topology_opt_in: matches!(
+            spec.traffic_distribution.as_deref(),
+            Some("PreferClose" | "PreferSameZone" | "PreferSameNode")
+        ) || auto(ANNOTATION_TOPOLOGY_MODE)
             || auto(ANNOTATION_TOPOLOGY_HINTS),
     };
     info.health_check_node_port = spec

@@ -50,6 +50,8 @@ struct Extra {
     hostname: Option<Box<str>>,
     /// `hints.forZones` names.
     zone_hints: Box<[Arc<str>]>,
+    /// `hints.forNodes` names.
+    node_hints: Box<[Arc<str>]>,
 }
 
 /// The API's endpoint fields the agent reads, to build an [`Endpoint`] from.
@@ -63,6 +65,7 @@ pub struct EndpointParts {
     pub node_name: Option<String>,
     pub zone: Option<String>,
     pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 fn condition_bits(value: Option<bool>, shift: u8) -> u8 {
@@ -84,10 +87,12 @@ impl Endpoint {
                 zone: parts.zone.map(String::into_boxed_str),
             })
         });
-        let extra = (parts.hostname.is_some() || !parts.zone_hints.is_empty()).then(|| {
+        let hinted = !parts.zone_hints.is_empty() || !parts.node_hints.is_empty();
+        let extra = (parts.hostname.is_some() || hinted).then(|| {
             Box::new(Extra {
                 hostname: parts.hostname.map(String::into_boxed_str),
                 zone_hints: parts.zone_hints.into_iter().map(interned).collect(),
+                node_hints: parts.node_hints.into_iter().map(interned).collect(),
             })
         });
         Some(Self {
@@ -141,6 +146,11 @@ impl Endpoint {
     #[must_use]
     pub fn zone_hints(&self) -> &[Arc<str>] {
         self.extra.as_ref().map_or(&[], |e| &e.zone_hints)
+    }
+
+    #[must_use]
+    pub fn node_hints(&self) -> &[Arc<str>] {
+        self.extra.as_ref().map_or(&[], |e| &e.node_hints)
     }
 }
 
@@ -205,10 +215,18 @@ pub fn slim_slice(slice: EndpointSlice) -> Slice {
                 zone: e.zone,
                 zone_hints: e
                     .hints
-                    .and_then(|h| h.for_zones)
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
                     .into_iter()
                     .flatten()
-                    .map(|z| z.name)
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: e
+                    .hints
+                    .and_then(|h| h.for_nodes)
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name)
                     .collect(),
             })
         })

@@ -200,6 +200,9 @@ pub struct Frontend {
     pub source_ranges: Vec<IpNet>,
     /// `healthCheckNodePort` of an `externalTrafficPolicy: Local` Service.
     pub health_check_node_port: Option<u16>,
+    /// Why topology hints the endpoints carry were passed over here (not programmed;
+    /// the sync loop logs it once, as kube-proxy does).
+    pub hints_passed_over: Option<std::sync::Arc<str>>,
 }
 
 impl Frontend {
@@ -258,6 +261,7 @@ impl Frontend {
             affinity_timeout: None,
             source_ranges: Vec::new(),
             health_check_node_port: None,
+            hints_passed_over: None,
         }
     }
 }

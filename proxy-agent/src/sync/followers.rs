@@ -1,13 +1,17 @@
 //! What follows each sync besides the kernel: trigger-time latency, the
 //! no-local-endpoint and backend gauges, and the health-check servers, each updated
 //! from the frontends that changed rather than from the whole cluster.
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::SystemTime,
+};
 
 use imbl::ordmap::DiffItem;
 
 use crate::{
     metrics::{Metrics, TrafficPolicyLabel},
-    model::{DesiredState, Frontend, Snapshot},
+    model::{DesiredState, Frontend, ServicePortName, Snapshot},
 };
 
 /// Observes, for each slice whose trigger time changed from `old` to `new`, how long
@@ -34,16 +38,37 @@ pub fn trigger_times(old: &Snapshot, new: &Snapshot, since: SystemTime, metrics:
     }
 }
 
-/// Per Service, how many of its frontends have a Local route left empty, by policy.
+/// Per Service, how many of its frontends have a Local route left empty, by policy; and
+/// the topology hints passed over, said once per Service port and reason.
 #[derive(Default)]
 pub struct Gauges {
     no_local: BTreeMap<(String, String), (usize, usize)>,
+    hints_said: HashMap<ServicePortName, Arc<str>>,
     frontends: usize,
     slots: usize,
 }
 
 impl Gauges {
+    /// Says why a Service port's topology hints were passed over, once per reason (its
+    /// frontends share it); forgets it when the hints are used again or the port goes.
+    fn say_hints(&mut self, frontend: &Frontend, up: bool) {
+        let service = &frontend.service;
+        match (&frontend.hints_passed_over, up) {
+            (Some(why), true) => {
+                if self.hints_said.get(service) != Some(why) {
+                    tracing::info!(service = %service, reason = %why, "topology hints passed over");
+                    self.hints_said.insert(service.clone(), Arc::clone(why));
+                }
+            }
+            (None, true) => {
+                self.hints_said.remove(service);
+            }
+            (_, false) => {}
+        }
+    }
+
     fn count(&mut self, frontend: &Frontend, up: bool) {
+        self.say_hints(frontend, up);
         let key = (
             frontend.service.namespace.clone(),
             frontend.service.name.clone(),

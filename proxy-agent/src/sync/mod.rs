@@ -22,7 +22,7 @@ use crate::{
     health_check::HealthChecks,
     introspect::{Live, Programmed},
     metrics::{Metrics, ReasonLabel},
-    model::{self, DesiredState, NodeInfo, Snapshot, Tracker},
+    model::{self, DesiredState, LocalTraffic, NodeInfo, Snapshot, Tracker},
     source::SourceUpdate,
 };
 
@@ -96,6 +96,8 @@ struct State {
     since: SystemTime,
     /// The last sync left state for a later one to remove.
     tidy_later: bool,
+    /// The local-traffic detection the dataplane was last given.
+    local: Option<LocalTraffic>,
 }
 
 async fn run(mut inputs: Inputs) {
@@ -108,6 +110,7 @@ async fn run(mut inputs: Inputs) {
         health_checks: HealthChecks::new(inputs.health.clone(), inputs.runtime.clone()),
         since: SystemTime::now(),
         tidy_later: false,
+        local: None,
     };
     let mut retry = RETRY_MIN;
     let mut last_sync: Option<Instant> = None;
@@ -167,6 +170,7 @@ fn sync_once(
     node.addresses
         .clone_from(&inputs.addresses.borrow_and_update());
     let node = node.with_node_object(snapshot);
+    let local_failed = follow_local(inputs, state, &node);
     let (model, full_build) = follow(state.model.take(), snapshot, node.clone());
     let desired = model.tracker.desired().clone();
     state.model = Some(model);
@@ -242,11 +246,39 @@ fn sync_once(
     metrics
         .failed_frontends
         .set(i64::try_from(applied.failed.len()).unwrap_or(i64::MAX));
-    if applied.failed.is_empty() {
+    if applied.failed.is_empty() && !local_failed {
         Ok(())
     } else {
         // The rest is programmed; the failed ones are tried again after the backoff.
         Err(())
+    }
+}
+
+/// Hands the dataplane the node's local-traffic detection when it changed (with
+/// `NodeCIDR`, as the Node's pod CIDRs do). A failure is counted and retried with the
+/// sync; the rest of the sync goes on.
+fn follow_local(inputs: &mut Inputs, state: &mut State, node: &NodeInfo) -> bool {
+    let local = node.local();
+    if state.local.as_ref() == Some(&local) {
+        return false;
+    }
+    match inputs.dataplane.set_local(&local) {
+        Ok(()) => {
+            info!(mode = node.detect_local.mode(), %local, "local traffic detection");
+            state.local = Some(local);
+            false
+        }
+        Err(error) => {
+            inputs
+                .metrics
+                .sync_errors
+                .get_or_create(&ReasonLabel {
+                    reason: error.reason(),
+                })
+                .inc();
+            error!(%error, %local, "cannot program local traffic detection; will retry");
+            true
+        }
     }
 }
 

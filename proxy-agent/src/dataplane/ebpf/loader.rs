@@ -40,7 +40,7 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
 pub const RELEASE_PROGRAM: &str = "sock_release";
 
 /// Every map the object pins, by name.
-const PINNED_MAPS: [&str; 20] = [
+const PINNED_MAPS: [&str; 21] = [
     proxy_common::MAP_LAYOUT,
     proxy_common::MAP_SERVICES4,
     proxy_common::MAP_BACKENDS4,
@@ -61,6 +61,7 @@ const PINNED_MAPS: [&str; 20] = [
     proxy_common::MAP_SOCK_REVNAT6,
     proxy_common::MAP_CT6,
     proxy_common::MAP_CLUSTER_CIDR6,
+    proxy_common::MAP_LOCAL_INTERFACES,
 ];
 
 /// The layout stamped on the maps pinned in `bpffs`, if any.

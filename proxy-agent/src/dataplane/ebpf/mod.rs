@@ -10,6 +10,7 @@ mod ids;
 pub mod index;
 pub mod kernel;
 pub mod loader;
+mod local;
 pub mod maglev;
 pub mod nodeport;
 pub mod observe;
@@ -23,12 +24,11 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
-use ipnet::IpNet;
 use thiserror::Error;
 
 pub use writer::MapWriter;
 
-use crate::model::{DesiredState, Plan};
+use crate::model::{DesiredState, LocalTraffic, Plan};
 
 #[derive(Debug, Error)]
 pub enum EbpfError {
@@ -122,24 +122,24 @@ pub struct EbpfDataplane {
 
 impl EbpfDataplane {
     /// Loads and attaches the programs and takes over the state pinned by a previous run.
-    /// With `cluster_cidrs` `None`, only the socket programs attach: nothing touches
-    /// this network namespace's interfaces or netfilter (the bench, in-process).
+    /// With `local` `None`, only the socket programs attach: nothing touches this
+    /// network namespace's interfaces or netfilter (the bench, in-process).
     pub fn start(
         bpffs: &Path,
         cgroup_root: &Path,
-        cluster_cidrs: Option<&[IpNet]>,
+        local: Option<&LocalTraffic>,
         sizing: Sizing,
     ) -> Result<Self, EbpfError> {
         let (maps, ebpf) = loader::load(bpffs, cgroup_root, sizing)?;
         let writer = MapWriter::restore_with(maps, sizing)?;
         // What the maps hold, read once: it fills the drop sets here and is the first
         // sync's `programmed()`.
-        let restored = cluster_cidrs.map(|_| writer.programmed());
-        let packets = cluster_cidrs
+        let restored = local.map(|_| writer.programmed());
+        let packets = local
             .zip(restored.as_ref())
-            .map(|(cidrs, state)| {
+            .map(|(local, state)| {
                 let unserved = unserved::Unserved::of(state);
-                nodeport::PacketPrograms::start(ebpf, bpffs.to_owned(), cidrs, unserved)
+                nodeport::PacketPrograms::start(ebpf, bpffs.to_owned(), local, unserved)
             })
             .transpose()?;
         if packets.is_some() {
@@ -157,6 +157,13 @@ impl EbpfDataplane {
 impl super::Dataplane for EbpfDataplane {
     fn name(&self) -> &'static str {
         "ebpf"
+    }
+
+    fn set_local(&mut self, local: &LocalTraffic) -> Result<(), super::DataplaneError> {
+        if let Some(packets) = &mut self.packets {
+            packets.set_local(local)?;
+        }
+        Ok(())
     }
 
     fn programmed(&mut self) -> Result<DesiredState, super::DataplaneError> {

@@ -1,28 +1,23 @@
 //! The per-packet programs (traffic from outside the node) on every interface holding a
-//! node address, through pinned TCX links that a restarted agent swaps in place;
-//! `--cluster-cidr` for telling pods from external clients; and the small netfilter
+//! node address, through pinned TCX links that a restarted agent swaps in place; local
+//! traffic detection for telling pods from external clients; and the small netfilter
 //! table that masquerades and rejects what the programs mark.
 use std::{collections::BTreeSet, fs, path::PathBuf};
 
 use aya::{
-    maps::{
-        lpm_trie::{Key, LpmTrie},
-        MapData,
-    },
     programs::{links::FdLink, SchedClassifier, TcAttachType},
-    Ebpf, Pod,
+    Ebpf,
 };
-use ipnet::IpNet;
 use tracing::{info, warn};
 
 use super::{
-    loader,
+    loader, local,
     unserved::{self, Steps, Unserved},
     EbpfError,
 };
 use crate::{
     dataplane::nftables,
-    model::{FrontendKey, Plan},
+    model::{FrontendKey, LocalTraffic, Plan},
     source::addresses,
 };
 
@@ -40,6 +35,9 @@ pub struct PacketPrograms {
     ebpf: Ebpf,
     bpffs: PathBuf,
     attached: BTreeSet<String>,
+    /// How local pod traffic is told, as last written to the maps (`None`: what a
+    /// previous agent left there stands until the first sync says).
+    local: Option<LocalTraffic>,
     /// Frontends whose pods' traffic the netfilter table drops.
     unserved: Unserved,
     /// The network namespace the programs serve: the one `start` ran in, whichever
@@ -48,13 +46,14 @@ pub struct PacketPrograms {
 }
 
 impl PacketPrograms {
-    /// Loads the programs, writes the cluster CIDRs, installs the netfilter table (its
-    /// drop sets filled from what the maps hold: `unserved`), and attaches to the
-    /// interfaces there are now.
+    /// Loads the programs, writes the local traffic detection if it tells anything yet
+    /// (`NodeCIDR` knows nothing before the Node is read; what the maps held stands until
+    /// then), installs the netfilter table (its drop sets filled from what the maps hold:
+    /// `unserved`), and attaches to the interfaces there are now.
     pub fn start(
         mut ebpf: Ebpf,
         bpffs: PathBuf,
-        cluster_cidrs: &[IpNet],
+        local: &LocalTraffic,
         unserved: Unserved,
     ) -> Result<Self, EbpfError> {
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
@@ -64,7 +63,10 @@ impl PacketPrograms {
                 .try_into()?;
             program.load()?;
         }
-        write_cluster_cidrs(&mut ebpf, cluster_cidrs)?;
+        let local = local.detects().then(|| local.clone());
+        if let Some(local) = &local {
+            local::write(&mut ebpf, local, &BTreeSet::new())?;
+        }
         let table = netfilter_table() + &unserved.elements();
         nftables::load(&table).map_err(|e| EbpfError::Netfilter(e.to_string()))?;
         let netns = fs::File::open("/proc/thread-self/ns/net")
@@ -73,6 +75,7 @@ impl PacketPrograms {
             ebpf,
             bpffs,
             attached: BTreeSet::new(),
+            local,
             unserved,
             netns,
         };
@@ -85,6 +88,16 @@ impl PacketPrograms {
     /// detaches from those that lost theirs.
     pub fn refresh(&mut self) -> Result<(), EbpfError> {
         self.here(Self::refresh_here)
+    }
+
+    /// Follows a change of local traffic detection into the maps.
+    pub fn set_local(&mut self, local: &LocalTraffic) -> Result<(), EbpfError> {
+        if self.local.as_ref() == Some(local) {
+            return Ok(());
+        }
+        local::write(&mut self.ebpf, local, &self.attached)?;
+        self.local = Some(local.clone());
+        Ok(())
     }
 
     /// Follows a plan's frontends into the drop sets in memory; [`Self::load_steps`]
@@ -162,6 +175,13 @@ impl PacketPrograms {
         for name in &detach {
             self.detach(name)?;
             self.attached.remove(name);
+        }
+        if let Some(local) = self
+            .local
+            .as_ref()
+            .filter(|_| !attach.is_empty() || !detach.is_empty())
+        {
+            local::write_interfaces(&mut self.ebpf, local, &self.attached)?;
         }
         Ok(())
     }
@@ -258,41 +278,6 @@ fn changes(attached: &BTreeSet<String>, wanted: &BTreeSet<String>) -> (Vec<Strin
         wanted.difference(attached).cloned().collect(),
         attached.difference(wanted).cloned().collect(),
     )
-}
-
-/// Replaces the pinned `CLUSTER_CIDR4` and `CLUSTER_CIDR6` entries with `cidrs`.
-fn write_cluster_cidrs(ebpf: &mut Ebpf, cidrs: &[IpNet]) -> Result<(), EbpfError> {
-    let (mut v4, mut v6) = (Vec::new(), Vec::new());
-    for cidr in cidrs {
-        let len = u32::from(cidr.prefix_len());
-        match cidr {
-            IpNet::V4(net) => v4.push(Key::new(len, u32::from_ne_bytes(net.network().octets()))),
-            IpNet::V6(net) => v6.push(Key::new(len, net.network().octets())),
-        }
-    }
-    replace_trie(ebpf, proxy_common::MAP_CLUSTER_CIDR4, &v4)?;
-    replace_trie(ebpf, proxy_common::MAP_CLUSTER_CIDR6, &v6)
-}
-
-/// Makes a pinned trie hold exactly `new` (added first, then the rest removed).
-fn replace_trie<K: Pod + PartialEq>(
-    ebpf: &mut Ebpf,
-    name: &str,
-    new: &[Key<K>],
-) -> Result<(), EbpfError> {
-    let map = ebpf
-        .map_mut(name)
-        .ok_or_else(|| EbpfError::MissingMap(name.to_owned()))?;
-    let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map)?;
-    let old: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
-    for key in new {
-        trie.insert(key, 1, 0)?;
-    }
-    let same = |a: &Key<K>, b: &Key<K>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
-    for key in old.iter().filter(|k| !new.iter().any(|n| same(n, k))) {
-        let _ = trie.remove(key);
-    }
-    Ok(())
 }
 
 /// Masquerade for flows the ingress program marked (the node picks the source address,

@@ -20,7 +20,6 @@ use std::{
     process::Stdio,
 };
 
-use ipnet::IpNet;
 use thiserror::Error;
 
 use tracing::{debug, warn};
@@ -28,7 +27,7 @@ use tracing::{debug, warn};
 pub use self::load::{load, load_in};
 use self::{load::nft_in, rendered::Rendered, ruleset::Existing, table::TableKey};
 use super::{conntrack, Applied};
-use crate::model::{DesiredState, Plan};
+use crate::model::{DesiredState, LocalTraffic, Plan};
 
 #[derive(Debug, Error)]
 pub enum NftError {
@@ -116,7 +115,8 @@ pub struct Commits {
 }
 
 pub struct NftablesDataplane {
-    cluster_cidrs: Vec<IpNet>,
+    /// How the rules tell local pod traffic.
+    local: LocalTraffic,
     kernel: Option<Programmed>,
     /// Another network namespace to program (tests and the bench); conntrack is then
     /// left alone.
@@ -131,22 +131,25 @@ impl NftablesDataplane {
     ///
     /// # Errors
     /// When `nft` is missing or the kernel refuses the table.
-    pub fn start(cluster_cidrs: Vec<IpNet>) -> Result<Self, NftError> {
-        Self::start_in(cluster_cidrs, None)
+    pub fn start(local: impl Into<LocalTraffic>) -> Result<Self, NftError> {
+        Self::start_in(local, None)
     }
 
     /// [`Self::start`] for the network namespace at `netns` (`None`: this one).
     ///
     /// # Errors
     /// When `nft` is missing or the kernel refuses the table.
-    pub fn start_in(cluster_cidrs: Vec<IpNet>, netns: Option<PathBuf>) -> Result<Self, NftError> {
+    pub fn start_in(
+        local: impl Into<LocalTraffic>,
+        netns: Option<PathBuf>,
+    ) -> Result<Self, NftError> {
         let tables = format!("add table ip {0}\nadd table ip6 {0}\n", table::TABLE);
         load_in(netns.as_deref(), &tables)?;
         let wire = wire::Wire::open(netns.as_deref())
             .inspect_err(|error| warn!(%error, "no nf_tables netlink socket; every sync goes through nft -f"))
             .ok();
         Ok(Self {
-            cluster_cidrs,
+            local: local.into(),
             kernel: None,
             netns,
             wire,
@@ -242,7 +245,7 @@ impl NftablesDataplane {
     /// nothing is known, else a partial one; what the kernel then holds, for `commit`.
     fn transaction(&mut self, desired: &DesiredState) -> (Pending, Programmed) {
         let Some(kernel) = self.kernel.take() else {
-            let rendered = Rendered::full(desired, &self.cluster_cidrs);
+            let rendered = Rendered::full(desired, &self.local);
             let live = rendered.live();
             let existing = self.existing();
             let pending = Pending {
@@ -326,6 +329,15 @@ impl NftablesDataplane {
 impl super::Dataplane for NftablesDataplane {
     fn name(&self) -> &'static str {
         "nftables"
+    }
+
+    /// Every Service's rules match local traffic, so a change rewrites the tables whole.
+    fn set_local(&mut self, local: &LocalTraffic) -> Result<(), super::DataplaneError> {
+        if *local != self.local {
+            self.local = local.clone();
+            self.kernel = None;
+        }
+        Ok(())
     }
 
     /// Nothing is read back: the first sync replaces our tables whole.

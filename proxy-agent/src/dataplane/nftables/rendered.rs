@@ -9,16 +9,15 @@ use std::{
 };
 
 use imbl::ordmap::DiffItem;
-use ipnet::IpNet;
 
 use super::{
     ruleset::{
         element, group_chains, main_table, shard_of, shard_table, Element, Family, Group,
-        NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
+        LocalMatch, NODEPORT_IPS, SERVICE_IPS, SERVICE_NODEPORTS,
     },
     table::{write_chain, Chain, Table, TableKey, SHARDS},
 };
-use crate::model::{DesiredState, Frontend, FrontendKey, Protocol, ServicePortName};
+use crate::model::{DesiredState, Frontend, FrontendKey, LocalTraffic, Protocol, ServicePortName};
 
 /// One Service port of one family (`true`: IPv6).
 type GroupKey = (bool, ServicePortName, Protocol);
@@ -42,7 +41,8 @@ pub struct Rendered {
     tables: Vec<Table>,
     /// Service ports in each table.
     groups: Vec<usize>,
-    cidrs_present: [bool; 2],
+    /// How each family's rules tell local pod traffic.
+    local: [LocalMatch; 2],
     /// Each Service port's frontends (a port with none has nothing in the tables).
     members: HashMap<GroupKey, BTreeSet<FrontendKey>>,
     /// NodePort frontends per (table, node address) (the `nodeport-ips` element stays
@@ -72,23 +72,17 @@ pub struct GroupChange {
 impl Rendered {
     /// Tables with no Service in them, whose Service chains will not be kept.
     #[must_use]
-    pub fn empty(cluster_cidrs: &[IpNet]) -> Self {
+    pub fn empty(local: &LocalTraffic) -> Self {
         let mut tables = Vec::with_capacity(2 * PER_FAMILY);
         for v6 in [false, true] {
             let family = Family { v6 };
             tables.push(main_table(family));
-            tables.extend((0..SHARDS).map(|shard| shard_table(cluster_cidrs, family, shard)));
+            tables.extend((0..SHARDS).map(|shard| shard_table(local, family, shard)));
         }
-        let cidrs_present = [0, 1].map(|i| {
-            tables[i * PER_FAMILY + 1]
-                .sets
-                .get("cluster-cidrs")
-                .is_some_and(|s| !s.elements.is_empty())
-        });
         Self {
             groups: vec![0; tables.len()],
             tables,
-            cidrs_present,
+            local: [false, true].map(|v6| LocalMatch::new(local, Family { v6 })),
             members: HashMap::new(),
             nodeport_ips: HashMap::new(),
             nodeports: BTreeMap::new(),
@@ -100,8 +94,8 @@ impl Rendered {
 
     /// The tables for `desired`, built from empty ones, without the Service chains.
     #[must_use]
-    pub fn full(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Self {
-        let mut rendered = Self::empty(cluster_cidrs);
+    pub fn full(desired: &DesiredState, local: &LocalTraffic) -> Self {
+        let mut rendered = Self::empty(local);
         rendered.record = false;
         rendered.update(&DesiredState::default(), desired);
         rendered.record = true;
@@ -110,8 +104,8 @@ impl Rendered {
 
     /// [`Self::full`] with every chain's text.
     #[must_use]
-    pub fn full_text(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Self {
-        let mut rendered = Self::empty(cluster_cidrs);
+    pub fn full_text(desired: &DesiredState, local: &LocalTraffic) -> Self {
+        let mut rendered = Self::empty(local);
         rendered.text = true;
         rendered.update(&DesiredState::default(), desired);
         rendered
@@ -396,7 +390,7 @@ impl Rendered {
         }
         group_chains(
             &as_group(group, frontends),
-            self.cidrs_present[usize::from(v6)],
+            &self.local[usize::from(v6)],
             Family { v6 },
             &mut scratch,
         );

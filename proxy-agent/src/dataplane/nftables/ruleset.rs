@@ -18,8 +18,8 @@ use super::{
     },
 };
 use crate::model::{
-    Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, Protocol, Route,
-    ServicePortName,
+    Backend, DesiredState, EmptyVerdict, Frontend, FrontendKey, FrontendKind, LocalTraffic,
+    Protocol, Route, ServicePortName,
 };
 
 /// Up to this many endpoints, choose one with kube-proxy's iptables cascade (one
@@ -83,18 +83,16 @@ fn endpoint(backend: &Backend) -> String {
 /// Our tables, preceded by the removal of every table of ours, as one atomic `nft -f`
 /// transaction.
 #[must_use]
-pub fn render(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> String {
-    full_text(&build(desired, cluster_cidrs), &|table, out| {
-        table.write_text(out)
-    })
+pub fn render(desired: &DesiredState, local: &LocalTraffic) -> String {
+    full_text(&build(desired, local), &|table, out| table.write_text(out))
 }
 
 /// The tables for a desired state, every chain with its text: per family the main
 /// table, then each Service table that holds a Service (the full build; `Rendered`
 /// keeps them current change by change).
 #[must_use]
-pub fn build(desired: &DesiredState, cluster_cidrs: &[IpNet]) -> Vec<Table> {
-    super::rendered::Rendered::full_text(desired, cluster_cidrs).live()
+pub fn build(desired: &DesiredState, local: &LocalTraffic) -> Vec<Table> {
+    super::rendered::Rendered::full_text(desired, local).live()
 }
 
 /// Writes one table whole (the Service chains made again where the table keeps none).
@@ -207,7 +205,7 @@ pub(super) fn main_table(family: Family) -> Table {
 
 /// Service table `shard` of one family with no Service in it: its nat hooks, dispatch
 /// and mark chains, the cluster CIDRs and empty dispatch maps.
-pub(super) fn shard_table(cluster_cidrs: &[IpNet], family: Family, shard: usize) -> Table {
+pub(super) fn shard_table(local: &LocalTraffic, family: Family, shard: usize) -> Table {
     let mut t = Table::new(
         family.table(),
         super::table::shard_name(shard),
@@ -218,7 +216,7 @@ pub(super) fn shard_table(cluster_cidrs: &[IpNet], family: Family, shard: usize)
     let mut cidrs = Set::new("set", &[&format!("type {addr_type}"), "flags interval"]);
     // An interval set refuses overlapping elements: `--cluster-cidr 10.0.0.0/8,10.244.0.0/16`
     // is one range to the kernel.
-    let family_cidrs: Vec<IpNet> = cluster_cidrs
+    let family_cidrs: Vec<IpNet> = local_sources(local)
         .iter()
         .filter(|c| family.holds(c.addr()))
         .map(IpNet::trunc)
@@ -439,9 +437,46 @@ fn choose(group: &Group, backends: &[Backend]) -> Vec<String> {
         .collect()
 }
 
+/// The prefixes local traffic comes from, when detection is by source.
+fn local_sources(local: &LocalTraffic) -> &[IpNet] {
+    match local {
+        LocalTraffic::Sources(cidrs) => cidrs,
+        LocalTraffic::Interface(_) | LocalTraffic::InterfacePrefix(_) => &[],
+    }
+}
+
+/// How one family's rules tell local pod traffic (kube-proxy's `LocalTrafficDetector`):
+/// the match and its negation, and whether anything can match at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LocalMatch {
+    is: String,
+    not: String,
+    detects: bool,
+}
+
+impl LocalMatch {
+    pub(super) fn new(local: &LocalTraffic, family: Family) -> Self {
+        let addr = family.addr();
+        let interface = |pattern: String| Self {
+            is: format!("iifname \"{pattern}\""),
+            not: format!("iifname != \"{pattern}\""),
+            detects: true,
+        };
+        match local {
+            LocalTraffic::Sources(cidrs) => Self {
+                is: format!("{addr} saddr @cluster-cidrs"),
+                not: format!("{addr} saddr != @cluster-cidrs"),
+                detects: cidrs.iter().any(|c| family.holds(c.addr())),
+            },
+            LocalTraffic::Interface(name) => interface(name.clone()),
+            LocalTraffic::InterfacePrefix(prefix) => interface(format!("{prefix}*")),
+        }
+    }
+}
+
 /// The chains of one Service port: SVC/SVL (endpoint choice), EXT (external traffic
 /// policy), FW (source ranges) and one SEP per endpoint.
-pub(super) fn group_chains(group: &Group, cidrs_present: bool, family: Family, t: &mut Table) {
+pub(super) fn group_chains(group: &Group, local: &LocalMatch, family: Family, t: &mut Table) {
     let addr = family.addr();
     let comment = group.service.to_string();
     let affinity = group.frontends.iter().find_map(|(_, f)| f.affinity_timeout);
@@ -462,17 +497,18 @@ pub(super) fn group_chains(group: &Group, cidrs_present: bool, family: Family, t
             .iter()
             .filter(|(_, f)| f.kind == FrontendKind::ClusterIp)
         {
-            // ClusterIP traffic from outside the cluster CIDR is masqueraded (only for the
+            // ClusterIP traffic from outside the pods is masqueraded (only for the
             // ClusterIP itself, so external traffic passing through here keeps its source).
             if frontend.external.masquerade
-                && cidrs_present
+                && local.detects
                 && target(group, &frontend.pod) == *name
             {
                 rules.push(format!(
-                    "{addr} daddr {} meta l4proto {} th dport {} {addr} saddr != @cluster-cidrs jump KUBE-MARK-MASQ",
+                    "{addr} daddr {} meta l4proto {} th dport {} {} jump KUBE-MARK-MASQ",
                     key.ip,
                     proto(key.protocol),
-                    key.port
+                    key.port,
+                    local.not
                 ));
             }
         }
@@ -509,7 +545,7 @@ pub(super) fn group_chains(group: &Group, cidrs_present: bool, family: Family, t
         ));
         t.chains.insert(sep, chain(&comment, rules));
     }
-    external_chains(group, family, t);
+    external_chains(group, local, family, t);
 }
 
 fn affinity_set(sep: &str) -> String {
@@ -517,7 +553,7 @@ fn affinity_set(sep: &str) -> String {
 }
 
 /// KUBE-EXT (and KUBE-FW) for the port's NodePort, external and load-balancer frontends.
-fn external_chains(group: &Group, family: Family, t: &mut Table) {
+fn external_chains(group: &Group, local: &LocalMatch, family: Family, t: &mut Table) {
     let Some((_, frontend)) = group
         .frontends
         .iter()
@@ -542,7 +578,7 @@ fn external_chains(group: &Group, family: Family, t: &mut Table) {
         rule("fib saddr type local ", &frontend.node);
     }
     if !same(&frontend.pod, &frontend.external) {
-        rule(&format!("{addr} saddr @cluster-cidrs "), &frontend.pod);
+        rule(&format!("{} ", local.is), &frontend.pod);
     }
     rule("", &frontend.external);
     t.chains.insert(ext.clone(), chain(&comment, rules));
@@ -568,14 +604,15 @@ fn external_chains(group: &Group, family: Family, t: &mut Table) {
 
 #[cfg(test)]
 mod tests {
-    use super::{shard_of, shard_table, Family};
-    use crate::model::{DesiredState, ServicePortName};
+    use super::{shard_of, shard_table, Family, LocalMatch};
+    use crate::model::{DesiredState, LocalTraffic, ServicePortName};
 
     #[test]
     fn overlapping_cluster_cidrs_become_one_interval() {
         let cidrs = ["10.0.0.0/8", "10.244.0.0/16", "10.244.1.5/16", "fd00::/64"]
             .map(|c| c.parse().unwrap());
-        let [v4, v6] = [false, true].map(|v6| shard_table(&cidrs, Family { v6 }, 3));
+        let local = LocalTraffic::Sources(cidrs.to_vec());
+        let [v4, v6] = [false, true].map(|v6| shard_table(&local, Family { v6 }, 3));
         let elements = |t: &super::Table| -> Vec<String> {
             t.sets["cluster-cidrs"].elements.keys().cloned().collect()
         };
@@ -584,8 +621,40 @@ mod tests {
     }
 
     #[test]
+    fn local_traffic_is_matched_by_source_or_by_interface() {
+        let v4 = Family { v6: false };
+        let by_source = LocalMatch::new(
+            &LocalTraffic::Sources(vec!["10.244.0.0/16".parse().unwrap()]),
+            v4,
+        );
+        assert_eq!(
+            (by_source.is.as_str(), by_source.detects),
+            ("ip saddr @cluster-cidrs", true)
+        );
+        // A family without a prefix of its own detects nothing there.
+        let v6 = LocalMatch::new(
+            &LocalTraffic::Sources(vec!["10.244.0.0/16".parse().unwrap()]),
+            Family { v6: true },
+        );
+        assert!(!v6.detects);
+        let prefix = LocalMatch::new(&LocalTraffic::InterfacePrefix("veth".into()), v4);
+        assert_eq!(
+            (prefix.is.as_str(), prefix.not.as_str()),
+            ("iifname \"veth*\"", "iifname != \"veth*\"")
+        );
+        let bridge = LocalMatch::new(&LocalTraffic::Interface("cbr0".into()), Family { v6: true });
+        assert_eq!(
+            (bridge.is.as_str(), bridge.detects),
+            ("iifname \"cbr0\"", true)
+        );
+        // Interface detection leaves the prefix set empty.
+        let table = shard_table(&LocalTraffic::InterfacePrefix("veth".into()), v4, 0);
+        assert!(table.sets["cluster-cidrs"].elements.is_empty());
+    }
+
+    #[test]
     fn no_service_loads_the_main_tables_only() {
-        let tables = super::build(&DesiredState::default(), &[]);
+        let tables = super::build(&DesiredState::default(), &LocalTraffic::default());
         let names: Vec<_> = tables.iter().map(super::Table::key).collect();
         assert_eq!(
             names,

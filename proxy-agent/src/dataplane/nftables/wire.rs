@@ -39,6 +39,9 @@ const MAX_BATCH: usize = 128 * 1024;
 const REG_VERDICT: u32 = 0;
 const REG_1: u32 = 1;
 const REG_2: u32 = 2;
+/// `NFT_META_IIFNAME`, and the kernel's interface name size.
+const META_IIFNAME: u32 = 6;
+const IFNAMSIZ: usize = 16;
 
 fn string(kind: u16, value: &str) -> Vec<u8> {
     let mut bytes = value.as_bytes().to_vec();
@@ -135,6 +138,21 @@ fn address_match(v6: bool, field: &str, equal: bool, operand: &str) -> Option<Ve
     (ip.is_ipv6() == v6).then(|| vec![load, cmp(equal, &address_bytes(ip))])
 }
 
+/// A quoted interface name as `nft` compares it: the whole name padded to `IFNAMSIZ`,
+/// or only the bytes before a trailing `*` (a prefix match).
+fn interface_bytes(quoted: &str) -> Option<Vec<u8>> {
+    let name = quoted.strip_prefix('"')?.strip_suffix('"')?;
+    if let Some(prefix) = name.strip_suffix('*') {
+        return (!prefix.is_empty() && prefix.len() < IFNAMSIZ).then(|| prefix.as_bytes().to_vec());
+    }
+    if name.is_empty() || name.len() >= IFNAMSIZ {
+        return None;
+    }
+    let mut bytes = name.as_bytes().to_vec();
+    bytes.resize(IFNAMSIZ, 0);
+    Some(bytes)
+}
+
 /// `dnat to IP:PORT` after a protocol match: address and port into registers, then NAT.
 fn dnat(ip: IpAddr, port: u16) -> [Vec<u8>; 3] {
     let nfproto = if ip.is_ipv6() { 10 } else { 2 };
@@ -188,6 +206,11 @@ fn rule(family: &str, text: &str) -> Option<Vec<u8>> {
                 let port: u16 = words.next()?.parse().ok()?;
                 exprs.push(payload(2, 2, 2));
                 exprs.push(cmp(true, &port.to_be_bytes()));
+            }
+            "iifname" => {
+                let equal = words.next_if_eq(&"!=").is_none();
+                exprs.push(expr("meta", &[be32(1, REG_1), be32(2, META_IIFNAME)]));
+                exprs.push(cmp(equal, &interface_bytes(words.next()?)?));
             }
             "fib" => {
                 if [words.next()?, words.next()?, words.next()?] != ["saddr", "type", "local"] {
@@ -625,6 +648,8 @@ mod tests {
             ("ip", "numgen random mod 3 0 goto KUBE-SEP-X"),
             ("ip", "ip daddr 10.96.0.1 meta l4proto tcp th dport 80 ip saddr != @cluster-cidrs jump KUBE-MARK-MASQ"),
             ("ip", "fib saddr type local goto KUBE-SVC-X"),
+            ("ip", "iifname \"veth*\" goto KUBE-SVC-X"),
+            ("ip6", "iifname != \"cbr0\" jump KUBE-MARK-MASQ"),
         ] {
             assert!(rule(family, text).is_some(), "{text}");
         }
@@ -635,6 +660,8 @@ mod tests {
             ("ip", "dnat to 10.0.0.1:80"),
             ("ip", "goto A B"),
             ("ip", "ip saddr { 10.0.0.0/8 } goto A"),
+            ("ip", "iifname veth goto A"),
+            ("ip", "iifname \"a-name-longer-than-15\" goto A"),
         ] {
             assert!(rule(family, text).is_none(), "{text}");
         }
