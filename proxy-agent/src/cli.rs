@@ -231,6 +231,11 @@ pub struct NodeArgs {
     /// `--detect-local-mode InterfaceNamePrefix`.
     #[arg(long)]
     pub pod_interface_name_prefix: Option<String>,
+    /// Masquerade every client of a ClusterIP, pods too (kube-proxy's
+    /// `--masquerade-all`; with eBPF, clients translated at `connect()` keep their
+    /// address: only the per-packet path masquerades).
+    #[arg(long)]
+    pub masquerade_all: bool,
     /// Node addresses that accept NodePort traffic: CIDRs, or `primary` for the Node
     /// object's primary address of each family (default: all but loopback).
     #[arg(long, value_delimiter = ',')]
@@ -288,6 +293,7 @@ impl NodeArgs {
             detect_local,
             nodeport_cidrs,
             nodeport_primary: primary,
+            masquerade_all: self.masquerade_all,
             ..NodeInfo::named(name)
         })
     }
@@ -308,6 +314,11 @@ pub struct RunArgs {
     /// API server credentials (default: in-cluster config, else `~/.kube/config`).
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// How often a sync runs with no change (kube-proxy's `--sync-period`); at most once
+    /// an hour such a sync re-reads what the kernel holds and repairs any drift there
+    /// (kube-proxy's full resync).
+    #[arg(long, default_value = "30s", value_parser = parse_sync_period)]
+    pub sync_period: std::time::Duration,
     /// The shortest time between two syncs (kube-proxy's `--min-sync-period`): a change
     /// after a quiet period is programmed at once, one within this period of the last
     /// sync waits for its end, so a burst of changes coalesces into few syncs.
@@ -339,6 +350,17 @@ pub struct RunArgs {
     /// Where `/healthz` and `/livez` are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     pub healthz_bind_address: SocketAddr,
+    /// Exit when the health or metrics address cannot be bound (kube-proxy's
+    /// `--bind-address-hard-fail`); without it the failure is logged and tried again
+    /// every 5 s.
+    #[arg(long)]
+    pub bind_address_hard_fail: bool,
+    /// Requests per second to the API server (kube-proxy's `--kube-api-qps`), with
+    /// bursts of `--kube-api-burst`: relists after errors are spaced by them.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_qps)]
+    pub kube_api_qps: f64,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kube_api_burst: u32,
     #[command(flatten)]
     pub dns: DnsArgs,
 }
@@ -402,4 +424,22 @@ fn parse_maglev_size(text: &str) -> Result<u32, String> {
             proxy_common::MAGLEV_MAX
         ))
     }
+}
+
+/// `--sync-period`: more than zero, as kube-proxy requires.
+fn parse_sync_period(text: &str) -> Result<std::time::Duration, String> {
+    let period = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if period.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(period)
+}
+
+/// `--kube-api-qps`: a positive number.
+fn parse_qps(text: &str) -> Result<f64, String> {
+    let qps: f64 = text.parse().map_err(|e| format!("{text}: {e}"))?;
+    if !(qps.is_finite() && qps > 0.0) {
+        return Err(format!("{text}: must be more than 0"));
+    }
+    Ok(qps)
 }

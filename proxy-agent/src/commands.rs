@@ -4,7 +4,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cli::{CleanupArgs, DataplaneKind, DnsArgs, NodeArgs, RenderArgs, RunArgs, TraceArgs},
@@ -123,6 +123,53 @@ fn dns_config(args: &DnsArgs) -> dns::DnsConfig {
     }
 }
 
+/// Runs a server for good. A failure (most often its address taken) ends the agent with
+/// `--bind-address-hard-fail`; otherwise it is logged and tried again every 5 s, and the
+/// agent goes on programming (kube-proxy's behaviour).
+async fn keep_serving<F, Fut>(name: &'static str, hard_fail: bool, serve: F) -> std::io::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>>,
+{
+    loop {
+        let result = serve().await;
+        if hard_fail {
+            return result;
+        }
+        if let Err(error) = result {
+            error!(server = name, %error, "cannot serve; trying again in 5 s (--bind-address-hard-fail would exit)");
+        } else {
+            warn!(server = name, "server stopped; starting it again in 5 s");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+type ServerTask = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// The health and the metrics servers, each kept serving (see [`keep_serving`]).
+fn spawn_servers(
+    args: &RunArgs,
+    health: &Arc<Health>,
+    metrics: &Arc<Metrics>,
+    live: &Arc<Live>,
+) -> (ServerTask, ServerTask) {
+    let hard_fail = args.bind_address_hard_fail;
+    let (healthz_at, health) = (args.healthz_bind_address, Arc::clone(health));
+    let healthz = tokio::spawn(keep_serving("healthz", hard_fail, move || {
+        health::serve(healthz_at, Arc::clone(&health))
+    }));
+    let (metrics_at, metrics, live) = (
+        args.metrics_bind_address,
+        Arc::clone(metrics),
+        Arc::clone(live),
+    );
+    let metrics = tokio::spawn(keep_serving("metrics", hard_fail, move || {
+        metrics::serve(metrics_at, Arc::clone(&metrics), Arc::clone(&live))
+    }));
+    (healthz, metrics)
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
     let node = args
         .node
@@ -134,7 +181,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let source = if let Some(dir) = args.manifests.clone() {
         tokio::spawn(source::manifests::run(dir, tx))
     } else {
-        let watching = source::kube::spawn(args.kubeconfig.clone(), node.name.clone(), tx).await?;
+        let rate = source::rate::ApiRate {
+            qps: args.kube_api_qps,
+            burst: args.kube_api_burst,
+        };
+        let watching =
+            source::kube::spawn(args.kubeconfig.clone(), rate, node.name.clone(), tx).await?;
         info!(node = %node.name, "watching the Kubernetes API");
         tokio::spawn(watching)
     };
@@ -159,12 +211,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }));
     }
     let metrics = Arc::new(Metrics::new(dataplane.name(), &health.answers, collectors));
-    let server = tokio::spawn(health::serve(args.healthz_bind_address, health.clone()));
-    let metrics_server = tokio::spawn(metrics::serve(
-        args.metrics_bind_address,
-        metrics.clone(),
-        live.clone(),
-    ));
+    let (server, metrics_server) = spawn_servers(&args, &health, &metrics, &live);
     let redirecting_dns = !args.dns.dns_listen.is_empty() && dataplane_name == "ebpf";
     let notrack_dns = !args.dns.dns_listen.is_empty() && dataplane_name == "nftables";
     let dns = if args.dns.dns_listen.is_empty() {
@@ -201,6 +248,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics,
         live,
         min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
         runtime: tokio::runtime::Handle::current(),
     });
     info!(node = %node.name, "agent running");

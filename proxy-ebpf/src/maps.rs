@@ -8,8 +8,8 @@ use proxy_common::{
     LocalRedirect4, MaglevTable, MonitorConfig, RevNat4, RevNat6, Service4Key, Service6Key,
     ServiceValue, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
     SourceRange6, Stats, StatsKey, EVENTS_BYTES, MAP_NO_PREALLOC, MAX_AFFINITY, MAX_BACKENDS,
-    MAX_CLUSTER_CIDRS, MAX_CT, MAX_LOCAL_INTERFACES, MAX_LOCAL_REDIRECT, MAX_MAGLEV_TABLES, MAX_REVNAT,
-    MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_STATS,
+    MAX_CLUSTER_CIDRS, MAX_CT, MAX_LOCAL_INTERFACES, MAX_LOCAL_REDIRECT, MAX_MAGLEV_TABLES,
+    MAX_REVNAT, MAX_SERVICE_ENTRIES, MAX_SOCK_REVNAT, MAX_SOURCE_RANGES, MAX_STATS,
 };
 
 /// The layout the maps were made with (`LAYOUT_VERSION`), written by the agent.

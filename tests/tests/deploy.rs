@@ -21,11 +21,17 @@ struct Manifests {
 }
 
 fn load() -> Manifests {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    load_dir("deploy")
+}
+
+/// The manifests of `deploy/<sub>` (its subdirectories are variants of their own).
+fn load_dir(sub: &str) -> Manifests {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(sub);
     let mut m = Manifests::default();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("deploy/")
         .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
         .collect();
     files.sort();
     assert!(!files.is_empty());
@@ -181,6 +187,76 @@ fn the_daemonset_is_a_node_agent_without_privileged() {
     let args = c.args.clone().unwrap_or_default();
     assert_eq!(args.first().map(String::as_str), Some("run"));
     // Every flag the DaemonSet passes is one the agent accepts.
+    let mut command_line = vec!["proxy-agent".to_owned()];
+    command_line.extend(args);
+    proxy_agent::cli::Cli::try_parse_from_args(&command_line).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `deploy/kube-system/`: the same agent run from the cluster's `kube-proxy` `ConfigMap`,
+/// in its namespace, with the main `DaemonSet`'s security context and role.
+#[test]
+fn the_kube_system_variant_runs_from_kube_proxys_config_map() {
+    let main = load();
+    let variant = load_dir("deploy/kube-system");
+    let [ds] = &variant.daemonsets[..] else {
+        panic!("one DaemonSet")
+    };
+    assert_eq!(ds.metadata.namespace.as_deref(), Some("kube-system"));
+    let [account] = &variant.accounts[..] else {
+        panic!("one ServiceAccount")
+    };
+    assert_eq!(account.metadata.namespace.as_deref(), Some("kube-system"));
+    let [binding] = &variant.bindings[..] else {
+        panic!("one ClusterRoleBinding")
+    };
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(subject.namespace.as_deref(), Some("kube-system"));
+    assert_eq!(
+        variant.roles, main.roles,
+        "the role drifted from deploy/01-rbac.yaml"
+    );
+    let pod = |ds: &DaemonSet| ds.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let (pod, main_pod) = (pod(ds), pod(&main.daemonsets[0]));
+    assert_eq!(pod.service_account_name, account.metadata.name);
+    let (c, main_c) = (&pod.containers[0], &main_pod.containers[0]);
+    assert_eq!(
+        c.security_context, main_c.security_context,
+        "security context drifted"
+    );
+    assert_eq!(c.resources, main_c.resources);
+    // The ConfigMap kube-proxy reads, mounted where kubeadm's config.conf expects its
+    // kubeconfig.conf, and handed to --config.
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| {
+            v.config_map
+                .as_ref()
+                .is_some_and(|c| c.name == "kube-proxy")
+        })
+        .expect("the kube-proxy ConfigMap as a volume");
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume.name)
+        .expect("mounted");
+    assert_eq!(mount.mount_path, "/var/lib/kube-proxy");
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--config=/var/lib/kube-proxy/config.conf".to_owned()),
+        "{args:?}"
+    );
+    // Every other mount of the main DaemonSet is here too.
+    let paths = |c: &k8s_openapi::api::core::v1::Container| -> BTreeSet<String> {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.clone())
+            .collect()
+    };
+    assert!(paths(main_c).is_subset(&paths(c)));
     let mut command_line = vec!["proxy-agent".to_owned()];
     command_line.extend(args);
     proxy_agent::cli::Cli::try_parse_from_args(&command_line).unwrap_or_else(|e| panic!("{e}"));

@@ -210,6 +210,7 @@ async fn a_burst_of_a_thousand_slice_updates_costs_a_handful_of_syncs() {
         metrics,
         live: Arc::new(Live::new("recording", "/nonexistent".into())),
         min_sync_period: period,
+        sync_period: Duration::from_hours(1),
         runtime: tokio::runtime::Handle::current(),
     }));
     let count = || synced.lock().unwrap().len();

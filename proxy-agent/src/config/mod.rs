@@ -38,6 +38,7 @@ struct KubeProxyConfiguration {
     healthz_bind_address: String,
     metrics_bind_address: String,
     hostname_override: String,
+    bind_address_hard_fail: bool,
     mode: String,
     client_connection: ClientConnection,
     iptables: SyncSettings,
@@ -50,6 +51,8 @@ struct KubeProxyConfiguration {
 #[serde(rename_all = "camelCase", default)]
 struct ClientConnection {
     kubeconfig: String,
+    qps: f64,
+    burst: i64,
     #[serde(flatten)]
     others: BTreeMap<String, serde_yaml::Value>,
 }
@@ -67,6 +70,8 @@ struct DetectLocalSection {
 #[serde(rename_all = "camelCase", default)]
 struct SyncSettings {
     min_sync_period: Option<String>,
+    sync_period: Option<String>,
+    masquerade_all: bool,
     #[serde(flatten)]
     others: BTreeMap<String, serde_yaml::Value>,
 }
@@ -84,6 +89,12 @@ pub struct FileSettings {
     pub hostname_override: Option<String>,
     pub kubeconfig: Option<std::path::PathBuf>,
     pub min_sync_period: Option<Duration>,
+    pub sync_period: Option<Duration>,
+    /// `true` only: kubeadm writes `false` for "the default".
+    pub masquerade_all: bool,
+    pub bind_address_hard_fail: bool,
+    pub kube_api_qps: Option<f64>,
+    pub kube_api_burst: Option<u32>,
     /// Fields set in the file that the agent does not act on, by their path.
     pub ignored: Vec<String>,
 }
@@ -141,16 +152,20 @@ pub fn parse(name: &str, text: &str) -> Result<FileSettings, ConfigError> {
     } else {
         &file.iptables
     };
-    let min_sync_period = mode_section
-        .min_sync_period
-        .as_deref()
-        .map(|text| {
-            humantime::parse_duration(text)
-                .map_err(|e| field("minSyncPeriod", format!("{text}: {e}")))
+    // kubeadm writes "0s" for "the default".
+    let period = |text: Option<&str>, field_name: &'static str| {
+        text.map(|text| {
+            humantime::parse_duration(text).map_err(|e| field(field_name, format!("{text}: {e}")))
         })
-        .transpose()?
-        // kubeadm writes "0s" for "the default".
-        .filter(|period| !period.is_zero());
+        .transpose()
+        .map(|period| period.filter(|p| !p.is_zero()))
+    };
+    let min_sync_period = period(mode_section.min_sync_period.as_deref(), "minSyncPeriod")?;
+    let sync_period = period(mode_section.sync_period.as_deref(), "syncPeriod")?;
+    let (kube_api_qps, kube_api_burst) = api_rates(&file.client_connection)
+        .map_err(|(field_name, error)| field(field_name, error))?;
+    let detect_local_mode = detect_local_mode(&file.detect_local_mode)
+        .map_err(|error| field("detectLocalMode", error))?;
     let mode_name = if file.mode == "nftables" {
         "nftables"
     } else {
@@ -171,21 +186,12 @@ pub fn parse(name: &str, text: &str) -> Result<FileSettings, ConfigError> {
     ignored.sort();
     Ok(FileSettings {
         cluster_cidr: Some(cidrs(&file.cluster_cidr, "clusterCIDR")?).filter(|c| !c.is_empty()),
-        nodeport_addresses: Some(nodeport_addresses(&file.node_port_addresses.unwrap_or_default()).map_err(|e| field("nodePortAddresses", e))?)
+        nodeport_addresses: Some(
+            nodeport_addresses(&file.node_port_addresses.unwrap_or_default())
+                .map_err(|e| field("nodePortAddresses", e))?,
+        )
         .filter(|c| !c.is_empty()),
-        detect_local_mode: (!file.detect_local_mode.is_empty())
-            .then(|| {
-                LocalMode::from_kube_name(&file.detect_local_mode).ok_or_else(|| {
-                    field(
-                        "detectLocalMode",
-                        format!(
-                            "{}: want ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix",
-                            file.detect_local_mode
-                        ),
-                    )
-                })
-            })
-            .transpose()?,
+        detect_local_mode,
         pod_bridge_interface: Some(file.detect_local.bridge_interface).filter(|s| !s.is_empty()),
         pod_interface_name_prefix: Some(file.detect_local.interface_name_prefix)
             .filter(|s| !s.is_empty()),
@@ -196,7 +202,46 @@ pub fn parse(name: &str, text: &str) -> Result<FileSettings, ConfigError> {
             .filter(|k| !k.is_empty())
             .map(Into::into),
         min_sync_period,
+        sync_period,
+        masquerade_all: mode_section.masquerade_all,
+        bind_address_hard_fail: file.bind_address_hard_fail,
+        kube_api_qps,
+        kube_api_burst,
         ignored,
+    })
+}
+
+/// A field's name and what is wrong with its value.
+type FieldError = (&'static str, String);
+
+/// `clientConnection.qps` and `burst`; zero means the default, as in kube-proxy.
+fn api_rates(connection: &ClientConnection) -> Result<(Option<f64>, Option<u32>), FieldError> {
+    if !(connection.qps.is_finite() && connection.qps >= 0.0) {
+        return Err((
+            "clientConnection.qps",
+            format!("{}: not a rate", connection.qps),
+        ));
+    }
+    let qps = (connection.qps > 0.0).then_some(connection.qps);
+    let burst = match connection.burst {
+        0 => None,
+        burst => Some(u32::try_from(burst).map_err(|_| {
+            (
+                "clientConnection.burst",
+                format!("{burst}: not a burst size"),
+            )
+        })?),
+    };
+    Ok((qps, burst))
+}
+
+/// `detectLocalMode` by kube-proxy's names; empty means the default.
+fn detect_local_mode(name: &str) -> Result<Option<LocalMode>, String> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    LocalMode::from_kube_name(name).map(Some).ok_or_else(|| {
+        format!("{name}: want ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix")
     })
 }
 
@@ -281,6 +326,27 @@ impl FileSettings {
         if !given("min_sync_period") {
             if let Some(period) = self.min_sync_period {
                 args.min_sync_period = period;
+            }
+        }
+        if !given("sync_period") {
+            if let Some(period) = self.sync_period {
+                args.sync_period = period;
+            }
+        }
+        if !given("masquerade_all") && self.masquerade_all {
+            args.node.masquerade_all = true;
+        }
+        if !given("bind_address_hard_fail") && self.bind_address_hard_fail {
+            args.bind_address_hard_fail = true;
+        }
+        if !given("kube_api_qps") {
+            if let Some(qps) = self.kube_api_qps {
+                args.kube_api_qps = qps;
+            }
+        }
+        if !given("kube_api_burst") {
+            if let Some(burst) = self.kube_api_burst {
+                args.kube_api_burst = burst;
             }
         }
         if !self.ignored.is_empty() {

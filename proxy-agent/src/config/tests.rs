@@ -99,8 +99,13 @@ fn a_kubeadm_file_sets_what_applies_and_names_the_rest() {
             hostname_override: None,
             kubeconfig: Some("/var/lib/kube-proxy/kubeconfig.conf".into()),
             min_sync_period: Some(Duration::from_secs(1)),
+            sync_period: Some(Duration::from_secs(30)),
+            masquerade_all: false,
+            bind_address_hard_fail: false,
+            kube_api_qps: None,
+            kube_api_burst: None,
             // Unset fields are not named; set ones the agent does not act on are.
-            ignored: vec!["bindAddress".to_owned(), "iptables.syncPeriod".to_owned()],
+            ignored: vec!["bindAddress".to_owned()],
         }
     );
 }
@@ -187,6 +192,30 @@ fn local_detection_and_primary_nodeport_addresses_come_from_the_file() {
         let error = parse("c", &text).unwrap_err().to_string();
         assert!(error.contains(key), "{bad}: {error}");
     }
+}
+
+#[test]
+fn masquerade_all_sync_period_hard_fail_and_api_rates_come_from_the_file() {
+    let text = KUBEADM
+        .replace("bindAddressHardFail: false", "bindAddressHardFail: true")
+        .replace("  burst: 0\n", "  burst: 20\n")
+        .replace("  qps: 0\n", "  qps: 7.5\n")
+        .replace(
+            "  masqueradeAll: false\n  masqueradeBit: null\n  minSyncPeriod: 1s",
+            "  masqueradeAll: true\n  masqueradeBit: null\n  minSyncPeriod: 1s",
+        );
+    let mut args = run_args(&["--manifests", "/m", "--kube-api-burst", "3"]);
+    parse("config.conf", &text).unwrap().apply(&mut args, |id| {
+        ["manifests", "kube_api_burst"].contains(&id)
+    });
+    assert!(args.node.masquerade_all && args.bind_address_hard_fail);
+    assert_eq!(args.sync_period, Duration::from_secs(30));
+    assert!((args.kube_api_qps - 7.5).abs() < f64::EPSILON);
+    // The flag wins.
+    assert_eq!(args.kube_api_burst, 3);
+    let bad = KUBEADM.replace("  burst: 0\n", "  burst: -1\n");
+    let error = parse("c", &bad).unwrap_err().to_string();
+    assert!(error.contains("clientConnection.burst"), "{error}");
 }
 
 #[test]

@@ -176,8 +176,11 @@ impl PortContext<'_> {
             Arc::clone(&sets.cluster)
         };
         let masquerade = match kind {
-            // Traffic to a ClusterIP from outside the cluster CIDR (when it is known).
-            FrontendKind::ClusterIp => class != SourceClass::Pod && self.node.detects_local(),
+            // Traffic to a ClusterIP from outside the pods (when they can be told), or
+            // all of it with --masquerade-all.
+            FrontendKind::ClusterIp => {
+                self.node.masquerade_all || (class != SourceClass::Pod && self.node.detects_local())
+            }
             // externalTrafficPolicy Cluster masquerades everyone; Local keeps client
             // addresses, but the node's own traffic sent to every endpoint is masqueraded.
             _ => !policies.external_local || (class == SourceClass::Node && !local),

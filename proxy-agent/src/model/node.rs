@@ -118,6 +118,8 @@ pub struct NodeInfo {
     pub nodeport_primary: bool,
     /// The Node object's first InternalIP of each family (ExternalIP when it has none).
     pub primary_addresses: Vec<IpAddr>,
+    /// `--masquerade-all`: every client of a ClusterIP is masqueraded.
+    pub masquerade_all: bool,
 }
 
 impl NodeInfo {

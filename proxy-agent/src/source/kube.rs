@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     parse::{Kind, Object},
+    rate::{ApiRate, RateLimitLayer},
     wire::{field, WireObject},
     SourceError, SourceUpdate,
 };
@@ -33,8 +34,9 @@ use crate::model::{
 /// kube-proxy's selector: objects of another proxy are not ours.
 const NOT_OTHER_PROXY: &str = "!service.kubernetes.io/service-proxy-name";
 
-/// A client from `--kubeconfig`, else in-cluster config, else `~/.kube/config`.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
+/// A client from `--kubeconfig`, else in-cluster config, else `~/.kube/config`, its
+/// requests limited to `rate`.
+pub async fn client(kubeconfig: Option<&Path>, rate: ApiRate) -> Result<Client, SourceError> {
     let error = |e: &dyn std::fmt::Display| SourceError::Kube(e.to_string());
     let config = match kubeconfig {
         Some(path) => {
@@ -45,7 +47,7 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
         }
         None => Config::infer().await.map_err(|e| error(&e))?,
     };
-    client_from(config)
+    client_limited(config, rate)
 }
 
 /// The client for a configuration. kube-rs retries a request answered 429, 503 or 504
@@ -58,6 +60,17 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
 pub fn client_from(mut config: Config) -> Result<Client, SourceError> {
     config.default_retry = false;
     Client::try_from(config).map_err(|e| SourceError::Kube(e.to_string()))
+}
+
+/// [`client_from`] with every request waiting its turn under `rate`.
+///
+/// # Errors
+/// As [`client_from`].
+pub fn client_limited(mut config: Config, rate: ApiRate) -> Result<Client, SourceError> {
+    config.default_retry = false;
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| SourceError::Kube(e.to_string()))?;
+    Ok(builder.with_layer(&RateLimitLayer::new(rate)).build())
 }
 
 /// One watcher's news for the store. Objects arrive decoded, checked and slimmed (or as
@@ -328,12 +341,13 @@ fn spawn_watcher(
 /// cannot start.
 pub async fn spawn(
     kubeconfig: Option<std::path::PathBuf>,
+    rate: ApiRate,
     node_name: String,
     tx: watch::Sender<SourceUpdate>,
 ) -> Result<impl std::future::Future<Output = Result<(), SourceError>>, SourceError> {
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let watching = move || async move {
-        let client = match client(kubeconfig.as_deref()).await {
+        let client = match client(kubeconfig.as_deref(), rate).await {
             Ok(client) => client,
             Err(error) => {
                 let _ = ready_tx.send(Err(error));

@@ -4,6 +4,7 @@ pub mod addresses;
 pub mod kube;
 pub mod manifests;
 pub mod parse;
+pub mod rate;
 pub mod wire;
 
 use std::{path::PathBuf, sync::Arc};

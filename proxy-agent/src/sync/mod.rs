@@ -31,6 +31,9 @@ const RETRY_MIN: Duration = Duration::from_millis(100);
 /// one that removes it, when no change comes first.
 const TIDY_AFTER: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How often a periodic sync re-reads the kernel and repairs drift (kube-proxy's
+/// `FullSyncPeriod`).
+const FULL_SYNC_PERIOD: Duration = Duration::from_hours(1);
 
 /// Everything the sync loop is handed.
 pub struct Inputs {
@@ -43,6 +46,8 @@ pub struct Inputs {
     pub metrics: Arc<Metrics>,
     pub live: Arc<Live>,
     pub min_sync_period: Duration,
+    /// A sync runs at least this often, changes or not (`--sync-period`).
+    pub sync_period: Duration,
     /// The runtime the health-check servers run on.
     pub runtime: tokio::runtime::Handle,
 }
@@ -116,6 +121,7 @@ async fn run(mut inputs: Inputs) {
     let mut last_sync: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let mut retrying = false;
+    let mut last_full = Instant::now();
     loop {
         if !retrying {
             // A change after a quiet period goes at once; one soon after a sync waits
@@ -151,6 +157,16 @@ async fn run(mut inputs: Inputs) {
             () = tokio::time::sleep(TIDY_AFTER), if tidy => {}
             () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now).into()),
                 if retry_at.is_some() => retrying = true,
+            // Nothing changed for a sync period: sync anyway, and once an hour from what
+            // the kernel holds, so whatever changed it behind our back is put right.
+            () = tokio::time::sleep_until(last_sync.map_or_else(Instant::now, |t| t + inputs.sync_period).into()),
+                if last_sync.is_some() => {
+                if last_full.elapsed() >= FULL_SYNC_PERIOD {
+                    info!("periodic full sync: re-reading what the kernel holds");
+                    state.programmed = None;
+                    last_full = Instant::now();
+                }
+            }
         }
     }
 }

@@ -497,20 +497,25 @@ pub(super) fn group_chains(group: &Group, local: &LocalMatch, family: Family, t:
             .iter()
             .filter(|(_, f)| f.kind == FrontendKind::ClusterIp)
         {
-            // ClusterIP traffic from outside the pods is masqueraded (only for the
-            // ClusterIP itself, so external traffic passing through here keeps its source).
-            if frontend.external.masquerade
-                && local.detects
-                && target(group, &frontend.pod) == *name
-            {
-                rules.push(format!(
-                    "{addr} daddr {} meta l4proto {} th dport {} {} jump KUBE-MARK-MASQ",
-                    key.ip,
-                    proto(key.protocol),
-                    key.port,
-                    local.not
-                ));
+            // ClusterIP traffic from outside the pods is masqueraded, all of it with
+            // --masquerade-all (only for the ClusterIP itself, so external traffic
+            // passing through here keeps its source).
+            if target(group, &frontend.pod) != *name {
+                continue;
             }
+            let condition = if frontend.pod.masquerade {
+                String::new()
+            } else if frontend.external.masquerade && local.detects {
+                format!(" {}", local.not)
+            } else {
+                continue;
+            };
+            rules.push(format!(
+                "{addr} daddr {} meta l4proto {} th dport {}{condition} jump KUBE-MARK-MASQ",
+                key.ip,
+                proto(key.protocol),
+                key.port,
+            ));
         }
         if affinity.is_some() {
             for backend in backends {
