@@ -57,9 +57,9 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-/// Installs what is missing; fast when everything is there.
-pub fn ensure() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+/// Installs the Debian packages of `packages` that are missing.
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         eprintln!("installing Debian packages: {}", missing.join(" "));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
@@ -68,6 +68,12 @@ pub fn ensure() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+/// Installs what is missing; fast when everything is there.
+pub fn ensure() -> Result<()> {
+    ensure_packages(PACKAGES)?;
     let linker = tools_root().join("bin/bpf-linker");
     let current = Command::new(&linker)
         .arg("--version")
