@@ -6,6 +6,7 @@ pub mod benchtargets;
 pub mod changebench;
 pub mod cluster;
 pub mod connbench;
+pub mod container;
 pub mod dns_upstream;
 pub mod dnsbench;
 pub mod dnschurn;

@@ -24,8 +24,8 @@ const PROGRAMS: &[(&str, &str)] = &[("nftables", "usr/sbin/nft"), ("iproute2", "
 const DATA: &[&str] = &["etc/iproute2"];
 /// Where Debian keeps shared libraries.
 const LIBRARY_DIRS: &[&str] = &["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64"];
-/// Tools the image is made with.
-const BUILD_PACKAGES: &[&str] = &["buildah", "binutils"];
+/// Tools the image is made and run with (podman over runc for the container test).
+const BUILD_PACKAGES: &[&str] = &["buildah", "binutils", "podman", "runc"];
 /// Packages that only configure others at install time (none is installed here).
 const NOT_NEEDED: &[&str] = &[
     "debconf",
@@ -40,7 +40,8 @@ fn image_dir() -> PathBuf {
     root().join("target/image")
 }
 
-fn archive() -> PathBuf {
+/// The OCI archive the image is written to.
+pub fn archive() -> PathBuf {
     image_dir().join("proxy-agent.oci.tar")
 }
 

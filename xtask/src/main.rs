@@ -142,6 +142,8 @@ fn clippy() -> Result<()> {
 /// Everything CI checks; returns the test totals line.
 fn test() -> Result<String> {
     build()?;
+    // The container end-to-end test runs the image of this very build.
+    image::build()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["fmt", "--check", "--manifest-path", "proxy-ebpf/Cargo.toml"]))?;
     run(cargo().args(["fmt", "--check", "--manifest-path", "fuzz/Cargo.toml"]))?;
@@ -159,7 +161,8 @@ fn test() -> Result<String> {
             .args(["--", "--test-threads", "2"])
             .env("PROXY_EBPF_OBJECT", ebpf_object())
             .env("PROXY_AGENT_BIN", root().join("target/release/proxy-agent"))
-            .env("PROXY_AGENT_FAULTS_BIN", faults_agent()),
+            .env("PROXY_AGENT_FAULTS_BIN", faults_agent())
+            .env("PROXY_AGENT_IMAGE", image::archive()),
     )?;
     Ok(format!("{passed} passed, {failed} failed"))
 }

@@ -160,6 +160,16 @@ pub fn terminate(bpffs: &Path, removed: &BTreeSet<Pair>) -> Result<usize, Termin
         }
         match destroy_in(&netns, &mut stale) {
             Ok(n) => destroyed += n,
+            // Refused, not gone: without CAP_SYS_ADMIN no pod's namespace can be entered,
+            // and their stale sockets stay. Said once.
+            Err(TerminateError::Netns(_, error))
+                if error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    warn!(%error, "cannot enter pods' network namespaces (CAP_SYS_ADMIN?): their connected UDP sockets to removed backends are not destroyed");
+                });
+            }
             // Processes come and go while the walk runs.
             Err(error) => debug!(%error, "skipping a network namespace"),
         }
