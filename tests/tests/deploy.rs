@@ -24,6 +24,63 @@ fn load() -> Manifests {
     load_dir("deploy")
 }
 
+/// `value` as the Kubernetes type `T`, refusing any field `T` does not have (the API
+/// server of the `k8s-openapi` version would drop or refuse it): every key of the file
+/// must come back when the typed object is written out again.
+fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(
+    value: serde_yaml::Value,
+    what: &str,
+) -> T {
+    let given = serde_json::to_value(&value).expect("JSON");
+    let typed: T = serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let back = serde_json::to_value(&typed).expect("JSON");
+    let mut unknown = Vec::new();
+    unknown_fields(&given, &back, "", &mut unknown);
+    assert!(unknown.is_empty(), "{what}: unknown fields {unknown:?}");
+    typed
+}
+
+/// The paths of `given`'s keys that `back` lacks.
+fn unknown_fields(
+    given: &serde_json::Value,
+    back: &serde_json::Value,
+    path: &str,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (given, back) {
+        (Value::Object(given), Value::Object(back)) => {
+            for (key, value) in given {
+                let at = format!("{path}.{key}");
+                match back.get(key) {
+                    Some(back) => unknown_fields(value, back, &at, out),
+                    None => out.push(at),
+                }
+            }
+        }
+        (Value::Array(given), Value::Array(back)) => {
+            for (i, (given, back)) in given.iter().zip(back).enumerate() {
+                unknown_fields(given, back, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn an_unknown_field_is_caught() {
+    let value: serde_yaml::Value = serde_yaml::from_str(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: a, nmespace: b}\n",
+    )
+    .unwrap();
+    let result = std::panic::catch_unwind(|| strict::<ServiceAccount>(value, "typo"));
+    let message = result
+        .err()
+        .and_then(|e| e.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    assert!(message.contains(".metadata.nmespace"), "{message}");
+}
+
 /// The manifests of `deploy/<sub>` (its subdirectories are variants of their own).
 fn load_dir(sub: &str) -> Manifests {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(sub);
@@ -31,7 +88,7 @@ fn load_dir(sub: &str) -> Manifests {
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("deploy/")
         .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
     assert!(!files.is_empty());
@@ -42,17 +99,11 @@ fn load_dir(sub: &str) -> Manifests {
             let kind = value["kind"].as_str().unwrap_or_default().to_owned();
             let what = format!("{kind} in {}", file.display());
             match kind.as_str() {
-                "Namespace" => m
-                    .namespaces
-                    .push(serde_yaml::from_value(value).expect(&what)),
-                "ServiceAccount" => m.accounts.push(serde_yaml::from_value(value).expect(&what)),
-                "ClusterRole" => m.roles.push(serde_yaml::from_value(value).expect(&what)),
-                "ClusterRoleBinding" => {
-                    m.bindings.push(serde_yaml::from_value(value).expect(&what));
-                }
-                "DaemonSet" => m
-                    .daemonsets
-                    .push(serde_yaml::from_value(value).expect(&what)),
+                "Namespace" => m.namespaces.push(strict(value, &what)),
+                "ServiceAccount" => m.accounts.push(strict(value, &what)),
+                "ClusterRole" => m.roles.push(strict(value, &what)),
+                "ClusterRoleBinding" => m.bindings.push(strict(value, &what)),
+                "DaemonSet" => m.daemonsets.push(strict(value, &what)),
                 other => panic!("unexpected kind {other:?} in {}", file.display()),
             }
         }
