@@ -50,7 +50,8 @@ pub struct Gauges {
 
 impl Gauges {
     /// Says why a Service port's topology hints were passed over, once per reason (its
-    /// frontends share it); forgets it when the hints are used again or the port goes.
+    /// frontends share it); forgets it when the hints are used again or a frontend of
+    /// the port goes.
     fn say_hints(&mut self, frontend: &Frontend, up: bool) {
         let service = &frontend.service;
         match (&frontend.hints_passed_over, up) {
@@ -107,7 +108,12 @@ impl Gauges {
         for item in old.frontends.diff(&new.frontends) {
             let (before, after) = match item {
                 DiffItem::Add(_, f) => (None, Some(f)),
-                DiffItem::Remove(_, f) => (Some(f), None),
+                DiffItem::Remove(_, f) => {
+                    // A frontend gone: its port's note goes too (said again, once, if
+                    // the port's other frontends still pass hints over).
+                    self.hints_said.remove(&f.service);
+                    (Some(f), None)
+                }
                 DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
             };
             for (frontend, up) in [(before, false), (after, true)] {
