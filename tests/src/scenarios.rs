@@ -2,7 +2,7 @@
 use std::{
     io::{BufRead, BufReader, Lines},
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    process::{Child, ChildStdout, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -178,12 +178,9 @@ pub fn restart_under_load(
     let testpod = testpod_bin().display().to_string();
     let upgraded = cluster.scratch().join("proxy-agent-upgraded");
     std::fs::copy(crate::agent::agent_bin(), &upgraded).expect("copy the agent");
-    let lan = format!("/run/netns/{}", cluster.lan_netns());
     let spawn = |args: &[&str]| {
-        Command::new("nsenter")
-            .arg(format!("--net={lan}"))
-            .arg("--")
-            .args(args)
+        cluster
+            .command_in_lan(args)
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn a LAN client")

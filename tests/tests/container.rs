@@ -3,8 +3,6 @@
 //! its volumes, the node's network namespace as the host network): ClusterIP from a pod,
 //! NodePort from outside and NodeLocal DNS work; a container restart keeps a long-lived
 //! connection and new ones flowing; `cleanup` run from the image removes everything.
-use std::process::Command;
-
 use proxy_agent_tests::{
     agent::testpod_bin,
     cluster::Cluster,
@@ -28,9 +26,9 @@ spec:
           {name: echo, protocol: TCP, port: 7070, targetPort: echo, nodePort: 30070}]
 ";
 
-#[test]
-fn the_image_runs_as_the_daemonset_runs_it() {
-    let cluster = scenarios::echo_cluster("ctr");
+/// echo (`ClusterIP`) and np (`NodePort`, with the echo port), both on web-a and web-b,
+/// in the cluster's manifests directory.
+fn write_manifests(cluster: &Cluster) {
     let dir = cluster.scratch().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     manifests::write(
@@ -50,10 +48,24 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         "np-slice.yaml",
         &manifests::slice("np-1", "np", &ports, &WEB_A_AND_B),
     );
+}
+
+/// The source the container is given beside the `DaemonSet`'s arguments (`NODE_NAME`
+/// comes from its env): the manifests directory, and the volume that holds it.
+fn source(cluster: &Cluster) -> ([String; 2], [String; 1]) {
+    let dir = cluster.scratch().join("manifests");
+    (
+        ["--manifests".to_owned(), "/manifests".into()],
+        [format!("{}:/manifests:ro", dir.display())],
+    )
+}
+
+#[test]
+fn the_image_runs_as_the_daemonset_runs_it() {
+    let cluster = scenarios::echo_cluster("ctr");
+    write_manifests(&cluster);
     let image = load_image(&cluster);
-    // The DaemonSet's arguments, plus the source (NODE_NAME comes from its env).
-    let source = ["--manifests".to_owned(), "/manifests".into()];
-    let volumes = [format!("{}:/manifests:ro", dir.display())];
+    let (source, volumes) = source(&cluster);
     let agent = ContainerAgent::start(&cluster, "node1", &image, &source, &volumes);
     agent.wait_healthy(&cluster);
 
@@ -96,19 +108,16 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     assert_eq!(dig.trim(), ECHO_IP, "{}", agent.logs(&cluster));
 
     restart_keeps_connections(&cluster, &agent);
-    cleanup_from_the_image(&cluster, &agent, image);
+    cleanup_from_the_image(&cluster, &agent, &image);
 }
 
 /// A container restart: a long-lived connection and a stream of new ones from the LAN
 /// through the NodePort carry on.
 fn restart_keeps_connections(cluster: &Cluster, agent: &ContainerAgent) {
     let testpod = testpod_bin().display().to_string();
-    let lan = format!("/run/netns/{}", cluster.lan_netns());
     let spawn = |args: &[&str]| {
-        Command::new("nsenter")
-            .arg(format!("--net={lan}"))
-            .arg("--")
-            .args(args)
+        cluster
+            .command_in_lan(args)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("a LAN client")
@@ -130,22 +139,9 @@ fn restart_keeps_connections(cluster: &Cluster, agent: &ContainerAgent) {
 }
 
 /// `cleanup` from the image, with the same privileges, removes everything.
-fn cleanup_from_the_image(cluster: &Cluster, agent: &ContainerAgent, image: String) {
+fn cleanup_from_the_image(cluster: &Cluster, agent: &ContainerAgent, image: &str) {
     let _ = podman_run(cluster, &["stop", "-t", "10", &agent.name]);
-    let (_, container) = daemonset();
-    let mut args = vec!["run".to_owned(), "--rm".into()];
-    args.extend(run_options(
-        cluster,
-        "node1",
-        &added_capabilities(&container),
-    ));
-    args.push(image);
-    args.extend([
-        "cleanup".into(),
-        format!("--bpffs={}", cluster.bpffs_dir("node1").display()),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _ = podman_run(cluster, &args);
+    cleanup_node(cluster, image);
     assert!(!cluster.bpffs_dir("node1").exists(), "pins left behind");
     let tables = cluster.run_on_node("node1", &["nft", "list", "tables"]);
     assert!(!tables.contains("proxy-agent"), "{tables}");
@@ -161,9 +157,7 @@ fn what_breaks(
     capabilities: &[String],
     baseline: &[String],
 ) -> (Vec<&'static str>, Vec<String>) {
-    let dir = cluster.scratch().join("manifests");
-    let source = ["--manifests".to_owned(), "/manifests".into()];
-    let volumes = [format!("{}:/manifests:ro", dir.display())];
+    let (source, volumes) = source(cluster);
     let agent =
         ContainerAgent::start_with(cluster, "node1", image, capabilities, &source, &volumes);
     let mut broken = Vec::new();
@@ -291,25 +285,7 @@ fn cleanup_node(cluster: &Cluster, image: &str) {
 #[test]
 fn every_capability_the_daemonset_adds_is_needed() {
     let cluster = scenarios::echo_cluster("ccap");
-    let dir = cluster.scratch().join("manifests");
-    std::fs::create_dir_all(&dir).unwrap();
-    manifests::write(
-        &dir,
-        "echo.yaml",
-        &manifests::service("echo", ECHO_IP, &SVC_PORTS),
-    );
-    manifests::write(
-        &dir,
-        "echo-slice.yaml",
-        &manifests::slice("echo-1", "echo", &POD_PORTS, &WEB_A_AND_B),
-    );
-    manifests::write(&dir, "np.yaml", NODEPORT);
-    let ports = [POD_PORTS[0], ECHO_PORT];
-    manifests::write(
-        &dir,
-        "np-slice.yaml",
-        &manifests::slice("np-1", "np", &ports, &WEB_A_AND_B),
-    );
+    write_manifests(&cluster);
     let image = load_image(&cluster);
     let all = added_capabilities(&daemonset().1);
     let (broken, baseline) = what_breaks(&cluster, &image, &all, &[]);

@@ -205,13 +205,7 @@ fn sync_once(
     let (plan, applied) = match result {
         Ok(done) => done,
         Err(error) => {
-            inputs
-                .metrics
-                .sync_errors
-                .get_or_create(&ReasonLabel {
-                    reason: error.reason(),
-                })
-                .inc();
+            count_error(inputs, error.reason(), 1);
             inputs
                 .health
                 .degraded(None, Some(format!("sync failed: {error}")));
@@ -285,13 +279,7 @@ fn follow_local(inputs: &mut Inputs, state: &mut State, node: &NodeInfo) -> bool
             false
         }
         Err(error) => {
-            inputs
-                .metrics
-                .sync_errors
-                .get_or_create(&ReasonLabel {
-                    reason: error.reason(),
-                })
-                .inc();
+            count_error(inputs, error.reason(), 1);
             error!(%error, %local, "cannot program local traffic detection; will retry");
             true
         }
@@ -315,12 +303,17 @@ fn report_skipped(inputs: &Inputs, applied: &crate::dataplane::Applied) {
     });
     inputs.health.degraded(Some(applied.failed.len()), summary);
     for (reason, n) in &applied.failure_reasons {
-        inputs
-            .metrics
-            .sync_errors
-            .get_or_create(&ReasonLabel { reason })
-            .inc_by(u64::try_from(*n).unwrap_or(u64::MAX));
+        count_error(inputs, reason, *n);
     }
+}
+
+/// `proxyagent_sync_errors_total{reason}` goes up by `n`.
+fn count_error(inputs: &Inputs, reason: &'static str, n: usize) {
+    inputs
+        .metrics
+        .sync_errors
+        .get_or_create(&ReasonLabel { reason })
+        .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
 }
 
 /// What the kernel holds after a plan towards `desired` in which `failed` frontends
