@@ -175,7 +175,22 @@ impl Cluster {
         sh(&["ip", "netns", "add", &lan]);
         no_dad(&lan);
         sh_in(&lan, &["ip", "link", "set", "lo", "up"]);
-        sh_in(&lan, &["ip", "link", "add", "br0", "type", "bridge"]);
+        // A fixed address, as a switch's or a client's NIC keeps: a bridge left to
+        // itself takes its lowest port's, so a node interface plugged in or removed would
+        // change the LAN's MAC under the node's neighbour cache and lose packets.
+        sh_in(
+            &lan,
+            &[
+                "ip",
+                "link",
+                "add",
+                "br0",
+                "address",
+                "02:00:0a:64:00:fe",
+                "type",
+                "bridge",
+            ],
+        );
         sh_in(
             &lan,
             &["ip", "addr", "add", "10.100.0.254/24", "dev", "br0"],
