@@ -235,7 +235,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             None => std::future::pending().await,
         }
     };
-    let addresses = source::addresses::follow().unwrap_or_else(|error| {
+    let addresses = source::addresses::follow().await.unwrap_or_else(|error| {
         warn!(%error, "cannot follow the node's addresses; NodePorts use the Node object's");
         watch::channel(Vec::new()).1
     });
@@ -386,7 +386,11 @@ pub fn cleanup(args: &CleanupArgs) -> Result<()> {
             Err(error) => return Err(error.into()),
         }
     }
-    dns::iface::remove().context("removing the DNS interface")?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(dns::iface::remove())
+        .context("removing the DNS interface")?;
     if let Err(error) = dns::notrack::remove() {
         debug!(%error, "no DNS NOTRACK table to remove");
     }

@@ -1,30 +1,22 @@
 //! `sock_diag` over netlink (what `ss -K` uses): lists a network namespace's connected
 //! UDP sockets and destroys one, so a socket the socket LB sent to a backend that has
 //! since left its Service fails with ECONNABORTED and its owner reconnects afresh.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 
+use netlink_packet_sock_diag::{
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    SockDiagDestroy, SockDiagMessage, AF_INET, AF_INET6, IPPROTO_UDP,
+};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
-use crate::netlink::{Netlink, NetlinkError, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
-
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const SOCK_DESTROY: u16 = 21;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const IPPROTO_UDP: u8 = 17;
-/// `TCP_ESTABLISHED`, the state of a connected UDP socket.
-const ESTABLISHED: u32 = 1;
-/// `struct inet_diag_sockid`: ports, addresses, interface, cookie.
-const SOCKID_LEN: usize = 48;
-/// `struct inet_diag_msg`: family, state, timer, retrans, the sockid, then five words.
-const MSG_LEN: usize = 4 + SOCKID_LEN + 20;
+use crate::netlink::{unmapped, Netlink, NetlinkError, NLM_F_ACK};
 
 /// One socket as `sock_diag` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiagSocket {
     family: u8,
-    /// The raw `inet_diag_sockid`, handed back to identify the socket to destroy.
-    id: [u8; SOCKID_LEN],
+    /// The socket as the kernel identified it, handed back to name the one to destroy.
+    id: SocketId,
     pub local: SocketAddr,
     /// The connected peer; an IPv4-mapped peer of an IPv6 socket reads as IPv4.
     pub peer: SocketAddr,
@@ -40,7 +32,7 @@ impl SockDiag {
     /// # Errors
     /// When netlink is unavailable.
     pub fn open() -> Result<Self, NetlinkError> {
-        Netlink::open(NETLINK_SOCK_DIAG, 0).map(Self)
+        Netlink::open(NETLINK_SOCK_DIAG).map(Self)
     }
 
     /// Every connected UDP socket of both families.
@@ -49,19 +41,12 @@ impl SockDiag {
     /// On socket errors or messages that cannot be read.
     pub fn connected_udp(&mut self) -> Result<Vec<DiagSocket>, NetlinkError> {
         let mut out = Vec::new();
-        for family in [AF_INET, AF_INET6] {
-            let request = request(family, 1 << ESTABLISHED, &[0; SOCKID_LEN]);
-            self.0.send(
-                SOCK_DIAG_BY_FAMILY,
-                NLM_F_REQUEST | NLM_F_DUMP,
-                &request,
-                &[],
-            )?;
-            self.0.receive(|kind, body| {
-                if kind == SOCK_DIAG_BY_FAMILY {
-                    out.extend(parse(body));
-                }
-            })?;
+        for (family, id) in [
+            (AF_INET, SocketId::new_v4()),
+            (AF_INET6, SocketId::new_v6()),
+        ] {
+            let request = request(family, StateFlags::ESTABLISHED, id);
+            out.extend(self.0.dump(&request)?.iter().filter_map(socket_of));
         }
         Ok(out)
     }
@@ -72,53 +57,49 @@ impl SockDiag {
     /// # Errors
     /// On socket errors or a refusal other than "no such socket".
     pub fn destroy(&mut self, socket: &DiagSocket) -> Result<(), NetlinkError> {
-        let request = request(socket.family, u32::MAX, &socket.id);
-        self.0
-            .send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &request, &[])?;
-        match self.0.receive(|_, _| {}) {
-            Err(NetlinkError::Kernel(-2)) => Ok(()),
-            other => other,
+        let request =
+            SockDiagDestroy::new(request(socket.family, StateFlags::all(), socket.id.clone()));
+        match self.0.request(&request, NLM_F_ACK) {
+            Err(error) if error.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
         }
     }
 }
 
-/// `struct inet_diag_req_v2` for UDP sockets of `family` in `states`.
-fn request(family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
-    let mut r = vec![family, IPPROTO_UDP, 0, 0];
-    r.extend(states.to_ne_bytes());
-    r.extend(id);
-    r
+/// The request for UDP sockets of `family` in `states`, or the one named by `id`.
+fn request(family: u8, states: StateFlags, id: SocketId) -> SockDiagMessage {
+    SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: IPPROTO_UDP,
+        extensions: ExtensionFlags::empty(),
+        states,
+        socket_id: id,
+    })
 }
 
-/// One `inet_diag_msg`; `None` for a short message or an unknown family.
+/// One dump message as a socket; `None` for anything but an inet socket.
 #[must_use]
-pub fn parse(msg: &[u8]) -> Option<DiagSocket> {
-    let msg = msg.get(..MSG_LEN)?;
-    let family = msg[0];
-    let id: [u8; SOCKID_LEN] = msg[4..4 + SOCKID_LEN].try_into().ok()?;
-    let port = |at: usize| u16::from_be_bytes([id[at], id[at + 1]]);
-    let addr = |at: usize| -> Option<IpAddr> {
-        let raw: [u8; 16] = id[at..at + 16].try_into().ok()?;
-        match family {
-            AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-            AF_INET6 => {
-                let v6 = Ipv6Addr::from(raw);
-                Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
-            }
-            _ => None,
-        }
+pub fn socket_of(message: &SockDiagMessage) -> Option<DiagSocket> {
+    let SockDiagMessage::InetResponse(response) = message else {
+        return None;
     };
-    let cookie = [&id[40..44], &id[44..48]]
-        .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
-        .into_iter()
-        .rev()
-        .fold(0u64, |acc, w| acc << 32 | u64::from(w));
+    let header = &response.header;
+    let id = &header.socket_id;
+    // The kernel splits the 64-bit cookie into two native words, low word first.
+    let word = |at: usize| {
+        u64::from(u32::from_ne_bytes([
+            id.cookie[at],
+            id.cookie[at + 1],
+            id.cookie[at + 2],
+            id.cookie[at + 3],
+        ]))
+    };
     Some(DiagSocket {
-        family,
-        id,
-        local: SocketAddr::new(addr(4)?, port(0)),
-        peer: SocketAddr::new(addr(20)?, port(2)),
-        cookie,
+        family: header.family,
+        id: id.clone(),
+        local: SocketAddr::new(unmapped(id.source_address, true), id.source_port),
+        peer: SocketAddr::new(unmapped(id.destination_address, true), id.destination_port),
+        cookie: word(4) << 32 | word(0),
     })
 }
 
@@ -126,7 +107,10 @@ pub fn parse(msg: &[u8]) -> Option<DiagSocket> {
 mod tests {
     use std::net::UdpSocket;
 
-    use super::{parse, SockDiag, AF_INET6, MSG_LEN};
+    use netlink_packet_core::ParseableParametrized;
+    use netlink_packet_sock_diag::{SockDiagMessage, AF_INET6, SOCK_DIAG_BY_FAMILY};
+
+    use super::{socket_of, SockDiag};
 
     #[test]
     fn messages_read_addresses_ports_and_the_cookie() {
@@ -144,12 +128,13 @@ mod tests {
         // The kernel splits the 64-bit cookie into two words, low word first.
         msg.extend(7u32.to_ne_bytes());
         msg.extend(1u32.to_ne_bytes());
-        msg.resize(MSG_LEN, 0);
-        let socket = parse(&msg).unwrap();
+        msg.resize(72, 0);
+        let message = SockDiagMessage::parse_with_param(&msg, SOCK_DIAG_BY_FAMILY).unwrap();
+        let socket = socket_of(&message).unwrap();
         assert_eq!(socket.local, "[fd00::1]:40000".parse().unwrap());
         assert_eq!(socket.peer, "10.96.0.10:53".parse().unwrap());
         assert_eq!(socket.cookie, 1 << 32 | 7);
-        assert_eq!(parse(&msg[..MSG_LEN - 1]), None);
+        assert!(SockDiagMessage::parse_with_param(&msg[..71], SOCK_DIAG_BY_FAMILY).is_err());
     }
 
     /// Against this kernel: a connected loopback UDP socket is listed and, once

@@ -5,6 +5,20 @@
 //! Nothing may panic, and every query that deserves an answer gets one with its id.
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
+use netlink_packet_core::Emitable;
+use netlink_packet_netfilter::{
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
+        Protocol, Tuple,
+    },
+    NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
+};
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage},
+    AddressFamily, RouteNetlinkMessage,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
 use proxy_agent::{
     dataplane::conntrack,
     dns::{
@@ -436,56 +450,101 @@ fn mutated_dns_queries_are_answered_with_their_id_never_a_panic() {
     assert!(hot > 10_000 && answered > 10_000 && silent > 1000);
 }
 
-/// A netlink message: header (`len`, `kind`) then `body`.
+/// One netlink message of type `kind` (request 1 of port 0) around `body`.
 fn message(kind: u16, body: &[u8]) -> Vec<u8> {
     let len = u32::try_from(16 + body.len()).unwrap();
     let mut out = len.to_ne_bytes().to_vec();
     out.extend(kind.to_ne_bytes());
-    out.extend([0u8; 10]);
+    out.extend(2u16.to_ne_bytes());
+    out.extend(1u32.to_ne_bytes());
+    out.extend(0u32.to_ne_bytes());
     out.extend(body);
-    out.resize(netlink::align(out.len()), 0);
+    out.resize(out.len().next_multiple_of(4), 0);
     out
 }
 
+fn emitted(message: &impl Emitable) -> Vec<u8> {
+    let mut out = vec![0; message.buffer_len()];
+    message.emit(&mut out);
+    out
+}
+
+/// A dump reply as the kernel sends one: a conntrack entry of each family.
 fn conntrack_seed() -> Vec<u8> {
-    let tuple = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| {
-        let ip = [netlink::attr(1, &src), netlink::attr(2, &dst)].concat();
-        let proto = [
-            netlink::attr(1, &[6]),
-            netlink::attr(2, &sport.to_be_bytes()),
-            netlink::attr(3, &dport.to_be_bytes()),
+    let tuple = |src: &str, dst: &str, sport: u16, dport: u16| {
+        vec![
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress(src.parse().unwrap()),
+                IPTuple::DestinationAddress(dst.parse().unwrap()),
+            ]),
+            Tuple::Proto(vec![
+                ProtoTuple::Protocol(Protocol::Tcp),
+                ProtoTuple::SourcePort(sport),
+                ProtoTuple::DestinationPort(dport),
+            ]),
         ]
-        .concat();
-        [
-            netlink::attr(1 | 0x8000, &ip),
-            netlink::attr(2 | 0x8000, &proto),
-        ]
-        .concat()
+    };
+    let entry = |family, client: &str, service: &str, pod: &str| {
+        emitted(&NetfilterMessage::new(
+            NetfilterHeader::new(family, 0, 0),
+            ConntrackMessage::New(vec![
+                ConntrackAttribute::CtaTupleOrig(tuple(client, service, 40000, 80)),
+                ConntrackAttribute::CtaTupleReply(tuple(pod, client, 8080, 40000)),
+                ConntrackAttribute::CtaTimeout(120),
+                ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(vec![ProtoInfoTCP::State(
+                    3,
+                )])]),
+            ]),
+        ))
     };
     [
-        netlink::attr(
-            1 | 0x8000,
-            &tuple([10, 244, 1, 10], [10, 96, 0, 50], 40000, 80),
+        message(
+            1 << 8,
+            &entry(
+                NetfilterProtoFamily::IPv4,
+                "10.244.1.10",
+                "10.96.0.50",
+                "10.244.2.2",
+            ),
         ),
-        netlink::attr(
-            2 | 0x8000,
-            &tuple([10, 244, 2, 2], [10, 244, 1, 10], 8080, 40000),
+        message(
+            1 << 8,
+            &entry(
+                NetfilterProtoFamily::IPv6,
+                "fd00::1:a",
+                "fd00::50",
+                "fd00::2:2",
+            ),
         ),
-        netlink::attr(7, &120u32.to_be_bytes()),
-        netlink::attr(
-            4 | 0x8000,
-            &netlink::attr(1 | 0x8000, &netlink::attr(1, &[3])),
-        ),
+        message(3, &[0u8; 4]),
     ]
     .concat()
 }
 
-#[test]
-fn mutated_netlink_replies_are_errors_never_a_panic() {
-    let mut address = vec![2u8, 32, 0, 0, 2, 0, 0, 0];
-    address.extend(netlink::attr(1, &[10, 100, 0, 1]));
-    address.extend(netlink::attr(2, &[10, 100, 0, 1]));
-    let mut diag = vec![2u8, 7, 0, 0];
+/// An address dump reply: one point-to-point address, one link, DONE.
+fn route_seed() -> Vec<u8> {
+    let mut address = AddressMessage::default();
+    address.header.family = AddressFamily::Inet;
+    address.header.prefix_len = 32;
+    address.header.index = 2;
+    address.attributes = vec![
+        AddressAttribute::Address("10.100.0.2".parse().unwrap()),
+        AddressAttribute::Local("10.100.0.1".parse().unwrap()),
+    ];
+    let mut link = LinkMessage::default();
+    link.header.index = 2;
+    link.attributes = vec![LinkAttribute::IfName("eth0".into())];
+    [
+        message(20, &emitted(&address)),
+        message(16, &emitted(&link)),
+        message(3, &[0u8; 4]),
+    ]
+    .concat()
+}
+
+/// A `sock_diag` dump reply: one connected UDP socket, DONE.
+fn diag_seed() -> Vec<u8> {
+    let mut diag = vec![2u8, 1, 0, 0];
     diag.extend(40000u16.to_be_bytes());
     diag.extend(80u16.to_be_bytes());
     diag.extend([10, 244, 1, 10]);
@@ -494,37 +553,48 @@ fn mutated_netlink_replies_are_errors_never_a_panic() {
     diag.extend([0u8; 12]);
     diag.extend([0u8; 12]);
     diag.extend([0u8; 20]);
-    let entry = conntrack_seed();
-    assert!(addresses::parse(&address).is_some(), "address seed");
-    assert!(conntrack::parse_entry(&entry).is_some(), "conntrack seed");
-    let datagram = [
-        message(20, &address),
-        message(20, &diag),
-        message(3, &[0u8; 4]),
-    ]
-    .concat();
+    [message(20, &diag), message(3, &[0u8; 4])].concat()
+}
+
+#[test]
+fn mutated_netlink_replies_are_errors_never_a_panic() {
+    let (route, diag, entry) = (route_seed(), diag_seed(), conntrack_seed());
+    let addresses_in = |bytes: &[u8]| {
+        netlink::read_reply::<RouteNetlinkMessage>(bytes, 1, 0).map(|messages| {
+            messages
+                .iter()
+                .filter(|m| match m {
+                    RouteNetlinkMessage::NewAddress(a) => addresses::address_of(a).is_some(),
+                    _ => false,
+                })
+                .count()
+        })
+    };
+    let sockets_in = |bytes: &[u8]| {
+        netlink::read_reply::<SockDiagMessage>(bytes, 1, 0)
+            .map(|messages| messages.iter().filter_map(sockdiag::socket_of).count())
+    };
+    let entries_in = |bytes: &[u8]| {
+        netlink::read_reply::<NetfilterMessage>(bytes, 1, 0)
+            .map(|messages| messages.iter().filter_map(conntrack::entry_of).count())
+    };
+    assert_eq!(addresses_in(&route).unwrap(), 1, "address seed");
+    assert_eq!(sockets_in(&diag).unwrap(), 1, "socket seed");
+    assert_eq!(entries_in(&entry).unwrap(), 2, "conntrack seed");
     let mut mutator = Mutator::new(4, &[]);
     let (mut inputs, mut parsed) = (0, 0);
     for round in 0..300_000 {
-        let seed: &[u8] = match round % 4 {
-            0 => &address,
+        let seed: &[u8] = match round % 3 {
+            0 => &route,
             1 => &diag,
-            2 => &entry,
-            _ => &datagram,
+            _ => &entry,
         };
         let bytes = mutator.mutate(seed);
         inputs += 1;
-        let mut bodies = 0;
-        let _ = netlink::messages(&bytes, &mut |_, body| {
-            bodies += 1;
-            let _ = addresses::parse(body);
-            let _ = sockdiag::parse(body);
-        });
-        parsed += usize::from(addresses::parse(&bytes).is_some())
-            + usize::from(sockdiag::parse(&bytes).is_some())
-            + usize::from(conntrack::parse_entry(&bytes).is_some());
-        let _ = netlink::attrs(&bytes);
+        parsed += addresses_in(&bytes).unwrap_or(0)
+            + sockets_in(&bytes).unwrap_or(0)
+            + entries_in(&bytes).unwrap_or(0);
     }
-    println!("netlink: {inputs} inputs, no panic: {parsed} parsed as an address, a socket or a conntrack entry");
+    println!("netlink: {inputs} inputs, no panic: {parsed} addresses, sockets and conntrack entries read");
     assert!(parsed > 10_000);
 }

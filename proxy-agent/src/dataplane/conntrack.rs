@@ -4,34 +4,28 @@
 //! client's next packet is balanced afresh.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
+use netlink_packet_core::{DefaultNla, Nla};
+use netlink_packet_netfilter::{
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
+        Tuple as CtTuple,
+    },
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
 use netlink_sys::protocols::NETLINK_NETFILTER;
 
 use crate::{
     model::{DesiredState, Frontend, FrontendKey, FrontendKind, Protocol},
-    netlink::{
-        attr, attrs, Netlink, NetlinkError, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
-    },
+    netlink::{Netlink, NetlinkError, NLM_F_ACK},
 };
 
 pub type ConntrackError = NetlinkError;
 
-const CT_GET: u16 = 1 << 8 | 1;
-const CT_DELETE: u16 = 1 << 8 | 2;
-const CTA_TUPLE_ORIG: u16 = 1;
-const CTA_TUPLE_REPLY: u16 = 2;
+/// `CTA_ZONE`, which the crate carries as a raw attribute.
 const CTA_ZONE: u16 = 18;
-const CTA_PROTOINFO: u16 = 4;
-const CTA_TIMEOUT: u16 = 7;
-const CTA_PROTOINFO_TCP: u16 = 1;
-const CTA_PROTOINFO_TCP_STATE: u16 = 1;
-const CTA_TUPLE_IP: u16 = 1;
-const CTA_TUPLE_PROTO: u16 = 2;
-const CTA_PROTO_NUM: u16 = 1;
-const CTA_PROTO_SRC_PORT: u16 = 2;
-const CTA_PROTO_DST_PORT: u16 = 3;
 const IPPROTO_UDP: u8 = 17;
 
 /// One direction of a flow.
@@ -55,7 +49,7 @@ pub struct Entry {
     /// TCP entries: the tracked state (`ESTABLISHED`, `TIME_WAIT`, ...).
     pub tcp_state: Option<&'static str>,
     /// The raw `CTA_ZONE` attribute, echoed back when deleting.
-    zone: Option<Vec<u8>>,
+    zone: Option<DefaultNla>,
 }
 
 impl Entry {
@@ -178,7 +172,7 @@ impl Conntrack {
     /// # Errors
     /// When netlink is unavailable.
     pub fn open() -> Result<Self, ConntrackError> {
-        Netlink::open(NETLINK_NETFILTER, 0).map(Self)
+        Netlink::open(NETLINK_NETFILTER).map(Self)
     }
 
     /// Every entry of both families.
@@ -187,15 +181,9 @@ impl Conntrack {
     /// On socket errors or messages that cannot be read.
     pub fn dump(&mut self) -> Result<Vec<Entry>, ConntrackError> {
         let mut entries = Vec::new();
-        for family in [libc_af(false), libc_af(true)] {
-            self.0
-                .send(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, &nfgen(family), &[])?;
-            self.0.receive(|_, body| {
-                // Past the nfgenmsg header: the entry's attributes.
-                if let Some(entry) = body.get(4..).and_then(parse_entry) {
-                    entries.push(entry);
-                }
-            })?;
+        for family in [NetfilterProtoFamily::IPv4, NetfilterProtoFamily::IPv6] {
+            let request = message(family, ConntrackMessage::Get(Vec::new()));
+            entries.extend(self.0.dump_map(&request, |reply| entry_of(&reply))?);
         }
         Ok(entries)
     }
@@ -205,23 +193,25 @@ impl Conntrack {
     /// # Errors
     /// On socket errors or a refusal other than "no such entry".
     pub fn delete(&mut self, entry: &Entry) -> Result<(), ConntrackError> {
-        let mut attrs = tuple_attr(CTA_TUPLE_ORIG, &entry.orig);
-        if let Some(zone) = &entry.zone {
-            attrs.extend(attr(CTA_ZONE, zone));
-        }
-        let family = libc_af(entry.orig.src.is_ipv6());
-        self.0
-            .send(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, &nfgen(family), &attrs)?;
-        match self.0.receive(|_, _| {}) {
-            Err(NetlinkError::Kernel(-2)) => Ok(()),
-            other => other,
+        let mut attributes = vec![ConntrackAttribute::CtaTupleOrig(tuple_attributes(
+            &entry.orig,
+        ))];
+        attributes.extend(entry.zone.clone().map(ConntrackAttribute::Other));
+        let family = if entry.orig.src.is_ipv6() {
+            NetfilterProtoFamily::IPv6
+        } else {
+            NetfilterProtoFamily::IPv4
+        };
+        let request = message(family, ConntrackMessage::Delete(attributes));
+        match self.0.request(&request, NLM_F_ACK) {
+            Err(error) if error.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
         }
     }
 }
 
-/// The netfilter message header: family, version 0, resource id 0.
-fn nfgen(family: u8) -> [u8; 4] {
-    [family, 0, 0, 0]
+fn message(family: NetfilterProtoFamily, inner: ConntrackMessage) -> NetfilterMessage {
+    NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), inner)
 }
 
 /// Deletes the stale UDP entries for `udp`; returns how many went.
@@ -241,97 +231,100 @@ pub fn clean_udp(udp: &UdpServices) -> Result<usize, ConntrackError> {
     Ok(stale.len())
 }
 
-fn libc_af(v6: bool) -> u8 {
-    if v6 {
-        10
-    } else {
-        2
-    }
-}
-
-fn tuple_attr(kind: u16, t: &Tuple) -> Vec<u8> {
-    let ip = match (t.src, t.dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => [attr(1, &s.octets()), attr(2, &d.octets())].concat(),
-        (s, d) => [attr(3, &v6(s).octets()), attr(4, &v6(d).octets())].concat(),
-    };
-    let proto = [
-        attr(CTA_PROTO_NUM, &[t.proto]),
-        attr(CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes()),
-        attr(CTA_PROTO_DST_PORT, &t.dport.to_be_bytes()),
+fn tuple_attributes(t: &Tuple) -> Vec<CtTuple> {
+    vec![
+        CtTuple::Ip(vec![
+            IPTuple::SourceAddress(t.src),
+            IPTuple::DestinationAddress(t.dst),
+        ]),
+        CtTuple::Proto(vec![
+            ProtoTuple::Protocol(t.proto.into()),
+            ProtoTuple::SourcePort(t.sport),
+            ProtoTuple::DestinationPort(t.dport),
+        ]),
     ]
-    .concat();
-    let inner = [
-        attr(CTA_TUPLE_IP | NLA_F_NESTED, &ip),
-        attr(CTA_TUPLE_PROTO | NLA_F_NESTED, &proto),
-    ]
-    .concat();
-    attr(kind | NLA_F_NESTED, &inner)
 }
 
-fn v6(ip: IpAddr) -> Ipv6Addr {
-    match ip {
-        IpAddr::V6(ip) => ip,
-        IpAddr::V4(ip) => ip.to_ipv6_mapped(),
-    }
-}
-
-fn parse_tuple(data: &[u8]) -> Option<Tuple> {
-    let top = attrs(data);
-    let ip = attrs(top.get(&CTA_TUPLE_IP)?);
-    let proto = attrs(top.get(&CTA_TUPLE_PROTO)?);
-    let addr = |kind: u16| -> Option<IpAddr> {
-        let raw = ip.get(&kind)?;
-        match raw.len() {
-            4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(*raw).ok()?))),
-            16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(*raw).ok()?))),
-            _ => None,
+fn tuple_of(parts: &[CtTuple]) -> Option<Tuple> {
+    let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, 0, 0);
+    for part in parts {
+        match part {
+            CtTuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(a) => src = Some(*a),
+                        IPTuple::DestinationAddress(a) => dst = Some(*a),
+                        _ => {}
+                    }
+                }
+            }
+            CtTuple::Proto(fields) => {
+                for field in fields {
+                    match field {
+                        ProtoTuple::Protocol(p) => proto = Some(u8::from(*p)),
+                        ProtoTuple::SourcePort(p) => sport = *p,
+                        ProtoTuple::DestinationPort(p) => dport = *p,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
         }
-    };
-    let port = |kind: u16| {
-        proto
-            .get(&kind)
-            .and_then(|p| p.get(0..2))
-            .map_or(0, |p| u16::from_be_bytes([p[0], p[1]]))
-    };
-    let (src, dst) = match (addr(1), addr(2)) {
-        (Some(s), Some(d)) => (s, d),
-        _ => (addr(3)?, addr(4)?),
-    };
+    }
     Some(Tuple {
-        src,
-        dst,
-        proto: *proto.get(&CTA_PROTO_NUM)?.first()?,
-        sport: port(CTA_PROTO_SRC_PORT),
-        dport: port(CTA_PROTO_DST_PORT),
+        src: src?,
+        dst: dst?,
+        proto: proto?,
+        sport,
+        dport,
     })
 }
 
-/// One conntrack entry from a dump message's payload (after `nfgenmsg`); `None` when
-/// an attribute it needs is missing or malformed.
+/// One conntrack entry from a dump's message; `None` for another message or when an
+/// attribute it needs is missing.
 #[must_use]
-pub fn parse_entry(payload: &[u8]) -> Option<Entry> {
-    let top = attrs(payload);
+pub fn entry_of(message: &NetfilterMessage) -> Option<Entry> {
+    let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)) = &message.inner else {
+        return None;
+    };
+    let (mut orig, mut reply, mut timeout, mut tcp_state, mut zone) =
+        (None, None, None, None, None);
+    for attribute in attributes {
+        match attribute {
+            ConntrackAttribute::CtaTupleOrig(parts) => orig = tuple_of(parts),
+            ConntrackAttribute::CtaTupleReply(parts) => reply = tuple_of(parts),
+            ConntrackAttribute::CtaTimeout(t) => timeout = Some(*t),
+            ConntrackAttribute::CtaProtoInfo(infos) => {
+                tcp_state = infos.iter().find_map(|info| match info {
+                    ProtoInfo::TCP(tcp) => tcp.iter().find_map(|field| match field {
+                        ProtoInfoTCP::State(state) => Some(tcp_state_name(*state)),
+                        _ => None,
+                    }),
+                    _ => None,
+                });
+            }
+            ConntrackAttribute::Other(nla) if nla.kind() == CTA_ZONE => zone = Some(nla.clone()),
+            _ => {}
+        }
+    }
     Some(Entry {
-        orig: parse_tuple(top.get(&CTA_TUPLE_ORIG)?)?,
-        reply: parse_tuple(top.get(&CTA_TUPLE_REPLY)?)?,
-        timeout: top
-            .get(&CTA_TIMEOUT)
-            .and_then(|t| Some(u32::from_be_bytes(t.get(0..4)?.try_into().ok()?))),
-        tcp_state: top.get(&CTA_PROTOINFO).and_then(|info| {
-            let tcp = attrs(attrs(info).get(&CTA_PROTOINFO_TCP)?)
-                .get(&CTA_PROTOINFO_TCP_STATE)?
-                .first()
-                .copied()?;
-            Some(tcp_state_name(tcp))
-        }),
-        zone: top.get(&CTA_ZONE).map(|z| z.to_vec()),
+        orig: orig?,
+        reply: reply?,
+        timeout,
+        tcp_state,
+        zone,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_tuple, tuple_attr, Entry, Tuple, UdpServices, IPPROTO_UDP};
-    use crate::netlink::attrs;
+    use netlink_packet_core::{Emitable, ParseableParametrized};
+    use netlink_packet_netfilter::{
+        conntrack::{ConntrackAttribute, ConntrackMessage},
+        NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
+    };
+
+    use super::{entry_of, tuple_attributes, Entry, Tuple, UdpServices, IPPROTO_UDP};
 
     fn entry(dst: &str, dport: u16, reply_src: &str, reply_sport: u16) -> Entry {
         let t = |src: &str, dst: &str, sport, dport| Tuple {
@@ -368,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn tuples_survive_encoding() {
+    fn entries_survive_encoding() {
         for (src, dst) in [("10.244.1.10", "10.96.0.10"), ("fd00::1:2", "fd00::10")] {
             let t = Tuple {
                 src: src.parse().unwrap(),
@@ -377,9 +370,20 @@ mod tests {
                 sport: 40000,
                 dport: 53,
             };
-            let encoded = tuple_attr(1, &t);
-            let outer = attrs(&encoded);
-            assert_eq!(parse_tuple(outer[&1]), Some(t));
+            let sent = NetfilterMessage::new(
+                NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+                ConntrackMessage::New(vec![
+                    ConntrackAttribute::CtaTupleOrig(tuple_attributes(&t)),
+                    ConntrackAttribute::CtaTupleReply(tuple_attributes(&t)),
+                    ConntrackAttribute::CtaTimeout(30),
+                ]),
+            );
+            let mut raw = vec![0; sent.buffer_len()];
+            sent.emit(&mut raw);
+            // IPCTNL_MSG_CT_NEW of the conntrack subsystem.
+            let read = NetfilterMessage::parse_with_param(&raw, 1 << 8).unwrap();
+            let entry = entry_of(&read).unwrap();
+            assert_eq!((entry.orig, entry.reply, entry.timeout), (t, t, Some(30)));
         }
     }
 }

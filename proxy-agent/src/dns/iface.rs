@@ -2,119 +2,93 @@
 //! addresses that are not on the node yet, so the listener can bind them. Kernels
 //! without the dummy driver get the addresses on `lo`; either way each address is
 //! tagged with the agent's address protocol, so `cleanup` finds exactly its own.
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use netlink_sys::protocols::NETLINK_ROUTE;
+use futures::TryStreamExt;
+use netlink_packet_route::address::{
+    AddressAttribute, AddressHeaderFlags, AddressMessage, AddressProtocol,
+};
+use rtnetlink::{AddressMessageBuilder, Handle, LinkDummy, LinkUnspec};
 use tracing::{info, warn};
 
-use crate::{
-    netlink::{
-        attr, attrs, Netlink, NetlinkError, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
-    },
-    source::addresses,
-};
+use crate::source::addresses::{self, AddressError};
 
 pub const INTERFACE: &str = "nodelocaldns";
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWADDR: u16 = 20;
-const RTM_DELADDR: u16 = 21;
-const RTM_GETADDR: u16 = 22;
-const IFA_PROTO: u16 = 11;
 /// `IFA_PROTO` value marking the agent's addresses.
 const ADDRESS_PROTO: u8 = 99;
-const EOPNOTSUPP: i32 = -95;
-const NLM_F_REPLACE: u16 = 0x100;
-const NLM_F_CREATE: u16 = 0x400;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const IFF_UP: u32 = 1;
-const IFA_F_NODAD: u8 = 0x02;
-const ENODEV: i32 = -19;
 
-/// `ifinfomsg` for interface `index` with `flags` changed in `change`.
-fn ifinfo(index: i32, flags: u32, change: u32) -> Vec<u8> {
-    let mut m = vec![0u8; 4];
-    m.extend(index.to_ne_bytes());
-    m.extend(flags.to_ne_bytes());
-    m.extend(change.to_ne_bytes());
-    m
+/// The errno an rtnetlink refusal carries.
+fn errno(error: &rtnetlink::Error) -> Option<i32> {
+    match error {
+        rtnetlink::Error::NetlinkError(message) => Some(message.raw_code().abs()),
+        _ => None,
+    }
 }
 
-fn name_attr(name: &str) -> Vec<u8> {
-    attr(IFLA_IFNAME, format!("{name}\0").as_bytes())
-}
-
-fn index_of(netlink: &mut Netlink, name: &str) -> Result<i32, NetlinkError> {
-    netlink.send(
-        RTM_GETLINK,
-        NLM_F_REQUEST | NLM_F_ACK,
-        &ifinfo(0, 0, 0),
-        &name_attr(name),
-    )?;
-    let mut index = None;
-    netlink.receive(|kind, body| {
-        if kind == RTM_NEWLINK {
-            index = body
-                .get(4..8)
-                .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-        }
-    })?;
-    index.ok_or(NetlinkError::Malformed)
+/// The index of interface `name`, `None` when there is none.
+async fn index_of(handle: &Handle, name: &str) -> Result<Option<u32>, AddressError> {
+    let found = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await;
+    match found {
+        Ok(link) => Ok(link.map(|l| l.header.index)),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(AddressError::Rtnetlink(e)),
+    }
 }
 
 /// The dummy interface, up; `lo` when the kernel has no dummy driver.
-fn interface(netlink: &mut Netlink) -> Result<i32, NetlinkError> {
-    let kind = attr(IFLA_INFO_KIND, b"dummy");
-    let attrs = [
-        name_attr(INTERFACE),
-        attr(IFLA_LINKINFO | NLA_F_NESTED, &kind),
-    ]
-    .concat();
-    netlink.send(
-        RTM_NEWLINK,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-        &ifinfo(0, 0, 0),
-        &attrs,
-    )?;
-    match netlink.receive(|_, _| {}) {
-        Err(NetlinkError::Kernel(EOPNOTSUPP)) => {
+async fn interface(handle: &Handle) -> Result<u32, AddressError> {
+    let added = handle
+        .link()
+        .add(LinkDummy::new(INTERFACE).up().build())
+        .execute()
+        .await;
+    let name = match added {
+        Err(e) if errno(&e) == Some(libc::EOPNOTSUPP) => {
             warn!("this kernel has no dummy interface driver; DNS listen addresses go on lo");
-            return index_of(netlink, "lo");
+            "lo"
         }
-        other => other?,
-    }
-    let index = index_of(netlink, INTERFACE)?;
-    netlink.send(
-        RTM_NEWLINK,
-        NLM_F_REQUEST | NLM_F_ACK,
-        &ifinfo(index, IFF_UP, IFF_UP),
-        &[],
-    )?;
-    netlink.receive(|_, _| {})?;
+        Ok(()) => INTERFACE,
+        Err(e) if errno(&e) == Some(libc::EEXIST) => INTERFACE,
+        Err(e) => return Err(AddressError::Rtnetlink(e)),
+    };
+    let index = index_of(handle, name).await?.ok_or_else(|| {
+        AddressError::Socket(std::io::Error::other(format!("no interface {name}")))
+    })?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(AddressError::Rtnetlink)?;
     Ok(index)
 }
 
-/// `ifaddrmsg` and address attributes for a host address on interface `index`.
-fn address_message(ip: IpAddr, index: i32) -> (Vec<u8>, Vec<u8>) {
-    let (family, prefix, octets) = match ip {
-        IpAddr::V4(v4) => (2u8, 32u8, v4.octets().to_vec()),
-        IpAddr::V6(v6) => (10, 128, v6.octets().to_vec()),
-    };
-    let mut header = vec![family, prefix, IFA_F_NODAD, 0];
-    header.extend(index.to_ne_bytes());
-    let attrs = [
-        attr(IFA_LOCAL, &octets),
-        attr(IFA_ADDRESS, &octets),
-        attr(IFA_PROTO, &[ADDRESS_PROTO]),
-    ]
-    .concat();
-    (header, attrs)
+/// The message for a host address on interface `index`, tagged as the agent's.
+fn address_message(handle: &Handle, ip: IpAddr, index: u32) -> rtnetlink::AddressAddRequest {
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    let mut request = handle.address().add(index, ip, prefix).replace();
+    let message = request.message_mut();
+    message.header.flags |= AddressHeaderFlags::Nodad;
+    message
+        .attributes
+        .push(AddressAttribute::Protocol(AddressProtocol::from(
+            ADDRESS_PROTO,
+        )));
+    request
+}
+
+fn is_ours(message: &AddressMessage) -> bool {
+    message
+        .attributes
+        .iter()
+        .any(|a| *a == AddressAttribute::Protocol(AddressProtocol::from(ADDRESS_PROTO)))
 }
 
 /// Puts every listen address that is not local yet on the dummy interface (created and
@@ -122,8 +96,9 @@ fn address_message(ip: IpAddr, index: i32) -> (Vec<u8>, Vec<u8>) {
 ///
 /// # Errors
 /// When rtnetlink refuses.
-pub fn ensure(listen: &[SocketAddr]) -> Result<(), NetlinkError> {
-    let local = addresses::local()?;
+pub async fn ensure(listen: &[SocketAddr]) -> Result<(), AddressError> {
+    let handle = addresses::handle()?;
+    let local = addresses::local(&handle).await?;
     let missing: Vec<IpAddr> = listen
         .iter()
         .map(SocketAddr::ip)
@@ -132,17 +107,12 @@ pub fn ensure(listen: &[SocketAddr]) -> Result<(), NetlinkError> {
     if missing.is_empty() {
         return Ok(());
     }
-    let mut netlink = Netlink::open(NETLINK_ROUTE, 0)?;
-    let index = interface(&mut netlink)?;
+    let index = interface(&handle).await?;
     for ip in missing {
-        let (header, attrs) = address_message(ip, index);
-        netlink.send(
-            RTM_NEWADDR,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-            &header,
-            &attrs,
-        )?;
-        netlink.receive(|_, _| {})?;
+        address_message(&handle, ip, index)
+            .execute()
+            .await
+            .map_err(AddressError::Rtnetlink)?;
         info!(%ip, "DNS listen address added");
     }
     Ok(())
@@ -152,32 +122,29 @@ pub fn ensure(listen: &[SocketAddr]) -> Result<(), NetlinkError> {
 ///
 /// # Errors
 /// When rtnetlink refuses for another reason.
-pub fn remove() -> Result<(), NetlinkError> {
-    let mut netlink = Netlink::open(NETLINK_ROUTE, 0)?;
-    netlink.send(
-        RTM_DELLINK,
-        NLM_F_REQUEST | NLM_F_ACK,
-        &ifinfo(0, 0, 0),
-        &name_attr(INTERFACE),
-    )?;
-    match netlink.receive(|_, _| {}) {
-        Err(NetlinkError::Kernel(ENODEV)) => {}
-        other => other?,
-    }
-    netlink.send(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, &[0; 8], &[])?;
-    let mut ours = Vec::new();
-    netlink.receive(|kind, body| {
-        let Some(header) = body.get(..8) else {
-            return;
-        };
-        let attributes = attrs(&body[8..]);
-        if kind == RTM_NEWADDR && attributes.get(&IFA_PROTO) == Some(&&[ADDRESS_PROTO][..]) {
-            ours.push((header.to_vec(), body[8..].to_vec()));
+pub async fn remove() -> Result<(), AddressError> {
+    let handle = addresses::handle()?;
+    if let Some(index) = index_of(&handle, INTERFACE).await? {
+        match handle.link().del(index).execute().await {
+            Err(e) if errno(&e) != Some(libc::ENODEV) => return Err(AddressError::Rtnetlink(e)),
+            _ => {}
         }
-    })?;
-    for (header, attributes) in ours {
-        netlink.send(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, &header, &attributes)?;
-        netlink.receive(|_, _| {})?;
+    }
+    let ours: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .execute()
+        .try_filter(|message| std::future::ready(is_ours(message)))
+        .try_collect()
+        .await
+        .map_err(AddressError::Rtnetlink)?;
+    for message in ours {
+        match handle.address().del(message).execute().await {
+            Err(e) if errno(&e) != Some(libc::EADDRNOTAVAIL) => {
+                return Err(AddressError::Rtnetlink(e))
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -186,17 +153,27 @@ pub fn remove() -> Result<(), NetlinkError> {
 ///
 /// # Errors
 /// When rtnetlink refuses for another reason than "not there".
-pub fn remove_address(ip: IpAddr) -> Result<(), NetlinkError> {
-    let mut netlink = Netlink::open(NETLINK_ROUTE, 0)?;
+pub async fn remove_address(ip: IpAddr) -> Result<(), AddressError> {
+    let handle = addresses::handle()?;
     for name in [INTERFACE, "lo"] {
-        let Ok(index) = index_of(&mut netlink, name) else {
+        let Some(index) = index_of(&handle, name).await? else {
             continue;
         };
-        let (header, attrs) = address_message(ip, index);
-        netlink.send(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, &header, &attrs)?;
-        match netlink.receive(|_, _| {}) {
-            Err(NetlinkError::Kernel(_)) | Ok(()) => {}
-            Err(other) => return Err(other),
+        let message = match ip {
+            IpAddr::V4(v4) => AddressMessageBuilder::<Ipv4Addr>::new()
+                .index(index)
+                .address(v4, 32)
+                .build(),
+            IpAddr::V6(v6) => AddressMessageBuilder::<Ipv6Addr>::new()
+                .index(index)
+                .address(v6, 128)
+                .build(),
+        };
+        // Absent from this interface is the expected answer for one of the two.
+        if let Err(e) = handle.address().del(message).execute().await {
+            if errno(&e).is_none() {
+                return Err(AddressError::Rtnetlink(e));
+            }
         }
     }
     Ok(())

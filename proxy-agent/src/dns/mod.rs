@@ -72,7 +72,7 @@ pub async fn start(
     mut updates: watch::Receiver<SourceUpdate>,
     metrics: metrics::DnsMetrics,
 ) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    iface::ensure(&config.listen)?;
+    iface::ensure(&config.listen).await?;
     let listeners = server::bind(&config.listen).await?;
     let (zone_tx, zone_rx) = watch::channel(None::<Arc<Zone>>);
     let (domain, ttl) = (config.domain.clone(), config.ttl);

@@ -82,13 +82,13 @@ pub fn start(mut zone: watch::Receiver<Option<Arc<Zone>>>, resolver: Arc<Resolve
                 if let Some(task) = serving.remove(ip) {
                     task.abort();
                 }
-                if let Err(error) = iface::remove_address(*ip) {
+                if let Err(error) = iface::remove_address(*ip).await {
                     warn!(%ip, %error, "cannot remove a former kube-dns address");
                 }
             }
             for &ip in wanted.difference(&had) {
                 let addr = SocketAddr::new(ip, 53);
-                let bound = match iface::ensure(&[addr]) {
+                let bound = match iface::ensure(&[addr]).await {
                     Ok(()) => server::bind(&[addr]).await.map_err(anyhow::Error::from),
                     Err(error) => Err(error.into()),
                 };
@@ -102,7 +102,10 @@ pub fn start(mut zone: watch::Receiver<Option<Arc<Zone>>>, resolver: Arc<Resolve
             }
             if had != wanted {
                 let bound: BTreeSet<IpAddr> = serving.keys().copied().collect();
-                match nftables::load(&ruleset(&bound)) {
+                // `nft` is a process: run off the runtime that answers.
+                let text = ruleset(&bound);
+                let loaded = tokio::task::spawn_blocking(move || nftables::load(&text)).await;
+                match loaded.unwrap_or_else(|e| Err(nftables::NftError::Spawn(e.into()))) {
                     Ok(()) => {
                         info!(addresses = ?bound, "kube-dns ClusterIPs answered locally (NOTRACK)");
                     }

@@ -1,118 +1,179 @@
-//! The node's own addresses, read over rtnetlink and followed as they change, so an
-//! address added later serves NodePorts within a second (no Node object needed).
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+//! The node's own addresses over rtnetlink: followed as they change (async, on the
+//! runtime), so an address added later serves NodePorts within a second with no Node
+//! object needed, and read once by threads that program the node's interfaces.
+use std::{io, net::IpAddr, time::Duration};
 
+use futures::{StreamExt, TryStreamExt};
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage},
+    RouteNetlinkMessage,
+};
 use netlink_sys::protocols::NETLINK_ROUTE;
+use rtnetlink::{Handle, MulticastGroup};
+use thiserror::Error;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::{
     fault::{self, Point},
-    netlink::{attrs, Netlink, NetlinkError, NLM_F_DUMP, NLM_F_REQUEST},
+    netlink::{is_link_local, Netlink, NetlinkError},
 };
 
-const RTM_NEWADDR: u16 = 20;
-const RTM_GETADDR: u16 = 22;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const RTMGRP_IPV4_IFADDR: u32 = 0x10;
-const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+#[derive(Debug, Error)]
+pub enum AddressError {
+    #[error("rtnetlink socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("rtnetlink: {0}")]
+    Rtnetlink(#[source] rtnetlink::Error),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
 
-/// Every address on the node's interfaces, loopback and IPv6 link-local left out,
-/// sorted.
+/// The address an `RTM_NEWADDR` message gives the node: `IFA_LOCAL` (the interface's own
+/// on point-to-point links), else `IFA_ADDRESS`.
+#[must_use]
+pub fn address_of(message: &AddressMessage) -> Option<IpAddr> {
+    let find = |local: bool| {
+        message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) if local => Some(*ip),
+            AddressAttribute::Address(ip) if !local => Some(*ip),
+            _ => None,
+        })
+    };
+    find(true).or_else(|| find(false))
+}
+
+/// Whether an address serves traffic from outside: loopback and link-local do not.
+fn serves(ip: &IpAddr) -> bool {
+    !ip.is_loopback() && !is_link_local(ip)
+}
+
+/// Every address as [`follow`] reports them, with the name of its interface, read now
+/// in the calling thread's network namespace (blocking).
 ///
 /// # Errors
 /// When rtnetlink cannot be used.
-pub fn local() -> Result<Vec<IpAddr>, NetlinkError> {
-    let mut netlink = Netlink::open(NETLINK_ROUTE, 0)?;
-    dump(&mut netlink)
+pub fn by_interface() -> Result<Vec<(String, IpAddr)>, AddressError> {
+    if fault::fails(Point::Rtnetlink) {
+        return Err(AddressError::Socket(fault::injected(Point::Rtnetlink)));
+    }
+    let mut netlink = Netlink::open(NETLINK_ROUTE)?;
+    let links = netlink.dump_map(
+        &RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        |reply| match reply {
+            RouteNetlinkMessage::NewLink(link) => Some((link.header.index, name_of(&link)?)),
+            _ => None,
+        },
+    )?;
+    let addresses = netlink.dump_map(
+        &RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        |reply| match reply {
+            RouteNetlinkMessage::NewAddress(address) => {
+                Some((address.header.index, address_of(&address)?))
+            }
+            _ => None,
+        },
+    )?;
+    Ok(addresses
+        .into_iter()
+        .filter(|(_, ip)| serves(ip))
+        .filter_map(|(index, ip)| {
+            let name = links.iter().find(|(i, _)| *i == index)?.1.clone();
+            Some((name, ip))
+        })
+        .collect())
 }
 
-fn dump(netlink: &mut Netlink) -> Result<Vec<IpAddr>, NetlinkError> {
-    let mut found: Vec<IpAddr> = dump_with_interfaces(netlink)?
-        .into_iter()
-        .map(|(_, ip)| ip)
-        .collect();
+fn name_of(link: &LinkMessage) -> Option<String> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
+        _ => None,
+    })
+}
+
+/// Every address on the node's interfaces, loopback and link-local left out, sorted.
+///
+/// # Errors
+/// When rtnetlink refuses the dump.
+pub async fn local(handle: &Handle) -> Result<Vec<IpAddr>, AddressError> {
+    if fault::fails(Point::Rtnetlink) {
+        return Err(AddressError::Socket(fault::injected(Point::Rtnetlink)));
+    }
+    let mut found: Vec<IpAddr> = handle
+        .address()
+        .get()
+        .execute()
+        .map_err(AddressError::Rtnetlink)
+        .try_filter_map(|message| async move { Ok(address_of(&message).filter(serves)) })
+        .try_collect()
+        .await?;
     found.sort_unstable();
     found.dedup();
     Ok(found)
 }
 
-/// Every address as [`local`] reports them, with the index of its interface.
+/// The multicast messages an rtnetlink connection receives.
+type Events = futures::channel::mpsc::UnboundedReceiver<(
+    netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    netlink_sys::SocketAddr,
+)>;
+
+/// An rtnetlink connection driven on the runtime, optionally subscribed to the address
+/// groups: its handle, and the events when subscribed.
+fn connect(subscribe: bool) -> Result<(Handle, Events), AddressError> {
+    let groups: &[MulticastGroup] = if subscribe {
+        &[MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr]
+    } else {
+        &[]
+    };
+    let (connection, handle, events) =
+        rtnetlink::new_multicast_connection(groups).map_err(AddressError::Socket)?;
+    tokio::spawn(connection);
+    Ok((handle, events))
+}
+
+/// An rtnetlink handle for requests, its connection driven on the runtime.
 ///
 /// # Errors
 /// When rtnetlink cannot be used.
-pub fn by_interface() -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
-    let mut netlink = Netlink::open(NETLINK_ROUTE, 0)?;
-    dump_with_interfaces(&mut netlink)
+pub fn handle() -> Result<Handle, AddressError> {
+    connect(false).map(|(handle, _)| handle)
 }
 
-fn dump_with_interfaces(netlink: &mut Netlink) -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
-    if fault::fails(Point::Rtnetlink) {
-        return Err(NetlinkError::Socket(fault::injected(Point::Rtnetlink)));
-    }
-    // ifaddrmsg: any family, every interface.
-    netlink.send(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, &[0; 8], &[])?;
-    let mut found = Vec::new();
-    netlink.receive(|kind, body| {
-        if kind == RTM_NEWADDR {
-            let index = body
-                .get(4..8)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_ne_bytes);
-            found.extend(index.zip(parse(body)));
-        }
-    })?;
-    found.retain(|(_, ip)| !ip.is_loopback() && !is_link_local(ip));
-    Ok(found)
-}
-
-/// One `RTM_NEWADDR` body: `ifaddrmsg` then attributes; `IFA_LOCAL` is the interface's
-/// own address on point-to-point links, else `IFA_ADDRESS`.
-#[must_use]
-pub fn parse(body: &[u8]) -> Option<IpAddr> {
-    let attributes = attrs(body.get(8..)?);
-    let raw = attributes
-        .get(&IFA_LOCAL)
-        .or_else(|| attributes.get(&IFA_ADDRESS))?;
-    match raw.len() {
-        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(*raw).ok()?))),
-        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(*raw).ok()?))),
-        _ => None,
-    }
-}
-
-fn is_link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(ip) => ip.is_link_local(),
-        IpAddr::V6(ip) => ip.segments()[0] & 0xffc0 == 0xfe80,
-    }
-}
-
-/// Reads the addresses now and follows them on a thread of its own: the returned
-/// receiver changes whenever the set of addresses does.
+/// Reads the addresses now and follows them on the runtime: the returned receiver
+/// changes whenever the set of addresses does. Each burst of events is answered with
+/// one fresh dump, so a dump the kernel interrupted is followed by another.
 ///
 /// # Errors
 /// When rtnetlink cannot be used.
-pub fn follow() -> Result<watch::Receiver<Vec<IpAddr>>, NetlinkError> {
-    // Subscribe before the first dump, so no change falls between the two.
-    let mut events = Netlink::open(NETLINK_ROUTE, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)?;
-    let mut requests = Netlink::open(NETLINK_ROUTE, 0)?;
-    let (tx, rx) = watch::channel(dump(&mut requests)?);
-    std::thread::Builder::new()
-        .name("node-addresses".into())
-        .spawn(move || loop {
-            if let Err(error) = events.wait_event() {
-                warn!(%error, "rtnetlink address events failed; re-reading");
-                std::thread::sleep(std::time::Duration::from_millis(200));
+pub async fn follow() -> Result<watch::Receiver<Vec<IpAddr>>, AddressError> {
+    // Subscribed before the first dump, so no change falls between the two.
+    let (handle, mut events) = connect(true)?;
+    let (tx, rx) = watch::channel(local(&handle).await?);
+    tokio::spawn(async move {
+        let mut handle = handle;
+        loop {
+            if events.next().await.is_none() {
+                warn!("rtnetlink address events ended; subscribing again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match connect(true) {
+                    Ok((fresh, fresh_events)) => (handle, events) = (fresh, fresh_events),
+                    Err(error) => {
+                        warn!(%error, "cannot subscribe to address events");
+                        continue;
+                    }
+                }
             }
-            match dump(&mut requests) {
+            // What else arrived meanwhile is covered by the same dump.
+            while events.try_recv().is_ok() {}
+            match local(&handle).await {
                 Ok(addresses) => {
                     tx.send_if_modified(|current| {
                         let changed = *current != addresses;
                         if changed {
                             debug!(?addresses, "node addresses changed");
-                            *current = addresses;
+                            current.clone_from(&addresses);
                         }
                         changed
                     });
@@ -122,29 +183,37 @@ pub fn follow() -> Result<watch::Receiver<Vec<IpAddr>>, NetlinkError> {
             if tx.is_closed() {
                 return;
             }
-        })
-        .map_err(NetlinkError::Socket)?;
+        }
+    });
     Ok(rx)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{local, parse};
-    use crate::netlink::attr;
+    use std::net::IpAddr;
+
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+
+    use super::{address_of, by_interface};
 
     #[test]
     fn point_to_point_links_report_the_local_address() {
-        let mut body = vec![2, 32, 0, 0, 1, 0, 0, 0];
-        body.extend(attr(1, &[10, 0, 0, 2]));
-        body.extend(attr(2, &[10, 0, 0, 1]));
-        assert_eq!(parse(&body), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(parse(&body[..8]), None);
-        assert_eq!(parse(&body[..4]), None);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut message = AddressMessage::default();
+        message.attributes = vec![
+            AddressAttribute::Address(ip("10.0.0.2")),
+            AddressAttribute::Local(ip("10.0.0.1")),
+        ];
+        assert_eq!(address_of(&message), Some(ip("10.0.0.1")));
+        message.attributes.remove(1);
+        assert_eq!(address_of(&message), Some(ip("10.0.0.2")));
+        assert_eq!(address_of(&AddressMessage::default()), None);
     }
 
     #[test]
-    fn the_dump_leaves_loopback_out() {
-        let found = local().expect("rtnetlink dump");
-        assert!(found.iter().all(|ip| !ip.is_loopback()), "{found:?}");
+    fn the_dump_names_interfaces_and_leaves_loopback_out() {
+        let found = by_interface().expect("rtnetlink dump");
+        assert!(found.iter().all(|(_, ip)| !ip.is_loopback()), "{found:?}");
+        assert!(found.iter().all(|(name, _)| !name.is_empty()), "{found:?}");
     }
 }

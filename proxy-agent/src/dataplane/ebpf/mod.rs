@@ -53,9 +53,9 @@ pub enum EbpfError {
     #[error("no free {0} id left")]
     Exhausted(&'static str),
     #[error("cannot list the node's interfaces: {0}")]
-    Interfaces(String),
+    Interfaces(#[source] crate::source::addresses::AddressError),
     #[error("loading the netfilter table for masquerade and reject failed: {0}")]
-    Netfilter(String),
+    Netfilter(#[source] crate::dataplane::nftables::NftError),
 }
 
 /// How large the eBPF dataplane's maps and tables are.

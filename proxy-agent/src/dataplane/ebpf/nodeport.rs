@@ -68,7 +68,7 @@ impl PacketPrograms {
             local::write(&mut ebpf, local, &BTreeSet::new())?;
         }
         let table = netfilter_table() + &unserved.elements();
-        nftables::load(&table).map_err(|e| EbpfError::Netfilter(e.to_string()))?;
+        nftables::load(&table).map_err(EbpfError::Netfilter)?;
         let netns = fs::File::open("/proc/thread-self/ns/net")
             .map_err(|e| EbpfError::Io("/proc/thread-self/ns/net".into(), e))?;
         let mut programs = Self {
@@ -118,8 +118,7 @@ impl PacketPrograms {
             return Vec::new();
         }
         let text = unserved::commands("add", added) + &unserved::commands("delete", removed);
-        let result =
-            self.here(|_| nftables::load(&text).map_err(|e| EbpfError::Netfilter(e.to_string())));
+        let result = self.here(|_| nftables::load(&text).map_err(EbpfError::Netfilter));
         let Err(error) = result else {
             return Vec::new();
         };
@@ -264,12 +263,8 @@ fn pin_name(prefix: &str, interface: &str) -> String {
 /// NodePort, external and load-balancer traffic arrives. An error when they cannot be
 /// listed, never an empty set in its place.
 fn external_interfaces() -> Result<BTreeSet<String>, EbpfError> {
-    let found = addresses::by_interface().map_err(|e| EbpfError::Interfaces(e.to_string()))?;
-    Ok(found
-        .into_iter()
-        .filter_map(|(index, _)| nix::net::if_::if_indextoname(index).ok())
-        .filter_map(|name| name.into_string().ok())
-        .collect())
+    let found = addresses::by_interface().map_err(EbpfError::Interfaces)?;
+    Ok(found.into_iter().map(|(name, _)| name).collect())
 }
 
 /// The interfaces to attach to and to detach from.

@@ -15,7 +15,7 @@ use std::{
 use netlink_sys::{Socket, SocketAddr};
 
 use super::{ruleset::DISPATCH, table::is_ours, NftError};
-use crate::netlink::{attr, NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST};
+use netlink_packet_core::{NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST};
 
 const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -42,6 +42,22 @@ const REG_2: u32 = 2;
 /// `NFT_META_IIFNAME`, and the kernel's interface name size.
 const META_IIFNAME: u32 = 6;
 const IFNAMSIZ: usize = 16;
+
+/// Netlink attributes and messages are padded to four bytes.
+fn align(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+/// One attribute, padded.
+fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(4 + value.len()).unwrap_or(u16::MAX);
+    let mut a = Vec::with_capacity(align(len as usize));
+    a.extend(len.to_ne_bytes());
+    a.extend(kind.to_ne_bytes());
+    a.extend(value);
+    a.resize(align(a.len()), 0);
+    a
+}
 
 fn string(kind: u16, value: &str) -> Vec<u8> {
     let mut bytes = value.as_bytes().to_vec();
@@ -502,7 +518,7 @@ impl BatchWriter {
             ]) as usize;
             self.bytes[at + 8..at + 12].copy_from_slice(&(first + n).to_ne_bytes());
             n += 1;
-            at += crate::netlink::align(len);
+            at += align(len);
         }
         let last = first + self.count;
         frame(
@@ -619,7 +635,7 @@ impl Wire {
                         acked = true;
                     }
                 }
-                rest = &rest[crate::netlink::align(len).min(rest.len())..];
+                rest = &rest[align(len).min(rest.len())..];
             }
         }
         match (error, acked) {
