@@ -49,6 +49,16 @@ impl<A> Packet<A> {
         l4: usize,
         l4_len: u16,
     ) -> Option<Self> {
+        if !matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
+            return None;
+        }
+        // The bounds check the verifier demands: a packet cut short of its ports passes
+        // as it came (the kernel drops it later), said in the kernel's debug records.
+        let (Some(sport_be), Some(dport_be)) = (read::<u16>(ctx, l4), read::<u16>(ctx, l4 + 2))
+        else {
+            crate::records::too_short(proto);
+            return None;
+        };
         let flags = if proto == PROTO_TCP {
             read::<u8>(ctx, l4 + 13)?
         } else {
@@ -75,8 +85,8 @@ impl<A> Packet<A> {
         Some(Self {
             src,
             dst,
-            sport_be: read(ctx, l4)?,
-            dport_be: read(ctx, l4 + 2)?,
+            sport_be,
+            dport_be,
             proto,
             flow,
             l4,

@@ -12,6 +12,7 @@ mod lb;
 mod maps;
 mod observe;
 mod packet;
+mod records;
 mod sock;
 mod wire;
 

@@ -26,10 +26,12 @@ pub fn count(rev_nat_index: u32, hook: u8, verdict: u8, backend_id: u32) {
             // Another CPU may have created the entry since the lookup: then count in
             // this CPU's slot of it. (A full LRU map evicts its coldest entry; losing a
             // count is not worth a failed call.)
-            if LB_STATS.insert(key, first, BPF_NOEXIST).is_err() {
+            if let Err(code) = LB_STATS.insert(key, first, BPF_NOEXIST) {
                 if let Some(stats) = LB_STATS.get_ptr_mut(key) {
                     // SAFETY: as above.
                     unsafe { (*stats).count += 1 };
+                } else {
+                    crate::records::stats_insert_failed(code.into());
                 }
             }
         }

@@ -247,7 +247,9 @@ fn egress_in<F: Wire>(ctx: &TcContext) -> i32 {
     // SAFETY: a valid map value pointer, copied out at once.
     let frontend = F::ct_read(unsafe { &*value });
     F::ct_touch(value, now(), false);
-    let _ = F::rewrite(ctx, &packet, false, (frontend.nat, frontend.nat_port_be));
+    if F::rewrite(ctx, &packet, false, (frontend.nat, frontend.nat_port_be)).is_none() {
+        crate::records::egress_rewrite_failed(packet.proto, frontend.nat_port_be);
+    }
     TC_ACT_OK
 }
 
@@ -266,7 +268,9 @@ fn report<F: Wire>(
     F::emit(event, (packet.dst, packet.dport_be), Some(*to));
 }
 
-/// The flow's two entries: the client's packets to the backend, the replies back.
+/// The flow's two entries: the client's packets to the backend, the replies back. A
+/// refused write goes unsaid: this chain of frames is at the verifier's 512 bytes of
+/// stack, which a record's frame (or its caller's spills) would pass.
 #[inline(never)]
 fn remember<F: Wire>(
     packet: &Packet<F::Addr>,
@@ -284,10 +288,13 @@ fn remember<F: Wire>(
         backend_id,
         flags,
     };
-    F::ct_put(&reply_key::<F>(packet, *backend), &flow, seen);
+    let reply = F::ct_put(&reply_key::<F>(packet, *backend), &flow, seen);
     flow.nat = backend.0;
     flow.nat_port_be = backend.1;
-    F::ct_put(&forward_key::<F>(packet), &flow, seen);
+    let forward = F::ct_put(&forward_key::<F>(packet), &flow, seen);
+    // LRU maps evict rather than fail; a lost entry only means the next packet chooses
+    // again.
+    let _ = (reply, forward);
 }
 
 fn translate<F: Wire>(

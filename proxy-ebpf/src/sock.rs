@@ -52,7 +52,9 @@ impl SockFamily for V4 {
         };
         // A full LRU map evicts the oldest entry, so insertion cannot fail for lack of
         // room; any other failure only loses the reverse mapping, never the connection.
-        let _ = LB4_SK_REVNAT.insert(key, value, 0);
+        if let Err(code) = LB4_SK_REVNAT.insert(key, value, 0) {
+            crate::records::revnat_insert_failed(4, code.into());
+        }
     }
     #[inline(always)]
     fn recall(cookie: u64, peer: (u32, u16)) -> Option<((u32, u16), u32)> {
@@ -94,7 +96,9 @@ impl SockFamily for V6 {
             pad: 0,
         };
         // As for IPv4: LRU, and a failure loses only the reverse mapping.
-        let _ = LB6_SK_REVNAT.insert(key, value, 0);
+        if let Err(code) = LB6_SK_REVNAT.insert(key, value, 0) {
+            crate::records::revnat_insert_failed(6, code.into());
+        }
     }
     #[inline(always)]
     fn recall(cookie: u64, peer: ([u8; 16], u16)) -> Option<(([u8; 16], u16), u32)> {

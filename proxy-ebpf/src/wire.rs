@@ -85,7 +85,8 @@ pub trait Wire: Family {
     fn ct_read(value: &Self::CtValue) -> Flow<Self::Addr>;
     /// Another packet of the flow: its time, and whether it closes the flow.
     fn ct_touch(value: *mut Self::CtValue, now_ns: u64, closing: bool);
-    fn ct_put(key: &Self::CtKey, flow: &Flow<Self::Addr>, now_ns: u64);
+    /// Writes a flow entry; the kernel's error code if it refused.
+    fn ct_put(key: &Self::CtKey, flow: &Flow<Self::Addr>, now_ns: u64) -> Result<(), i64>;
     fn ct_remove(key: &Self::CtKey);
     /// Whether the source is a pod (inside `--cluster-cidr`).
     fn in_cluster(src: &Self::Addr) -> bool;
@@ -189,7 +190,7 @@ impl Wire for V4 {
         }
     }
     #[inline(always)]
-    fn ct_put(key: &Ct4Key, flow: &Flow<u32>, now_ns: u64) {
+    fn ct_put(key: &Ct4Key, flow: &Flow<u32>, now_ns: u64) -> Result<(), i64> {
         let value = Ct4Value {
             last_seen_ns: now_ns,
             nat_be: flow.nat,
@@ -201,7 +202,7 @@ impl Wire for V4 {
         };
         // LRU maps evict rather than fail; a lost entry only means the next packet
         // chooses again.
-        let _ = LB4_CT.insert(key, value, 0);
+        LB4_CT.insert(key, value, 0).map_err(i64::from)
     }
     #[inline(always)]
     fn ct_remove(key: &Ct4Key) {
@@ -321,7 +322,7 @@ impl Wire for V6 {
         }
     }
     #[inline(always)]
-    fn ct_put(key: &Ct6Key, flow: &Flow<[u8; 16]>, now_ns: u64) {
+    fn ct_put(key: &Ct6Key, flow: &Flow<[u8; 16]>, now_ns: u64) -> Result<(), i64> {
         let value = Ct6Value {
             last_seen_ns: now_ns,
             nat: flow.nat,
@@ -332,7 +333,7 @@ impl Wire for V6 {
             pad: [0; 5],
         };
         // As for IPv4: LRU.
-        let _ = LB6_CT.insert(key, value, 0);
+        LB6_CT.insert(key, value, 0).map_err(i64::from)
     }
     #[inline(always)]
     fn ct_remove(key: &Ct6Key) {

@@ -56,6 +56,17 @@ impl Programs {
     /// When the object or the kernel refuses (these tests need root).
     #[must_use]
     pub fn load(tag: &str) -> Self {
+        Self::load_with(tag, None)
+    }
+
+    /// [`Self::load`] with the kernel programs' log level set as the agent sets it
+    /// (`Some(0)`: off, its default; `Some(4)`: debug, with `-v`), or left at the
+    /// object's default (every record on) with `None`.
+    ///
+    /// # Panics
+    /// As [`Self::load`].
+    #[must_use]
+    pub fn load_with(tag: &str, kernel_log_level: Option<&'static u8>) -> Self {
         crate::cluster::ensure_bpffs();
         let dir = PathBuf::from(format!(
             "/sys/fs/bpf/pa-progtest-{}-{tag}",
@@ -63,10 +74,15 @@ impl Programs {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("pin directory");
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
-            .load(loader::object())
-            .expect("eBPF object");
+        // Unless told, the kernel log level stays at the object's default (every record
+        // on), unlike the agent's (off unless `-v`): the verifier checks the records'
+        // code too.
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&dir);
+        if let Some(level) = kernel_log_level {
+            loader.override_global("AYA_LOG_LEVEL", level, true);
+        }
+        let mut ebpf = loader.load(loader::object()).expect("eBPF object");
         for name in [nodeport::INGRESS_PROGRAM, nodeport::EGRESS_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -184,6 +200,37 @@ impl Programs {
     #[must_use]
     pub fn run(&self, ingress: bool, packet: &[u8]) -> Outcome {
         self.run_repeated(ingress, packet, 1).0
+    }
+
+    /// The kernel programs' debug records (aya-log) written since the last call, as the
+    /// agent's `-v` would log them.
+    ///
+    /// # Panics
+    /// When the object has no record ring buffer left to read (taken by an earlier call).
+    pub fn kernel_records(&mut self) -> Vec<String> {
+        struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+        impl log::Log for Capture {
+            fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+                true
+            }
+            fn log(&self, record: &log::Record<'_>) {
+                self.0.lock().expect("records").push(format!(
+                    "{}: {}",
+                    record.level(),
+                    record.args()
+                ));
+            }
+            fn flush(&self) {}
+        }
+        let seen = std::sync::Arc::default();
+        let mut logger = aya_log::EbpfLogger::init_with_logger(
+            &mut self.ebpf,
+            Capture(std::sync::Arc::clone(&seen)),
+        )
+        .expect("the AYA_LOGS ring buffer");
+        logger.flush();
+        let records = seen.lock().expect("records").clone();
+        records
     }
 
     /// Runs the program `repeat` times on `packet`: the last outcome, and the kernel's

@@ -11,7 +11,7 @@ use std::{
 use proxy_agent_tests::{
     agent::{agent_bin, sample_sum, testpod_bin},
     manifests,
-    scenarios::{self, setup_on, Bed, ECHO_IP, EMPTY_IP, POD_PORTS},
+    scenarios::{self, setup_on, setup_with, Bed, ECHO_IP, EMPTY_IP, POD_PORTS},
 };
 use serde_json::Value;
 
@@ -145,8 +145,16 @@ fn monitor_lines(mut child: std::process::Child) -> Vec<Value> {
 
 #[test]
 fn monitor_dump_trace_and_counters_show_real_connections_with_ebpf() {
-    let bed = setup_on("dbg", "ebpf");
+    // `-v`: the kernel programs load with their debug records live, and pass the verifier.
+    let bed = setup_with("dbg", &agent_bin(), &["--dataplane", "ebpf", "-v"]);
     bed.agent.wait_healthy(&bed.cluster);
+    assert!(
+        bed.agent
+            .log_text()
+            .contains("kernel programs' debug records followed"),
+        "{}",
+        bed.agent.log_text()
+    );
     let monitor = start_monitor(&bed, &["--duration", "3"]);
     let to = format!("{ECHO_IP}:80");
     let answered = scenarios::requests(&bed.cluster, "tcp", &to, 6);

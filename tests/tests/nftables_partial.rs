@@ -8,73 +8,79 @@ use std::{
     sync::Arc,
 };
 
+use ::nftables::schema::NfListObject;
 use proxy_agent::{
     dataplane::{
-        nftables::{self, delta, ruleset, table, NftablesDataplane},
+        nftables::{
+            self, delta,
+            listing::{self, Object},
+            ruleset, table, NftablesDataplane,
+        },
         Dataplane,
     },
     model::{self, Backend, DesiredState, Frontend, LocalTraffic, NodeInfo},
 };
 use proxy_agent_tests::{
-    cluster::{sh_in, Cluster},
+    cluster::{sh_in, sh_in_with_stdin, Cluster},
     flows, scale,
 };
-use serde_json::Value;
 
-/// `nft -j list ruleset FAMILY`, our tables only, with handles dropped and set elements
-/// sorted: `table/chain` → (declaration, rules in order), and `table/set` → declaration
-/// with elements.
+/// `nft -j list ruleset FAMILY`, our tables only, read as the nftables crate's schema,
+/// with handles dropped and set elements sorted: `table/chain` → (declaration, rules in
+/// order), and `table/set` → declaration with elements.
 type Listing = (
-    BTreeMap<String, (Value, Vec<Value>)>,
-    BTreeMap<String, Value>,
+    BTreeMap<String, (NfListObject<'static>, Vec<NfListObject<'static>>)>,
+    BTreeMap<String, listing::Object>,
 );
 
-fn strip(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            map.remove("handle");
-            if let Some(Value::Array(elements)) = map.get_mut("elem") {
-                elements.sort_by_key(ToString::to_string);
-            }
-            map.values_mut().for_each(strip);
-        }
-        Value::Array(items) => items.iter_mut().for_each(strip),
-        _ => {}
+fn sorted<'a>(elements: &mut Option<std::borrow::Cow<'a, [::nftables::expr::Expression<'a>]>>) {
+    if let Some(elements) = elements {
+        elements.to_mut().sort_by_cached_key(|e| format!("{e:?}"));
     }
 }
 
 fn listing(netns: &str, family: &str) -> Listing {
     let text = sh_in(netns, &["nft", "-j", "list", "ruleset", family]);
-    let mut json: Value = serde_json::from_str(&text).expect("nft json");
-    strip(&mut json);
     let (mut chains, mut sets) = (BTreeMap::new(), BTreeMap::new());
-    let named = |object: &Value, field: &str| {
-        format!(
-            "{}/{}",
-            object["table"].as_str().expect("table"),
-            object[field].as_str().expect("name")
-        )
-    };
-    for item in json["nftables"].as_array().expect("nftables array") {
-        let ours = item
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(|o| o.get("table"))
-            .and_then(Value::as_str)
-            .is_some_and(table::is_ours);
-        if !ours {
-            continue;
-        }
-        if let Some(chain) = item.get("chain") {
-            chains.insert(named(chain, "name"), (chain.clone(), Vec::new()));
-        } else if let Some(rule) = item.get("rule") {
-            chains
-                .get_mut(&named(rule, "chain"))
-                .expect("rule's chain")
-                .1
-                .push(rule.clone());
-        } else if let Some(set) = item.get("set").or_else(|| item.get("map")) {
-            sets.insert(named(set, "name"), set.clone());
+    for object in listing::ours(&text).expect("nft json of our tables") {
+        match object {
+            Object::Listed(NfListObject::Chain(mut chain)) => {
+                chain.handle = None;
+                let name = format!("{}/{}", chain.table, chain.name);
+                chains.insert(name, (NfListObject::Chain(chain), Vec::new()));
+            }
+            Object::Listed(NfListObject::Rule(mut rule)) => {
+                rule.handle = None;
+                let name = format!("{}/{}", rule.table, rule.chain);
+                chains
+                    .get_mut(&name)
+                    .expect("rule's chain")
+                    .1
+                    .push(NfListObject::Rule(rule));
+            }
+            Object::Listed(NfListObject::Set(mut set)) => {
+                set.handle = None;
+                sorted(&mut set.elem);
+                let name = format!("{}/{}", set.table, set.name);
+                sets.insert(name, Object::Listed(NfListObject::Set(set)));
+            }
+            Object::Listed(NfListObject::Map(mut map)) => {
+                map.handle = None;
+                sorted(&mut map.elem);
+                let name = format!("{}/{}", map.table, map.name);
+                sets.insert(name, Object::Listed(NfListObject::Map(map)));
+            }
+            Object::VerdictMap(mut map) => {
+                map.handle = None;
+                if let Some(elements) = &mut map.elem {
+                    elements.sort_by_cached_key(|e| format!("{e:?}"));
+                }
+                sets.insert(
+                    format!("{}/{}", map.table, map.name),
+                    Object::VerdictMap(map),
+                );
+            }
+            Object::Listed(_) | Object::Counter(_) => {}
         }
     }
     (chains, sets)
@@ -393,10 +399,9 @@ fn a_full_reload_keeps_the_clients_affinity_remembers() {
     fresh.apply(&model::Plan::default(), &fewer).expect("fresh");
     let (mut kept, fresh_listing) = (listing(&a, "ip"), listing(&b, "ip"));
     // The remembered client aside, the reloaded table is the fresh one.
-    if let Some(decl) = kept.1.get_mut(&format!("{table}/{set}")) {
-        if let Some(map) = decl.as_object_mut() {
-            map.remove("elem");
-        }
+    if let Some(Object::Listed(NfListObject::Set(decl))) = kept.1.get_mut(&format!("{table}/{set}"))
+    {
+        decl.elem = None;
     }
     let left = same_as_full(&kept, &fresh_listing, "after a reload");
     assert!(left.is_empty(), "left over: {left:?}");
@@ -445,4 +450,41 @@ fn a_full_load_leaves_what_nft_leaves_of_the_rendered_text() {
             nftables::load_in(path(netns).as_deref(), &ruleset::removal()).expect("clean");
         }
     }
+}
+
+/// The nftables crate reads our tables back and writes them as `nft -j -f` loads them:
+/// the ruleset it leaves is the text load's, but for table and chain comments (its
+/// schema has no field for them), for the flow cases (affinity, source ranges, NodePorts,
+/// many endpoints, IPv6).
+#[test]
+fn the_nftables_crate_writes_back_what_it_read_of_our_tables() {
+    let cluster = Cluster::new("nfrt");
+    let (a, b) = (cluster.add_netns("text"), cluster.add_netns("json"));
+    let snapshot = flows::snapshot();
+    let node = flows::node(&snapshot, "node1");
+    let desired = model::build(&snapshot, &node);
+    let mut nft = NftablesDataplane::start_in(
+        node.cluster_cidrs.clone(),
+        Some(PathBuf::from(format!("/run/netns/{a}"))),
+    )
+    .expect("nft");
+    nft.apply(&model::Plan::default(), &desired).expect("load");
+    let objects = listing::ours(&sh_in(&a, &["nft", "-j", "list", "ruleset"])).expect("read");
+    assert!(
+        objects.iter().any(|o| matches!(o, Object::VerdictMap(_)))
+            && objects.iter().any(|o| matches!(o, Object::Counter(_))),
+        "the stand-ins are exercised"
+    );
+    let document = listing::batch(objects).expect("batch");
+    sh_in_with_stdin(&b, &["nft", "-j", "-f", "-"], &document);
+    let uncommented = |ns: &str| {
+        sh_in(ns, &["nft", "list", "ruleset"])
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("comment "))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let (text, json) = (uncommented(&a), uncommented(&b));
+    assert!(text.len() > 100, "{text:?}");
+    assert_eq!(text, json);
 }

@@ -361,3 +361,27 @@ fn garbage_collection_removes_closed_and_idle_flows_and_keeps_live_ones() {
     let out = programs.run(true, &tcp(client(45001), frontend, ACK));
     assert_ne!(endpoints(&out.packet).1, frontend);
 }
+
+/// A UDP packet cut short of its ports passes untranslated, and says so in the kernel's
+/// debug records when they are on (`-v`); with them off (the agent's default) the same
+/// packet writes none.
+#[test]
+fn a_packet_cut_short_is_passed_and_said_only_with_kernel_records_on() {
+    static OFF: u8 = 0;
+    static DEBUG: u8 = 4;
+    let mut short = udp(client(40000), at(NODE, 30053), b"x", true);
+    // Ethernet and IPv4 headers, then two bytes of the UDP header.
+    short.truncate(14 + 20 + 2);
+    for (level, said) in [(&DEBUG, true), (&OFF, false)] {
+        let mut programs = Programs::load_with(&format!("records{level}"), Some(level));
+        programs.program(&services(&[B1, B2]));
+        let outcome = programs.run(true, &short);
+        assert_eq!(outcome.verdict, PASS, "level {level}");
+        assert_eq!(outcome.packet, short, "level {level}: rewritten");
+        let records = programs.kernel_records();
+        let found = records
+            .iter()
+            .any(|r| r.contains("protocol 17 packet too short for its ports"));
+        assert_eq!(found, said, "level {level}: {records:?}");
+    }
+}

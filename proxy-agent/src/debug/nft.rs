@@ -1,13 +1,14 @@
 //! `dump` for the nftables dataplane: reads our tables back with `nft -j` and follows
 //! the verdict maps through KUBE-SVC/EXT/FW chains to the KUBE-SEP chains' DNAT targets,
 //! and the conntrack table for the flows those rules translated.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    process::Command,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use anyhow::{bail, Result};
+use nftables::{
+    expr::{Expression, NamedExpression},
+    schema::{NfListObject, Rule, Set},
+    stmt::Statement,
+};
 
 use super::{
     rows::{AffinityRow, BackendRow, FlowRow, ServiceRow},
@@ -15,16 +16,16 @@ use super::{
 };
 use crate::dataplane::{
     conntrack::Conntrack,
-    nftables::table::{is_ours, TABLE},
+    nftables::{
+        listing::{self, expression_targets, immediate, Object, VerdictMap},
+        table::TABLE,
+    },
 };
 
 /// Whether our IPv4 table exists in this network namespace.
 #[must_use]
 pub fn installed() -> bool {
-    Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    listing::list(&["list", "table", "ip", TABLE]).is_ok_and(|objects| !objects.is_empty())
 }
 
 /// What one chain does, as far as `dump` cares.
@@ -53,24 +54,6 @@ pub struct Tables {
     affinity: BTreeMap<String, Vec<(String, Option<u64>)>>,
 }
 
-fn walk<'a>(value: &'a Value, visit: &mut impl FnMut(&'a serde_json::Map<String, Value>)) {
-    match value {
-        Value::Object(map) => {
-            visit(map);
-            map.values().for_each(|v| walk(v, visit));
-        }
-        Value::Array(items) => items.iter().for_each(|v| walk(v, visit)),
-        _ => {}
-    }
-}
-
-fn text(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
 fn frontend(address: &str, port: &str, proto: &str) -> String {
     let proto = proto.to_uppercase();
     if address.contains(':') {
@@ -82,7 +65,7 @@ fn frontend(address: &str, port: &str, proto: &str) -> String {
 
 impl Tables {
     /// `nft -j list ruleset` for `ip` and `ip6`, our tables only (the main table and the
-    /// Service tables).
+    /// Service tables), read as the nftables crate's schema.
     ///
     /// # Errors
     /// When `nft` fails or prints something that is not its JSON.
@@ -92,106 +75,65 @@ impl Tables {
         }
         let mut tables = Self::default();
         for family in ["ip", "ip6"] {
-            let output = Command::new("nft")
-                .args(["-j", "list", "ruleset", family])
-                .output()
-                .context("running nft")?;
-            if !output.status.success() {
-                bail!(
-                    "nft list ruleset {family}: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
+            for object in listing::list(&["list", "ruleset", family])? {
+                tables.absorb(&object);
             }
-            let json: Value = serde_json::from_slice(&output.stdout).context("nft -j output")?;
-            tables.absorb(&json);
         }
         Ok(tables)
     }
 
-    fn absorb(&mut self, json: &Value) {
-        let Some(items) = json.get("nftables").and_then(Value::as_array) else {
-            return;
-        };
-        let ours = |object: &Value| {
-            object
-                .get("table")
-                .and_then(Value::as_str)
-                .is_some_and(is_ours)
-        };
-        for item in items {
-            let Some(object) = item.as_object().and_then(|o| o.values().next()) else {
-                continue;
-            };
-            if !ours(object) {
-                continue;
-            }
-            if let Some(rule) = item.get("rule") {
-                self.absorb_rule(rule);
-            } else if let Some(map) = item.get("map") {
-                self.absorb_map(map);
-            } else if let Some(set) = item.get("set") {
-                self.absorb_set(set);
-            }
+    fn absorb(&mut self, object: &Object) {
+        match object {
+            Object::Listed(NfListObject::Rule(rule)) => self.absorb_rule(rule),
+            Object::Listed(NfListObject::Set(set)) => self.absorb_set(set),
+            Object::VerdictMap(map) => self.absorb_map(map),
+            Object::Listed(_) | Object::Counter(_) => {}
         }
     }
 
-    fn absorb_rule(&mut self, rule: &Value) {
-        let Some(name) = rule.get("chain").and_then(Value::as_str) else {
-            return;
-        };
-        let chain = self.chains.entry(name.to_owned()).or_default();
-        walk(rule.get("expr").unwrap_or(&Value::Null), &mut |object| {
-            for verdict in ["goto", "jump"] {
-                if let Some(target) = object
-                    .get(verdict)
-                    .and_then(|v| v.get("target"))
-                    .and_then(Value::as_str)
-                {
-                    chain.targets.insert(target.to_owned());
-                }
-            }
-            if let Some(dnat) = object.get("dnat") {
-                let address = dnat.get("addr").map(text).unwrap_or_default();
-                let port = dnat.get("port").map(text).unwrap_or_default();
+    fn absorb_rule(&mut self, rule: &Rule<'_>) {
+        let chain = self.chains.entry(rule.chain.to_string()).or_default();
+        for statement in rule.expr.iter() {
+            listing::targets(statement, &mut |t| {
+                chain.targets.insert(t.to_owned());
+            });
+            if let Statement::DNAT(Some(nat)) = statement {
+                let address = nat.addr.as_ref().and_then(immediate).unwrap_or_default();
+                let port = nat.port.as_ref().and_then(immediate).unwrap_or_default();
                 chain.dnat = Some(if address.contains(':') {
                     format!("[{address}]:{port}")
                 } else {
                     format!("{address}:{port}")
                 });
             }
-        });
+        }
     }
 
-    fn absorb_map(&mut self, map: &Value) {
-        let name = map.get("name").and_then(Value::as_str).unwrap_or_default();
-        let node_port = name == "service-nodeports";
-        if name != "service-ips" && !node_port {
+    fn absorb_map(&mut self, map: &VerdictMap) {
+        let node_port = map.name == "service-nodeports";
+        if map.name != "service-ips" && !node_port {
             return;
         }
-        for element in map
-            .get("elem")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (Some(key), Some(verdict)) = (element.get(0), element.get(1)) else {
+        for element in map.elem.iter().flatten() {
+            let Expression::List(pair) = element else {
                 continue;
             };
-            let parts: Vec<String> = key
-                .get("concat")
-                .and_then(Value::as_array)
-                .map(|p| p.iter().map(text).collect())
-                .unwrap_or_default();
+            let [key, verdict] = pair.as_slice() else {
+                continue;
+            };
+            let parts: Vec<String> = match key {
+                Expression::Named(NamedExpression::Concat(parts)) => {
+                    parts.iter().filter_map(immediate).collect()
+                }
+                _ => continue,
+            };
             let frontend = match parts.as_slice() {
                 [address, proto, port] => frontend(address, port, proto),
                 [proto, port] => format!("*:{port}/{}", proto.to_uppercase()),
                 _ => continue,
             };
-            let target = ["goto", "jump"]
-                .iter()
-                .find_map(|v| verdict.get(v)?.get("target")?.as_str())
-                .unwrap_or_default()
-                .to_owned();
+            let mut target = String::new();
+            expression_targets(verdict, &mut |t| t.clone_into(&mut target));
             self.entries.push(Entry {
                 frontend,
                 node_port,
@@ -200,26 +142,19 @@ impl Tables {
         }
     }
 
-    fn absorb_set(&mut self, set: &Value) {
-        let name = set.get("name").and_then(Value::as_str).unwrap_or_default();
-        if !name.starts_with("affinity-") {
+    fn absorb_set(&mut self, set: &Set<'_>) {
+        if !set.name.starts_with("affinity-") {
             return;
         }
-        let members = self.affinity.entry(name.to_owned()).or_default();
-        for element in set
-            .get("elem")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (client, expires) = match element.get("elem") {
-                Some(inner) => (
-                    inner.get("val").map(text).unwrap_or_default(),
-                    inner.get("expires").and_then(Value::as_u64),
-                ),
-                None => (text(element), None),
+        let members = self.affinity.entry(set.name.to_string()).or_default();
+        for element in set.elem.iter().flat_map(|e| e.iter()) {
+            let member = match element {
+                Expression::Named(NamedExpression::Elem(inner)) => {
+                    immediate(&inner.val).map(|client| (client, inner.expires.map(u64::from)))
+                }
+                other => immediate(other).map(|client| (client, None)),
             };
-            members.push((client, expires));
+            members.extend(member);
         }
     }
 

@@ -19,7 +19,22 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::source::SourceUpdate;
+use crate::source::{addresses::AddressError, SourceUpdate};
+
+/// Why the responder could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("DNS listen addresses: {0}")]
+    Interface(#[from] AddressError),
+    #[error("DNS listener: {0}")]
+    Listen(#[from] std::io::Error),
+    #[error("the socket LB redirects to an IPv4 listener; {0} is not")]
+    RedirectTarget(SocketAddr),
+    #[error("kube-dns redirect map (is the eBPF dataplane loaded?): {0}")]
+    RedirectMap(#[from] aya::maps::MapError),
+    #[error("DNS probe name: {0}")]
+    ProbeName(#[from] hickory_proto::ProtoError),
+}
 use resolver::{Resolver, Upstreams};
 use zone::Zone;
 use zone_tracker::ZoneTracker;
@@ -71,7 +86,7 @@ pub async fn start(
     config: DnsConfig,
     mut updates: watch::Receiver<SourceUpdate>,
     metrics: metrics::DnsMetrics,
-) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, DnsError> {
     iface::ensure(&config.listen).await?;
     let listeners = server::bind(&config.listen).await?;
     let (zone_tx, zone_rx) = watch::channel(None::<Arc<Zone>>);

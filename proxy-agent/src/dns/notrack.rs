@@ -11,7 +11,7 @@ use std::{
 use tokio::{sync::watch, task::AbortHandle};
 use tracing::{info, warn};
 
-use super::{iface, resolver::Resolver, server, zone::Zone};
+use super::{iface, resolver::Resolver, server, zone::Zone, DnsError};
 use crate::dataplane::nftables;
 
 /// The agent's DNS table, apart from the Service tables.
@@ -89,8 +89,8 @@ pub fn start(mut zone: watch::Receiver<Option<Arc<Zone>>>, resolver: Arc<Resolve
             for &ip in wanted.difference(&had) {
                 let addr = SocketAddr::new(ip, 53);
                 let bound = match iface::ensure(&[addr]).await {
-                    Ok(()) => server::bind(&[addr]).await.map_err(anyhow::Error::from),
-                    Err(error) => Err(error.into()),
+                    Ok(()) => server::bind(&[addr]).await.map_err(DnsError::from),
+                    Err(error) => Err(DnsError::from(error)),
                 };
                 match bound {
                     Ok(listeners) => {

@@ -19,14 +19,14 @@ use proxy_common::{LocalRedirect4, Service4Key};
 use tokio::{net::UdpSocket, sync::watch, time::timeout};
 use tracing::{info, warn};
 
-use super::zone::Zone;
+use super::{zone::Zone, DnsError};
 
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 type RedirectMap = HashMap<MapData, Service4Key, LocalRedirect4>;
 
-fn open(bpffs: &Path) -> anyhow::Result<RedirectMap> {
+fn open(bpffs: &Path) -> Result<RedirectMap, DnsError> {
     let data = MapData::from_pin(bpffs.join(proxy_common::MAP_LOCAL_REDIRECT4))?;
     Ok(HashMap::try_from(Map::HashMap(data))?)
 }
@@ -75,9 +75,9 @@ pub fn start(
     target: SocketAddr,
     domain: &str,
     zone: watch::Receiver<Option<Arc<Zone>>>,
-) -> anyhow::Result<()> {
+) -> Result<(), DnsError> {
     let IpAddr::V4(target_ip) = target.ip() else {
-        anyhow::bail!("the socket LB redirects to an IPv4 listener; {target} is not");
+        return Err(DnsError::RedirectTarget(target));
     };
     let mut map = open(bpffs)?;
     let probe_name = Name::from_ascii(format!("dns-version.{domain}."))?;

@@ -258,33 +258,12 @@ impl NftablesVerdicts {
     fn read() -> std::collections::BTreeMap<String, u64> {
         let mut totals = std::collections::BTreeMap::new();
         for family in ["ip", "ip6"] {
-            let Ok(output) = std::process::Command::new("nft")
-                .args(["-j", "list", "counters", family])
-                .output()
-            else {
+            // No table of a family (yet) is no count, not an error worth a log per scrape.
+            let Ok(counters) = crate::dataplane::nftables::listing::counters(family) else {
                 continue;
             };
-            let Ok(json) = serde_json::from_slice::<serde_json::Value>(&output.stdout) else {
-                continue;
-            };
-            let items = json.get("nftables").and_then(serde_json::Value::as_array);
-            let ours = |counter: &&serde_json::Value| {
-                counter
-                    .get("table")
-                    .and_then(serde_json::Value::as_str)
-                    .is_some_and(crate::dataplane::nftables::table::is_ours)
-            };
-            for counter in items
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.get("counter"))
-                .filter(ours)
-            {
-                let name = counter.get("name").and_then(serde_json::Value::as_str);
-                let packets = counter.get("packets").and_then(serde_json::Value::as_u64);
-                if let (Some(name), Some(packets)) = (name, packets) {
-                    *totals.entry(name.to_owned()).or_insert(0) += packets;
-                }
+            for (name, packets) in counters {
+                *totals.entry(name).or_insert(0) += packets;
             }
         }
         totals

@@ -37,15 +37,14 @@ const NOT_OTHER_PROXY: &str = "!service.kubernetes.io/service-proxy-name";
 /// A client from `--kubeconfig`, else in-cluster config, else `~/.kube/config`, its
 /// requests limited to `rate`.
 pub async fn client(kubeconfig: Option<&Path>, rate: ApiRate) -> Result<Client, SourceError> {
-    let error = |e: &dyn std::fmt::Display| SourceError::Kube(e.to_string());
     let config = match kubeconfig {
         Some(path) => {
-            let file = Kubeconfig::read_from(path).map_err(|e| error(&e))?;
+            let file = Kubeconfig::read_from(path).map_err(SourceError::Kubeconfig)?;
             Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
                 .await
-                .map_err(|e| error(&e))?
+                .map_err(SourceError::Kubeconfig)?
         }
-        None => Config::infer().await.map_err(|e| error(&e))?,
+        None => Config::infer().await.map_err(SourceError::InferConfig)?,
     };
     client_limited(config, rate)
 }
@@ -59,7 +58,7 @@ pub async fn client(kubeconfig: Option<&Path>, rate: ApiRate) -> Result<Client, 
 /// When the configuration cannot make a client (a bad TLS setup, say).
 pub fn client_from(mut config: Config) -> Result<Client, SourceError> {
     config.default_retry = false;
-    Client::try_from(config).map_err(|e| SourceError::Kube(e.to_string()))
+    Client::try_from(config).map_err(SourceError::Kube)
 }
 
 /// [`client_from`] with every request waiting its turn under `rate`.
@@ -68,8 +67,7 @@ pub fn client_from(mut config: Config) -> Result<Client, SourceError> {
 /// As [`client_from`].
 pub fn client_limited(mut config: Config, rate: ApiRate) -> Result<Client, SourceError> {
     config.default_retry = false;
-    let builder = kube::client::ClientBuilder::try_from(config)
-        .map_err(|e| SourceError::Kube(e.to_string()))?;
+    let builder = kube::client::ClientBuilder::try_from(config).map_err(SourceError::Kube)?;
     Ok(builder.with_layer(&RateLimitLayer::new(rate)).build())
 }
 
@@ -360,11 +358,8 @@ pub async fn spawn(
     // One thread: decoding is the work, and two workers handing the connections' reads
     // to each other cost more in wake-ups than they gained (30 000 Services: start →
     // programmed 4.0 s with two, 2.8-3.1 s with one).
-    let done = crate::background::spawn("kube-source", watching)
-        .map_err(|e| SourceError::Kube(format!("cannot start the source's thread: {e}")))?;
-    ready
-        .await
-        .map_err(|_| SourceError::Kube("the source's thread ended".into()))??;
+    let done = crate::background::spawn("kube-source", watching).map_err(SourceError::Thread)?;
+    ready.await.map_err(|_| SourceError::ThreadEnded)??;
     Ok(async move { done.await.unwrap_or(Ok(())) })
 }
 

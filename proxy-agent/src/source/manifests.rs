@@ -258,7 +258,7 @@ pub async fn run(dir: PathBuf, tx: watch::Sender<SourceUpdate>) -> Result<(), So
             crate::background::lower_priority();
             let _ = done_tx.send(follow(&dir, &tx));
         })
-        .map_err(|e| SourceError::ReadDir(PathBuf::from("<thread>"), e))?;
+        .map_err(SourceError::Thread)?;
     done.await.unwrap_or(Ok(()))
 }
 

@@ -27,8 +27,16 @@ pub struct SourceUpdate {
 pub enum SourceError {
     #[error("cannot read manifests directory {0}: {1}")]
     ReadDir(PathBuf, #[source] std::io::Error),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(#[source] ::kube::config::KubeconfigError),
+    #[error("no Kubernetes client configuration (in-cluster or ~/.kube/config): {0}")]
+    InferConfig(#[source] ::kube::config::InferConfigError),
     #[error("Kubernetes API client: {0}")]
-    Kube(String),
+    Kube(#[source] ::kube::Error),
+    #[error("cannot start the source's thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("the source's thread ended before its client was made")]
+    ThreadEnded,
     #[error("cannot watch manifests directory: {0}")]
     Watch(#[source] notify::Error),
 }

@@ -164,10 +164,12 @@ pub fn load(
     retire_other_layout(bpffs, sizing)?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(bpffs);
+    super::kernel_log::set_level(&mut loader, super::kernel_log::level());
     for (name, entries) in lb_map_sizes(sizing) {
         loader.map_max_entries(name, entries);
     }
     let mut ebpf = loader.load(OBJECT)?;
+    super::kernel_log::follow(&mut ebpf);
     stamp_layout(&mut ebpf)?;
     let cgroup =
         fs::File::open(cgroup_root).map_err(|e| EbpfError::Io(cgroup_root.to_owned(), e))?;

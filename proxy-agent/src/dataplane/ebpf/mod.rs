@@ -9,6 +9,7 @@ pub mod flows;
 mod ids;
 pub mod index;
 pub mod kernel;
+pub mod kernel_log;
 pub mod loader;
 mod local;
 pub mod maglev;

@@ -7,6 +7,7 @@
 //! conntrack goes.
 pub mod delta;
 pub mod full;
+pub mod listing;
 mod load;
 pub mod names;
 pub mod rendered;
