@@ -2,11 +2,7 @@
 //! callers that run on plain threads, often inside another network namespace: replies
 //! are matched to the request by sequence number and port, and an interrupted dump is
 //! read again.
-use std::{
-    fmt::Debug,
-    io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-};
+use std::{fmt::Debug, io, net::IpAddr};
 
 use netlink_packet_core::{
     DecodeError, NetlinkBuffer, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
@@ -244,20 +240,6 @@ where
     };
     reply.read(datagram)?;
     Ok(messages)
-}
-
-/// An address from the raw bytes netlink carries (4 or 16 of them); an IPv4-mapped IPv6
-/// address reads as the IPv4 one when `unmap`.
-#[must_use]
-pub fn ip_from_bytes(raw: &[u8], unmap: bool) -> Option<IpAddr> {
-    match raw.len() {
-        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(raw).ok()?))),
-        16 => Some(unmapped(
-            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(raw).ok()?)),
-            unmap,
-        )),
-        _ => None,
-    }
 }
 
 /// `ip`, or the IPv4 address an IPv4-mapped IPv6 one stands for when `unmap`.
