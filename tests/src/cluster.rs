@@ -671,6 +671,12 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Removes everything a cluster with this id created.
 fn teardown(id: &str) {
+    // Containers first (they hold the node's network namespace and cgroup); only a
+    // cluster that ran podman has its configuration in the scratch directory.
+    let scratch = std::env::temp_dir().join(id);
+    if scratch.join("containers.conf").exists() {
+        crate::container::remove_all(&scratch, id);
+    }
     remove_cgroup(&cgroup_base(id));
     let _ = fs::remove_dir_all(Path::new(BPFFS).join(id));
     if std::env::var_os("KEEP_TEST_LOGS").is_none() {

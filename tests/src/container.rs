@@ -125,6 +125,26 @@ impl Drop for ContainerAgent {
     }
 }
 
+/// Removes every container of cluster `id` (named `{id}-…`), running or not: what a
+/// killed run left (its [`ContainerAgent`]s were never dropped).
+pub(crate) fn remove_all(scratch: &Path, id: &str) {
+    let Ok(out) = podman_in(scratch)
+        .args(["ps", "-a", "--format", "{{.Names}}"])
+        .output()
+    else {
+        return;
+    };
+    let prefix = format!("{id}-");
+    for name in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| n.starts_with(&prefix))
+    {
+        let _ = podman_in(scratch)
+            .args(["rm", "-f", "-t", "0", name])
+            .output();
+    }
+}
+
 /// How a node's paths stand in for the `DaemonSet`'s host paths.
 fn host_path(cluster: &Cluster, node: &str, path: &str) -> String {
     match path {
