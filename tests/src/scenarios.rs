@@ -357,3 +357,38 @@ pub fn assert_served(report: &str, what: &str) {
         .unwrap_or(0);
     assert!(ok > 100, "too few connections: {report}");
 }
+
+/// One probe's answer: the pod that answered and the address it saw the client as, or
+/// the error line.
+pub type Probed = Result<(String, String), String>;
+
+/// `count` `proto` connections from `source` (in `pod`, or the LAN for `None`) to `to`,
+/// each with a 700 ms timeout.
+#[must_use]
+pub fn probe(
+    cluster: &Cluster,
+    pod: Option<&str>,
+    proto: &str,
+    source: &str,
+    to: &str,
+    count: usize,
+) -> Vec<Probed> {
+    let testpod = crate::agent::testpod_bin().display().to_string();
+    let count = count.to_string();
+    let args = [testpod.as_str(), "probe", proto, source, to, &count, "700"];
+    let out = match pod {
+        Some(pod) => cluster.run_in_pod(pod, &args),
+        None => cluster.run_in_lan(&args),
+    };
+    out.lines()
+        .map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                ["ok", pod, peer] => Ok((
+                    pod.to_owned(),
+                    peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_owned(),
+                )),
+                _ => Err(line.to_owned()),
+            },
+        )
+        .collect()
+}

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use proxy_agent_tests::{
-    agent::{testpod_bin, Agent},
+    agent::Agent,
     cluster::Cluster,
     manifests,
     scenarios::{self, POD_PORTS, WEB_A_AND_B},
@@ -114,42 +114,6 @@ fn setup(tag: &str, dataplane: &str, detect: &[&str]) -> Bed {
     }
 }
 
-/// `count` TCP connections from `source` (in `pod`, or the LAN for `None`) to `to`:
-/// per connection the answering pod and the peer address it saw, or the error.
-fn probe(
-    bed: &Bed,
-    pod: Option<&str>,
-    source: &str,
-    to: &str,
-    count: usize,
-) -> Vec<Result<(String, String), String>> {
-    let testpod = testpod_bin().display().to_string();
-    let args = [
-        testpod.as_str(),
-        "probe",
-        "tcp",
-        source,
-        to,
-        &count.to_string(),
-        "700",
-    ];
-    let out = match pod {
-        Some(pod) => bed.cluster.run_in_pod(pod, &args),
-        None => bed.cluster.run_in_lan(&args),
-    };
-    out.lines()
-        .map(
-            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
-                ["ok", pod, peer] => Ok((
-                    pod.to_owned(),
-                    peer.rsplit_once(':').map_or(peer, |(ip, _)| ip).to_owned(),
-                )),
-                _ => Err(line.to_owned()),
-            },
-        )
-        .collect()
-}
-
 /// Every connection answered; the peers the pods saw.
 fn served(results: &[Result<(String, String), String>], what: &str) -> Vec<String> {
     results
@@ -168,7 +132,14 @@ fn served(results: &[Result<(String, String), String>], what: &str) -> Vec<Strin
 /// (as a pod it would be sent to every endpoint, and web-b's replies would not come
 /// back through node1).
 fn remote_pod_is_external(bed: &Bed) {
-    let results = probe(bed, Some("client2"), POD2, "10.100.0.1:30082", 8);
+    let results = scenarios::probe(
+        &bed.cluster,
+        Some("client2"),
+        "tcp",
+        POD2,
+        "10.100.0.1:30082",
+        8,
+    );
     let answers: Vec<(String, String)> = results
         .iter()
         .map(|r| {
@@ -199,26 +170,45 @@ fn dropped(results: &[Result<(String, String), String>], what: &str) {
 /// a ClusterIP routed in from the LAN is masqueraded and a pod's is not.
 fn local_and_external(bed: &Bed, what: &str) {
     let peers = served(
-        &probe(bed, Some("client"), POD1, "10.100.0.1:30081", 6),
+        &scenarios::probe(
+            &bed.cluster,
+            Some("client"),
+            "tcp",
+            POD1,
+            "10.100.0.1:30081",
+            6,
+        ),
         what,
     );
     assert!(
         peers.iter().all(|p| p == POD1),
         "{what}: pod short-circuit: {peers:?}"
     );
-    dropped(&probe(bed, None, LAN_CLIENT, "10.100.0.1:30081", 2), what);
-    let peers = served(&probe(bed, None, LAN_CLIENT, "10.100.0.2:30081", 4), what);
+    dropped(
+        &scenarios::probe(&bed.cluster, None, "tcp", LAN_CLIENT, "10.100.0.1:30081", 2),
+        what,
+    );
+    let peers = served(
+        &scenarios::probe(&bed.cluster, None, "tcp", LAN_CLIENT, "10.100.0.2:30081", 4),
+        what,
+    );
     assert!(
         peers.iter().all(|p| p == LAN_CLIENT),
         "{what}: eTP=Local keeps the client: {peers:?}"
     );
     let to = format!("{ROUTED_CLUSTER_IP}:80");
-    let peers = served(&probe(bed, None, LAN_CLIENT, &to, 12), what);
+    let peers = served(
+        &scenarios::probe(&bed.cluster, None, "tcp", LAN_CLIENT, &to, 12),
+        what,
+    );
     assert!(
         !peers.iter().any(|p| p == LAN_CLIENT),
         "{what}: a ClusterIP from outside must be masqueraded: {peers:?}"
     );
-    let peers = served(&probe(bed, Some("client"), POD1, &to, 12), what);
+    let peers = served(
+        &scenarios::probe(&bed.cluster, Some("client"), "tcp", POD1, &to, 12),
+        what,
+    );
     assert!(
         peers.iter().all(|p| p == POD1),
         "{what}: a pod's ClusterIP traffic keeps its address: {peers:?}"
@@ -294,7 +284,10 @@ fn node_cidr(tag: &str, dataplane: &str) {
         let since = Instant::now();
         loop {
             let to = format!("{ROUTED_CLUSTER_IP}:80");
-            let peers = served(&probe(&bed, None, LAN_CLIENT, &to, 1), "routed");
+            let peers = served(
+                &scenarios::probe(&bed.cluster, None, "tcp", LAN_CLIENT, &to, 1),
+                "routed",
+            );
             if (peers[0] == LAN_CLIENT) == lan_is_pod {
                 break;
             }

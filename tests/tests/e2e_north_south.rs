@@ -10,7 +10,7 @@ use proxy_agent_tests::{
     agent::{sample_sum, testpod_bin, Agent},
     cluster::Cluster,
     manifests::{self, Endpoint},
-    scenarios::{self, POD_PORTS, WEB_A_AND_B},
+    scenarios::{self, Probed, POD_PORTS, WEB_A_AND_B},
 };
 
 /// The echo pods' ports, with the line-echo port long-lived connections use.
@@ -131,38 +131,9 @@ fn setup(tag: &str, dataplane: &str) -> Bed {
     }
 }
 
-/// `count` connections from `source` in the LAN to `to`: per answer the pod and the
-/// address it saw the client as, or the error.
-fn probe(
-    bed: &Bed,
-    proto: &str,
-    source: &str,
-    to: &str,
-    count: usize,
-) -> Vec<Result<(String, String), String>> {
-    let testpod = testpod_bin().display().to_string();
-    bed.cluster
-        .run_in_lan(&[
-            &testpod,
-            "probe",
-            proto,
-            source,
-            to,
-            &count.to_string(),
-            "700",
-        ])
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            match fields.as_slice() {
-                ["ok", pod, peer] => Ok((
-                    (*pod).to_owned(),
-                    peer.rsplit_once(':').map_or(*peer, |(ip, _)| ip).to_owned(),
-                )),
-                _ => Err(line.to_owned()),
-            }
-        })
-        .collect()
+/// `count` connections from `source` in the LAN to `to` (`scenarios::probe`).
+fn probe(bed: &Bed, proto: &str, source: &str, to: &str, count: usize) -> Vec<Probed> {
+    scenarios::probe(&bed.cluster, None, proto, source, to, count)
 }
 
 /// Every connection answered: the pods that answered and the client addresses they saw.
