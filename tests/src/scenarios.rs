@@ -162,6 +162,54 @@ pub fn write_echo_slice(dir: &Path, eps: &[(&'static str, bool, &'static str)]) 
     );
 }
 
+/// From the LAN client, for four seconds: a long-lived connection to an echo port and a
+/// stream of new connections, to be carried across whatever the test does meanwhile.
+pub struct LanLoad {
+    held: Child,
+    stream: Child,
+}
+
+impl LanLoad {
+    /// Starts both clients: the held connection to `hold_to`, the stream to `stream_to`.
+    ///
+    /// # Panics
+    /// When a client cannot start.
+    #[must_use]
+    pub fn start(cluster: &Cluster, hold_to: &str, stream_to: &str) -> Self {
+        let testpod = testpod_bin().display().to_string();
+        let spawn = |args: &[&str]| {
+            cluster
+                .command_in_lan(args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn a LAN client")
+        };
+        Self {
+            held: spawn(&[&testpod, "hold", hold_to, "4000"]),
+            stream: spawn(&[&testpod, "request-for", "tcp", stream_to, "4000"]),
+        }
+    }
+
+    /// Waits for both to end: their reports (`exchanges=N err=0`, `ok=N err=0 …`).
+    ///
+    /// # Panics
+    /// When the held connection broke or a new one failed (`context` follows the
+    /// stream's report).
+    #[must_use]
+    pub fn carried_on(self, context: &str) -> (String, String) {
+        let (held, stream) = (client_report(self.held), client_report(self.stream));
+        assert!(
+            held.ends_with("err=0"),
+            "the long-lived connection broke: {held}"
+        );
+        assert!(
+            stream.contains(" err=0"),
+            "new connections failed: {stream}{context}"
+        );
+        (held, stream)
+    }
+}
+
 /// A long-lived connection to `hold_to` (an echo port) and a stream of new connections
 /// to `stream_to`, both from the LAN client, across a SIGTERM + restart of `agent` and
 /// then an upgrade to a copy of its binary. Returns the two reports
@@ -175,18 +223,9 @@ pub fn restart_under_load(
     hold_to: &str,
     stream_to: &str,
 ) -> (String, String) {
-    let testpod = testpod_bin().display().to_string();
     let upgraded = cluster.scratch().join("proxy-agent-upgraded");
     std::fs::copy(crate::agent::agent_bin(), &upgraded).expect("copy the agent");
-    let spawn = |args: &[&str]| {
-        cluster
-            .command_in_lan(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn a LAN client")
-    };
-    let held = spawn(&[&testpod, "hold", hold_to, "4000"]);
-    let stream = spawn(&[&testpod, "request-for", "tcp", stream_to, "4000"]);
+    let load = LanLoad::start(cluster, hold_to, stream_to);
     let started = Instant::now();
     let mut restarts = Vec::new();
     std::thread::sleep(Duration::from_millis(400));
@@ -205,15 +244,7 @@ pub fn restart_under_load(
         ));
         std::thread::sleep(Duration::from_millis(300));
     }
-    let (held, stream) = (client_report(held), client_report(stream));
-    assert!(
-        held.ends_with("err=0"),
-        "the long-lived connection broke: {held}"
-    );
-    assert!(
-        stream.contains(" err=0"),
-        "new connections failed: {stream}\nagent restarts: {restarts:?}"
-    );
+    let (held, stream) = load.carried_on(&format!("\nagent restarts: {restarts:?}"));
     let count = |text: &str, key: &str| -> u64 {
         text.split_whitespace()
             .find_map(|f| f.strip_prefix(key))

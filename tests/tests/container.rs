@@ -10,7 +10,7 @@ use proxy_agent_tests::{
         added_capabilities, daemonset, load_image, podman_run, run_options, ContainerAgent,
     },
     manifests,
-    scenarios::{self, client_report, UdpHold, ECHO_IP, POD_PORTS, SVC_PORTS, WEB_A_AND_B},
+    scenarios::{self, LanLoad, UdpHold, ECHO_IP, POD_PORTS, SVC_PORTS, WEB_A_AND_B},
 };
 
 const ECHO_PORT: (&str, &str, u16) = ("echo", "TCP", 7070);
@@ -82,17 +82,8 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         agent.logs(&cluster)
     );
     // NodePort from outside the cluster.
-    let testpod = testpod_bin().display().to_string();
-    let out = cluster.run_in_lan(&[
-        &testpod,
-        "probe",
-        "tcp",
-        "10.100.0.254",
-        "10.100.0.1:30080",
-        "8",
-        "700",
-    ]);
-    assert!(out.lines().all(|l| l.starts_with("ok ")), "{out}");
+    let out = scenarios::probe(&cluster, None, "tcp", "10.100.0.254", "10.100.0.1:30080", 8);
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
     // NodeLocal DNS on the DaemonSet's address, answered from the model.
     let dig = cluster.run_in_pod(
         "client",
@@ -114,28 +105,11 @@ fn the_image_runs_as_the_daemonset_runs_it() {
 /// A container restart: a long-lived connection and a stream of new ones from the LAN
 /// through the NodePort carry on.
 fn restart_keeps_connections(cluster: &Cluster, agent: &ContainerAgent) {
-    let testpod = testpod_bin().display().to_string();
-    let spawn = |args: &[&str]| {
-        cluster
-            .command_in_lan(args)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("a LAN client")
-    };
-    let held = spawn(&[&testpod, "hold", "10.100.0.1:30070", "4000"]);
-    let stream = spawn(&[&testpod, "request-for", "tcp", "10.100.0.1:30080", "4000"]);
+    let load = LanLoad::start(cluster, "10.100.0.1:30070", "10.100.0.1:30080");
     std::thread::sleep(std::time::Duration::from_millis(500));
     agent.restart(cluster);
     agent.wait_healthy(cluster);
-    let (held, stream) = (client_report(held), client_report(stream));
-    assert!(
-        held.ends_with("err=0"),
-        "the long-lived connection broke: {held}"
-    );
-    assert!(
-        stream.contains(" err=0"),
-        "new connections failed: {stream}"
-    );
+    let _ = load.carried_on("");
 }
 
 /// `cleanup` from the image, with the same privileges, removes everything.
@@ -180,17 +154,9 @@ fn what_breaks(
         if !ok(&requests) {
             broken.push("ClusterIP");
         }
-        let testpod = testpod_bin().display().to_string();
-        let nodeport = cluster.run_in_lan(&[
-            &testpod,
-            "probe",
-            "tcp",
-            "10.100.0.254",
-            "10.100.0.1:30080",
-            "4",
-            "700",
-        ]);
-        if !ok(&nodeport) {
+        let nodeport =
+            scenarios::probe(cluster, None, "tcp", "10.100.0.254", "10.100.0.1:30080", 4);
+        if nodeport.is_empty() || !nodeport.iter().all(Result::is_ok) {
             broken.push("NodePort");
         }
         let dig = cluster
