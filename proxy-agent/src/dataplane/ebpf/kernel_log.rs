@@ -21,20 +21,11 @@ pub fn wanted() -> bool {
 }
 
 /// Sets the programs' log level before they load: debug when wanted, else off.
-pub fn set_level(loader: &mut EbpfLoader<'_>, level: &'static u8) {
-    loader.override_global(LEVEL_GLOBAL, level, true);
-}
-
-/// The level to load with.
-#[must_use]
-pub fn level() -> &'static u8 {
+pub fn set_level(loader: &mut EbpfLoader<'_>) {
     static DEBUG: u8 = Level::Debug as u8;
     static OFF: u8 = 0;
-    if wanted() {
-        &DEBUG
-    } else {
-        &OFF
-    }
+    let level = if wanted() { &DEBUG } else { &OFF };
+    loader.override_global(LEVEL_GLOBAL, level, true);
 }
 
 /// Hands each record to tracing, at debug level under [`TARGET`].
@@ -46,7 +37,7 @@ impl log::Log for Forward {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        debug!(target: "kernel", program = record.module_path().unwrap_or("-"), "{}", record.args());
+        debug!(target: TARGET, program = record.module_path().unwrap_or("-"), "{}", record.args());
     }
 
     fn flush(&self) {}

@@ -164,7 +164,7 @@ pub fn load(
     retire_other_layout(bpffs, sizing)?;
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(bpffs);
-    super::kernel_log::set_level(&mut loader, super::kernel_log::level());
+    super::kernel_log::set_level(&mut loader);
     for (name, entries) in lb_map_sizes(sizing) {
         loader.map_max_entries(name, entries);
     }
