@@ -129,7 +129,9 @@ pub const VERDICT_DROP: u8 = 5;
 // Why a call was rejected.
 /// The Service has no endpoints.
 pub const REASON_NO_ENDPOINTS: u8 = 1;
-/// The chosen slot or backend vanished (the agent was rewriting the Service).
+/// The chosen slot or backend vanished, and again when chosen afresh (the agent was
+/// rewriting the Service): the per-packet path drops (the client sends again), the
+/// socket path refuses.
 pub const REASON_BACKEND_MISSING: u8 = 2;
 /// For `VERDICT_NAT`: the backend this client used last (`sessionAffinity`).
 pub const REASON_AFFINITY: u8 = 3;

@@ -27,14 +27,27 @@ pub fn lookup<F: Family>(frontend: &F::Key) -> Option<ServiceValue> {
     F::service(frontend)
 }
 
-/// A uniformly random backend of a frontend with `svc.count > 0`, its id and slot, or
-/// `None` if the slot or backend is missing (only while the agent deletes the service).
+/// A uniformly random backend of a frontend with `svc.count > 0`, its id and slot. A
+/// missing slot or backend means the agent rewrote the frontend after `svc` was read
+/// (it deletes surplus slots and unused backends right after the new count, and a
+/// stalled CPU can hold a program across that): the frontend is read again and the
+/// choice made once more from its count now. `None` if that misses too.
 #[inline(always)]
 pub fn select_backend<F: Family>(
     frontend: &F::Key,
     svc: &ServiceValue,
 ) -> Option<(u32, F::Backend, u16)> {
-    let count = u32::from(svc.count);
+    if let Some(chosen) = select_among::<F>(frontend, svc.count) {
+        return Some(chosen);
+    }
+    let now = F::service(frontend)?;
+    select_among::<F>(frontend, now.count)
+}
+
+/// A uniformly random one of the first `count` slots' backends, its id and slot.
+#[inline(always)]
+fn select_among<F: Family>(frontend: &F::Key, count: u16) -> Option<(u32, F::Backend, u16)> {
+    let count = u32::from(count);
     if count == 0 {
         return None;
     }
@@ -46,11 +59,27 @@ pub fn select_backend<F: Family>(
     Some((id, backend, slot))
 }
 
-/// The backend a flow hashing to `hash` gets from a Maglev table, and its id: every node
-/// holding the same table sends the flow to the same backend, and a backend change
-/// moves only about its share of flows.
+/// The backend a flow hashing to `hash` gets from a frontend's Maglev `table`, and its
+/// id: every node holding the same table sends the flow to the same backend, and a
+/// backend change moves only about its share of flows. A missing table or backend
+/// means the agent replaced the table (and deleted what only the old one used) after
+/// the frontend was read: the frontend is read again for its table now.
 #[inline(always)]
-pub fn maglev_backend<F: Family>(table: u16, hash: u32) -> Option<(u32, F::Backend)> {
+pub fn maglev_backend<F: Family>(
+    frontend: &F::Key,
+    table: u16,
+    hash: u32,
+) -> Option<(u32, F::Backend)> {
+    if let Some(chosen) = maglev_entry::<F>(table, hash) {
+        return Some(chosen);
+    }
+    let now = F::service(frontend)?;
+    maglev_entry::<F>(now.maglev_table, hash)
+}
+
+/// One read of a Maglev table's entry for `hash`, and its backend.
+#[inline(always)]
+fn maglev_entry<F: Family>(table: u16, hash: u32) -> Option<(u32, F::Backend)> {
     // SAFETY: the value is read in place, one entry; the agent replaces whole tables.
     let table = unsafe { LB4_MAGLEV.get(table) }?;
     let size = table.size;

@@ -168,21 +168,23 @@ fn new_flow<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>, reselected: bool
         return drop_packet::<F>(packet, svc.rev_nat_index, REASON_SOURCE_RANGE);
     }
     let external = !F::in_cluster(&packet.src) && !from_local_interface(ctx);
-    let (frontend, route, masquerade) = if external && svc.flags & SERVICE_FLAG_EXTERNAL_SCOPE != 0
-    {
+    // The scope, not its key: a second key in this frame would pass the 512 bytes.
+    let (scope, route, masquerade) = if external && svc.flags & SERVICE_FLAG_EXTERNAL_SCOPE != 0 {
         let scoped = F::key(packet.dst, packet.dport_be, packet.proto, SCOPE_EXTERNAL);
         let Some(route) = lb::lookup::<F>(&scoped) else {
             return TC_ACT_OK;
         };
-        (scoped, route, route.flags & SERVICE_FLAG_MASQ != 0)
+        (SCOPE_EXTERNAL, route, route.flags & SERVICE_FLAG_MASQ != 0)
     } else if external {
-        (frontend, svc, svc.flags & SERVICE_FLAG_EXTERNAL_MASQ != 0)
+        (0, svc, svc.flags & SERVICE_FLAG_EXTERNAL_MASQ != 0)
     } else {
-        (frontend, svc, svc.flags & SERVICE_FLAG_MASQ != 0)
+        (0, svc, svc.flags & SERVICE_FLAG_MASQ != 0)
     };
-    let Some((backend_id, to, reason)) = choose::<F>(packet, &frontend, &route) else {
+    let Some((backend_id, to, reason)) = choose::<F>(packet, scope, &route) else {
+        // The agent rewrote the Service twice under this packet: a dropped SYN is sent
+        // again, where a refused connection would fail.
         if route.count != 0 {
-            return reject::<F>(ctx, packet, svc.rev_nat_index, REASON_BACKEND_MISSING);
+            return drop_packet::<F>(packet, svc.rev_nat_index, REASON_BACKEND_MISSING);
         }
         if route.flags & SERVICE_FLAG_DROP_EMPTY != 0 {
             return drop_packet::<F>(packet, svc.rev_nat_index, REASON_NO_LOCAL_ENDPOINTS);
@@ -208,18 +210,21 @@ fn new_flow<F: Wire>(ctx: &TcContext, packet: &Packet<F::Addr>, reselected: bool
     translate::<F>(ctx, packet, &to, flags)
 }
 
-/// The backend of a new flow (its id, address and port, and the monitor's reason):
-/// the client's by affinity, the Maglev table's, or a random one.
+/// The backend of a new flow through the frontend's `scope` (its id, address and port,
+/// and the monitor's reason): the client's by affinity, the Maglev table's, or a
+/// random one.
 #[inline(never)]
 fn choose<F: Wire>(
     packet: &Packet<F::Addr>,
-    frontend: &F::Key,
+    scope: u8,
     route: &ServiceValue,
 ) -> Option<(u32, (F::Addr, u16), u8)> {
+    let frontend = &F::key(packet.dst, packet.dport_be, packet.proto, scope);
     let (id, backend, reason) = if route.flags & SERVICE_FLAG_AFFINITY != 0 {
         affinity::select::<F>(F::client(&packet.src), frontend, route)?
     } else if route.maglev_table != 0 && route.count != 0 {
-        let (id, backend) = lb::maglev_backend::<F>(route.maglev_table, hash::<F>(packet))?;
+        let (id, backend) =
+            lb::maglev_backend::<F>(frontend, route.maglev_table, hash::<F>(packet))?;
         (id, backend, 0)
     } else {
         let (id, backend, _) = lb::select_backend::<F>(frontend, route)?;
@@ -279,19 +284,20 @@ fn remember<F: Wire>(
     backend: &(F::Addr, u16),
     flags: u8,
 ) {
-    let seen = now();
     // One value, reused: the IPv6 path's frames stay within the 512-byte stack.
-    let mut flow = Flow {
-        nat: packet.dst,
-        nat_port_be: packet.dport_be,
-        rev_nat_index: route.rev_nat_index,
-        backend_id,
-        flags,
-    };
-    let reply = F::ct_put(&reply_key::<F>(packet, *backend), &flow, seen);
-    flow.nat = backend.0;
-    flow.nat_port_be = backend.1;
-    let forward = F::ct_put(&forward_key::<F>(packet), &flow, seen);
+    let mut value = F::ct_value(
+        &Flow {
+            nat: packet.dst,
+            nat_port_be: packet.dport_be,
+            rev_nat_index: route.rev_nat_index,
+            backend_id,
+            flags,
+        },
+        now(),
+    );
+    let reply = F::ct_put(&reply_key::<F>(packet, *backend), &value);
+    F::ct_retarget(&mut value, backend);
+    let forward = F::ct_put(&forward_key::<F>(packet), &value);
     // LRU maps evict rather than fail; a lost entry only means the next packet chooses
     // again.
     let _ = (reply, forward);

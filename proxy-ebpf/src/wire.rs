@@ -85,8 +85,12 @@ pub trait Wire: Family {
     fn ct_read(value: &Self::CtValue) -> Flow<Self::Addr>;
     /// Another packet of the flow: its time, and whether it closes the flow.
     fn ct_touch(value: *mut Self::CtValue, now_ns: u64, closing: bool);
+    /// A flow entry's value, seen at `now_ns`.
+    fn ct_value(flow: &Flow<Self::Addr>, now_ns: u64) -> Self::CtValue;
+    /// Points a flow entry's value at another address and port.
+    fn ct_retarget(value: &mut Self::CtValue, to: &(Self::Addr, u16));
     /// Writes a flow entry; the kernel's error code if it refused.
-    fn ct_put(key: &Self::CtKey, flow: &Flow<Self::Addr>, now_ns: u64) -> Result<(), i64>;
+    fn ct_put(key: &Self::CtKey, value: &Self::CtValue) -> Result<(), i64>;
     fn ct_remove(key: &Self::CtKey);
     /// Whether the source is a pod (inside `--cluster-cidr`).
     fn in_cluster(src: &Self::Addr) -> bool;
@@ -190,8 +194,8 @@ impl Wire for V4 {
         }
     }
     #[inline(always)]
-    fn ct_put(key: &Ct4Key, flow: &Flow<u32>, now_ns: u64) -> Result<(), i64> {
-        let value = Ct4Value {
+    fn ct_value(flow: &Flow<u32>, now_ns: u64) -> Ct4Value {
+        Ct4Value {
             last_seen_ns: now_ns,
             nat_be: flow.nat,
             nat_port_be: flow.nat_port_be,
@@ -199,7 +203,15 @@ impl Wire for V4 {
             backend_id: flow.backend_id,
             flags: flow.flags,
             pad: 0,
-        };
+        }
+    }
+    #[inline(always)]
+    fn ct_retarget(value: &mut Ct4Value, to: &(u32, u16)) {
+        value.nat_be = to.0;
+        value.nat_port_be = to.1;
+    }
+    #[inline(always)]
+    fn ct_put(key: &Ct4Key, value: &Ct4Value) -> Result<(), i64> {
         // LRU maps evict rather than fail; a lost entry only means the next packet
         // chooses again.
         LB4_CT.insert(key, value, 0).map_err(i64::from)
@@ -322,8 +334,8 @@ impl Wire for V6 {
         }
     }
     #[inline(always)]
-    fn ct_put(key: &Ct6Key, flow: &Flow<[u8; 16]>, now_ns: u64) -> Result<(), i64> {
-        let value = Ct6Value {
+    fn ct_value(flow: &Flow<[u8; 16]>, now_ns: u64) -> Ct6Value {
+        Ct6Value {
             last_seen_ns: now_ns,
             nat: flow.nat,
             nat_port_be: flow.nat_port_be,
@@ -331,7 +343,15 @@ impl Wire for V6 {
             backend_id: flow.backend_id,
             flags: flow.flags,
             pad: [0; 5],
-        };
+        }
+    }
+    #[inline(always)]
+    fn ct_retarget(value: &mut Ct6Value, to: &([u8; 16], u16)) {
+        value.nat = to.0;
+        value.nat_port_be = to.1;
+    }
+    #[inline(always)]
+    fn ct_put(key: &Ct6Key, value: &Ct6Value) -> Result<(), i64> {
         // As for IPv4: LRU.
         LB6_CT.insert(key, value, 0).map_err(i64::from)
     }

@@ -37,8 +37,26 @@ const SKB_MARK: usize = 8;
 pub struct Programs {
     ebpf: Ebpf,
     dir: PathBuf,
+    writer: Writer,
+}
+
+/// The agent's map writer over the pinned maps, and what it programmed.
+pub struct Writer {
     writer: MapWriter<KernelMaps>,
     programmed: DesiredState,
+}
+
+impl Writer {
+    /// Programs `desired` as the agent would.
+    ///
+    /// # Panics
+    /// When a map write fails.
+    pub fn program(&mut self, desired: &DesiredState) {
+        self.writer
+            .apply(&diff(&self.programmed, desired))
+            .expect("map writes");
+        self.programmed = desired.clone();
+    }
 }
 
 /// What a program did to one packet.
@@ -91,14 +109,12 @@ impl Programs {
                 .expect("classifier");
             program.load().expect("verifier");
         }
-        let writer =
-            MapWriter::restore(KernelMaps::from_pins(&dir).expect("pinned maps")).expect("writer");
-        Self {
-            ebpf,
-            dir,
-            writer,
+        let writer = Writer {
+            writer: MapWriter::restore(KernelMaps::from_pins(&dir).expect("pinned maps"))
+                .expect("writer"),
             programmed: DesiredState::default(),
-        }
+        };
+        Self { ebpf, dir, writer }
     }
 
     /// Programs `desired` as the agent would.
@@ -106,10 +122,23 @@ impl Programs {
     /// # Panics
     /// When a map write fails.
     pub fn program(&mut self, desired: &DesiredState) {
-        self.writer
-            .apply(&diff(&self.programmed, desired))
-            .expect("map writes");
-        self.programmed = desired.clone();
+        self.writer.program(desired);
+    }
+
+    /// A writer of its own over the same maps, starting from what was programmed
+    /// here, for a thread that rewrites them while packets run (as the agent's sync
+    /// thread does while the programs run on every CPU). Programs nothing through
+    /// [`Self::program`] while it is in use.
+    ///
+    /// # Panics
+    /// When the pinned maps cannot be opened or read.
+    #[must_use]
+    pub fn second_writer(&self) -> Writer {
+        Writer {
+            writer: MapWriter::restore(KernelMaps::from_pins(&self.dir).expect("pinned maps"))
+                .expect("writer"),
+            programmed: self.writer.programmed.clone(),
+        }
     }
 
     /// Sets the cluster CIDRs (sources taking the pod route).
@@ -126,6 +155,52 @@ impl Programs {
             0,
         )
         .expect("insert");
+    }
+
+    /// Deletes one backend slot of an IPv4 frontend (pod scope) behind the writer's
+    /// back, leaving a count its slots do not back: what a program sees when the agent
+    /// shrinks the frontend between its two reads.
+    ///
+    /// # Panics
+    /// When the map cannot be opened or the slot is not there.
+    pub fn delete_slot(&self, frontend: SocketAddrV4, proto: u8, slot: u16) {
+        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_SERVICES4)).expect("pin");
+        let mut services: aya::maps::HashMap<
+            MapData,
+            proxy_common::Service4Key,
+            proxy_common::ServiceValue,
+        > = aya::maps::HashMap::try_from(Map::HashMap(data)).expect("services map");
+        let key = proxy_common::Service4Key {
+            address_be: u32::from(*frontend.ip()).to_be(),
+            dport_be: frontend.port().to_be(),
+            backend_slot: slot,
+            proto,
+            scope: 0,
+            pad: [0; 2],
+        };
+        services.remove(&key).expect("the slot");
+    }
+
+    /// Deletes an IPv4 backend behind the writer's back while its frontends still name
+    /// it: what a program sees when the agent deletes a backend between its reads.
+    ///
+    /// # Panics
+    /// When the map cannot be opened or holds no such backend.
+    pub fn delete_backend(&self, backend: SocketAddrV4, proto: u8) {
+        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_BACKENDS4)).expect("pin");
+        let mut backends: aya::maps::HashMap<MapData, u32, proxy_common::Backend4> =
+            aya::maps::HashMap::try_from(Map::HashMap(data)).expect("backends map");
+        let id = backends
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(_, b)| {
+                b.address_be == u32::from(*backend.ip()).to_be()
+                    && b.port_be == backend.port().to_be()
+                    && b.proto == proto
+            })
+            .map(|(id, _)| id)
+            .expect("the backend");
+        backends.remove(&id).expect("delete");
     }
 
     /// The pinned IPv4 flow map.
