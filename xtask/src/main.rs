@@ -157,6 +157,8 @@ fn test() -> Result<String> {
                 "--lib",
                 "--bins",
                 "--tests",
+                // Every suite runs: one failing test binary does not hide the others'.
+                "--no-fail-fast",
             ])
             .args(["--", "--test-threads", "2"])
             .env("PROXY_EBPF_OBJECT", ebpf_object())
