@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::{
     agent::testpod_bin,
     cluster::{sh_in, Cluster},
-    kube_proxy_iptables, scale,
+    kube_proxy, scale,
 };
 
 /// The two backends of the measured Service, on node1: (pod, host byte).
@@ -158,7 +158,7 @@ pub fn install(
             Installed::Nothing
         }
         "iptables" => {
-            let rules = kube_proxy_iptables::ruleset(desired, POD_CIDR);
+            let rules = kube_proxy::iptables::ruleset(desired, POD_CIDR);
             crate::cluster::try_sh_in_with_stdin(
                 &netns,
                 &["iptables-legacy-restore", "--noflush"],

@@ -13,7 +13,7 @@ pub mod dnschurn;
 pub mod fake_api;
 pub mod flowbed;
 pub mod flows;
-pub mod kube_proxy_iptables;
+pub mod kube_proxy;
 pub mod manifests;
 pub mod nodeportbench;
 pub mod plots;

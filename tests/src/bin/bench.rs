@@ -18,7 +18,7 @@ use proxy_agent::{
 };
 use proxy_agent_tests::{
     cluster::{sh_in, sh_in_with_stdin, try_sh_in_with_stdin, Cluster},
-    connbench, dnsbench, kube_proxy_iptables, nodeportbench, rssbench, scale,
+    connbench, dnsbench, kube_proxy, nodeportbench, rssbench, scale,
 };
 use serde_json::{json, Value};
 
@@ -114,7 +114,7 @@ fn full_syncs(cluster: &Cluster, ebpf: &mut EbpfDataplane, services: usize) -> V
         list(&nft_ns) == list(&json_ns)
     });
     let ipt_ns = cluster.add_netns(&format!("ipt{services}"));
-    let rules = kube_proxy_iptables::ruleset(&desired, CLUSTER_CIDR);
+    let rules = kube_proxy::iptables::ruleset(&desired, CLUSTER_CIDR);
     // kube-proxy's layout can fail to load at all at large scales: that is a result.
     let started = Instant::now();
     let ipt = try_sh_in_with_stdin(&ipt_ns, &["iptables-legacy-restore", "--noflush"], &rules)
@@ -154,8 +154,8 @@ fn endpoint_changes(cluster: &Cluster, ebpf: &mut EbpfDataplane, cfg: &Config) -
     apply(ebpf, &DesiredState::default(), &a);
     let ipt_ns = cluster.add_netns("iptchg");
     let (rules_a, rules_b) = (
-        kube_proxy_iptables::ruleset(&a, CLUSTER_CIDR),
-        kube_proxy_iptables::ruleset(&b, CLUSTER_CIDR),
+        kube_proxy::iptables::ruleset(&a, CLUSTER_CIDR),
+        kube_proxy::iptables::ruleset(&b, CLUSTER_CIDR),
     );
     run_with_stdin(&ipt_ns, &["iptables-legacy-restore", "--noflush"], &rules_a);
     let (mut nft_secs, mut ebpf_secs, mut ipt_secs) = (Vec::new(), Vec::new(), Vec::new());
