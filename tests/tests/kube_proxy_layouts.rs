@@ -14,7 +14,10 @@ use proxy_agent::{
 };
 use proxy_agent_tests::{
     cluster::{sh_in, sh_in_with_stdin, Cluster},
-    kube_proxy::nftables::{Config, Proxier},
+    kube_proxy::{
+        iptables,
+        nftables::{Config, Proxier},
+    },
 };
 
 fn layouts() -> PathBuf {
@@ -146,4 +149,114 @@ fn kube_proxys_nftables_transactions_load_and_a_partial_sync_leaves_what_a_full_
         written * 2 < whole,
         "a partial sync wrote {written} lines, a full one {whole}"
     );
+}
+
+/// kube-proxy's iptables test proxier: nfacct counters, no `--random-fully`, localhost
+/// NodePorts on; `nfacct` off is what it writes on a kernel without the counters (here).
+fn iptables_config(nfacct: bool) -> iptables::Config {
+    iptables::Config {
+        cluster_cidr: "10.0.0.0/8".into(),
+        node_ip: "192.168.0.2".parse().unwrap(),
+        localhost_nodeports: true,
+        nfacct,
+        random_fully: false,
+    }
+}
+
+/// An `iptables-restore` input as kube-proxy's tests compare it: per table, its chain
+/// declarations and top-level rules as sets (written in Service order, which is its
+/// map's), and each other chain's rules in order.
+fn iptables_normalized(text: &str) -> Vec<String> {
+    let ordered = |chain: &str| {
+        !matches!(
+            chain,
+            "KUBE-SERVICES" | "KUBE-NODEPORTS" | "KUBE-EXTERNAL-SERVICES" | "KUBE-PROXY-FIREWALL"
+        )
+    };
+    let mut table = String::new();
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    let mut lines: Vec<String> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line == "COMMIT" {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('*') {
+            name.clone_into(&mut table);
+            continue;
+        }
+        let chain = line.strip_prefix("-A ").and_then(|r| r.split(' ').next());
+        lines.push(match chain {
+            Some(chain) if ordered(chain) => {
+                let i = index.entry(format!("{table} {chain}")).or_default();
+                *i += 1;
+                format!("{table} {chain} #{i:03}: {line}")
+            }
+            _ => format!("{table} {line}"),
+        });
+    }
+    lines.sort();
+    lines
+}
+
+#[test]
+fn kube_proxys_iptables_layout_is_the_one_its_overall_test_expects() {
+    let restore = iptables::Proxier::new(iptables_config(true)).full(&desired(&fixture()));
+    let expected = std::fs::read_to_string(layouts().join("iptables.expected")).unwrap();
+    let (ours, theirs) = (
+        iptables_normalized(&restore),
+        iptables_normalized(&expected),
+    );
+    let missing: Vec<_> = theirs.iter().filter(|l| !ours.contains(l)).collect();
+    let extra: Vec<_> = ours.iter().filter(|l| !theirs.contains(l)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "kube-proxy's layout differs:\nmissing {missing:#?}\nextra {extra:#?}"
+    );
+}
+
+#[test]
+fn kube_proxys_iptables_restores_load_on_nft_and_legacy_and_a_partial_sync_leaves_what_a_full_one_does(
+) {
+    let cluster = Cluster::new("kpipt");
+    let (before, after) = (desired(&fixture()), desired(&changed()));
+    for variant in ["nft", "legacy"] {
+        let restore = format!("iptables-{variant}-restore");
+        let save = format!("iptables-{variant}-save");
+        let (partial_ns, full_ns) = (
+            cluster.add_netns(&format!("{variant}p")),
+            cluster.add_netns(&format!("{variant}f")),
+        );
+        let load = |ns: &str, input: &str| {
+            sh_in_with_stdin(ns, &[restore.as_str(), "--noflush"], input);
+        };
+        // The tables' rules and chains, as sets (counters and save comments aside).
+        let list = |ns: &str| {
+            let mut lines: Vec<String> = sh_in(ns, &[save.as_str()])
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+                .collect();
+            lines.sort();
+            lines
+        };
+        let mut proxier = iptables::Proxier::new(iptables_config(false));
+        load(&partial_ns, &proxier.full(&before));
+        let partial = proxier.partial(&after);
+        load(&partial_ns, &partial);
+        load(
+            &full_ns,
+            &iptables::Proxier::new(iptables_config(false)).full(&after),
+        );
+        let full_listing = list(&full_ns);
+        assert!(
+            full_listing.iter().any(|l| l.contains("10.180.0.9:80")),
+            "{variant}: {full_listing:#?}"
+        );
+        assert_eq!(list(&partial_ns), full_listing, "{variant}");
+        // The unchanged Services' chains were not written again.
+        assert!(
+            !partial.contains(":KUBE-SVC-GNZBNJ2PO5MGZ6GT"),
+            "{variant}: a partial restore rewrote an unchanged Service:\n{partial}"
+        );
+    }
 }

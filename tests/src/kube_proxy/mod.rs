@@ -34,6 +34,8 @@ pub struct ServicePort {
     pub has_endpoints: bool,
     pub affinity_timeout: Option<u32>,
     pub source_ranges: Vec<IpNet>,
+    /// `healthCheckNodePort` (a load balancer with a Local external policy).
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -100,6 +102,7 @@ pub fn ports(desired: &DesiredState) -> BTreeMap<PortKey, ServicePort> {
                 }
             }
             entry.external_local = frontend.external.local;
+            entry.health_check_node_port = frontend.health_check_node_port;
             (&frontend.external, frontend.external.local)
         };
         let backends = route.backends.iter().copied().collect();
