@@ -1,16 +1,65 @@
 //! The bench's verdicts: each speed and memory target of the project, stated as met,
-//! not met, or not measured in this run, from the results the bench just wrote.
+//! not met, within noise (the measured spread straddles the target) or not measured in
+//! this run, from the results the bench just wrote.
 use std::fmt::Write as _;
 
 use serde_json::Value;
 
 use crate::{connbench, nodeportbench};
 
-fn verdict(met: Option<bool>) -> &'static str {
-    match met {
-        Some(true) => "met",
-        Some(false) => "**NOT met**",
-        None => "not measured in this run",
+/// A target's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Met,
+    NotMet,
+    /// The spread of the rounds straddles the target.
+    WithinNoise,
+}
+
+impl From<bool> for Verdict {
+    fn from(met: bool) -> Self {
+        if met {
+            Self::Met
+        } else {
+            Self::NotMet
+        }
+    }
+}
+
+impl Verdict {
+    /// Whether the interval `(low, high)` lies wholly at or above `floor`, wholly
+    /// below it, or across it.
+    #[must_use]
+    pub fn at_least((low, high): (f64, f64), floor: f64) -> Self {
+        if low >= floor {
+            Self::Met
+        } else if high < floor {
+            Self::NotMet
+        } else {
+            Self::WithinNoise
+        }
+    }
+
+    /// As [`Self::at_least`], for a ceiling.
+    #[must_use]
+    pub fn at_most((low, high): (f64, f64), ceiling: f64) -> Self {
+        if high <= ceiling {
+            Self::Met
+        } else if low > ceiling {
+            Self::NotMet
+        } else {
+            Self::WithinNoise
+        }
+    }
+
+    #[must_use]
+    pub fn text(verdict: Option<Self>) -> &'static str {
+        match verdict {
+            Some(Self::Met) => "met",
+            Some(Self::NotMet) => "**NOT met**",
+            Some(Self::WithinNoise) => "within noise",
+            None => "not measured in this run",
+        }
     }
 }
 
@@ -42,7 +91,7 @@ fn worst(
 
 /// Issue 17's targets on the end-to-end change rows: change → traffic p99, CPU per
 /// change, and peak RSS with API-shaped objects.
-fn change_targets(rows: &Value, line: &mut impl FnMut(&str, String, Option<bool>)) {
+fn change_targets(rows: &Value, line: &mut impl FnMut(&str, String, Option<Verdict>)) {
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"));
     let mib = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} MiB"));
     for (dataplane, services, limit) in [
@@ -55,14 +104,14 @@ fn change_targets(rows: &Value, line: &mut impl FnMut(&str, String, Option<bool>
         line(
             &format!("{dataplane}: change → traffic at {services} Services, p99 ≤ {limit} ms (end to end)"),
             ms(p99),
-            p99.map(|p| p <= limit),
+            p99.map(|p| p <= limit).map(Verdict::from),
         );
     }
     let cpu = worst(rows, "ebpf", 30_000, None, "cpu_ms_per_change_p50");
     line(
         "eBPF: agent CPU per endpoint change at 30 000 Services ≤ 2 ms",
         ms(cpu),
-        cpu.map(|c| c <= 2.0),
+        cpu.map(|c| c <= 2.0).map(Verdict::from),
     );
     for (services, limit) in [(10_000, 80.0), (30_000, 150.0)] {
         for dataplane in ["ebpf", "nftables"] {
@@ -70,50 +119,61 @@ fn change_targets(rows: &Value, line: &mut impl FnMut(&str, String, Option<bool>
             line(
                 &format!("{dataplane}: peak RSS with API-shaped objects at {services} × 10 ≤ {limit} MiB"),
                 mib(rss),
-                rss.map(|r| r <= limit),
+                rss.map(|r| r <= limit).map(Verdict::from),
             );
         }
     }
 }
 
 /// DNS cache hits under EndpointSlice churn against the agent idle.
-fn dns_churn_target(churn: &Value, line: &mut impl FnMut(&str, String, Option<bool>)) {
+fn dns_churn_target(churn: &Value, line: &mut impl FnMut(&str, String, Option<Verdict>)) {
     let ratio = churn["p99_ratio"]
         .as_f64()
         .filter(|_| churn["services"].as_u64() == Some(10_000));
     line(
         "DNS cache-hit p99 during 100 EndpointSlice changes/s at 10 000 Services ≤ 1.5× idle",
         ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}×")),
-        ratio.map(|r| r <= 1.5),
+        ratio.map(|r| r <= 1.5).map(Verdict::from),
     );
+}
+
+/// The connection-rate targets, judged on the rounds' spread.
+fn datapath_targets(datapath: &Value, line: &mut impl FnMut(&str, String, Option<Verdict>)) {
+    for (mode, floor) in [("ebpf", 0.97), ("nftables", 0.85)] {
+        let r = connbench::spread(datapath, mode, 10_000);
+        line(
+            &format!("{mode} ClusterIP connection rate at 10 000 Services ≥ {floor}× direct"),
+            r.map_or_else(
+                || "-".to_owned(),
+                |(m, lo, hi)| format!("{m:.3}× ({lo:.3}–{hi:.3})"),
+            ),
+            r.map(|(_, lo, hi)| Verdict::at_least((lo, hi), floor)),
+        );
+        // The fall from 1 to 30 000 Services, as an interval from the two spreads.
+        let fall = connbench::spread(datapath, mode, 1)
+            .zip(connbench::spread(datapath, mode, 30_000))
+            .map(|((s, s_lo, s_hi), (l, l_lo, l_hi))| {
+                (1.0 - l / s, 1.0 - l_hi / s_lo, 1.0 - l_lo / s_hi)
+            });
+        line(
+            &format!("{mode}: falls ≤ 3% from 1 to 30 000 Services"),
+            fall.map_or_else(
+                || "-".to_owned(),
+                |(f, lo, hi)| format!("{:.1}% ({:.1}–{:.1}%)", f * 100.0, lo * 100.0, hi * 100.0),
+            ),
+            fall.map(|(_, lo, hi)| Verdict::at_most((lo, hi), 0.03)),
+        );
+    }
 }
 
 /// The markdown section.
 #[must_use]
 pub fn report(results: &Value) -> String {
     let mut md = String::from("\n## Targets\n\n| target | measured | verdict |\n|---|---|---|\n");
-    let mut line = |target: &str, measured: String, met: Option<bool>| {
-        let _ = writeln!(md, "| {target} | {measured} | {} |", verdict(met));
+    let mut line = |target: &str, measured: String, verdict: Option<Verdict>| {
+        let _ = writeln!(md, "| {target} | {measured} | {} |", Verdict::text(verdict));
     };
-    let datapath = &results["datapath"];
-    for (mode, floor) in [("ebpf", 0.97), ("nftables", 0.85)] {
-        let r = connbench::ratio(datapath, mode, 10_000);
-        line(
-            &format!("{mode} ClusterIP connection rate at 10 000 Services ≥ {floor}× direct"),
-            r.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}×")),
-            r.map(|r| r >= floor),
-        );
-        let (small, large) = (
-            connbench::ratio(datapath, mode, 1),
-            connbench::ratio(datapath, mode, 30_000),
-        );
-        let fall = small.zip(large).map(|(s, l)| 1.0 - l / s);
-        line(
-            &format!("{mode}: falls ≤ 3% from 1 to 30 000 Services"),
-            fall.map_or_else(|| "-".to_owned(), |f| format!("{:.1}%", f * 100.0)),
-            fall.map(|f| f <= 0.03),
-        );
-    }
+    datapath_targets(&results["datapath"], &mut line);
     let nodeport = &results["nodeport"];
     for (mode, protocol, floor, what) in [
         (
@@ -134,7 +194,7 @@ pub fn report(results: &Value) -> String {
         line(
             &format!("{what} ≥ {floor}× direct through the node"),
             r.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}×")),
-            r.map(|r| r >= floor),
+            r.map(|r| r >= floor).map(Verdict::from),
         );
     }
     let full = row_at(&results["full_sync"], 10_000);
@@ -143,7 +203,7 @@ pub fn report(results: &Value) -> String {
         line(
             &format!("{mode} full sync of 10 000 × 10 under {limit} s"),
             s.map_or_else(|| "-".to_owned(), |s| format!("{s:.2} s")),
-            s.map(|s| s < limit),
+            s.map(|s| s < limit).map(Verdict::from),
         );
     }
     let change = &results["endpoint_change"];
@@ -159,7 +219,7 @@ pub fn report(results: &Value) -> String {
                 limit * 1000.0
             ),
             p99.map_or_else(|| "-".to_owned(), |s| format!("{:.1} ms", s * 1000.0)),
-            p99.map(|s| s < limit),
+            p99.map(|s| s < limit).map(Verdict::from),
         );
     }
     change_targets(&results["change_e2e"]["rows"], &mut line);
@@ -167,7 +227,7 @@ pub fn report(results: &Value) -> String {
     line(
         "peak RSS at 30 000 Services × 10 endpoints under 150 MiB",
         rss.map_or_else(|| "-".to_owned(), |m| format!("{m:.1} MiB")),
-        rss.map(|m| m < 150.0),
+        rss.map(|m| m < 150.0).map(Verdict::from),
     );
     dns_churn_target(&results["dns_churn"], &mut line);
     let hit = &results["dns"]["workloads"]["cache_hit"];
@@ -187,7 +247,9 @@ pub fn report(results: &Value) -> String {
                 )
             },
         ),
-        qps.zip(p99).map(|((q, uq), (p, up))| q >= uq && p <= up),
+        qps.zip(p99)
+            .map(|((q, uq), (p, up))| q >= uq && p <= up)
+            .map(Verdict::from),
     );
     md
 }

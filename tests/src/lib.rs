@@ -2,6 +2,7 @@
 //! binary, and manifest writers. Used by the end-to-end tests and `cargo xtask demo`.
 pub mod agent;
 pub mod api_echo;
+pub mod benchcompare;
 pub mod benchtargets;
 pub mod changebench;
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod dnschurn;
 pub mod fake_api;
 pub mod flowbed;
 pub mod flows;
+pub mod kpbench;
 pub mod kube_proxy;
 pub mod manifests;
 pub mod nodeportbench;

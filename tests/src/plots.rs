@@ -10,8 +10,10 @@ type Failure = Box<dyn std::error::Error>;
 type Line = (&'static str, RGBColor, Vec<(f64, f64)>);
 
 /// (name, colour) of each dataplane line.
-const SERIES: [(&str, RGBColor); 4] = [
+const SERIES: [(&str, RGBColor); 6] = [
     ("iptables", RGBColor(214, 39, 40)),
+    ("iptables-nft", RGBColor(255, 127, 14)),
+    ("kube-proxy nftables", RGBColor(148, 103, 189)),
     ("nftables", RGBColor(31, 119, 180)),
     ("ebpf", RGBColor(44, 160, 44)),
     ("conntrack", RGBColor(127, 127, 127)),
@@ -41,31 +43,55 @@ fn log_scale(n: u64) -> f64 {
     (n.max(1) as f64).log10()
 }
 
-/// One line per dataplane over the scales; `points(mode)` gives (Services, value).
+/// The whiskers of one line: (Services, lowest, highest) of its rounds.
+type Bars<'a> = &'a dyn Fn(&str) -> Vec<(u64, f64, f64)>;
+/// A line's colour and its whiskers in chart coordinates (x, low, high).
+type Whiskers = (RGBColor, Vec<(f64, f64, f64)>);
+
+/// One line per dataplane over the scales; `points(mode)` gives (Services, value) and
+/// `bars(mode)` the spread drawn as error bars around them.
 fn lines(
     file: &Path,
     caption: &str,
     y_label: &str,
     log_y: bool,
     points: &dyn Fn(&str) -> Vec<(u64, f64)>,
+    bars: Bars<'_>,
 ) -> Result<(), Failure> {
+    let y = |v: f64| if log_y { v.log10() } else { v };
     let series: Vec<Line> = SERIES
         .iter()
         .map(|(name, colour)| {
             let pts = points(name)
                 .into_iter()
                 .filter(|(_, v)| *v > 0.0)
-                .map(|(n, v)| (log_scale(n), if log_y { v.log10() } else { v }))
+                .map(|(n, v)| (log_scale(n), y(v)))
                 .collect();
             (*name, *colour, pts)
         })
         .filter(|(_, _, pts): &Line| !pts.is_empty())
         .collect();
-    let all = series.iter().flat_map(|(_, _, p)| p.iter());
+    let whiskers: Vec<Whiskers> = SERIES
+        .iter()
+        .map(|(name, colour)| {
+            let bars = bars(name)
+                .into_iter()
+                .filter(|(_, low, _)| *low > 0.0)
+                .map(|(n, low, high)| (log_scale(n), y(low), y(high)))
+                .collect();
+            (*colour, bars)
+        })
+        .collect();
+    let all = series
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().map(|(_, v)| *v));
+    let ends = whiskers
+        .iter()
+        .flat_map(|(_, b)| b.iter().flat_map(|(_, lo, hi)| [*lo, *hi]));
     let (mut y_min, mut y_max) = (f64::MAX, f64::MIN);
-    for (_, y) in all {
-        y_min = y_min.min(*y);
-        y_max = y_max.max(*y);
+    for value in all.chain(ends) {
+        y_min = y_min.min(value);
+        y_max = y_max.max(value);
     }
     if series.is_empty() {
         return Ok(());
@@ -101,6 +127,19 @@ fn lines(
             });
         chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, colour.filled())))?;
     }
+    for (colour, bars) in whiskers {
+        for (x, low, high) in bars {
+            let style = colour.stroke_width(2);
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(x, low), (x, high)],
+                style,
+            )))?;
+            for end in [low, high] {
+                let cap = vec![(x - 0.04, end), (x + 0.04, end)];
+                chart.draw_series(std::iter::once(PathElement::new(cap, style)))?;
+            }
+        }
+    }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -115,11 +154,14 @@ fn full_sync(out: &Path, results: &Value) -> Result<Option<String>, Failure> {
     if rows.is_empty() {
         return Ok(None);
     }
-    let key = |mode: &str| match mode {
-        "iptables" => "iptables_restore_s",
-        "nftables" => "nftables_s",
-        "ebpf" => "ebpf_s",
-        _ => "",
+    // kube-proxy's modes (iptables is its legacy backend) and ours.
+    let seconds = |row: &Value, mode: &str| match mode {
+        "iptables" => row["iptables_restore_s"].as_f64(),
+        "iptables-nft" => row["kube_proxy"]["kube_proxy_iptables_nft"]["s"].as_f64(),
+        "kube-proxy nftables" => row["kube_proxy"]["kube_proxy_nftables"]["s"].as_f64(),
+        "nftables" => row["nftables_s"].as_f64(),
+        "ebpf" => row["ebpf_s"].as_f64(),
+        _ => None,
     };
     let name = "full_sync.png";
     lines(
@@ -129,9 +171,10 @@ fn full_sync(out: &Path, results: &Value) -> Result<Option<String>, Failure> {
         true,
         &|mode| {
             rows.iter()
-                .filter_map(|r| Some((r["services"].as_u64()?, r[key(mode)].as_f64()?)))
+                .filter_map(|r| Some((r["services"].as_u64()?, seconds(r, mode)?)))
                 .collect()
         },
+        &|_| Vec::new(),
     )?;
     Ok(Some(name.to_owned()))
 }
@@ -147,7 +190,7 @@ fn connection_rate(out: &Path, results: &Value) -> Result<Option<String>, Failur
     let name = "connection_rate.png";
     lines(
         &out.join(name),
-        "ClusterIP connection rate, ratio to direct (1 client)",
+        "ClusterIP connection rate, ratio to an unproxied twin (1 client; bars: lowest–highest round)",
         "× direct",
         false,
         &|mode| {
@@ -157,6 +200,16 @@ fn connection_rate(out: &Path, results: &Value) -> Result<Option<String>, Failur
                         ["single"]["ratio"]
                         .as_f64()?;
                     Some((r["services"].as_u64()?, ratio))
+                })
+                .collect()
+        },
+        &|mode| {
+            rows.iter()
+                .filter_map(|r| {
+                    let cell = &r["modes"].as_array()?.iter().find(|m| m["mode"] == mode)?
+                        ["single"];
+                    let (low, high) = (cell["ratio_min"].as_f64()?, cell["ratio_max"].as_f64()?);
+                    Some((r["services"].as_u64()?, low, high))
                 })
                 .collect()
         },

@@ -44,8 +44,25 @@ fn the_quick_bench_measures_every_mode() {
             "full sync {key}: {full}"
         );
     }
+    for key in [
+        "kube_proxy_iptables_legacy",
+        "kube_proxy_iptables_nft",
+        "kube_proxy_nftables",
+    ] {
+        let cell = &full["kube_proxy"][key];
+        assert!(
+            cell["s"].as_f64().unwrap_or(0.0) > 0.0 && cell["lines"].as_u64().unwrap_or(0) > 0,
+            "full sync {key}: {full}"
+        );
+    }
     let change = &results["endpoint_change"];
-    for key in ["iptables_full_restore", "nftables_partial", "ebpf"] {
+    for key in [
+        "kube_proxy_iptables_legacy",
+        "kube_proxy_iptables_nft",
+        "kube_proxy_nftables",
+        "nftables_partial",
+        "ebpf",
+    ] {
         let runs = change[key]["runs"].as_array().expect("runs");
         assert!(
             !runs.is_empty() && runs.iter().all(|r| r.as_f64().unwrap_or(0.0) > 0.0),
@@ -68,6 +85,8 @@ fn the_quick_bench_measures_every_mode() {
     check_nodeport(&results["nodeport"]);
     for mode in [
         "iptables",
+        "kube-proxy iptables (nft)",
+        "kube-proxy nftables",
         "nftables",
         "eBPF",
         "unbound",
@@ -95,7 +114,7 @@ fn check_datapath(datapath: &Value) {
             .collect();
         assert_eq!(
             modes,
-            ["conntrack", "iptables", "nftables", "ebpf"],
+            ["direct", "conntrack", "iptables", "nftables", "ebpf"],
             "{row}"
         );
         for mode in row["modes"].as_array().into_iter().flatten() {

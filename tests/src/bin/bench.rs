@@ -17,8 +17,8 @@ use proxy_agent::{
     model::{self, DesiredState, NodeInfo},
 };
 use proxy_agent_tests::{
-    cluster::{sh_in, sh_in_with_stdin, try_sh_in_with_stdin, Cluster},
-    connbench, dnsbench, kube_proxy, nodeportbench, rssbench, scale,
+    cluster::{sh_in, sh_in_with_stdin, Cluster},
+    connbench, dnsbench, kpbench, nodeportbench, rssbench, scale,
 };
 use serde_json::{json, Value};
 
@@ -31,6 +31,7 @@ struct Config {
     dns_seconds: u32,
     datapath_scales: Vec<usize>,
     datapath_seconds: f64,
+    datapath_rounds: connbench::Rounds,
     scales: Vec<usize>,
     change_scale: usize,
     repeats: usize,
@@ -113,32 +114,35 @@ fn full_syncs(cluster: &Cluster, ebpf: &mut EbpfDataplane, services: usize) -> V
         let list = |ns: &str| uncommented(&sh_in(ns, &["nft", "list", "ruleset"]));
         list(&nft_ns) == list(&json_ns)
     });
-    let ipt_ns = cluster.add_netns(&format!("ipt{services}"));
-    let rules = kube_proxy::iptables::ruleset(&desired, CLUSTER_CIDR);
-    // kube-proxy's layout can fail to load at all at large scales: that is a result.
-    let started = Instant::now();
-    let ipt = try_sh_in_with_stdin(&ipt_ns, &["iptables-legacy-restore", "--noflush"], &rules)
-        .map(|()| started.elapsed().as_secs_f64());
+    let mut baselines =
+        kpbench::Baseline::all(cluster, &services.to_string(), services, CLUSTER_CIDR);
+    // kube-proxy's layouts can fail to load at all at large scales: that is a result.
+    let kube_proxy = kpbench::full_syncs(&mut baselines, &desired);
+    drop(baselines);
+    let legacy = &kube_proxy["kube_proxy_iptables_legacy"];
     let (ebpf_secs, ebpf_writes) = apply(ebpf, &DesiredState::default(), &desired);
     let (_, _) = apply(ebpf, &desired, &DesiredState::default());
-    for ns in [&nft_ns, &json_ns, &ipt_ns] {
+    for ns in [&nft_ns, &json_ns] {
         let _ = Command::new("ip").args(["netns", "delete", ns]).status();
     }
     eprintln!(
-        "{services} Services: model {build:.2} s, iptables {ipt:.2?} s, nftables {nft_secs:.2} s (json {json_secs:.2?} s), ebpf {ebpf_secs:.2} s"
+        "{services} Services: model {build:.2} s, nftables {nft_secs:.2} s (json {json_secs:.2?} s), ebpf {ebpf_secs:.2} s"
     );
     json!({
         "services": services, "endpoints_per_service": ENDPOINTS,
         "model_build_s": build,
-        "iptables_restore_s": ipt.as_ref().ok(), "iptables_error": ipt.as_ref().err(),
-        "iptables_rules": rules.lines().count(),
+        "kube_proxy": kube_proxy,
+        "iptables_restore_s": legacy["s"], "iptables_error": legacy["error"],
+        "iptables_rules": legacy["lines"],
         "nftables_s": nft_secs, "nftables_statements": nft_ops,
         "nftables_json_input_s": json_secs, "nftables_json_same_ruleset": json_same,
         "ebpf_s": ebpf_secs, "ebpf_map_writes": ebpf_writes,
     })
 }
 
-/// One endpoint of one Service moving, repeatedly, at `services` Services.
+/// One endpoint of one Service moving, repeatedly, at `services` Services: our
+/// dataplanes' plan and apply against kube-proxy's partial syncs, each baseline as it
+/// runs (iptables on legacy and nft, nftables mode).
 fn endpoint_changes(cluster: &Cluster, ebpf: &mut EbpfDataplane, cfg: &Config) -> Value {
     let services = cfg.change_scale;
     let snapshot = scale::snapshot(services, ENDPOINTS);
@@ -152,16 +156,19 @@ fn endpoint_changes(cluster: &Cluster, ebpf: &mut EbpfDataplane, cfg: &Config) -
             .expect("nftables");
     apply(&mut nft, &DesiredState::default(), &a);
     apply(ebpf, &DesiredState::default(), &a);
-    let ipt_ns = cluster.add_netns("iptchg");
-    let (rules_a, rules_b) = (
-        kube_proxy::iptables::ruleset(&a, CLUSTER_CIDR),
-        kube_proxy::iptables::ruleset(&b, CLUSTER_CIDR),
-    );
-    run_with_stdin(&ipt_ns, &["iptables-legacy-restore", "--noflush"], &rules_a);
-    let (mut nft_secs, mut ebpf_secs, mut ipt_secs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut baselines = kpbench::Baseline::all(cluster, "chg", services, CLUSTER_CIDR);
+    for baseline in &mut baselines {
+        if let Err(error) = baseline.sync(&a, true) {
+            eprintln!("{}: its first sync failed: {error}", baseline.name);
+        }
+    }
+    let (mut nft_secs, mut ebpf_secs) = (Vec::new(), Vec::new());
+    // Each baseline's times, the part of them reading the table back, lines written.
+    let mut kube_proxy: Vec<(Vec<f64>, Vec<f64>, usize)> =
+        vec![(Vec::new(), Vec::new(), 0); baselines.len()];
     let (mut nft_ops, mut ebpf_writes) = (0, 0);
-    // A full restore costs the same whatever changed (~13 s at 10 000): a quarter of
-    // the repeats keep the whole run within its 15 minutes.
+    // iptables partial restores still rewrite KUBE-SERVICES whole (seconds at 10 000 on
+    // iptables-nft): a quarter of the repeats keep the run within its time.
     let iptables_every = if cfg.repeats >= 8 { 4 } else { 1 };
     for r in 0..cfg.repeats {
         let (from, to) = if r.is_multiple_of(2) {
@@ -175,17 +182,17 @@ fn endpoint_changes(cluster: &Cluster, ebpf: &mut EbpfDataplane, cfg: &Config) -
         let (s, writes) = apply(ebpf, from, to);
         ebpf_secs.push(s);
         ebpf_writes = ebpf_writes.max(writes);
-        if r.is_multiple_of(iptables_every) {
-            let rules = if (r / iptables_every).is_multiple_of(2) {
-                &rules_b
-            } else {
-                &rules_a
+        for (baseline, (samples, read_back, lines)) in baselines.iter_mut().zip(&mut kube_proxy) {
+            // Every baseline follows every change; the slow ones are timed on some.
+            let timed = baseline.key() == "kube_proxy_nftables" || r.is_multiple_of(iptables_every);
+            let Ok((s, written)) = baseline.sync(to, false) else {
+                continue;
             };
-            ipt_secs.push(run_with_stdin(
-                &ipt_ns,
-                &["iptables-legacy-restore", "--noflush"],
-                rules,
-            ));
+            if timed {
+                samples.push(s);
+                read_back.push(baseline.last_read_back_s);
+                *lines = (*lines).max(written);
+            }
         }
     }
     let last = if cfg.repeats.is_multiple_of(2) {
@@ -194,27 +201,39 @@ fn endpoint_changes(cluster: &Cluster, ebpf: &mut EbpfDataplane, cfg: &Config) -
         &b
     };
     apply(ebpf, last, &DesiredState::default());
-    for ns in [&nft_ns, &ipt_ns] {
-        let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+    let _ = Command::new("ip")
+        .args(["netns", "delete", &nft_ns])
+        .status();
+    let (nft_secs, ebpf_secs) = (Sample { seconds: nft_secs }, Sample { seconds: ebpf_secs });
+    let mut row = json!({
+        "services": services, "repeats": cfg.repeats,
+        "iptables_repeats": cfg.repeats.div_ceil(iptables_every),
+        "nftables_partial": nft_secs.json(), "nftables_statements": nft_ops,
+        "ebpf": ebpf_secs.json(), "ebpf_map_writes": ebpf_writes,
+    });
+    for (baseline, (samples, read_back, lines)) in baselines.iter().zip(kube_proxy) {
+        if let Some(error) = &baseline.failed {
+            row[baseline.key()] = json!({"error": error});
+            continue;
+        }
+        let sample = Sample { seconds: samples };
+        let read_back = Sample { seconds: read_back };
+        eprintln!(
+            "one endpoint change at {services}: {} p50 {:.4} s ({lines} lines)",
+            baseline.name,
+            sample.quantile(0.5)
+        );
+        let mut cell = sample.json();
+        cell["lines"] = json!(lines);
+        cell["read_back_p50"] = json!(read_back.quantile(0.5));
+        row[baseline.key()] = cell;
     }
-    let (nft_secs, ebpf_secs, ipt_secs) = (
-        Sample { seconds: nft_secs },
-        Sample { seconds: ebpf_secs },
-        Sample { seconds: ipt_secs },
-    );
     eprintln!(
-        "one endpoint change at {services}: iptables p50 {:.3} s, nftables p50 {:.4} s ({nft_ops} statements), ebpf p50 {:.5} s ({ebpf_writes} writes)",
-        ipt_secs.quantile(0.5),
+        "one endpoint change at {services}: nftables p50 {:.4} s ({nft_ops} statements), ebpf p50 {:.5} s ({ebpf_writes} writes)",
         nft_secs.quantile(0.5),
         ebpf_secs.quantile(0.5)
     );
-    json!({
-        "services": services, "repeats": cfg.repeats,
-        "iptables_repeats": cfg.repeats.div_ceil(iptables_every),
-        "iptables_full_restore": ipt_secs.json(),
-        "nftables_partial": nft_secs.json(), "nftables_statements": nft_ops,
-        "ebpf": ebpf_secs.json(), "ebpf_map_writes": ebpf_writes,
-    })
+    row
 }
 
 fn node_info() -> NodeInfo {
@@ -232,6 +251,101 @@ fn ratio(x: f64, baseline: f64) -> String {
     }
 }
 
+/// kube-proxy's baselines in report order: JSON key and column name.
+const KUBE_PROXY: [(&str, &str); 3] = [
+    ("kube_proxy_iptables_legacy", "kube-proxy iptables (legacy)"),
+    ("kube_proxy_iptables_nft", "kube-proxy iptables (nft)"),
+    ("kube_proxy_nftables", "kube-proxy nftables"),
+];
+
+/// A time and its ratio to `base`.
+fn cell(seconds: Option<f64>, base: f64, digits: usize) -> String {
+    seconds.map_or_else(
+        || "not measured".to_owned(),
+        |s| format!("{s:.digits$} s ({})", ratio(s, base)),
+    )
+}
+
+fn full_sync_report(md: &mut String, results: &Value) {
+    md.push_str("## Full sync (Services × 10 endpoints), ratio to kube-proxy's nftables mode\n\n| Services | kube-proxy iptables (legacy) | kube-proxy iptables (nft) | kube-proxy nftables | nftables | nftables (JSON input) | eBPF | nftables statements | eBPF map writes | model build |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    for row in results["full_sync"].as_array().into_iter().flatten() {
+        let kp = &row["kube_proxy"];
+        let base = kp["kube_proxy_nftables"]["s"].as_f64().unwrap_or(0.0);
+        let baselines: Vec<String> = KUBE_PROXY
+            .iter()
+            .map(
+                |(key, _)| match (kp[key]["s"].as_f64(), kp[key]["error"].as_str()) {
+                    (Some(s), _) => {
+                        format!("{s:.2} s ({}, {} lines)", ratio(s, base), kp[key]["lines"])
+                    }
+                    (None, Some(error)) if error.starts_with("stopped") => error.to_owned(),
+                    (None, Some(_)) => "failed to load".to_owned(),
+                    (None, None) => "not measured".to_owned(),
+                },
+            )
+            .collect();
+        let f = |k: &str| row[k].as_f64();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} s |",
+            row["services"],
+            baselines.join(" | "),
+            cell(f("nftables_s"), base, 2),
+            cell(f("nftables_json_input_s"), base, 2),
+            cell(f("ebpf_s"), base, 3),
+            row["nftables_statements"],
+            row["ebpf_map_writes"],
+            f("model_build_s").unwrap_or(0.0),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nkube-proxy's rows are its own rulesets for the same Services (`tests/src/kube_proxy`, checked against its `TestOverall*Rules` layouts): iptables mode as `iptables-restore --noflush` of its filter and nat tables on each backend (iptables-nft up to {} Services), nftables mode as `nft -f` of its transaction plus the chain and set listings each of its syncs makes.",
+        kpbench::IPTABLES_NFT_UP_TO
+    );
+}
+
+fn endpoint_change_report(md: &mut String, c: &Value) {
+    let q = |k: &str, p: &str| c[k][p].as_f64();
+    let base = q("kube_proxy_nftables", "p50").unwrap_or(0.0);
+    let _ = writeln!(
+        md,
+        "\n## One endpoint change at {} Services ({} repeats; iptables {}), ratio to kube-proxy's nftables mode\n\n| dataplane | p50 | p99 | ratio (p50) | written |\n|---|---|---|---|---|",
+        c["services"], c["repeats"], c["iptables_repeats"],
+    );
+    for (key, name) in KUBE_PROXY {
+        if let Some(error) = c[key]["error"].as_str() {
+            let _ = writeln!(md, "| {name} (partial sync) | {error} | | | |");
+        }
+        if let (Some(p50), Some(p99)) = (q(key, "p50"), q(key, "p99")) {
+            let _ = writeln!(
+                md,
+                "| {name} (partial sync) | {p50:.4} s (reading back {:.4} s) | {p99:.4} s | {} | {} lines |",
+                q(key, "read_back_p50").unwrap_or(0.0),
+                ratio(p50, base),
+                c[key]["lines"]
+            );
+        }
+    }
+    for (key, name, unit, ops) in [
+        (
+            "nftables_partial",
+            "nftables (partial)",
+            "statements",
+            "nftables_statements",
+        ),
+        ("ebpf", "eBPF", "map writes", "ebpf_map_writes"),
+    ] {
+        let (p50, p99) = (q(key, "p50").unwrap_or(0.0), q(key, "p99").unwrap_or(0.0));
+        let _ = writeln!(
+            md,
+            "| {name} | {p50:.5} s | {p99:.5} s | {} | {} {unit} |",
+            ratio(p50, base),
+            c[ops]
+        );
+    }
+}
+
 fn report(results: &Value) -> String {
     let mut md = String::from("# proxy-agent bench\n\n");
     let _ = writeln!(
@@ -241,51 +355,22 @@ fn report(results: &Value) -> String {
         results["machine"]["kernel"].as_str().unwrap_or("?"),
         results["machine"]["iptables"].as_str().unwrap_or("?")
     );
-    md.push_str("## Full sync (Services × 10 endpoints), ratio to kube-proxy's iptables-restore\n\n| Services | iptables | nftables | nftables (JSON input) | eBPF | nftables statements | eBPF map writes | model build |\n|---|---|---|---|---|---|---|---|\n");
-    for row in results["full_sync"].as_array().into_iter().flatten() {
-        let f = |k: &str| row[k].as_f64().unwrap_or(0.0);
-        let base = f("iptables_restore_s");
-        let json = row["nftables_json_input_s"].as_f64().map_or_else(
-            || "not measured".to_owned(),
-            |s| format!("{s:.2} s ({})", ratio(s, base)),
-        );
-        let iptables = if base > 0.0 {
-            format!("{base:.2} s")
-        } else {
-            "failed to load".to_owned()
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {iptables} | {:.2} s ({}) | {json} | {:.3} s ({}) | {} | {} | {:.2} s |",
-            row["services"],
-            f("nftables_s"),
-            ratio(f("nftables_s"), base),
-            f("ebpf_s"),
-            ratio(f("ebpf_s"), base),
-            row["nftables_statements"],
-            row["ebpf_map_writes"],
-            f("model_build_s"),
-        );
-    }
-    let c = &results["endpoint_change"];
-    let q = |k: &str, p: &str| c[k][p].as_f64().unwrap_or(0.0);
+    let run = &results["run"];
     let _ = writeln!(
         md,
-        "\n## One endpoint change at {} Services ({} repeats; iptables {})\n\n| dataplane | p50 | p99 | ratio (p50) | operations |\n|---|---|---|---|---|\n| kube-proxy iptables (full restore) | {:.3} s | {:.3} s | 1× | whole table |\n| nftables (partial) | {:.4} s | {:.4} s | {} | {} statements |\n| eBPF | {:.5} s | {:.5} s | {} | {} map writes |",
-        c["services"],
-        c["repeats"],
-        c["iptables_repeats"],
-        q("iptables_full_restore", "p50"),
-        q("iptables_full_restore", "p99"),
-        q("nftables_partial", "p50"),
-        q("nftables_partial", "p99"),
-        ratio(q("nftables_partial", "p50"), q("iptables_full_restore", "p50")),
-        c["nftables_statements"],
-        q("ebpf", "p50"),
-        q("ebpf", "p99"),
-        ratio(q("ebpf", "p50"), q("iptables_full_restore", "p50")),
-        c["ebpf_map_writes"],
+        "Run: **{}** (`--quick` when quick): full syncs at {} Services; one endpoint change repeated {} times; end-to-end changes {} times per row; connection rate at {} Services in {} rounds of {} s (50 ms blocks against a twin path); NodePort {} s per measurement; DNS {} s rounds.\n",
+        run["kind"].as_str().unwrap_or(if results["quick"] == true { "quick" } else { "full" }),
+        run["scales"],
+        run["change_repeats"],
+        run["change_e2e_repeats"],
+        run["datapath_scales"],
+        run["datapath_rounds"],
+        run["datapath_round_s"],
+        run["nodeport_seconds"],
+        run["dns_seconds"],
     );
+    full_sync_report(&mut md, results);
+    endpoint_change_report(&mut md, &results["endpoint_change"]);
     let d = &results["dns"];
     let _ = writeln!(
         md,
@@ -382,6 +467,10 @@ fn config(quick: bool, scales: Option<&String>, repeats: Option<&String>) -> Con
             dns_seconds: 1,
             datapath_scales: vec![1, 1_000],
             datapath_seconds: 0.5,
+            datapath_rounds: connbench::Rounds {
+                rounds: 5,
+                round_s: 0.4,
+            },
             scales: vec![1_000],
             change_scale: 1_000,
             repeats: 5,
@@ -391,6 +480,10 @@ fn config(quick: bool, scales: Option<&String>, repeats: Option<&String>) -> Con
             dns_seconds: 5,
             datapath_scales: vec![1, 1_000, 10_000, 30_000],
             datapath_seconds: 2.0,
+            datapath_rounds: connbench::Rounds {
+                rounds: 7,
+                round_s: 1.0,
+            },
             scales: vec![1_000, 10_000, 30_000],
             change_scale: 10_000,
             repeats: 20,
@@ -409,14 +502,42 @@ fn config(quick: bool, scales: Option<&String>, repeats: Option<&String>) -> Con
     cfg
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
+/// The programming rows alone (`--only-sync`): full syncs and one endpoint change.
+fn only_sync(out: &Path, full: &[Value], change: &Value) {
+    std::fs::create_dir_all(out).expect("out dir");
+    let rows = json!({"full_sync": full, "endpoint_change": change});
+    std::fs::write(out.join("sync.json"), rows.to_string()).expect("sync.json");
+    let mut md = String::new();
+    full_sync_report(&mut md, &rows);
+    endpoint_change_report(&mut md, &rows["endpoint_change"]);
+    print!("{md}");
+}
+
+/// `--compare OLD_DIR NEW_DIR` and `--replot DIR`: work on earlier runs' results, no
+/// measurement; whether one was asked for.
+fn offline(args: &[String]) -> bool {
     let value = |flag: &str| {
         args.iter()
             .position(|a| a == flag)
             .and_then(|i| args.get(i + 1))
     };
+    if let Some(old) = value("--compare") {
+        // Two runs side by side: `--compare OLD_DIR NEW_DIR`.
+        let new = args
+            .iter()
+            .position(|a| a == "--compare")
+            .and_then(|i| args.get(i + 2))
+            .expect("--compare OLD_DIR NEW_DIR");
+        let read = |dir: &str| -> Value {
+            let text = std::fs::read_to_string(Path::new(dir).join("results.json"))
+                .unwrap_or_else(|e| panic!("{dir}/results.json: {e}"));
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{dir}/results.json: {e}"))
+        };
+        let md = proxy_agent_tests::benchcompare::report(&read(old), &read(new), (old, new));
+        std::fs::write(Path::new(new).join("compare.md"), &md).expect("compare.md");
+        print!("{md}");
+        return true;
+    }
     if let Some(dir) = value("--replot") {
         // The report and plots again from a run's results.json (no measurement).
         let dir = PathBuf::from(dir);
@@ -425,6 +546,20 @@ fn main() {
             &dir,
             &serde_json::from_str(&text).expect("results.json parses"),
         );
+        return true;
+    }
+    false
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    if offline(&args) {
         return;
     }
     let cfg = config(quick, value("--scales"), value("--repeats"));
@@ -460,6 +595,19 @@ fn main() {
     std::fs::create_dir_all(&bpffs).expect("bpffs dir");
     let mut ebpf = EbpfDataplane::start(&bpffs, &node.cgroup, None, Sizing::default())
         .expect("eBPF dataplane");
+    if args.iter().any(|a| a == "--only-datapath") {
+        // The connection-rate rows alone.
+        drop(ebpf);
+        let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);
+        let rows = connbench::run(
+            &mut cluster,
+            &bpffs,
+            &cfg.datapath_scales,
+            cfg.datapath_rounds,
+        );
+        print!("{}", connbench::report(&rows));
+        return;
+    }
     let full: Vec<Value> = cfg
         .scales
         .iter()
@@ -472,6 +620,10 @@ fn main() {
         return;
     }
     let change = endpoint_changes(&cluster, &mut ebpf, &cfg);
+    if args.iter().any(|a| a == "--only-sync") {
+        only_sync(&out, &full, &change);
+        return;
+    }
     drop(ebpf);
     let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);
     let dns = dnsbench::run(&mut cluster, cfg.dns_seconds);
@@ -482,13 +634,24 @@ fn main() {
         &mut cluster,
         &bpffs,
         &cfg.datapath_scales,
-        cfg.datapath_seconds,
+        cfg.datapath_rounds,
     );
     // Needs the connection-rate bench's pods.
     let nodeport = nodeportbench::run(&mut cluster, &bpffs, scale_to_10k, cfg.datapath_seconds);
     let programs = proxy_agent_tests::progbench::run();
     let results = json!({
         "quick": quick,
+        "run": {
+            "kind": if quick { "quick" } else { "full" },
+            "scales": cfg.scales,
+            "change_repeats": cfg.repeats,
+            "change_e2e_repeats": change_repeats,
+            "datapath_scales": cfg.datapath_scales,
+            "datapath_rounds": cfg.datapath_rounds.rounds,
+            "datapath_round_s": cfg.datapath_rounds.round_s,
+            "nodeport_seconds": cfg.datapath_seconds,
+            "dns_seconds": cfg.dns_seconds,
+        },
         "machine": machine(),
         "full_sync": full,
         "endpoint_change": change,

@@ -11,7 +11,7 @@ use std::{
 
 fn usage() -> ! {
     eprintln!(
-        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod http METHOD IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod udp-hold IP:PORT MILLISECONDS\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS\n       testpod first-from IP:PORT NAME MILLISECONDS"
+        "usage: testpod serve NAME [tcp:PORT|udp:PORT|echo:PORT]...\n       testpod hold IP:PORT MILLISECONDS\n       testpod request tcp|udp|udp-connected IP:PORT COUNT\n       testpod request-for tcp|udp IP:PORT MILLISECONDS\n       testpod http-get IP:PORT PATH\n       testpod http METHOD IP:PORT PATH\n       testpod serve-each tcp:IP:PORT|udp:IP:PORT...\n       testpod probe tcp|udp SOURCE IP:PORT COUNT TIMEOUT_MS\n       testpod udp-from SOURCE_PORT IP:PORT COUNT\n       testpod udp-hold IP:PORT MILLISECONDS\n       testpod serve-rate PORT\n       testpod rate IP:PORT MILLISECONDS\n       testpod rate-blocks IP:PORT START_UNIX_MS BLOCK_MS BLOCKS PHASE\n       testpod udp-rate IP:PORT MILLISECONDS\n       testpod udp-flood IP:PORT MILLISECONDS\n       testpod first-from IP:PORT NAME MILLISECONDS"
     );
     std::process::exit(2)
 }
@@ -74,6 +74,20 @@ fn main() {
             let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
             let millis: u64 = args[2].parse().unwrap_or_else(|_| usage());
             rate(to, Duration::from_millis(millis));
+        }
+        Some("rate-blocks") if args.len() == 6 => {
+            let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
+            let numbers: Vec<u64> = args[2..]
+                .iter()
+                .map(|a| a.parse().unwrap_or_else(|_| usage()))
+                .collect();
+            rate_blocks(
+                to,
+                numbers[0],
+                Duration::from_millis(numbers[1]),
+                numbers[2],
+                numbers[3],
+            );
         }
         Some("udp-rate") if args.len() == 3 => {
             let to: SocketAddr = args[1].parse().unwrap_or_else(|_| usage());
@@ -566,6 +580,17 @@ fn udp_flood(to: SocketAddr, duration: Duration) {
 /// The connection-rate client: connect, send a byte, read the answer, close with a
 /// reset (`SO_LINGER` 0, so no side keeps `TIME_WAIT` and reused ports never collide),
 /// for a while; prints `ok=N err=M p50_us=X p99_us=Y` and the first errors.
+/// One exchange of the connection-rate bench: connect, one byte each way, close with a
+/// reset (no `TIME_WAIT`).
+fn exchange(to: SocketAddr, answer: &mut [u8; 3]) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(1))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.write_all(b"x")?;
+    s.read_exact(answer)?;
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))
+}
+
 fn rate(to: SocketAddr, duration: Duration) {
     let started = Instant::now();
     let (mut ok, mut errors) = (0u64, 0u64);
@@ -574,14 +599,7 @@ fn rate(to: SocketAddr, duration: Duration) {
     let mut first_errors = Vec::new();
     while started.elapsed() < duration {
         let one = Instant::now();
-        let result = TcpStream::connect_timeout(&to, Duration::from_secs(1)).and_then(|mut s| {
-            s.set_nodelay(true)?;
-            s.set_read_timeout(Some(Duration::from_secs(1)))?;
-            s.write_all(b"x")?;
-            s.read_exact(&mut answer)?;
-            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))
-        });
-        match result {
+        match exchange(to, &mut answer) {
             Ok(()) => {
                 ok += 1;
                 micros.push(one.elapsed().as_micros());
@@ -599,6 +617,40 @@ fn rate(to: SocketAddr, duration: Duration) {
     for line in first_errors {
         println!("{line}");
     }
+}
+
+/// `rate`'s exchanges in the blocks of wall-clock time (`block` long from the Unix
+/// millisecond `start`) whose index has the parity `phase`; a twin client takes the
+/// others, so the two paths share the machine's drift block by block. Prints
+/// `block=I ok=N err=M` per own block, then the summary line.
+fn rate_blocks(to: SocketAddr, start: u64, block: Duration, blocks: u64, phase: u64) {
+    let at = |i: u64| {
+        std::time::UNIX_EPOCH
+            + Duration::from_millis(start)
+            + block * u32::try_from(i).unwrap_or(u32::MAX)
+    };
+    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut micros = Vec::with_capacity(1 << 16);
+    let mut answer = [0u8; 3];
+    for i in (0..blocks).filter(|i| i % 2 == phase) {
+        if let Ok(wait) = at(i).duration_since(std::time::SystemTime::now()) {
+            thread::sleep(wait);
+        }
+        let (mut block_ok, mut block_errors) = (0u64, 0u64);
+        while std::time::SystemTime::now() < at(i + 1) {
+            let one = Instant::now();
+            if exchange(to, &mut answer).is_ok() {
+                block_ok += 1;
+                micros.push(one.elapsed().as_micros());
+            } else {
+                block_errors += 1;
+            }
+        }
+        println!("block={i} ok={block_ok} err={block_errors}");
+        ok += block_ok;
+        errors += block_errors;
+    }
+    print_rate(ok, errors, &mut micros);
 }
 
 /// Prints `ok=N err=M p50_us=X p99_us=Y` from per-exchange microseconds.
