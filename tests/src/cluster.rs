@@ -102,14 +102,15 @@ pub fn try_sh_in_with_stdin(netns: &str, args: &[&str], input: &str) -> Result<(
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn");
-    child
+    // A command that dies before reading all of its input (killed by a time limit)
+    // closes the pipe: that is its failure, not ours.
+    let written = child
         .stdin
         .take()
         .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
+        .write_all(input.as_bytes());
     let out = child.wait_with_output().expect("wait");
-    if out.status.success() {
+    if out.status.success() && written.is_ok() {
         Ok(())
     } else {
         Err(format!(

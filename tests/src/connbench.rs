@@ -400,7 +400,7 @@ fn uninstall_on(cluster: &Cluster, node: &str, mode: &str, installed: Installed,
 /// Empties `node`'s connection-tracking table: each mode starts from none. (A mode
 /// that turns tracking on after one that turned it off would meet the first one's
 /// entries, stale since: with them, most new connections of one client stalled.)
-fn forget_connections(cluster: &Cluster, node: &str) {
+pub fn forget_connections(cluster: &Cluster, node: &str) {
     let netns = cluster.node(node).netns.clone();
     let forgotten = crate::cluster::within_netns(&netns, || {
         use proxy_agent::dataplane::conntrack::Conntrack;

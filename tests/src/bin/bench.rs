@@ -37,6 +37,18 @@ struct Config {
     repeats: usize,
 }
 
+impl Config {
+    /// The DNS-under-churn and NodePort rows' scale: the largest up to 10 000.
+    fn scale_to_10k(&self) -> usize {
+        self.scales
+            .iter()
+            .copied()
+            .filter(|n| *n <= 10_000)
+            .max()
+            .unwrap_or(1_000)
+    }
+}
+
 /// Seconds of each repeat, and what they summarise to.
 struct Sample {
     seconds: Vec<f64>,
@@ -300,8 +312,9 @@ fn full_sync_report(md: &mut String, results: &Value) {
     }
     let _ = writeln!(
         md,
-        "\nkube-proxy's rows are its own rulesets for the same Services (`tests/src/kube_proxy`, checked against its `TestOverall*Rules` layouts): iptables mode as `iptables-restore --noflush` of its filter and nat tables on each backend (iptables-nft up to {} Services), nftables mode as `nft -f` of its transaction plus the chain and set listings each of its syncs makes.",
-        kpbench::IPTABLES_NFT_UP_TO
+        "\nkube-proxy's rows are its own rulesets for the same Services (`tests/src/kube_proxy`, checked against its `TestOverall*Rules` layouts): iptables mode as `iptables-restore --noflush` of its filter and nat tables on each backend (iptables-nft up to {} Services), nftables mode as `nft -f` of its transaction plus the chain and set listings each of its syncs makes. Deviations from kube-proxy as it runs: no nfacct counters (this kernel has none; kube-proxy then writes the same rules without them); the jump rules from the built-in chains are installed once, not checked on each full sync; its nftables mode's stale chains are deleted by the next sync rather than after a second; restores still running after {} s are stopped.",
+        kpbench::IPTABLES_NFT_UP_TO,
+        kpbench::RESTORE_LIMIT_S
     );
 }
 
@@ -502,6 +515,13 @@ fn config(quick: bool, scales: Option<&String>, repeats: Option<&String>) -> Con
     cfg
 }
 
+/// The connection-rate rows alone (`--only-datapath`).
+fn only_datapath(cluster: &mut Cluster, bpffs: &Path, cfg: &Config) {
+    let _ = proxy_agent::dataplane::ebpf::loader::cleanup(bpffs);
+    let rows = connbench::run(cluster, bpffs, &cfg.datapath_scales, cfg.datapath_rounds);
+    print!("{}", connbench::report(&rows));
+}
+
 /// The programming rows alone (`--only-sync`): full syncs and one endpoint change.
 fn only_sync(out: &Path, full: &[Value], change: &Value) {
     std::fs::create_dir_all(out).expect("out dir");
@@ -565,14 +585,7 @@ fn main() {
     let cfg = config(quick, value("--scales"), value("--repeats"));
     let out = value("--out").map_or_else(|| PathBuf::from("bench/results/latest"), PathBuf::from);
     let change_repeats = if quick { 5 } else { 15 };
-    // The DNS-under-churn and NodePort rows: the largest scale up to 10 000.
-    let scale_to_10k = cfg
-        .scales
-        .iter()
-        .copied()
-        .filter(|n| *n <= 10_000)
-        .max()
-        .unwrap_or(1_000);
+    let scale_to_10k = cfg.scale_to_10k();
     if args.iter().any(|a| a == "--only-dns-churn") {
         let row = proxy_agent_tests::dnschurn::run(scale_to_10k, cfg.dns_seconds);
         std::fs::create_dir_all(&out).expect("out dir");
@@ -596,16 +609,8 @@ fn main() {
     let mut ebpf = EbpfDataplane::start(&bpffs, &node.cgroup, None, Sizing::default())
         .expect("eBPF dataplane");
     if args.iter().any(|a| a == "--only-datapath") {
-        // The connection-rate rows alone.
         drop(ebpf);
-        let _ = proxy_agent::dataplane::ebpf::loader::cleanup(&bpffs);
-        let rows = connbench::run(
-            &mut cluster,
-            &bpffs,
-            &cfg.datapath_scales,
-            cfg.datapath_rounds,
-        );
-        print!("{}", connbench::report(&rows));
+        only_datapath(&mut cluster, &bpffs, &cfg);
         return;
     }
     let full: Vec<Value> = cfg
