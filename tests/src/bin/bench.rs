@@ -363,10 +363,11 @@ fn report(results: &Value) -> String {
     let mut md = String::from("# proxy-agent bench\n\n");
     let _ = writeln!(
         md,
-        "Machine: {}; kernel {}; {}.\n",
+        "Machine: {}; kernel {}; {}; {} (kube-proxy's nftables rows pay this nft's cache fetches, which grow with the table).\n",
         results["machine"]["cpu"].as_str().unwrap_or("?"),
         results["machine"]["kernel"].as_str().unwrap_or("?"),
-        results["machine"]["iptables"].as_str().unwrap_or("?")
+        results["machine"]["iptables"].as_str().unwrap_or("?"),
+        results["machine"]["nft"].as_str().unwrap_or("?")
     );
     let run = &results["run"];
     let _ = writeln!(
