@@ -164,12 +164,11 @@ impl Programs {
     /// # Panics
     /// When the map cannot be opened or the slot is not there.
     pub fn delete_slot(&self, frontend: SocketAddrV4, proto: u8, slot: u16) {
-        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_SERVICES4)).expect("pin");
         let mut services: aya::maps::HashMap<
             MapData,
             proxy_common::Service4Key,
             proxy_common::ServiceValue,
-        > = aya::maps::HashMap::try_from(Map::HashMap(data)).expect("services map");
+        > = self.hash_map(proxy_common::MAP_SERVICES4, Map::HashMap);
         let key = proxy_common::Service4Key {
             address_be: u32::from(*frontend.ip()).to_be(),
             dport_be: frontend.port().to_be(),
@@ -187,9 +186,8 @@ impl Programs {
     /// # Panics
     /// When the map cannot be opened or holds no such backend.
     pub fn delete_backend(&self, backend: SocketAddrV4, proto: u8) {
-        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_BACKENDS4)).expect("pin");
         let mut backends: aya::maps::HashMap<MapData, u32, proxy_common::Backend4> =
-            aya::maps::HashMap::try_from(Map::HashMap(data)).expect("backends map");
+            self.hash_map(proxy_common::MAP_BACKENDS4, Map::HashMap);
         let id = backends
             .iter()
             .filter_map(Result::ok)
@@ -205,8 +203,17 @@ impl Programs {
 
     /// The pinned IPv4 flow map.
     fn flows(&self) -> aya::maps::HashMap<MapData, proxy_common::Ct4Key, proxy_common::Ct4Value> {
-        let data = MapData::from_pin(self.dir.join(proxy_common::MAP_CT4)).expect("pin");
-        aya::maps::HashMap::try_from(Map::LruHashMap(data)).expect("flow map")
+        self.hash_map(proxy_common::MAP_CT4, Map::LruHashMap)
+    }
+
+    /// A pinned hash map of the object (`kind`: plain or LRU).
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &str,
+        kind: fn(MapData) -> Map,
+    ) -> aya::maps::HashMap<MapData, K, V> {
+        let data = MapData::from_pin(self.dir.join(name)).expect("pin");
+        aya::maps::HashMap::try_from(kind(data)).unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
     /// Forgets every flow the programs remember (as if each packet were a new flow).

@@ -17,7 +17,7 @@ use proxy_agent::{
     model::{Backend, DesiredState, Protocol, ServicePortName},
 };
 
-use super::{ports, PortKey, ServicePort};
+use super::{changed_services, ports, service_of, PortKey, ServicePort};
 
 /// kube-proxy's `largeClusterEndpointsThreshold`.
 const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
@@ -62,13 +62,17 @@ pub struct Proxier {
     large: bool,
 }
 
-/// The tables being written.
+/// The tables being written. A Service's own nat chains and their rules are kept apart
+/// from the rules of the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS), which every
+/// sync writes whole.
 #[derive(Default)]
 struct Restore {
     filter_chains: String,
     filter_rules: String,
     nat_chains: String,
     nat_rules: String,
+    own_chains: String,
+    own_rules: String,
 }
 
 fn line(out: &mut String, text: std::fmt::Arguments<'_>) {
@@ -106,34 +110,21 @@ impl Proxier {
 
     fn sync(&mut self, desired: &DesiredState, partial: bool) -> String {
         let ports = ports(desired);
-        let changed: BTreeSet<(String, String)> = ports
-            .iter()
-            .filter(|(key, port)| self.last.get(*key) != Some(*port))
-            .map(|((name, _), _)| (name.namespace.clone(), name.name.clone()))
-            .collect();
+        let changed = changed_services(&self.last, &ports);
         let endpoints: usize = ports.values().map(|p| p.reachable_endpoints().len()).sum();
         self.large = endpoints > LARGE_CLUSTER_ENDPOINTS;
         let mut out = Restore::default();
         self.head(&mut out);
         let mut active = BTreeSet::new();
         for ((name, protocol), port) in &ports {
-            let skip = partial && !changed.contains(&(name.namespace.clone(), name.name.clone()));
             let mut written = Restore::default();
             self.service(&mut written, &mut active, name, *protocol, port);
             out.filter_rules.push_str(&written.filter_rules);
-            // KUBE-SERVICES / KUBE-NODEPORTS rules are rewritten every time; a skipped
-            // Service's own chains are not.
-            let (top, own): (Vec<&str>, Vec<&str>) = written.nat_rules.lines().partition(|l| {
-                l.starts_with("-A KUBE-SERVICES ") || l.starts_with("-A KUBE-NODEPORTS ")
-            });
-            for rule in top {
-                line(&mut out.nat_rules, format_args!("{rule}"));
-            }
-            if !skip {
-                out.nat_chains.push_str(&written.nat_chains);
-                for rule in own {
-                    line(&mut out.nat_rules, format_args!("{rule}"));
-                }
+            out.nat_rules.push_str(&written.nat_rules);
+            // A Service unchanged since the last sync: its own chains are not written.
+            if !partial || changed.contains(&service_of(name)) {
+                out.nat_chains.push_str(&written.own_chains);
+                out.nat_rules.push_str(&written.own_rules);
             }
         }
         // Stale chains are found by reading the table back, which a large cluster
@@ -243,30 +234,19 @@ impl Proxier {
         let p = protocol.to_string().to_lowercase();
         let svc = name.to_string();
         let cluster = names::service_chain(name, protocol);
-        let local = names::local_chain(name, protocol);
+        let local_chain = names::local_chain(name, protocol);
         let external = names::external_chain(name, protocol);
         let firewall = names::firewall_chain(name, protocol);
-        let accessible = port.externally_accessible();
-        let uses_cluster = !port.cluster_endpoints.is_empty()
-            && (!port.internal_local || (accessible && !port.external_local));
-        let uses_local = !port.local_endpoints.is_empty()
-            && (port.internal_local || (accessible && port.external_local));
-        let local_ok = port.has_endpoints && !port.local_endpoints.is_empty();
-        let (internal_chain, has_internal) = if port.internal_local {
-            (&local, local_ok)
-        } else {
-            (&cluster, port.has_endpoints)
-        };
-        let (external_policy, has_external) = if port.external_local {
-            (&local, local_ok)
-        } else {
-            (&cluster, port.has_endpoints)
-        };
-        let uses_external = port.has_endpoints && accessible;
+        let policy = port.policy();
+        let chain_of = |local: bool| if local { &local_chain } else { &cluster };
+        let (internal_chain, external_policy) =
+            (chain_of(port.internal_local), chain_of(port.external_local));
         let uses_firewall =
             port.has_endpoints && !port.lb_ips.is_empty() && !port.source_ranges.is_empty();
         let lb_chain = if uses_firewall { &firewall } else { &external };
-        let (internal_filter, external_filter) = if port.has_endpoints {
+        // The filter rule for frontends left without endpoints (all of them, or this
+        // node's under a Local policy).
+        let (empty, target) = if port.has_endpoints {
             (
                 format!("-m comment --comment \"{svc} has no local endpoints\""),
                 "DROP",
@@ -277,19 +257,18 @@ impl Proxier {
                 "REJECT",
             )
         };
-        let internal_target = if port.has_endpoints { "DROP" } else { "REJECT" };
         let dst = |ip: &dyn std::fmt::Display, port_number: u16| {
             format!("-m {p} -p {p} -d {ip} --dport {port_number}")
         };
         let (filter, nat) = (&mut out.filter_rules, &mut out.nat_rules);
         if let Some(ip) = port.cluster_ip {
-            if has_internal {
+            if policy.has_internal {
                 line(nat, format_args!("-A KUBE-SERVICES -m comment --comment \"{svc} cluster IP\" {} -j {internal_chain}", dst(&ip, port.port)));
             } else {
                 line(
                     filter,
                     format_args!(
-                        "-A KUBE-SERVICES {internal_filter} {} -j {internal_target}",
+                        "-A KUBE-SERVICES {empty} {} -j {target}",
                         dst(&ip, port.port)
                     ),
                 );
@@ -299,11 +278,11 @@ impl Proxier {
             if port.has_endpoints {
                 line(nat, format_args!("-A KUBE-SERVICES -m comment --comment \"{svc} external IP\" {} -j {external}", dst(ip, port.port)));
             }
-            if !has_external {
+            if !policy.has_external {
                 line(
                     filter,
                     format_args!(
-                        "-A KUBE-EXTERNAL-SERVICES {internal_filter} {} -j {external_filter}",
+                        "-A KUBE-EXTERNAL-SERVICES {empty} {} -j {target}",
                         dst(ip, port.port)
                     ),
                 );
@@ -317,12 +296,12 @@ impl Proxier {
                 line(filter, format_args!("-A KUBE-PROXY-FIREWALL -m comment --comment \"{svc} traffic not accepted by {firewall}\" {} -j DROP", dst(ip, port.port)));
             }
         }
-        if !has_external {
+        if !policy.has_external {
             for ip in &port.lb_ips {
                 line(
                     filter,
                     format_args!(
-                        "-A KUBE-EXTERNAL-SERVICES {internal_filter} {} -j {external_filter}",
+                        "-A KUBE-EXTERNAL-SERVICES {empty} {} -j {target}",
                         dst(ip, port.port)
                     ),
                 );
@@ -335,31 +314,32 @@ impl Proxier {
                 }
                 line(nat, format_args!("-A KUBE-NODEPORTS -m comment --comment {svc} -m {p} -p {p} --dport {node_port} -j {external}"));
             }
-            if !has_external {
-                line(filter, format_args!("-A KUBE-EXTERNAL-SERVICES {internal_filter} -m addrtype --dst-type LOCAL -m {p} -p {p} --dport {node_port} -j {external_filter}"));
+            if !policy.has_external {
+                line(filter, format_args!("-A KUBE-EXTERNAL-SERVICES {empty} -m addrtype --dst-type LOCAL -m {p} -p {p} --dport {node_port} -j {target}"));
             }
         }
         if let Some(health) = port.health_check_node_port {
             line(filter, format_args!("-A KUBE-NODEPORTS -m comment --comment \"{svc} health check node port\" -m tcp -p tcp --dport {health} -j ACCEPT"));
         }
-        let chains = &mut out.nat_chains;
+        // The Service's own chains.
+        let (chains, nat) = (&mut out.own_chains, &mut out.own_rules);
         let mut chain = |name: &str| {
             line(chains, format_args!(":{name} - [0:0]"));
             active.insert(name.to_owned());
         };
-        if uses_cluster {
+        if policy.uses_cluster {
             chain(&cluster);
         }
-        if uses_local {
-            chain(&local);
+        if policy.uses_local {
+            chain(&local_chain);
         }
-        if has_internal {
+        if policy.has_internal {
             if let Some(ip) = port.cluster_ip {
                 let cidr = &self.config.cluster_cidr;
                 line(nat, format_args!("-A {internal_chain} -m comment --comment \"{svc} cluster IP\" {} ! -s {cidr} -j KUBE-MARK-MASQ", dst(&ip, port.port)));
             }
         }
-        if uses_external {
+        if policy.uses_external {
             chain(&external);
             if port.external_local {
                 let cidr = &self.config.cluster_cidr;
@@ -369,7 +349,7 @@ impl Proxier {
             } else {
                 line(nat, format_args!("-A {external} -m comment --comment \"masquerade traffic for {svc} external destinations\" -j KUBE-MARK-MASQ"));
             }
-            if has_external {
+            if policy.has_external {
                 line(nat, format_args!("-A {external} -j {external_policy}"));
             }
         }
@@ -390,11 +370,18 @@ impl Proxier {
             }
             line(nat, format_args!("-A {firewall} -m comment --comment \"other traffic to {svc} will be dropped by KUBE-PROXY-FIREWALL\""));
         }
-        if uses_cluster {
+        if policy.uses_cluster {
             self.to_endpoints(nat, name, protocol, port, &cluster, &port.cluster_endpoints);
         }
-        if uses_local {
-            self.to_endpoints(nat, name, protocol, port, &local, &port.local_endpoints);
+        if policy.uses_local {
+            self.to_endpoints(
+                nat,
+                name,
+                protocol,
+                port,
+                &local_chain,
+                &port.local_endpoints,
+            );
         }
         for backend in port.reachable_endpoints() {
             let sep = names::endpoint_chain(name, protocol, &backend);

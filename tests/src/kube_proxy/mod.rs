@@ -63,6 +63,67 @@ impl ServicePort {
     }
 }
 
+/// Which of a Service port's chains kube-proxy writes and where its traffic may go, as
+/// both of its proxiers decide them after `CategorizeEndpoints`.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the proxiers' own flags, one each"
+)]
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// `usesClusterPolicyChain` / `usesLocalPolicyChain`.
+    pub uses_cluster: bool,
+    pub uses_local: bool,
+    /// `usesExternalTrafficChain`.
+    pub uses_external: bool,
+    /// `hasInternalEndpoints` / `hasExternalEndpoints`.
+    pub has_internal: bool,
+    pub has_external: bool,
+}
+
+impl ServicePort {
+    /// The proxiers' chain and traffic decisions for this port.
+    #[must_use]
+    pub fn policy(&self) -> Policy {
+        let accessible = self.externally_accessible();
+        let local_ok = self.has_endpoints && !self.local_endpoints.is_empty();
+        let has = |local: bool| if local { local_ok } else { self.has_endpoints };
+        Policy {
+            uses_cluster: !self.cluster_endpoints.is_empty()
+                && (!self.internal_local || (accessible && !self.external_local)),
+            uses_local: !self.local_endpoints.is_empty()
+                && (self.internal_local || (accessible && self.external_local)),
+            uses_external: self.has_endpoints && accessible,
+            has_internal: has(self.internal_local),
+            has_external: has(self.external_local),
+        }
+    }
+}
+
+/// The Services (namespace, name) whose ports differ between two syncs' views, gone
+/// ones included: what kube-proxy's change trackers report as updated.
+#[must_use]
+pub fn changed_services(
+    last: &BTreeMap<PortKey, ServicePort>,
+    now: &BTreeMap<PortKey, ServicePort>,
+) -> BTreeSet<(String, String)> {
+    let differ = now
+        .iter()
+        .filter(|(key, port)| last.get(*key) != Some(*port))
+        .map(|(key, _)| key);
+    let gone = last.keys().filter(|key| !now.contains_key(*key));
+    differ
+        .chain(gone)
+        .map(|(name, _)| service_of(name))
+        .collect()
+}
+
+/// A Service port's Service: (namespace, name).
+#[must_use]
+pub fn service_of(name: &ServicePortName) -> (String, String) {
+    (name.namespace.clone(), name.name.clone())
+}
+
 /// A Service port's key: its name and protocol.
 pub type PortKey = (ServicePortName, Protocol);
 

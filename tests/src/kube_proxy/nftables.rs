@@ -13,7 +13,7 @@ use std::{
 use data_encoding::BASE32;
 use sha2::{Digest, Sha256};
 
-use super::{PortKey, ServicePort};
+use super::{changed_services, service_of, Policy, PortKey, ServicePort};
 use crate::kube_proxy::ports;
 use proxy_agent::model::{Backend, DesiredState, ServicePortName};
 
@@ -109,6 +109,15 @@ impl Names {
                     (b, format!("endpoint-{base}"), format!("affinity-{base}"))
                 })
                 .collect(),
+        }
+    }
+
+    /// The chain of the Local or the Cluster policy.
+    fn policy_chain(&self, local: bool) -> &str {
+        if local {
+            &self.local
+        } else {
+            &self.cluster
         }
     }
 
@@ -213,18 +222,7 @@ impl Proxier {
             transactions.push(tx.text);
         }
         let ports = ports(desired);
-        let changed: BTreeSet<(String, String)> = ports
-            .iter()
-            .filter(|(key, port)| self.last.get(*key) != Some(*port))
-            .map(|((name, _), _)| name)
-            .chain(
-                self.last
-                    .keys()
-                    .filter(|k| !ports.contains_key(*k))
-                    .map(|(name, _)| name),
-            )
-            .map(|n| (n.namespace.clone(), n.name.clone()))
-            .collect();
+        let changed = changed_services(&self.last, &ports);
         let mut tx = Tx::default();
         if !partial {
             self.elements.clear();
@@ -238,7 +236,7 @@ impl Proxier {
             ensured: BTreeSet::new(),
         };
         for ((name, protocol), port) in &ports {
-            let skip = partial && !changed.contains(&(name.namespace.clone(), name.name.clone()));
+            let skip = partial && !changed.contains(&service_of(name));
             service(
                 &mut sync,
                 name,
@@ -371,63 +369,10 @@ fn base(config: &Config, tx: &mut Tx) {
     }
 }
 
-/// Which of a Service port's chains exist and where its traffic goes, as the
-/// proxier's loop body decides them.
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "the proxier's own flags, one each"
-)]
-struct Policy {
-    uses_cluster: bool,
-    uses_local: bool,
-    uses_external: bool,
-    uses_firewall: bool,
-    has_internal: bool,
-    has_external: bool,
-    /// Where ClusterIP traffic goes, and external traffic after the external chain.
-    internal_chain: String,
-    external_chain: String,
-    /// The filter verdict for frontends left without endpoints.
-    empty_verdict: &'static str,
-}
-
-impl Policy {
-    fn of(port: &ServicePort, names: &Names) -> Self {
-        let accessible = port.externally_accessible();
-        let local_ok = port.has_endpoints && !port.local_endpoints.is_empty();
-        let chain = |local: bool| {
-            if local {
-                names.local.clone()
-            } else {
-                names.cluster.clone()
-            }
-        };
-        Self {
-            uses_cluster: !port.cluster_endpoints.is_empty()
-                && (!port.internal_local || (accessible && !port.external_local)),
-            uses_local: !port.local_endpoints.is_empty()
-                && (port.internal_local || (accessible && port.external_local)),
-            uses_external: port.has_endpoints && accessible,
-            uses_firewall: !port.lb_ips.is_empty() && !port.source_ranges.is_empty(),
-            has_internal: if port.internal_local {
-                local_ok
-            } else {
-                port.has_endpoints
-            },
-            has_external: if port.external_local {
-                local_ok
-            } else {
-                port.has_endpoints
-            },
-            internal_chain: chain(port.internal_local),
-            external_chain: chain(port.external_local),
-            empty_verdict: if port.has_endpoints {
-                "drop"
-            } else {
-                "goto reject-chain"
-            },
-        }
-    }
+/// A firewall chain for `loadBalancerSourceRanges` (this proxier writes it even when
+/// the Service has no endpoints).
+fn uses_firewall(port: &ServicePort) -> bool {
+    !port.lb_ips.is_empty() && !port.source_ranges.is_empty()
 }
 
 /// One Service port, as the proxier's loop body writes it; `skip` (a partial sync, the
@@ -440,7 +385,7 @@ fn service(
     skip: bool,
 ) {
     let names = Names::of(name, protocol, port);
-    let policy = Policy::of(port, &names);
+    let policy = port.policy();
     for (_, chain, set) in &names.endpoints {
         sync.chain(chain, skip);
         if port.affinity_timeout.is_some() {
@@ -451,16 +396,16 @@ fn service(
         (policy.uses_cluster, &names.cluster),
         (policy.uses_local, &names.local),
         (policy.uses_external, &names.external),
-        (policy.uses_firewall, &names.firewall),
+        (uses_firewall(port), &names.firewall),
     ] {
         if used {
             sync.chain(chain, skip);
         }
     }
-    elements(sync, &name.to_string(), protocol, port, &names, &policy);
+    elements(sync, &name.to_string(), protocol, port, &names, policy);
     if !skip {
         let config = &sync.proxier.config;
-        rules(&mut sync.tx, config, protocol, port, &names, &policy);
+        rules(&mut sync.tx, config, protocol, port, &names, policy);
     }
 }
 
@@ -471,15 +416,19 @@ fn elements(
     protocol: &str,
     port: &ServicePort,
     names: &Names,
-    policy: &Policy,
+    policy: Policy,
 ) {
     let key = |ip: &IpAddr| format!("{ip} . {protocol} . {}", port.port);
     let external = format!("goto {}", names.external);
-    let empty = Some(policy.empty_verdict);
+    let empty = Some(if port.has_endpoints {
+        "drop"
+    } else {
+        "goto reject-chain"
+    });
     if let Some(cluster_ip) = &port.cluster_ip {
         sync.element("cluster-ips", &cluster_ip.to_string(), None, None);
         if policy.has_internal {
-            let to = format!("goto {}", policy.internal_chain);
+            let to = format!("goto {}", names.policy_chain(port.internal_local));
             sync.element("service-ips", &key(cluster_ip), Some(&to), None);
         } else {
             sync.element(
@@ -502,7 +451,7 @@ fn elements(
         if port.has_endpoints {
             sync.element("service-ips", &key(ip), Some(&external), None);
         }
-        if policy.uses_firewall {
+        if uses_firewall(port) {
             let to = format!("goto {}", names.firewall);
             sync.element("firewall-ips", &key(ip), Some(&to), None);
         }
@@ -530,12 +479,12 @@ fn rules(
     protocol: &str,
     port: &ServicePort,
     names: &Names,
-    policy: &Policy,
+    policy: Policy,
 ) {
     let cidr = &config.cluster_cidr;
     if let (true, Some(cluster_ip)) = (policy.has_internal, port.cluster_ip) {
         let masquerade = format!("ip daddr {cluster_ip} ip saddr != {cidr} jump {MARK_MASQ}");
-        tx.rule(&policy.internal_chain, &masquerade);
+        tx.rule(names.policy_chain(port.internal_local), &masquerade);
     }
     if policy.uses_external {
         let (external, cluster) = (&names.external, &names.cluster);
@@ -555,10 +504,13 @@ fn rules(
             tx.rule(external, &format!("jump {MARK_MASQ}"));
         }
         if policy.has_external {
-            tx.rule(external, &format!("goto {}", policy.external_chain));
+            tx.rule(
+                external,
+                &format!("goto {}", names.policy_chain(port.external_local)),
+            );
         }
     }
-    if policy.uses_firewall {
+    if uses_firewall(port) {
         let mut sources: Vec<String> = port.source_ranges.iter().map(ToString::to_string).collect();
         if port
             .source_ranges
