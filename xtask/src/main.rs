@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <command>\n\n  build   install missing tools, build the eBPF object, target/release/proxy-agent and proxy-agent-faults (fault hooks)\n  test    build, then fmt check, clippy (host and eBPF crates), unit, golden and end-to-end tests\n  demo    build, bring up a simulated cluster from examples/demo and send requests to a ClusterIP\n  bless   rewrite the golden files from the current model\n  image   build, then the agent's OCI image (target/image/proxy-agent.oci.tar), with buildah, no registry\n  bench   build, then measure programming cost against kube-proxy's iptables mode [--quick]\n  clippy  clippy with -D warnings on the host crates, the eBPF crate and the fuzz targets"
+        "usage: cargo xtask <command>\n\n  build   install missing tools, build the eBPF object, target/release/proxy-agent and proxy-agent-faults (fault hooks)\n  test    build, then fmt check, clippy (host and eBPF crates), unit, golden and end-to-end tests\n  demo    build, bring up a simulated cluster from examples/demo and send requests to a ClusterIP\n  bless   rewrite the golden files from the current model\n  image   build, then the agent's OCI image (target/image/proxy-agent.oci.tar), with buildah, no registry\n  bench   build, then measure against kube-proxy's iptables and nftables modes, DNS servers and a twin path [--quick]\n  clippy  clippy with -D warnings on the host crates, the eBPF crate and the fuzz targets"
     );
     std::process::exit(2)
 }
